@@ -1,0 +1,40 @@
+# streamscore — the two commands: `make demo` (run it) and `make test`.
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/streamscore/cargo-target
+
+.PHONY: test demo env-up env-down env-status build deps crds bench models clean-dev
+
+test:            ## fmt, clippy, unit + integration tests against a private local environment
+	bash scripts/test.sh
+
+demo:            ## start the environment and show the worker scoring events
+	bash scripts/demo.sh
+
+env-up:          ## start Kafka + Kubernetes control plane on 127.0.0.1, write .dev/env.sh
+	bash scripts/install-deps.sh
+	bash scripts/env.sh up
+
+env-down:        ## stop every process env-up started
+	bash scripts/env.sh down
+
+env-status:      ## show what is running
+	bash scripts/env.sh status
+
+deps:            ## install missing prerequisites only
+	bash scripts/install-deps.sh
+
+build:           ## build every crate
+	cargo build --workspace --all-targets
+
+crds:            ## regenerate deploy/crds/ from the Rust types
+	cargo run -q -p streamscore-crds --bin crdgen > charts/streamscore/crds/tenantmodels.yaml
+
+bench:           ## benchmarks (see BENCHMARKS.md)
+	bash scripts/bench.sh
+
+models:          ## regenerate the test ONNX models and reference scores
+	bash scripts/install-deps.sh
+	$(HOME)/.cache/streamscore/venv/bin/python models/make_models.py models/
+
+clean-dev:       ## remove local environment state (not the caches)
+	bash scripts/env.sh down; rm -rf .dev

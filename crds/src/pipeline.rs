@@ -1,0 +1,790 @@
+//! The worker pipeline configuration: what a `streamscore-worker` reads at start-up.
+//!
+//! The operator renders exactly this type (from a `TenantModel`) into the
+//! `<name>-pipeline` ConfigMap; the worker parses it, validates it once with
+//! [`PipelineConfig::validate`] and passes it around as `Arc<PipelineConfig>`.
+//!
+//! ```text
+//!  source ──► validation ──► features ──► model ──► postprocess ──► sink
+//!  (Kafka)    (types)        (RocksDB)    (ONNX)    (label)         (Kafka + dead letters)
+//! ```
+//!
+//! # Semantics (the tests and the `kubectl explain` text agree with these)
+//! - A trailing-window feature of size W evaluated for an event with event time t covers
+//!   the events of the same key already processed, plus this one, whose event time lies
+//!   in (t − W, t]. Events that arrived earlier but carry an event time later than t are
+//!   not counted. With a bucket resolution r (default: W/60, at least 1 s, at most 1 h), the
+//!   window is widened to start at the bucket boundary: it covers the buckets
+//!   [floor((t − W)/r)·r + r, …] up to the bucket of t — i.e. every event whose bucket
+//!   start lies in (floor((t−W)/r)·r, t]. With r = 1 ms the rule is exact.
+//! - A sequence feature holds the last N values, ordered by event time (ties by arrival),
+//!   of events with event time in (t − lookback, t].
+//! - Watermark per partition = max event time seen − `maxOutOfOrderness`. An event is late
+//!   when its event time is below watermark − `allowedLateness`; late events go to the
+//!   dead-letter topic with reason `late` (or are dropped, per `lateEvents`) and never change
+//!   state.
+//! - Per key, values never depend on which other keys share the partition.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+
+/// Largest sequence length a sequence feature may keep.
+pub const MAX_SEQUENCE_LENGTH: u32 = 4096;
+
+/// Complete worker configuration (the rendered pipeline file).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineConfig {
+    /// Where events come from.
+    pub source: SourceConfig,
+    /// Field checks applied to every decoded event; failures are dead-lettered.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// Streaming features kept per entity key.
+    #[serde(default)]
+    pub features: FeaturesConfig,
+    /// The ONNX model and how features map to its input.
+    pub model: ModelConfig,
+    /// Turning scores into labels and choosing what the output record carries.
+    #[serde(default)]
+    pub postprocess: PostprocessConfig,
+    /// Where results and dead letters go.
+    pub sink: SinkConfig,
+    /// Process-local settings (state directory, HTTP address).
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// Kafka input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceConfig {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    pub bootstrap_servers: String,
+    /// Input topics. They must be keyed by the entity key; all must have the same partition count.
+    pub topics: Vec<String>,
+    /// Consumer group id. The operator sets it to `streamscore.<namespace>.<name>` when empty.
+    #[serde(default)]
+    pub group_id: String,
+    /// Where a new consumer group starts reading.
+    #[serde(default)]
+    pub start_from: StartPosition,
+    /// Millisecond timestamp to start from when `startFrom` is `timestamp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timestamp_ms: Option<i64>,
+    /// Record value format. Only `json` today.
+    #[serde(default)]
+    pub format: EventFormat,
+    /// Field holding the entity key (e.g. `user_id`). Events without it are dead-lettered.
+    pub key_field: String,
+    /// Field and format of the event time.
+    pub event_time: EventTimeConfig,
+    /// How far behind the latest event time an event may arrive and still count as in order.
+    /// Watermark = max event time seen in the partition − this.
+    #[serde(default = "default_out_of_orderness")]
+    pub max_out_of_orderness: Duration,
+    /// Extra time after the watermark during which an event is still accepted.
+    #[serde(default)]
+    pub allowed_lateness: Duration,
+    /// What to do with late events: `deadLetter` (default) or `drop`. Either way they never change state.
+    #[serde(default)]
+    pub late_events: LatePolicy,
+    /// Records larger than this many bytes are dead-lettered with reason `oversized`.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: u32,
+    /// Extra librdkafka consumer properties (e.g. `security.protocol`). Secrets come from
+    /// files or environment variables (`${env:NAME}`, `${file:/path}`), never inline.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_out_of_orderness() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_max_record_bytes() -> u32 {
+    1024 * 1024
+}
+
+/// Where a consumer group without committed offsets starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StartPosition {
+    /// The oldest retained record.
+    #[default]
+    Earliest,
+    /// Only records produced after the worker starts.
+    Latest,
+    /// The first record at or after `startTimestampMs`.
+    Timestamp,
+}
+
+/// Record value format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EventFormat {
+    /// One JSON object per record value (UTF-8).
+    #[default]
+    Json,
+}
+
+/// What happens to late events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LatePolicy {
+    /// Send to the dead-letter topic with reason `late`.
+    #[default]
+    DeadLetter,
+    /// Count and drop.
+    Drop,
+}
+
+/// Event-time extraction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventTimeConfig {
+    /// Field holding the event time.
+    pub field: String,
+    /// Encoding of the field.
+    #[serde(default)]
+    pub format: TimeFormat,
+}
+
+/// Encoding of an event-time field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum TimeFormat {
+    /// Integer milliseconds since the Unix epoch.
+    #[default]
+    EpochMillis,
+    /// Seconds since the Unix epoch (integer or fractional).
+    EpochSeconds,
+    /// An RFC 3339 string such as `2026-11-24T10:00:00Z`.
+    Rfc3339,
+}
+
+/// Field checks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidationConfig {
+    /// Fields and their expected types. A missing required field or a wrong type
+    /// dead-letters the event with reason `invalid`.
+    #[serde(default)]
+    pub fields: Vec<FieldRule>,
+}
+
+/// One field check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FieldRule {
+    /// Field name (top-level JSON key).
+    pub name: String,
+    /// Expected JSON type.
+    #[serde(rename = "type")]
+    pub kind: FieldType,
+    /// Whether the field must be present (default true). An optional field that is
+    /// present must still have the declared type.
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// JSON value types a field may be required to have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum FieldType {
+    /// A JSON string.
+    String,
+    /// A JSON number.
+    Number,
+    /// A JSON integer.
+    Integer,
+    /// `true` or `false`.
+    Boolean,
+}
+
+/// Streaming features.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FeaturesConfig {
+    /// Trailing-window aggregates evaluated as of each event.
+    #[serde(default)]
+    pub windows: Vec<WindowFeature>,
+    /// Last-N value sequences within a lookback.
+    #[serde(default)]
+    pub sequences: Vec<SequenceFeature>,
+}
+
+/// A trailing-window aggregate, e.g. "sum of `amount` in the last 24h where `action == purchase`".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowFeature {
+    /// Feature name, unique among all features; the model's `features` list refers to it.
+    pub name: String,
+    /// Aggregation over the events in the window.
+    pub aggregation: Aggregation,
+    /// Numeric (or, for `distinctCount` and `last`, any) field aggregated. Not used by `count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Window length W: the feature covers event times in (t − W, t].
+    pub window: Duration,
+    /// Bucket resolution r (state is kept per bucket). Default: W/60 clamped to [1s, 1h].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Duration>,
+    /// Only events matching this filter count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Filter>,
+}
+
+impl WindowFeature {
+    /// The bucket resolution in effect.
+    pub fn effective_resolution(&self) -> Duration {
+        self.resolution.unwrap_or_else(|| {
+            let w = self.window.as_millis() / 60;
+            Duration::from_millis(w.clamp(1_000, 3_600_000).min(self.window.as_millis().max(1)))
+        })
+    }
+}
+
+/// Aggregations over a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Aggregation {
+    /// Number of matching events.
+    Count,
+    /// Sum of the field.
+    Sum,
+    /// Mean of the field (0 when no event).
+    Avg,
+    /// Minimum of the field (0 when no event).
+    Min,
+    /// Maximum of the field (0 when no event).
+    Max,
+    /// Number of distinct values of the field.
+    DistinctCount,
+    /// Value of the field on the latest event (by event time) in the window.
+    Last,
+}
+
+/// Equality filter on one field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Filter {
+    /// Field compared.
+    pub field: String,
+    /// The event matches when the field's value, as text, is one of these.
+    pub one_of: Vec<String>,
+}
+
+/// A last-N sequence, e.g. "the user's last 16 actions in 90 days".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SequenceFeature {
+    /// Feature name, unique among all features.
+    pub name: String,
+    /// Field whose values are collected.
+    pub field: String,
+    /// N: how many values are kept (1..=4096).
+    pub length: u32,
+    /// Only events with event time in (t − lookback, t] are included.
+    pub lookback: Duration,
+    /// Only events matching this filter are included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Filter>,
+}
+
+/// Model inputs and outputs (shared by the worker's `ModelConfig` and the TenantModel spec).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSignature {
+    /// Input tensor name; the model's first input when empty.
+    #[serde(default)]
+    pub input_name: String,
+    /// Feature names in the order of the model's input vector (window features; a
+    /// sequence feature contributes its length; raw numeric event fields as `event.<field>`).
+    pub features: Vec<String>,
+    /// Named scores read from the model's outputs.
+    pub outputs: Vec<OutputMapping>,
+    /// Micro-batching of inference.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// Inference runtime. Only `tract` today.
+    #[serde(default)]
+    pub runtime: ModelRuntime,
+}
+
+/// A named score.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputMapping {
+    /// Score name in the output record.
+    pub name: String,
+    /// Output tensor index (0 = first output).
+    #[serde(default)]
+    pub output: u32,
+    /// Column of that output's row (e.g. 1 = probability of the positive class).
+    #[serde(default)]
+    pub column: u32,
+}
+
+/// Micro-batching.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchConfig {
+    /// Largest number of events scored in one inference call.
+    #[serde(default = "default_batch")]
+    pub max_size: u32,
+    /// Longest time an event waits for its batch to fill.
+    #[serde(default = "default_batch_delay")]
+    pub max_delay: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self { max_size: default_batch(), max_delay: default_batch_delay() }
+    }
+}
+
+fn default_batch() -> u32 {
+    64
+}
+
+fn default_batch_delay() -> Duration {
+    Duration::from_millis(2)
+}
+
+/// Inference runtime.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ModelRuntime {
+    /// tract (pure Rust): neural nets and linear models.
+    #[default]
+    Tract,
+}
+
+/// The model file the worker loads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelConfig {
+    /// Path of the `.onnx` file.
+    pub path: String,
+    /// Expected lowercase hex SHA-256 of the file. A mismatch keeps the worker not ready.
+    pub sha256: String,
+    /// Version label carried in every output record.
+    pub version: String,
+    /// Inputs and outputs.
+    #[serde(flatten)]
+    pub signature: ModelSignature,
+}
+
+/// Post-processing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostprocessConfig {
+    /// Score the labels are derived from (default: the first output).
+    #[serde(default)]
+    pub score: String,
+    /// Labels by threshold: the label of the highest `minScore` not above the score.
+    /// Scores below every threshold get no label.
+    #[serde(default)]
+    pub labels: Vec<LabelThreshold>,
+    /// Input fields copied to the output record.
+    #[serde(default)]
+    pub passthrough: Vec<String>,
+    /// Feature values included in the output record (all features when empty and
+    /// `includeAllFeatures` is true).
+    #[serde(default)]
+    pub include_features: Vec<String>,
+}
+
+/// One threshold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelThreshold {
+    /// Label name, e.g. `fraud`.
+    pub label: String,
+    /// Scores at or above this (in [0, 1]) get the label.
+    pub min_score: f64,
+}
+
+/// Kafka output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkConfig {
+    /// Topic for scored records (keyed by the entity key).
+    pub topic: String,
+    /// Topic for events that could not be processed; record headers name the reason.
+    pub dead_letter_topic: String,
+    /// Bootstrap servers for the producer; the source's when empty.
+    #[serde(default)]
+    pub bootstrap_servers: String,
+    /// Extra librdkafka producer properties.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Process-local settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeConfig {
+    /// Directory for the RocksDB stores (one per owned input partition).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: String,
+    /// HTTP listen address for health, metrics and the query API.
+    #[serde(default = "default_listen")]
+    pub http_listen: String,
+    /// How often offsets are committed (after outputs are acknowledged and state is flushed).
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            http_listen: default_listen(),
+            commit_interval: default_commit_interval(),
+        }
+    }
+}
+
+fn default_state_dir() -> String {
+    "/var/lib/streamscore/state".into()
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(500)
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the offending field, e.g. `features.windows[2].window`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn cerr(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), message: message.into() }
+}
+
+impl PipelineConfig {
+    /// Parses YAML (or JSON) text.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        serde_yaml::from_str(text).map_err(|e| cerr("pipeline", e.to_string()))
+    }
+
+    /// Every feature name, in declaration order.
+    pub fn feature_names(&self) -> Vec<&str> {
+        self.features
+            .windows
+            .iter()
+            .map(|w| w.name.as_str())
+            .chain(self.features.sequences.iter().map(|s| s.name.as_str()))
+            .collect()
+    }
+
+    /// Checks everything that can be checked without I/O. Returns every problem found.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errs = Vec::new();
+        validate_source(&self.source, &mut errs);
+        validate_features(&self.features, &mut errs);
+        validate_signature(&self.model.signature, "model", &self.feature_names(), &mut errs);
+        if self.model.path.trim().is_empty() {
+            errs.push(cerr("model.path", "must not be empty"));
+        }
+        if !is_sha256(&self.model.sha256) {
+            errs.push(cerr("model.sha256", "must be 64 lowercase hex characters"));
+        }
+        if self.model.version.trim().is_empty() {
+            errs.push(cerr("model.version", "must not be empty"));
+        }
+        validate_postprocess(&self.postprocess, &self.model.signature, &self.feature_names(), &mut errs);
+        if self.sink.topic.trim().is_empty() {
+            errs.push(cerr("sink.topic", "must not be empty"));
+        }
+        if self.sink.dead_letter_topic.trim().is_empty() {
+            errs.push(cerr("sink.deadLetterTopic", "must not be empty"));
+        }
+        if self.sink.topic == self.sink.dead_letter_topic {
+            errs.push(cerr("sink.deadLetterTopic", "must differ from sink.topic"));
+        }
+        if self.source.topics.iter().any(|t| *t == self.sink.topic || *t == self.sink.dead_letter_topic) {
+            errs.push(cerr("sink.topic", "an output topic must not also be an input topic"));
+        }
+        if self.runtime.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            errs.push(cerr("runtime.httpListen", "must be an address like 0.0.0.0:8080"));
+        }
+        if self.runtime.commit_interval.is_zero() {
+            errs.push(cerr("runtime.commitInterval", "must be positive"));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs)
+        }
+    }
+}
+
+/// Whether `s` is a lowercase hex SHA-256 digest.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+pub(crate) fn validate_source(s: &SourceConfig, errs: &mut Vec<ConfigError>) {
+    if s.bootstrap_servers.trim().is_empty() {
+        errs.push(cerr("source.bootstrapServers", "must not be empty"));
+    }
+    if s.topics.is_empty() {
+        errs.push(cerr("source.topics", "at least one input topic is required"));
+    }
+    for (i, t) in s.topics.iter().enumerate() {
+        if !is_topic_name(t) {
+            errs.push(cerr(format!("source.topics[{i}]"), format!("{t:?} is not a valid Kafka topic name")));
+        }
+    }
+    if s.key_field.trim().is_empty() {
+        errs.push(cerr("source.keyField", "must not be empty"));
+    }
+    if s.event_time.field.trim().is_empty() {
+        errs.push(cerr("source.eventTime.field", "must not be empty"));
+    }
+    if s.start_from == StartPosition::Timestamp && s.start_timestamp_ms.is_none() {
+        errs.push(cerr("source.startTimestampMs", "required when startFrom is timestamp"));
+    }
+    if s.max_record_bytes == 0 {
+        errs.push(cerr("source.maxRecordBytes", "must be positive"));
+    }
+    for k in s.properties.keys() {
+        if matches!(k.as_str(), "enable.auto.commit" | "group.id" | "bootstrap.servers" | "enable.auto.offset.store") {
+            errs.push(cerr(format!("source.properties.{k}"), "is managed by streamscore and cannot be set"));
+        }
+    }
+}
+
+/// Whether `t` is a legal Kafka topic name.
+pub fn is_topic_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+pub(crate) fn validate_features(f: &FeaturesConfig, errs: &mut Vec<ConfigError>) {
+    let mut seen = BTreeSet::new();
+    for (i, w) in f.windows.iter().enumerate() {
+        let p = format!("features.windows[{i}]");
+        check_name(&w.name, &format!("{p}.name"), &mut seen, errs);
+        if w.window.is_zero() {
+            errs.push(cerr(format!("{p}.window"), "must be positive"));
+        }
+        if let Some(r) = w.resolution {
+            if r.is_zero() {
+                errs.push(cerr(format!("{p}.resolution"), "must be positive"));
+            } else if r > w.window {
+                errs.push(cerr(format!("{p}.resolution"), "must not exceed the window"));
+            } else if w.window.as_millis() / r.as_millis() > 100_000 {
+                errs.push(cerr(format!("{p}.resolution"), "too fine: more than 100000 buckets per window"));
+            }
+        }
+        match (w.aggregation, &w.field) {
+            (Aggregation::Count, _) => {}
+            (_, None) => errs.push(cerr(format!("{p}.field"), format!("required for {:?}", w.aggregation))),
+            (_, Some(name)) if name.trim().is_empty() => errs.push(cerr(format!("{p}.field"), "must not be empty")),
+            _ => {}
+        }
+        if let Some(flt) = &w.filter {
+            check_filter(flt, &format!("{p}.filter"), errs);
+        }
+    }
+    for (i, s) in f.sequences.iter().enumerate() {
+        let p = format!("features.sequences[{i}]");
+        check_name(&s.name, &format!("{p}.name"), &mut seen, errs);
+        if s.length == 0 || s.length > MAX_SEQUENCE_LENGTH {
+            errs.push(cerr(format!("{p}.length"), format!("must be between 1 and {MAX_SEQUENCE_LENGTH}")));
+        }
+        if s.lookback.is_zero() {
+            errs.push(cerr(format!("{p}.lookback"), "must be positive"));
+        }
+        if s.field.trim().is_empty() {
+            errs.push(cerr(format!("{p}.field"), "must not be empty"));
+        }
+        if let Some(flt) = &s.filter {
+            check_filter(flt, &format!("{p}.filter"), errs);
+        }
+    }
+}
+
+fn check_name(name: &str, path: &str, seen: &mut BTreeSet<String>, errs: &mut Vec<ConfigError>) {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.starts_with("event.");
+    if !ok {
+        errs.push(cerr(path, format!("{name:?} must be 1-63 letters, digits or underscores")));
+    } else if !seen.insert(name.to_owned()) {
+        errs.push(cerr(path, format!("duplicate feature name {name:?}")));
+    }
+}
+
+fn check_filter(f: &Filter, path: &str, errs: &mut Vec<ConfigError>) {
+    if f.field.trim().is_empty() {
+        errs.push(cerr(format!("{path}.field"), "must not be empty"));
+    }
+    if f.one_of.is_empty() {
+        errs.push(cerr(format!("{path}.oneOf"), "must list at least one value"));
+    }
+}
+
+pub(crate) fn validate_signature(s: &ModelSignature, p: &str, features: &[&str], errs: &mut Vec<ConfigError>) {
+    if s.features.is_empty() {
+        errs.push(cerr(format!("{p}.features"), "the model needs at least one input feature"));
+    }
+    for (i, f) in s.features.iter().enumerate() {
+        let raw = f.strip_prefix("event.").is_some_and(|x| !x.is_empty());
+        if !raw && !features.contains(&f.as_str()) {
+            errs.push(cerr(
+                format!("{p}.features[{i}]"),
+                format!("{f:?} is neither a declared feature nor an `event.<field>` reference"),
+            ));
+        }
+    }
+    if s.outputs.is_empty() {
+        errs.push(cerr(format!("{p}.outputs"), "at least one named score is required"));
+    }
+    let mut names = BTreeSet::new();
+    for (i, o) in s.outputs.iter().enumerate() {
+        if o.name.trim().is_empty() || !names.insert(o.name.clone()) {
+            errs.push(cerr(format!("{p}.outputs[{i}].name"), "must be non-empty and unique"));
+        }
+    }
+    if s.batch.max_size == 0 || s.batch.max_size > 4096 {
+        errs.push(cerr(format!("{p}.batch.maxSize"), "must be between 1 and 4096"));
+    }
+    if s.batch.max_delay.as_millis() > 1000 {
+        errs.push(cerr(format!("{p}.batch.maxDelay"), "must be at most 1s"));
+    }
+}
+
+pub(crate) fn validate_postprocess(
+    pp: &PostprocessConfig,
+    sig: &ModelSignature,
+    features: &[&str],
+    errs: &mut Vec<ConfigError>,
+) {
+    if !pp.score.is_empty() && !sig.outputs.iter().any(|o| o.name == pp.score) {
+        errs.push(cerr("postprocess.score", format!("{:?} is not one of model.outputs", pp.score)));
+    }
+    for (i, l) in pp.labels.iter().enumerate() {
+        if !(0.0..=1.0).contains(&l.min_score) {
+            errs.push(cerr(format!("postprocess.labels[{i}].minScore"), "must be in [0, 1]"));
+        }
+        if l.label.trim().is_empty() {
+            errs.push(cerr(format!("postprocess.labels[{i}].label"), "must not be empty"));
+        }
+    }
+    for (i, f) in pp.include_features.iter().enumerate() {
+        if !features.contains(&f.as_str()) {
+            errs.push(cerr(format!("postprocess.includeFeatures[{i}]"), format!("{f:?} is not a declared feature")));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const SAMPLE: &str = r#"
+source:
+  bootstrapServers: 127.0.0.1:9092
+  topics: [events]
+  groupId: g
+  keyField: user_id
+  eventTime: {field: ts, format: epochMillis}
+  maxOutOfOrderness: 5s
+validation:
+  fields:
+    - {name: amount, type: number}
+features:
+  windows:
+    - {name: tx_1h, aggregation: count, window: 1h}
+    - {name: amount_24h, aggregation: sum, field: amount, window: 24h, resolution: 1m}
+    - {name: rides_1h, aggregation: count, window: 1h, filter: {field: action, oneOf: [ride_requested]}}
+  sequences:
+    - {name: last_actions, field: action, length: 16, lookback: 90d}
+model:
+  path: /models/m.onnx
+  sha256: "0000000000000000000000000000000000000000000000000000000000000000"
+  version: v1
+  features: [tx_1h, amount_24h, rides_1h, event.amount]
+  outputs: [{name: fraud, output: 1, column: 1}]
+postprocess:
+  labels: [{label: fraud, minScore: 0.8}]
+  passthrough: [merchant]
+sink:
+  topic: scores
+  deadLetterTopic: scores-dlq
+"#;
+
+    #[test]
+    fn sample_parses_with_defaults_and_validates() {
+        let c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        assert_eq!(c.source.max_out_of_orderness.as_millis(), 5_000);
+        assert_eq!(c.model.signature.batch.max_size, 64);
+        assert_eq!(c.runtime.http_listen, "0.0.0.0:8080");
+        assert_eq!(c.features.windows[0].effective_resolution().as_millis(), 60_000);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_each_bad_field() {
+        let mut c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        c.features.windows[1].field = None;
+        c.features.sequences[0].length = 10_000;
+        c.model.signature.features.push("nope".into());
+        c.postprocess.labels[0].min_score = 1.5;
+        c.sink.dead_letter_topic = "scores".into();
+        c.model.sha256 = "abc".into();
+        let errs = c.validate().unwrap_err();
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "features.windows[1].field",
+            "features.sequences[0].length",
+            "model.features[4]",
+            "postprocess.labels[0].minScore",
+            "sink.deadLetterTopic",
+            "model.sha256",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_duration_is_a_parse_error_naming_the_value() {
+        let bad = SAMPLE.replace("window: 24h", "window: 24x");
+        let e = PipelineConfig::from_yaml(&bad).unwrap_err();
+        assert!(e.message.contains("24x"), "{e}");
+    }
+
+    #[test]
+    fn managed_kafka_properties_are_refused() {
+        let mut c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        c.source.properties.insert("enable.auto.commit".into(), "true".into());
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs[0].field, "source.properties.enable.auto.commit");
+    }
+}

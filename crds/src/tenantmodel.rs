@@ -1,0 +1,270 @@
+//! The `TenantModel` custom resource (`tenantmodels.streamscore.io/v1alpha1`).
+//!
+//! A tenant describes one scoring pipeline: the worker pipeline (the same
+//! [`crate::pipeline`] types the worker reads) plus how it runs on Kubernetes
+//! (parallelism, image, resources, state volume, Kafka credentials, model source,
+//! upgrade strategy). The operator turns it into worker Deployments and reports in
+//! `status`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+use crate::pipeline::{
+    FeaturesConfig, ModelSignature, PostprocessConfig, SinkConfig, SourceConfig, ValidationConfig,
+};
+
+/// A tenant's model pipeline: Kafka input → streaming features → ONNX model → Kafka output,
+/// run by streamscore in isolated worker pods.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "streamscore.io",
+    version = "v1alpha1",
+    kind = "TenantModel",
+    plural = "tenantmodels",
+    shortname = "tm",
+    namespaced,
+    status = "TenantModelStatus",
+    scale = r#"{"specReplicasPath":".spec.parallelism","statusReplicasPath":".status.parallelism","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.modelVersion"}"#,
+    printcolumn = r#"{"name":"Parallelism","type":"integer","jsonPath":".status.parallelism"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = r#"Rule::new("self.sink.topic != self.sink.deadLetterTopic").message("sink.deadLetterTopic must differ from sink.topic")"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantModelSpec {
+    /// Number of worker pods. At most the input topic's partition count is useful
+    /// (the partition is the unit of work). Changing it rescales by checkpoint-and-restart.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub parallelism: i32,
+    /// Worker container image. Defaults to the operator's configured worker image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// CPU and memory requests and limits of each worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Where each worker keeps its RocksDB state.
+    #[serde(default)]
+    pub state: StateVolume,
+    /// Object-store URI for checkpoints (`s3://bucket/prefix`, `gs://…`, `file:///…`).
+    /// Required for rescale and blue/green upgrades without replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_store: Option<String>,
+    /// Kafka credentials, from Secrets in the TenantModel's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kafka_secrets: Vec<KafkaSecretRef>,
+    /// How changes of the model (or anything that changes scores) are rolled out.
+    #[serde(default)]
+    pub upgrade: UpgradeStrategy,
+    /// Kafka input: topics, key, event time, watermarks.
+    pub source: SourceConfig,
+    /// Field checks; failing events are dead-lettered with reason `invalid`.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// Streaming features kept per entity key.
+    #[serde(default)]
+    pub features: FeaturesConfig,
+    /// The ONNX model: where it comes from, its digest and version, and its inputs and outputs.
+    pub model: ModelSpec,
+    /// Score → label thresholds and output fields.
+    #[serde(default)]
+    pub postprocess: PostprocessConfig,
+    /// Output and dead-letter topics.
+    pub sink: SinkConfig,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// The model and where it comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.configMap) != has(self.uri)",
+    "message": "exactly one of model.configMap and model.uri must be set"
+}]))]
+pub struct ModelSpec {
+    /// A ConfigMap key (binaryData) in the TenantModel's namespace holding the `.onnx` file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapKeyRef>,
+    /// A URI of the `.onnx` file (`file:///…` on the worker's filesystem; object stores later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// Lowercase hex SHA-256 of the model file. Workers refuse a file that differs.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: String,
+    /// Version label shown in status and carried in every output record.
+    #[schemars(length(min = 1, max = 63))]
+    pub version: String,
+    /// Model inputs (feature order) and outputs (named scores), batching and runtime.
+    #[serde(flatten)]
+    pub signature: ModelSignature,
+}
+
+/// A key of a ConfigMap.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    /// ConfigMap name.
+    pub name: String,
+    /// Key inside the ConfigMap (`binaryData` or `data`).
+    pub key: String,
+}
+
+/// A Secret whose keys are exposed to the worker as files under
+/// `/var/run/secrets/streamscore/kafka/<name>/` (reference them in Kafka properties as
+/// `${file:/var/run/secrets/streamscore/kafka/<name>/<key>}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSecretRef {
+    /// Secret name in the TenantModel's namespace.
+    pub name: String,
+}
+
+/// Where a worker keeps its RocksDB state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StateVolume {
+    /// Size of the state volume (e.g. `10Gi`). An `emptyDir` with this size limit when no
+    /// storage class is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// Storage class of a per-pod persistent volume. Empty: an `emptyDir` (state is restored
+    /// from checkpoints or rebuilt from Kafka after a pod moves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+}
+
+/// Upgrade strategy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeStrategy {
+    /// `BlueGreen` (default): start the new version beside the old one in shadow mode,
+    /// check the gates, cut over, and roll back automatically when gates fail.
+    #[serde(default, rename = "type")]
+    pub kind: UpgradeType,
+    /// How long the new version has to pass its gates before it is rolled back.
+    #[serde(default = "default_deadline")]
+    pub deadline: Duration,
+    /// Largest consumer lag (records) the new version may have at cut-over.
+    #[serde(default = "default_max_lag")]
+    pub max_lag: i64,
+    /// Largest share of dead-lettered records (0–1) the new version may produce.
+    #[serde(default = "default_max_error_rate")]
+    pub max_error_rate: f64,
+}
+
+impl Default for UpgradeStrategy {
+    fn default() -> Self {
+        Self {
+            kind: UpgradeType::default(),
+            deadline: default_deadline(),
+            max_lag: default_max_lag(),
+            max_error_rate: default_max_error_rate(),
+        }
+    }
+}
+
+fn default_deadline() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_max_lag() -> i64 {
+    1000
+}
+
+fn default_max_error_rate() -> f64 {
+    0.01
+}
+
+/// Upgrade strategies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum UpgradeType {
+    /// Blue/green with health gates and automatic rollback.
+    #[default]
+    BlueGreen,
+}
+
+/// Observed state, written by the operator.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantModelStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Pending`, `Running`, `Progressing`, `Degraded` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Colour of the live worker Deployment (`blue` or `green`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_color: Option<String>,
+    /// Worker pods currently running the live colour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<i32>,
+    /// Label selector of the live workers (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Model version served by the live colour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    /// The step of the long operation in progress (rescale, upgrade); empty when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// The latest complete checkpoint; empty until checkpoints exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<String>,
+}
+
+/// Lifecycle phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Accepted; workers not yet available.
+    Pending,
+    /// Every worker is available.
+    Running,
+    /// An operation (rollout, rescale) is in progress.
+    Progressing,
+    /// The spec cannot be run as it is, or workers are failing; see conditions.
+    Degraded,
+}
+
+/// A status condition, as in Kubernetes' `metav1.Condition`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// One-word CamelCase reason.
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+    /// The generation this condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Labels every child of a TenantModel carries.
+pub fn child_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "streamscore-worker".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), "streamscore-operator".to_owned()),
+        ("streamscore.io/tenantmodel".to_owned(), name.to_owned()),
+    ])
+}

@@ -1,0 +1,245 @@
+#!/usr/bin/env bash
+# The local environment: Apache Kafka (KRaft, one node), etcd, kube-apiserver,
+# kube-controller-manager and kube-scheduler, all as local processes on 127.0.0.1.
+#
+#   scripts/env.sh up       build/fetch what is missing, start, wait until every component answers
+#   scripts/env.sh down     stop every process started by `up` (and nothing else)
+#   scripts/env.sh status   show each component and whether it answers
+#
+# State lives in $STREAMSCORE_DEV_DIR (default .dev/); ports start at
+# $STREAMSCORE_PORT_BASE (default 27000) so a developer's environment and a
+# test run (make test uses .dev/test and 28000) never collide.
+. "$(dirname "$0")/lib.sh"
+
+B="${STREAMSCORE_PORT_BASE:-27000}"
+ETCD_PORT=$((B + 79)); ETCD_PEER_PORT=$((B + 80))
+APISERVER_PORT=$((B + 43)); KCM_PORT=$((B + 57)); SCHED_PORT=$((B + 59))
+KAFKA_PORT=$((B + 92)); KAFKA_CONTROLLER_PORT=$((B + 93))
+PKI="$DEV/pki"; LOGS="$DEV/logs"; PIDS="$DEV/pids"; DATA="$DEV/data"
+SERVICE_CIDR=10.96.0.0/16
+export PATH="$K8S_BIN:$HELM_BIN:$PATH"
+
+running() { local f="$PIDS/$1.pid"; [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null; }
+
+start() { # name command...
+  local name=$1; shift
+  if running "$name"; then return 0; fi
+  mkdir -p "$LOGS" "$PIDS"
+  setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo $! > "$PIDS/$name.pid"
+}
+
+wait_for() { # name timeout-seconds check-command...
+  local name=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if ! running "$name"; then
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      die "$name exited during start-up (log: $LOGS/$name.log)"
+    fi
+    if (( SECONDS > deadline )); then
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      die "$name did not answer within ${timeout}s (log: $LOGS/$name.log)"
+    fi
+    sleep 0.5
+  done
+}
+
+gen_pki() {
+  [[ -f $PKI/.complete ]] && return 0
+  command -v openssl >/dev/null || die "openssl is required"
+  mkdir -p "$PKI"; cd "$PKI"
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=streamscore-local-ca" 2>/dev/null
+  openssl genrsa -out sa.key 2048 2>/dev/null
+  openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  cert() { # name subject [sans]
+    openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
+    local ext; ext=$(mktemp)
+    if [[ -n ${3:-} ]]; then
+      printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$3" > "$ext"
+    else
+      printf 'extendedKeyUsage=clientAuth\n' > "$ext"
+    fi
+    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 3650 -extfile "$ext" 2>/dev/null
+    rm -f "$ext" "$1.csr"
+  }
+  cert apiserver "/CN=kube-apiserver" "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  cert admin "/O=system:masters/CN=streamscore-admin"
+  cert controller-manager "/CN=system:kube-controller-manager"
+  cert scheduler "/CN=system:kube-scheduler"
+  cd - >/dev/null
+  touch "$PKI/.complete"
+}
+
+kubeconfig() { # file user
+  cat > "$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: streamscore-local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority: $PKI/ca.crt
+users:
+- name: $2
+  user:
+    client-certificate: $PKI/$2.crt
+    client-key: $PKI/$2.key
+contexts:
+- name: streamscore-local
+  context: {cluster: streamscore-local, user: $2, namespace: default}
+current-context: streamscore-local
+KC
+}
+
+kafka_cp() { echo "$KAFKA_LIBS/*"; }
+
+kafka_answers() {
+  java -cp "$(kafka_cp)" -Dlog4j.configuration="file:$DEV/kafka/log4j.properties" \
+    org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list
+}
+
+start_kafka() {
+  local dir="$DEV/kafka"; mkdir -p "$dir" "$DATA/kafka" "$LOGS"
+  cat > "$dir/server.properties" <<P
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$DATA/kafka
+num.partitions=4
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.flush.interval.messages=9223372036854775807
+P
+  cat > "$dir/log4j.properties" <<'P'
+log4j.rootLogger=WARN, stderr
+log4j.appender.stderr=org.apache.log4j.ConsoleAppender
+log4j.appender.stderr.Target=System.err
+log4j.appender.stderr.layout=org.apache.log4j.PatternLayout
+log4j.appender.stderr.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka=INFO
+log4j.logger.org.apache.kafka=INFO
+P
+  if [[ ! -f $DATA/kafka/meta.properties ]]; then
+    local id; id=$(java -cp "$(kafka_cp)" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)
+    java -cp "$(kafka_cp)" -Dlog4j.configuration="file:$dir/log4j.properties" \
+      kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" >"$LOGS/kafka-format.log" 2>&1 \
+      || { cat "$LOGS/kafka-format.log" >&2; die "formatting Kafka storage failed"; }
+  fi
+  start kafka java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j.configuration="file:$dir/log4j.properties" -cp "$(kafka_cp)" kafka.Kafka "$dir/server.properties"
+}
+
+start_control_plane() {
+  gen_pki
+  kubeconfig "$DEV/admin.kubeconfig" admin
+  kubeconfig "$DEV/controller-manager.kubeconfig" controller-manager
+  kubeconfig "$DEV/scheduler.kubeconfig" scheduler
+  mkdir -p "$DATA/etcd"
+  start etcd "$ETCD_BIN/etcd" --name local --data-dir "$DATA/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "local=http://127.0.0.1:$ETCD_PEER_PORT" --unsafe-no-fsync --log-level warn
+  wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+  start kube-apiserver "$K8S_BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" --service-account-key-file "$PKI/sa.pub" \
+    --service-account-signing-key-file "$PKI/sa.key" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-cluster-ip-range "$SERVICE_CIDR" --authorization-mode Node,RBAC \
+    --allow-privileged=true --profiling=false --cert-dir "$DEV/apiserver-certs" --v 1
+  wait_for kube-apiserver 90 curl -sf --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+    "https://127.0.0.1:$APISERVER_PORT/readyz"
+  start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$DEV/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$DEV/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$DEV/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --leader-elect=false \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --use-service-account-credentials --controllers '*' --cert-dir "$DEV/kcm-certs" --v 1
+  start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig "$DEV/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$DEV/scheduler.kubeconfig" \
+    --authorization-kubeconfig "$DEV/scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --leader-elect=false --v 1
+  wait_for kube-controller-manager 60 curl -skf "https://127.0.0.1:$KCM_PORT/healthz"
+  wait_for kube-scheduler 60 curl -skf "https://127.0.0.1:$SCHED_PORT/healthz"
+}
+
+write_env_file() {
+  cat > "$DEV/env.sh" <<E
+# streamscore local environment (written by scripts/env.sh up). Use: . $DEV/env.sh
+export STREAMSCORE_DEV_DIR="$DEV"
+export KUBECONFIG="$DEV/admin.kubeconfig"
+export KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT"
+export STREAMSCORE_KAFKA_CLASSPATH="$KAFKA_LIBS/*"
+export STREAMSCORE_KAFKA_LOG4J="file:$DEV/kafka/log4j.properties"
+export STREAMSCORE_APISERVER="https://127.0.0.1:$APISERVER_PORT"
+export STREAMSCORE_PORT_BASE="$B"
+export PATH="$K8S_BIN:$HELM_BIN:\$PATH"
+E
+}
+
+up() {
+  "$ROOT/scripts/build-k8s.sh" all
+  "$ROOT/scripts/fetch-kafka.sh"
+  local t0=$SECONDS
+  start_kafka
+  start_control_plane
+  wait_for kafka 90 kafka_answers
+  write_env_file
+  log "environment up in $((SECONDS - t0))s (state in $DEV)"
+  cat >&2 <<M
+  Kafka:          127.0.0.1:$KAFKA_PORT (KRaft, one node)
+  kube-apiserver: https://127.0.0.1:$APISERVER_PORT (+ etcd, controller-manager, scheduler; no kubelet)
+  Use it:         . $DEV/env.sh && kubectl get ns
+  Stop it:        make env-down
+M
+}
+
+down() {
+  local name pid
+  for name in kube-scheduler kube-controller-manager kube-apiserver etcd kafka; do
+    [[ -f $PIDS/$name.pid ]] || continue
+    pid=$(cat "$PIDS/$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      log "stopped $name (pid $pid)"
+    fi
+    rm -f "$PIDS/$name.pid"
+  done
+}
+
+status() {
+  local rc=0 name
+  for name in kafka etcd kube-apiserver kube-controller-manager kube-scheduler; do
+    if running "$name"; then printf '%-24s running (pid %s)\n' "$name" "$(cat "$PIDS/$name.pid")"
+    else printf '%-24s stopped\n' "$name"; rc=1; fi
+  done
+  if running kube-apiserver; then
+    printf '%-24s %s\n' "apiserver /readyz" "$(curl -s --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "https://127.0.0.1:$APISERVER_PORT/readyz" || echo unreachable)"
+  fi
+  [[ -f $DEV/env.sh ]] && echo "env file: $DEV/env.sh"
+  return $rc
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) die "usage: $0 up|down|status" ;;
+esac

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what the build and the local environment need and the machine lacks:
+# Debian packages (only when missing), the Rust components, and the Python tools
+# (in a virtualenv under the cache). Safe to run repeatedly.
+. "$(dirname "$0")/lib.sh"
+
+PKGS=(libclang-dev libcurl4-openssl-dev libsasl2-dev libssl-dev cmake openssl curl pkg-config)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+    $SUDO apt-get update >/dev/null
+    $SUDO apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
+  }
+fi
+for tool in go java mvn cargo python3; do
+  command -v "$tool" >/dev/null || die "$tool is required (see README: prerequisites)"
+done
+if command -v rustup >/dev/null; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+
+# Python tools (test-model generation): a virtualenv keyed by the requirements file.
+req="$ROOT/models/requirements.txt"
+if [[ -f $req ]]; then
+  venv="$CACHE/venv-$(sha256sum "$req" | cut -c1-12)"
+  if [[ ! -x $venv/bin/python ]]; then
+    log "creating Python virtualenv $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
+  fi
+  ln -sfn "$venv" "$CACHE/venv"
+fi

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Shared helpers for streamscore's development scripts.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=../env/versions.env
+. "$ROOT/env/versions.env"
+CACHE="${STREAMSCORE_CACHE:-$HOME/.cache/streamscore}"
+DEV="${STREAMSCORE_DEV_DIR:-$ROOT/.dev}"
+export GOPATH="${GOPATH:-$HOME/.cache/streamscore/go}"
+export GOMODCACHE="${GOMODCACHE:-$GOPATH/pkg/mod}"
+export GOCACHE="${GOCACHE:-$HOME/.cache/streamscore/go-build}"
+export GOFLAGS="${GOFLAGS:--mod=mod}"
+mkdir -p "$CACHE" "$DEV"
+
+log() { printf '[streamscore] %s\n' "$*" >&2; }
+die() { printf '[streamscore] error: %s\n' "$*" >&2; exit 1; }
+
+K8S_BIN="$CACHE/kubernetes-v$KUBERNETES_VERSION/bin"
+ETCD_BIN="$CACHE/etcd-v$ETCD_VERSION/bin"
+HELM_BIN="$CACHE/helm-v$HELM_VERSION/bin"
+KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# `make test`: install what is missing, start a private local environment
+# (.dev/test, ports from 28000), run fmt, clippy and every unit and integration
+# test against it, and stop the environment whatever happens.
+. "$(dirname "$0")/lib.sh"
+export STREAMSCORE_DEV_DIR="${STREAMSCORE_TEST_DEV_DIR:-$ROOT/.dev/test}"
+export STREAMSCORE_PORT_BASE="${STREAMSCORE_TEST_PORT_BASE:-28000}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
+
+"$ROOT/scripts/install-deps.sh"
+cleanup() { "$ROOT/scripts/env.sh" down || true; }
+trap cleanup EXIT INT TERM
+
+cd "$ROOT"
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "building (first build on a machine compiles RocksDB and librdkafka: ~25 min on 2 cores)"
+cargo build --workspace --all-targets --locked
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+"$ROOT/scripts/env.sh" up
+# shellcheck disable=SC1091
+. "$STREAMSCORE_DEV_DIR/env.sh"
+log "cargo test"
+cargo test --workspace --locked -- --test-threads "${STREAMSCORE_TEST_THREADS:-4}"

@@ -1,0 +1,184 @@
+//! The ONNX model: loaded once, checked (digest, a probe inference), run in micro-batches.
+//!
+//! ```text
+//!  file ──► sha256 == spec? ──► tract: parse, fix input [batch, features], optimise ──► probe
+//!  feature rows (≤ batch) ──► zero-padded [batch, features] tensor ──► outputs ──► named scores
+//! ```
+//! A model that fails any step is a [`ModelError`]: the worker stays not ready with that
+//! reason and consumes nothing.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use streamscore_crds::pipeline::{ModelConfig, OutputMapping};
+use tract_onnx::prelude::*;
+
+/// Why a model cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The file could not be read.
+    #[error("cannot read model file {path}: {source}")]
+    Read {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The digest differs from the spec.
+    #[error("model digest mismatch: expected sha256 {expected}, file has {actual}")]
+    DigestMismatch {
+        /// From the spec.
+        expected: String,
+        /// Of the file.
+        actual: String,
+    },
+    /// tract could not load or optimise the model.
+    #[error("model does not load: {0}")]
+    Load(String),
+    /// The probe inference failed or produced unusable output.
+    #[error("model probe inference failed: {0}")]
+    Probe(String),
+    /// Inference failed on a batch.
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+impl ModelError {
+    /// Low-cardinality kind, for metrics and readiness reasons.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelError::Read { .. } => "ModelUnreadable",
+            ModelError::DigestMismatch { .. } => "ModelDigestMismatch",
+            ModelError::Load(_) => "ModelInvalid",
+            ModelError::Probe(_) => "ModelProbeFailed",
+            ModelError::Inference(_) => "InferenceFailed",
+        }
+    }
+}
+
+type Plan = TypedRunnableModel<TypedModel>;
+
+/// A loaded, checked model.
+#[derive(Debug)]
+pub struct Model {
+    plan: Plan,
+    batch: usize,
+    width: usize,
+    outputs: Vec<OutputMapping>,
+    version: String,
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl Model {
+    /// Reads, verifies and loads the model described by `cfg`.
+    pub fn load(cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let path = cfg.path.strip_prefix("file://").unwrap_or(&cfg.path);
+        let bytes = std::fs::read(Path::new(path)).map_err(|source| ModelError::Read { path: path.into(), source })?;
+        Self::from_bytes(&bytes, cfg)
+    }
+
+    /// Verifies and loads a model from its bytes.
+    pub fn from_bytes(bytes: &[u8], cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let actual = sha256_hex(bytes);
+        if actual != cfg.sha256 {
+            return Err(ModelError::DigestMismatch { expected: cfg.sha256.clone(), actual });
+        }
+        let sig = &cfg.signature;
+        let batch = sig.batch.max_size.max(1) as usize;
+        let width = sig.features.len();
+        let load = |e: TractError| ModelError::Load(format!("{e:#}"));
+        let mut model = tract_onnx::onnx().model_for_read(&mut std::io::Cursor::new(bytes)).map_err(load)?;
+        let input_ix = if sig.input_name.is_empty() {
+            0
+        } else {
+            model
+                .input_outlets()
+                .map_err(load)?
+                .iter()
+                .position(|o| model.node(o.node).name == sig.input_name)
+                .ok_or_else(|| ModelError::Load(format!("the model has no input named {:?}", sig.input_name)))?
+        };
+        model = model.with_input_fact(input_ix, f32::fact([batch, width]).into()).map_err(load)?;
+        let n_outputs = model.output_outlets().map_err(load)?.len();
+        for o in &sig.outputs {
+            if o.output as usize >= n_outputs {
+                return Err(ModelError::Load(format!(
+                    "output {:?} refers to output #{} but the model has {n_outputs}",
+                    o.name, o.output
+                )));
+            }
+        }
+        let plan = model.into_optimized().map_err(load)?.into_runnable().map_err(load)?;
+        let m = Self { plan, batch, width, outputs: sig.outputs.clone(), version: cfg.version.clone() };
+        let probe = m.score(&[vec![0.0; width]]).map_err(|e| ModelError::Probe(e.to_string()))?;
+        if probe.len() != 1 || probe[0].iter().any(|s| !s.is_finite()) {
+            return Err(ModelError::Probe(format!("probe produced {probe:?}")));
+        }
+        Ok(m)
+    }
+
+    /// Version label.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Largest batch.
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    /// Score names in output order.
+    pub fn score_names(&self) -> impl Iterator<Item = &str> {
+        self.outputs.iter().map(|o| o.name.as_str())
+    }
+
+    /// Scores `rows` (each of the model's input width), in chunks of the batch size.
+    /// Returns one score vector (in `outputs` order) per row.
+    pub fn score(&self, rows: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, ModelError> {
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(self.batch) {
+            let mut data = vec![0f32; self.batch * self.width];
+            for (i, r) in chunk.iter().enumerate() {
+                if r.len() != self.width {
+                    return Err(ModelError::Inference(format!("row has {} values, model takes {}", r.len(), self.width)));
+                }
+                data[i * self.width..(i + 1) * self.width].copy_from_slice(r);
+            }
+            let input = Tensor::from_shape(&[self.batch, self.width], &data)
+                .map_err(|e| ModelError::Inference(e.to_string()))?;
+            let result = self.plan.run(tvec!(input.into())).map_err(|e| ModelError::Inference(format!("{e:#}")))?;
+            let views: Vec<_> = self
+                .outputs
+                .iter()
+                .map(|o| {
+                    result[o.output as usize]
+                        .cast_to::<f32>()
+                        .map(|t| t.into_owned())
+                        .map_err(|e| ModelError::Inference(e.to_string()))
+                })
+                .collect::<Result<_, _>>()?;
+            for i in 0..chunk.len() {
+                let mut scores = Vec::with_capacity(self.outputs.len());
+                for (o, t) in self.outputs.iter().zip(&views) {
+                    let shape = t.shape();
+                    let cols = if shape.len() >= 2 { shape[1] } else { 1 };
+                    let col = o.column as usize;
+                    if col >= cols {
+                        return Err(ModelError::Inference(format!(
+                            "score {:?} reads column {col} but output #{} has {cols}",
+                            o.name, o.output
+                        )));
+                    }
+                    let v = t.as_slice::<f32>().map_err(|e| ModelError::Inference(e.to_string()))?[i * cols + col];
+                    scores.push(f64::from(v));
+                }
+                out.push(scores);
+            }
+        }
+        Ok(out)
+    }
+}
