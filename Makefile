@@ -26,8 +26,9 @@ deps:            ## install missing prerequisites only
 build:           ## build every crate
 	cargo build --workspace --all-targets
 
-crds:            ## regenerate deploy/crds/ from the Rust types
-	cargo run -q -p streamscore-crds --bin crdgen > charts/streamscore/crds/tenantmodels.yaml
+crds:            ## regenerate the CRD YAML and manifests/ from the Rust types and the chart
+	cargo run -q -p streamscore-crds --bin crdgen > charts/streamscore/files/crds/tenantmodels.yaml
+	bash scripts/manifests.sh
 
 bench:           ## benchmarks (see BENCHMARKS.md)
 	bash scripts/bench.sh

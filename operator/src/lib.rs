@@ -1,1 +1,85 @@
-//! placeholder
+//! streamscore operator: reconciles `TenantModel`s into isolated worker Deployments.
+//!
+//! ```text
+//!  watch TenantModel (+ owned children) ─► reconcile::reconcile
+//!     observe ─► validate::validate (pure) ─► build::build (pure) ─► SSA apply ─► prune ─► status::compute
+//! ```
+//! [`lease`] keeps two replicas safe; [`metrics`] is the Prometheus registry.
+
+pub mod build;
+pub mod lease;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::runtime::{watcher, Controller};
+use kube::Api;
+use streamscore_crds::tenantmodel::TenantModel;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::metrics::PhaseLabel;
+use crate::reconcile::{error_policy, reconcile, Context};
+
+/// Runs one controller per namespace in `namespaces` (all namespaces when empty) until
+/// `cancel` fires.
+pub async fn run_controllers(ctx: Arc<Context>, namespaces: &[String], cancel: CancellationToken) {
+    let client = ctx.client.clone();
+    let scopes: Vec<Option<String>> =
+        if namespaces.is_empty() { vec![None] } else { namespaces.iter().cloned().map(Some).collect() };
+    let mut tasks = Vec::new();
+    for ns in scopes {
+        let (tms, deps, cms, svcs) = match &ns {
+            Some(n) => (
+                Api::<TenantModel>::namespaced(client.clone(), n),
+                Api::<Deployment>::namespaced(client.clone(), n),
+                Api::<ConfigMap>::namespaced(client.clone(), n),
+                Api::<Service>::namespaced(client.clone(), n),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        };
+        let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=streamscore-operator");
+        let controller = Controller::new(tms, watcher::Config::default())
+            .owns(deps, owned.clone())
+            .owns(cms, owned.clone())
+            .owns(svcs, owned)
+            .graceful_shutdown_on(cancel.clone().cancelled_owned());
+        let store = controller.store();
+        let m = ctx.metrics.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            while !c.is_cancelled() {
+                let mut counts = std::collections::BTreeMap::<String, i64>::new();
+                for tm in store.state() {
+                    let phase = tm.status.as_ref().and_then(|s| s.phase).map_or("Unknown".to_owned(), |p| format!("{p:?}"));
+                    *counts.entry(phase).or_default() += 1;
+                }
+                for p in ["Pending", "Running", "Progressing", "Degraded", "Unknown"] {
+                    m.tenantmodels.get_or_create(&PhaseLabel { phase: p.into() }).set(counts.get(p).copied().unwrap_or(0));
+                }
+                tokio::select! { _ = c.cancelled() => {}, _ = tokio::time::sleep(Duration::from_secs(10)) => {} }
+            }
+        });
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            controller
+                .run(reconcile, error_policy, ctx)
+                .for_each(|r| async move {
+                    if let Err(e) = r {
+                        warn!(error = %e, "controller");
+                    }
+                })
+                .await;
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}

@@ -1,1 +1,162 @@
-fn main() {}
+//! `streamscore-operator`: leader election, then one controller per watched namespace
+//! (or one for all), plus `/metrics`, `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Api, Client};
+use streamscore_operator::build::BuildContext;
+use streamscore_operator::lease::LeaseLock;
+use streamscore_operator::metrics::OperatorMetrics;
+use streamscore_operator::reconcile::Context;
+use streamscore_operator::run_controllers;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// streamscore operator: runs TenantModels as isolated worker Deployments.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Namespaces to watch (comma-separated). Empty: all namespaces.
+    #[arg(long, env = "STREAMSCORE_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
+    namespaces: Vec<String>,
+    /// Worker image used when a TenantModel names none.
+    #[arg(long, env = "STREAMSCORE_WORKER_IMAGE", default_value = "streamscore-worker:0.1.0")]
+    worker_image: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "STREAMSCORE_LISTEN", default_value = "0.0.0.0:8081")]
+    listen: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "STREAMSCORE_LOG_FORMAT", value_parser = ["plain", "json"], default_value = "plain")]
+    log_format: String,
+    /// Namespace the operator runs in (its Lease lives there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    operator_namespace: String,
+    /// Identity in the leader Lease.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    identity: String,
+    /// Leader election (disable only for a single replica).
+    #[arg(long, env = "STREAMSCORE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "streamscore-operator")]
+    lease_name: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(OperatorMetrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let cancel = CancellationToken::new();
+
+    let m = metrics.clone();
+    let r = ready.clone();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = r.clone();
+                async move {
+                    if r.load(Ordering::Relaxed) {
+                        (axum::http::StatusCode::OK, "ok\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not leading yet\n")
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(move || { let m = m.clone(); async move { m.encode() } }));
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    info!(listen = %args.listen, "HTTP listening");
+    let http_cancel = cancel.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { http_cancel.cancelled().await }).await;
+    });
+    let sig = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+        info!("shutting down");
+        sig.cancel();
+    });
+
+    let identity = if args.identity.is_empty() {
+        format!("{}-{}", hostname(), std::process::id())
+    } else {
+        args.identity.clone()
+    };
+    let lock = LeaseLock::new(
+        Api::<Lease>::namespaced(client.clone(), &args.operator_namespace),
+        &args.lease_name,
+        &identity,
+        Duration::from_secs(15),
+    );
+    if args.leader_elect {
+        info!(%identity, lease = %args.lease_name, "waiting for leadership");
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = lock.try_acquire_or_renew() => match r {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => warn!(error = %e, "lease"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        info!("leading");
+        metrics.leader.set(1);
+        let lock2 = lock.clone();
+        let lost = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                match lock2.try_acquire_or_renew().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        error!("leadership lost: stopping");
+                        lost.cancel();
+                        return;
+                    }
+                    Err(e) => warn!(error = %e, "lease renewal failed"),
+                }
+            }
+        });
+    }
+    ready.store(true, Ordering::Relaxed);
+
+    let reporter = Reporter { controller: "streamscore-operator".into(), instance: Some(identity.clone()) };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build: BuildContext { default_image: args.worker_image.clone(), operator_namespace: args.operator_namespace.clone() },
+        metrics: metrics.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+    });
+    let namespaces: Vec<String> = args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect();
+    run_controllers(ctx, &namespaces, cancel.clone()).await;
+    if args.leader_elect {
+        let _ = lock.release().await;
+    }
+    cancel.cancel();
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "streamscore-operator".into())
+}

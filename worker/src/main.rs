@@ -1,1 +1,115 @@
-fn main() {}
+//! `streamscore-worker`: runs one TenantModel pipeline.
+//!
+//! Start-up: config (validated) → HTTP server (health answers at once) → model (digest,
+//! load, probe; on failure: not ready with the reason, nothing consumed) → Kafka loop.
+//! SIGTERM/SIGINT: stop consuming, drain outputs, flush state, commit, exit 0.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use streamscore_worker::engine::Engine;
+use streamscore_worker::features::FeatureSet;
+use streamscore_worker::http::{router, AppState};
+use streamscore_worker::kafka::{self, Health};
+use streamscore_worker::metrics::Metrics;
+use streamscore_worker::model::Model;
+use streamscore_worker::state::StoreEnv;
+use streamscore_worker::{config, engine};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// streamscore worker: Kafka → event-time features (RocksDB) → ONNX scoring → Kafka.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Pipeline configuration file (YAML), as rendered by the operator.
+    #[arg(long, env = "STREAMSCORE_PIPELINE", default_value = "/etc/streamscore/pipeline.yaml")]
+    pipeline: PathBuf,
+    /// Log format.
+    #[arg(long, env = "STREAMSCORE_LOG_FORMAT", value_parser = ["plain", "json"], default_value = "plain")]
+    log_format: String,
+    /// Block cache shared by every state store, MiB.
+    #[arg(long, env = "STREAMSCORE_BLOCK_CACHE_MB", default_value_t = 64)]
+    block_cache_mb: usize,
+    /// Keys kept in the write-back cache per partition before it is emptied after a flush.
+    #[arg(long, env = "STREAMSCORE_CACHE_KEYS", default_value_t = 200_000)]
+    cache_keys: usize,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("streamscore-worker: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let cfg = Arc::new(config::load(&args.pipeline)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("streamscore-http")
+        .build()
+        .map_err(|e| e.to_string())?;
+    let cancel = CancellationToken::new();
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new());
+    let features = Arc::new(FeatureSet::new(&cfg.features));
+    let readers: engine::Readers = Arc::default();
+    let app = router(AppState { health: health.clone(), metrics: metrics.clone(), readers: readers.clone(), features });
+    let listen = cfg.runtime.http_listen.clone();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(&listen))
+        .map_err(|e| format!("cannot listen on {listen} (runtime.httpListen): {e}"))?;
+    info!(%listen, "HTTP listening");
+    let http_cancel = cancel.clone();
+    rt.spawn(async move {
+        let shutdown = async move { http_cancel.cancelled().await };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            error!(error = %e, "HTTP server failed");
+        }
+    });
+    let sig_cancel = cancel.clone();
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+        }
+        sig_cancel.cancel();
+    });
+
+    let model = match Model::load(&cfg.model) {
+        Ok(m) => {
+            info!(version = m.version(), path = %cfg.model.path, "model loaded and probed");
+            *health.model.write().unwrap_or_else(|e| e.into_inner()) = Some(Ok(m.version().to_owned()));
+            Arc::new(m)
+        }
+        Err(e) => {
+            // Not ready with the reason; consume nothing; stay up so the reason is visible.
+            error!(kind = e.kind(), error = %e, "model unusable: not consuming");
+            *health.model.write().unwrap_or_else(|x| x.into_inner()) = Some(Err(format!("{}: {e}", e.kind())));
+            rt.block_on(cancel.cancelled());
+            return Ok(());
+        }
+    };
+    let stores = StoreEnv::new(&cfg.runtime.state_dir, args.block_cache_mb << 20, args.cache_keys);
+    // The query API reads the same partition stores the engine owns.
+    let engine = Engine::new(cfg.clone(), model, stores, metrics.clone()).with_readers(readers);
+    let result = kafka::run(cfg, engine, metrics, health, cancel.clone());
+    cancel.cancel();
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
+}

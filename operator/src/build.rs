@@ -1,0 +1,395 @@
+//! Desired children of a TenantModel (pure: no API calls).
+//!
+//! ```text
+//!  TenantModel ──render──► PipelineConfig ──► ConfigMap <name>-pipeline (+ its hash)
+//!              ──────────► Deployment <name>-blue (hardened pod, config hash in the template)
+//!              ──────────► ServiceAccount, Service <name>, Service <name>-pods (headless),
+//!                          PodDisruptionBudget, NetworkPolicy
+//! ```
+//! Every child carries the TenantModel's labels and a controller owner reference, so
+//! deleting the TenantModel garbage-collects it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EphemeralVolumeSource, HTTPGetAction, KeyToPath, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+use streamscore_crds::pipeline::{ModelConfig, PipelineConfig, RuntimeConfig};
+use streamscore_crds::tenantmodel::{child_labels, TenantModel};
+
+/// Worker HTTP port (health, metrics, query API, admin API).
+pub const WORKER_PORT: i32 = 8080;
+/// Where the pipeline ConfigMap is mounted.
+pub const PIPELINE_DIR: &str = "/etc/streamscore/pipeline";
+/// Where a model from a ConfigMap is mounted.
+pub const MODEL_DIR: &str = "/etc/streamscore/model";
+/// Where state lives.
+pub const STATE_DIR: &str = "/var/lib/streamscore/state";
+/// Where Kafka Secrets are mounted (one directory per Secret).
+pub const SECRETS_DIR: &str = "/var/run/secrets/streamscore/kafka";
+
+/// Settings of the operator that shape children.
+#[derive(Clone, Debug)]
+pub struct BuildContext {
+    /// Worker image when the spec names none.
+    pub default_image: String,
+    /// Namespace the operator runs in (NetworkPolicy admits it to the admin port).
+    pub operator_namespace: String,
+}
+
+/// Everything the operator applies for one TenantModel.
+#[derive(Clone, Debug)]
+pub struct Children {
+    /// Rendered pipeline configuration.
+    pub pipeline: PipelineConfig,
+    /// SHA-256 of the pipeline text and the model digest (in the pod template).
+    pub config_hash: String,
+    /// `<name>-pipeline`.
+    pub config_map: ConfigMap,
+    /// `<name>-<colour>`.
+    pub deployment: Deployment,
+    /// `<name>-worker`.
+    pub service_account: ServiceAccount,
+    /// `<name>` (query API).
+    pub service: Service,
+    /// `<name>-pods` (headless).
+    pub headless: Service,
+    /// `<name>`.
+    pub pdb: PodDisruptionBudget,
+    /// `<name>`.
+    pub network_policy: NetworkPolicy,
+}
+
+/// The live colour. Blue/green alternation is driven by the upgrade state machine.
+pub const COLOR: &str = "blue";
+
+/// Name of the consumer group of a TenantModel when the spec leaves it empty.
+pub fn default_group_id(tm: &TenantModel) -> String {
+    format!("streamscore.{}.{}", tm.namespace().unwrap_or_default(), tm.name_any())
+}
+
+/// Path of the model file inside the worker.
+pub fn model_path(tm: &TenantModel) -> String {
+    match (&tm.spec.model.config_map, &tm.spec.model.uri) {
+        (Some(cm), _) => format!("{MODEL_DIR}/{}", cm.key),
+        (None, Some(uri)) => uri.strip_prefix("file://").unwrap_or(uri).to_owned(),
+        (None, None) => String::new(),
+    }
+}
+
+/// The worker pipeline configuration a TenantModel renders to.
+pub fn render_pipeline(tm: &TenantModel) -> PipelineConfig {
+    let s = &tm.spec;
+    let mut source = s.source.clone();
+    if source.group_id.is_empty() {
+        source.group_id = default_group_id(tm);
+    }
+    PipelineConfig {
+        source,
+        validation: s.validation.clone(),
+        features: s.features.clone(),
+        model: ModelConfig {
+            path: model_path(tm),
+            sha256: s.model.sha256.clone(),
+            version: s.model.version.clone(),
+            signature: s.model.signature.clone(),
+        },
+        postprocess: s.postprocess.clone(),
+        sink: s.sink.clone(),
+        runtime: RuntimeConfig {
+            state_dir: STATE_DIR.into(),
+            http_listen: format!("0.0.0.0:{WORKER_PORT}"),
+            ..RuntimeConfig::default()
+        },
+    }
+}
+
+fn owner(tm: &TenantModel) -> OwnerReference {
+    tm.controller_owner_ref(&()).expect("TenantModel from the API server has a uid")
+}
+
+fn meta(tm: &TenantModel, name: String, extra: &[(&str, &str)]) -> ObjectMeta {
+    let mut labels = child_labels(&tm.name_any());
+    for (k, v) in extra {
+        labels.insert((*k).into(), (*v).into());
+    }
+    ObjectMeta {
+        name: Some(name),
+        namespace: tm.namespace(),
+        labels: Some(labels),
+        owner_references: Some(vec![owner(tm)]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn selector(tm: &TenantModel, color: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("streamscore.io/tenantmodel".to_owned(), tm.name_any()),
+        ("streamscore.io/color".to_owned(), color.to_owned()),
+    ])
+}
+
+/// Label selector (string form) of the live workers, for the scale subresource.
+pub fn selector_string(tm: &TenantModel, color: &str) -> String {
+    selector(tm, color).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Builds every child. `tm` must come from the API server (it needs a uid).
+pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
+    let name = tm.name_any();
+    let pipeline = render_pipeline(tm);
+    let pipeline_yaml = serde_yaml::to_string(&pipeline).expect("pipeline serializes");
+    let config_hash = {
+        let mut h = Sha256::new();
+        h.update(pipeline_yaml.as_bytes());
+        h.update(tm.spec.model.sha256.as_bytes());
+        hex::encode(&h.finalize()[..16])
+    };
+    let config_map = ConfigMap {
+        metadata: meta(tm, format!("{name}-pipeline"), &[]),
+        data: Some(BTreeMap::from([("pipeline.yaml".to_owned(), pipeline_yaml)])),
+        ..ConfigMap::default()
+    };
+    let deployment = deployment(tm, ctx, &config_hash, COLOR);
+    let service_account = ServiceAccount {
+        metadata: meta(tm, format!("{name}-worker"), &[]),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    };
+    let port = ServicePort {
+        name: Some("http".into()),
+        port: WORKER_PORT,
+        target_port: Some(IntOrString::String("http".into())),
+        ..ServicePort::default()
+    };
+    let service = Service {
+        metadata: meta(tm, name.clone(), &[]),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(tm, COLOR)),
+            ports: Some(vec![port.clone()]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let headless = Service {
+        metadata: meta(tm, format!("{name}-pods"), &[]),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(BTreeMap::from([("streamscore.io/tenantmodel".to_owned(), name.clone())])),
+            ports: Some(vec![port]),
+            publish_not_ready_addresses: Some(true),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let pdb = PodDisruptionBudget {
+        metadata: meta(tm, name.clone(), &[]),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([("streamscore.io/tenantmodel".to_owned(), name.clone())])),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+    let ns_peer = |ns: &str, pod_labels: Option<BTreeMap<String, String>>| NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), ns.to_owned())])),
+            ..LabelSelector::default()
+        }),
+        pod_selector: pod_labels.map(|l| LabelSelector { match_labels: Some(l), ..LabelSelector::default() }),
+        ..NetworkPolicyPeer::default()
+    };
+    let http_port = NetworkPolicyPort { port: Some(IntOrString::Int(WORKER_PORT)), protocol: Some("TCP".into()), ..NetworkPolicyPort::default() };
+    let network_policy = NetworkPolicy {
+        metadata: meta(tm, name.clone(), &[]),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([("streamscore.io/tenantmodel".to_owned(), name.clone())])),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![ns_peer(&tm.namespace().unwrap_or_default(), None)]),
+                    ports: Some(vec![http_port.clone()]),
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(vec![ns_peer(
+                        &ctx.operator_namespace,
+                        Some(BTreeMap::from([(
+                            "app.kubernetes.io/name".to_owned(),
+                            "streamscore-operator".to_owned(),
+                        )])),
+                    )]),
+                    ports: Some(vec![http_port]),
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    };
+    Children { pipeline, config_hash, config_map, deployment, service_account, service, headless, pdb, network_policy }
+}
+
+fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &str) -> Deployment {
+    let name = tm.name_any();
+    let s = &tm.spec;
+    let mut pod_labels = child_labels(&name);
+    pod_labels.extend(selector(tm, color));
+    let mut volumes = vec![
+        Volume {
+            name: "pipeline".into(),
+            config_map: Some(ConfigMapVolumeSource { name: format!("{name}-pipeline"), ..ConfigMapVolumeSource::default() }),
+            ..Volume::default()
+        },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+        state_volume(tm),
+    ];
+    let mut mounts = vec![
+        VolumeMount { name: "pipeline".into(), mount_path: PIPELINE_DIR.into(), read_only: Some(true), ..VolumeMount::default() },
+        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
+        VolumeMount { name: "state".into(), mount_path: STATE_DIR.into(), ..VolumeMount::default() },
+    ];
+    if let Some(cm) = &s.model.config_map {
+        volumes.push(Volume {
+            name: "model".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cm.name.clone(),
+                items: Some(vec![KeyToPath { key: cm.key.clone(), path: cm.key.clone(), mode: None }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount { name: "model".into(), mount_path: MODEL_DIR.into(), read_only: Some(true), ..VolumeMount::default() });
+    }
+    for (i, sec) in s.kafka_secrets.iter().enumerate() {
+        let vname = format!("kafka-secret-{i}");
+        volumes.push(Volume {
+            name: vname.clone(),
+            secret: Some(SecretVolumeSource { secret_name: Some(sec.name.clone()), ..SecretVolumeSource::default() }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: vname,
+            mount_path: format!("{SECRETS_DIR}/{}", sec.name),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..HTTPGetAction::default() }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "worker".into(),
+        image: Some(s.image.clone().unwrap_or_else(|| ctx.default_image.clone())),
+        args: Some(vec!["--pipeline".into(), format!("{PIPELINE_DIR}/pipeline.yaml")]),
+        env: Some(vec![
+            EnvVar { name: "STREAMSCORE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() },
+            EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
+        ]),
+        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: WORKER_PORT, protocol: Some("TCP".into()), ..ContainerPort::default() }]),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 6)),
+        resources: s.resources.clone(),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: meta(tm, format!("{name}-{color}"), &[("streamscore.io/color", color)]),
+        spec: Some(DeploymentSpec {
+            replicas: Some(s.parallelism),
+            selector: LabelSelector { match_labels: Some(selector(tm, color)), ..LabelSelector::default() },
+            // Workers own partitions: never run old and new pods of one colour side by side.
+            strategy: Some(DeploymentStrategy { type_: Some("Recreate".into()), ..DeploymentStrategy::default() }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([
+                        ("streamscore.io/config-hash".to_owned(), config_hash.to_owned()),
+                        ("streamscore.io/model-version".to_owned(), s.model.version.clone()),
+                        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+                        ("prometheus.io/port".to_owned(), WORKER_PORT.to_string()),
+                        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+                    ])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(format!("{name}-worker")),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        fs_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                        ..PodSecurityContext::default()
+                    }),
+                    termination_grace_period_seconds: Some(60),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn state_volume(tm: &TenantModel) -> Volume {
+    let st = &tm.spec.state;
+    match &st.storage_class {
+        Some(class) => Volume {
+            name: "state".into(),
+            ephemeral: Some(EphemeralVolumeSource {
+                volume_claim_template: Some(PersistentVolumeClaimTemplate {
+                    metadata: None,
+                    spec: PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".into()]),
+                        storage_class_name: Some(class.clone()),
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(BTreeMap::from([(
+                                "storage".to_owned(),
+                                Quantity(st.size.clone().unwrap_or_else(|| "10Gi".into())),
+                            )])),
+                            ..VolumeResourceRequirements::default()
+                        }),
+                        ..PersistentVolumeClaimSpec::default()
+                    },
+                }),
+            }),
+            ..Volume::default()
+        },
+        None => Volume {
+            name: "state".into(),
+            empty_dir: Some(EmptyDirVolumeSource { size_limit: st.size.clone().map(Quantity), ..EmptyDirVolumeSource::default() }),
+            ..Volume::default()
+        },
+    }
+}

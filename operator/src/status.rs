@@ -1,0 +1,145 @@
+//! Status computation (pure): phase and conditions from what was observed.
+//! Conditions keep `lastTransitionTime` while their status does not change, so an
+//! unchanged world yields an identical status and no status write.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use streamscore_crds::tenantmodel::{Condition, Phase, TenantModelStatus};
+
+/// What the reconcile observed.
+#[derive(Clone, Debug)]
+pub enum Observed<'a> {
+    /// The spec cannot run: reason and message.
+    Invalid {
+        /// CamelCase reason.
+        reason: &'a str,
+        /// Detail.
+        message: String,
+    },
+    /// Children applied; the live Deployment as the API server returned it.
+    Applied {
+        /// Live Deployment.
+        deployment: &'a Deployment,
+        /// Colour.
+        color: &'a str,
+        /// Selector string.
+        selector: String,
+    },
+}
+
+/// Sets `kind` in `conds`, keeping the transition time when the status is unchanged.
+pub fn set_condition(conds: &mut Vec<Condition>, kind: &str, status: bool, reason: &str, message: &str, now: &str, generation: Option<i64>) {
+    let status = if status { "True" } else { "False" };
+    if let Some(c) = conds.iter_mut().find(|c| c.kind == kind) {
+        if c.status != status {
+            c.last_transition_time = now.to_owned();
+        }
+        c.status = status.to_owned();
+        c.reason = reason.to_owned();
+        c.message = message.to_owned();
+        c.observed_generation = generation;
+    } else {
+        conds.push(Condition {
+            kind: kind.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            last_transition_time: now.to_owned(),
+            observed_generation: generation,
+        });
+    }
+}
+
+/// The next status.
+pub fn compute(
+    old: Option<&TenantModelStatus>,
+    generation: Option<i64>,
+    model_version: &str,
+    observed: &Observed<'_>,
+    now: &str,
+) -> TenantModelStatus {
+    let mut st = old.cloned().unwrap_or_default();
+    st.observed_generation = generation;
+    let conds = &mut st.conditions;
+    match observed {
+        Observed::Invalid { reason, message } => {
+            st.phase = Some(Phase::Degraded);
+            set_condition(conds, "Ready", false, reason, message, now, generation);
+            set_condition(conds, "Progressing", false, reason, "waiting for the spec to change", now, generation);
+            set_condition(conds, "Degraded", true, reason, message, now, generation);
+        }
+        Observed::Applied { deployment, color, selector } => {
+            let want = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let ds = deployment.status.clone().unwrap_or_default();
+            let dep_gen = deployment.metadata.generation;
+            let current = ds.observed_generation.is_some() && ds.observed_generation >= dep_gen;
+            let updated = ds.updated_replicas.unwrap_or(0);
+            let available = ds.available_replicas.unwrap_or(0);
+            let ready = current && updated >= want && available >= want && ds.replicas.unwrap_or(0) == want;
+            let msg = format!("{available}/{want} workers available ({updated} updated)");
+            set_condition(conds, "Degraded", false, "AsExpected", "", now, generation);
+            if ready {
+                st.phase = Some(Phase::Running);
+                set_condition(conds, "Ready", true, "WorkersAvailable", &msg, now, generation);
+                set_condition(conds, "Progressing", false, "RolloutComplete", &msg, now, generation);
+            } else {
+                st.phase = Some(if available > 0 { Phase::Progressing } else { Phase::Pending });
+                set_condition(conds, "Ready", false, "WorkersNotAvailable", &msg, now, generation);
+                set_condition(conds, "Progressing", true, "RollingOut", &msg, now, generation);
+            }
+            st.active_color = Some((*color).to_owned());
+            st.parallelism = Some(available);
+            st.selector = Some(selector.clone());
+            st.model_version = Some(model_version.to_owned());
+        }
+    }
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn dep(want: i32, available: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta { generation: Some(2), ..ObjectMeta::default() },
+            spec: Some(DeploymentSpec { replicas: Some(want), ..DeploymentSpec::default() }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(2),
+                replicas: Some(want),
+                updated_replicas: Some(want),
+                available_replicas: Some(available),
+                ..DeploymentStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn transition_time_changes_only_with_status() {
+        let d = dep(2, 0);
+        let obs = Observed::Applied { deployment: &d, color: "blue", selector: "a=b".into() };
+        let s1 = compute(None, Some(1), "v1", &obs, "t1");
+        assert_eq!(s1.phase, Some(Phase::Pending));
+        let s2 = compute(Some(&s1), Some(1), "v1", &obs, "t2");
+        assert_eq!(s1, s2, "same observation, same status (no write)");
+        let d = dep(2, 2);
+        let obs = Observed::Applied { deployment: &d, color: "blue", selector: "a=b".into() };
+        let s3 = compute(Some(&s2), Some(1), "v1", &obs, "t3");
+        let ready = s3.conditions.iter().find(|c| c.kind == "Ready").unwrap();
+        assert_eq!((ready.status.as_str(), ready.last_transition_time.as_str()), ("True", "t3"));
+        let degraded = s3.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
+        assert_eq!(degraded.last_transition_time, "t1");
+        assert_eq!(s3.phase, Some(Phase::Running));
+        assert_eq!(s3.parallelism, Some(2));
+    }
+
+    #[test]
+    fn invalid_spec_is_degraded_with_the_message() {
+        let s = compute(None, Some(3), "v1", &Observed::Invalid { reason: "InvalidSpec", message: "spec.x: bad".into() }, "t");
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        let d = s.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
+        assert_eq!((d.status.as_str(), d.reason.as_str(), d.message.as_str()), ("True", "InvalidSpec", "spec.x: bad"));
+        assert_eq!(s.observed_generation, Some(3));
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# `make bench`: data-plane benchmarks (see BENCHMARKS.md for figures and method).
+#   1. engine only: decode → features (RocksDB) → tract → JSON, no broker;
+#   2. end to end against the local broker: pre-loaded topic → worker → acknowledged outputs.
+. "$(dirname "$0")/lib.sh"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
+export STREAMSCORE_DEV_DIR="$ROOT/.dev/bench" STREAMSCORE_PORT_BASE=29000
+COUNT="${BENCH_COUNT:-1000000}"; USERS="${BENCH_USERS:-100000}"
+cd "$ROOT"
+"$ROOT/scripts/install-deps.sh"
+cargo build -q --bin streamscore-loadgen
+trap '"$ROOT/scripts/env.sh" down' EXIT
+"$ROOT/scripts/env.sh" up
+# shellcheck disable=SC1091
+. "$STREAMSCORE_DEV_DIR/env.sh"
+topic="bench-$(date +%s)"
+java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFKA_LOG4J" org.apache.kafka.tools.TopicCommand \
+  --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" --create --topic "$topic" --partitions 4 --replication-factor 1 >/dev/null
+cfg="$STREAMSCORE_DEV_DIR/bench-pipeline.yaml"
+sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic|g; s|@ROOT@|$ROOT|" bench/pipeline.yaml > "$cfg"
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $(uname -r)"
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-engine --pipeline "$cfg" --count "$COUNT" --users "$USERS"
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-kafka --pipeline "$cfg" --count "$COUNT" --users "$USERS"

@@ -1,0 +1,49 @@
+//! The Helm chart: lint, render, server-side dry run, and a real install/upgrade/uninstall
+//! against the local API server (no `--wait`: there is no kubelet), plus manifests/ in sync.
+
+use std::process::Command;
+
+use streamscore_tests::{kube_client, namespace, repo_root, unique};
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).current_dir(repo_root()).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd} {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn chart_lints_and_manifests_are_in_sync() {
+    run("helm", &["lint", "charts/streamscore"]);
+    run("helm", &["lint", "charts/streamscore", "--set", "watchNamespaces={a,b}", "--set", "serviceMonitor.enabled=true"]);
+    run("bash", &["scripts/manifests.sh", "--check"]);
+    let bad = Command::new("helm")
+        .args(["template", "x", "charts/streamscore", "--set", "replicaCount=0"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success(), "values.schema.json must reject replicaCount=0");
+}
+
+#[tokio::test]
+async fn chart_installs_upgrades_and_uninstalls() {
+    let client = kube_client().await;
+    let ns = namespace(&client, "helm").await;
+    let release = unique("ss");
+    // The server accepts every rendered object (CRD left out: the operator test owns it).
+    let rendered = run("helm", &["template", &release, "charts/streamscore", "-n", &ns, "--set", "crds.install=false"]);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &rendered).unwrap();
+    let dry = run("kubectl", &["apply", "--dry-run=server", "-f", file.path().to_str().unwrap()]);
+    assert!(dry.contains("deployment.apps/") && dry.contains("clusterrole.rbac.authorization.k8s.io/"), "{dry}");
+    run("helm", &["install", &release, "charts/streamscore", "-n", &ns, "--set", "crds.install=false"]);
+    let dep = format!("{release}-streamscore-operator");
+    run("kubectl", &["get", "deployment", &dep, "-n", &ns]);
+    run("helm", &["upgrade", &release, "charts/streamscore", "-n", &ns, "--set", "crds.install=false", "--set", "replicaCount=2"]);
+    let replicas = run("kubectl", &["get", "deployment", &dep, "-n", &ns, "-o", "jsonpath={.spec.replicas}"]);
+    assert_eq!(replicas.trim(), "2");
+    run("helm", &["uninstall", &release, "-n", &ns]);
+    let gone = Command::new("kubectl").args(["get", "deployment", &dep, "-n", &ns]).output().unwrap();
+    assert!(!gone.status.success(), "Deployment left after uninstall");
+    let _ = Command::new("kubectl").args(["delete", "ns", &ns, "--wait=false"]).output();
+}

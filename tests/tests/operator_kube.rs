@@ -1,0 +1,225 @@
+//! The operator against the real kube-apiserver + controller-manager: children, owner
+//! references, hashes, scale, no-op reconciles, validation by the API server and by the
+//! operator, garbage collection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{CustomResourceExt, ResourceExt};
+use serde_json::json;
+use streamscore_crds::tenantmodel::{Phase, TenantModel};
+use streamscore_operator::build::BuildContext;
+use streamscore_operator::metrics::OperatorMetrics;
+use streamscore_operator::reconcile::Context;
+use streamscore_tests::{eventually, kube_client, namespace, repo_root};
+use tokio_util::sync::CancellationToken;
+
+async fn install_crd(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch("tenantmodels.streamscore.io", &PatchParams::apply("streamscore-tests").force(), &Patch::Apply(TenantModel::crd()))
+        .await
+        .expect("CRD applied");
+    eventually(Duration::from_secs(30), "CRD established", || async {
+        let c = crds.get("tenantmodels.streamscore.io").await.ok()?;
+        c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+    })
+    .await;
+}
+
+fn tenant_model(name: &str, sha: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "streamscore.io/v1alpha1",
+        "kind": "TenantModel",
+        "metadata": {"name": name},
+        "spec": {
+            "parallelism": 2,
+            "source": {
+                "bootstrapServers": "kafka:9092",
+                "topics": ["payments"],
+                "keyField": "user_id",
+                "eventTime": {"field": "ts"}
+            },
+            "features": {"windows": [{"name": "tx_1h", "aggregation": "count", "window": "1h"}]},
+            "model": {
+                "configMap": {"name": "fraud-model", "key": "model.onnx"},
+                "sha256": sha,
+                "version": "v1",
+                "features": ["tx_1h", "event.amount"],
+                "outputs": [{"name": "fraud"}]
+            },
+            "sink": {"topic": "scores", "deadLetterTopic": "scores-dlq"}
+        }
+    })
+}
+
+async fn dep(api: &Api<Deployment>, name: &str) -> Deployment {
+    eventually(Duration::from_secs(30), name, || async { api.get_opt(name).await.ok().flatten() }).await
+}
+
+fn hash(d: &Deployment) -> String {
+    d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["streamscore.io/config-hash"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenantmodel_lifecycle_against_the_real_api_server() {
+    let client = kube_client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, "op").await;
+    let model = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
+    let sha = streamscore_worker::model::sha256_hex(&model);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "fraud-model"},
+        "binaryData": {"model.onnx": k8s_openapi::ByteString(model.clone())}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+
+    let cancel = CancellationToken::new();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build: BuildContext { default_image: "streamscore-worker:test".into(), operator_namespace: "streamscore-system".into() },
+        metrics: Arc::new(OperatorMetrics::new()),
+        recorder: Recorder::new(client.clone(), Reporter { controller: "streamscore-operator".into(), instance: None }),
+    });
+    let op = tokio::spawn({
+        let (ctx, ns, c) = (ctx.clone(), ns.clone(), cancel.clone());
+        async move { streamscore_operator::run_controllers(ctx, &[ns], c).await }
+    });
+
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let tm: TenantModel = serde_json::from_value(tenant_model("fraud", &sha)).unwrap();
+    let tm = tms.create(&PostParams::default(), &tm).await.expect("valid TenantModel accepted");
+    let uid = tm.uid().unwrap();
+
+    // Children with owner references and the expected fields.
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let d = dep(&deps, "fraud-blue").await;
+    let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("TenantModel", uid.as_str(), Some(true)));
+    let spec = d.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.security_context.as_ref().unwrap().seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    let c = &pod.containers[0];
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!((sc.run_as_non_root, sc.read_only_root_filesystem), (Some(true), Some(true)));
+    assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(c.image.as_deref(), Some("streamscore-worker:test"));
+    assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+    let pipeline = cms.get("fraud-pipeline").await.unwrap();
+    let rendered: streamscore_crds::PipelineConfig =
+        serde_yaml::from_str(&pipeline.data.unwrap()["pipeline.yaml"]).unwrap();
+    assert_eq!(rendered.source.group_id, format!("streamscore.{ns}.fraud"));
+    assert_eq!(rendered.model.path, "/etc/streamscore/model/model.onnx");
+    let sa: ServiceAccount = Api::namespaced(client.clone(), &ns).get("fraud-worker").await.unwrap();
+    assert_eq!(sa.automount_service_account_token, Some(false));
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(svcs.get("fraud-pods").await.unwrap().spec.unwrap().cluster_ip.as_deref(), Some("None"));
+    svcs.get("fraud").await.unwrap();
+    let _: PodDisruptionBudget = Api::namespaced(client.clone(), &ns).get("fraud").await.unwrap();
+    let np: NetworkPolicy = Api::namespaced(client.clone(), &ns).get("fraud").await.unwrap();
+    assert_eq!(np.spec.unwrap().ingress.unwrap().len(), 2);
+
+    // Status: no kubelet here, so the workers are not available.
+    let st = eventually(Duration::from_secs(30), "status", || async {
+        tms.get("fraud").await.ok()?.status.filter(|s| s.phase.is_some())
+    })
+    .await;
+    assert_eq!(st.phase, Some(Phase::Pending));
+    assert_eq!(st.model_version.as_deref(), Some("v1"));
+    let ready = st.conditions.iter().find(|c| c.kind == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "WorkersNotAvailable"));
+
+    // kubectl prints the columns.
+    let out = std::process::Command::new("kubectl").args(["get", "tm", "-n", &ns]).output().expect("kubectl on PATH");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text.lines().next().unwrap_or_default();
+    for col in ["NAME", "PHASE", "READY", "MODEL", "PARALLELISM", "AGE"] {
+        assert!(header.contains(col), "{col} missing from {header:?}");
+    }
+    assert!(text.contains("Pending") && text.contains("v1"), "{text}");
+
+    // An unchanged object: a reconcile makes no write.
+    let rv = |d: &Deployment| d.metadata.resource_version.clone().unwrap();
+    let before = rv(&deps.get("fraud-blue").await.unwrap());
+    let cm_before = cms.get("fraud-pipeline").await.unwrap().metadata.resource_version;
+    let patched = tms
+        .patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"poke": "1"}}})))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rv(&deps.get("fraud-blue").await.unwrap()), before, "Deployment rewritten by a no-op reconcile");
+    assert_eq!(cms.get("fraud-pipeline").await.unwrap().metadata.resource_version, cm_before);
+    assert_eq!(
+        tms.get("fraud").await.unwrap().metadata.resource_version,
+        patched.metadata.resource_version,
+        "status rewritten by a no-op reconcile"
+    );
+
+    // Scale subresource and parallelism → replicas.
+    let h1 = hash(&deps.get("fraud-blue").await.unwrap());
+    tms.patch_scale("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    eventually(Duration::from_secs(30), "3 replicas", || async {
+        (deps.get("fraud-blue").await.ok()?.spec?.replicas == Some(3)).then_some(())
+    })
+    .await;
+    // A model change changes the pod template hash.
+    tms.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": {"version": "v2"}}}))).await.unwrap();
+    let h2 = eventually(Duration::from_secs(30), "new config hash", || async {
+        let h = hash(&deps.get("fraud-blue").await.ok()?);
+        (h != h1).then_some(h)
+    })
+    .await;
+    assert_ne!(h1, h2);
+
+    // The API server rejects what the schema and CEL rules forbid, with readable messages.
+    let mut bad = tenant_model("bad1", &sha);
+    bad["spec"]["parallelism"] = json!(0);
+    let err = tms.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err().to_string();
+    assert!(err.contains("spec.parallelism"), "{err}");
+    let mut bad = tenant_model("bad2", &sha);
+    bad["spec"]["sink"]["deadLetterTopic"] = json!("scores");
+    let err = tms.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err().to_string();
+    assert!(err.contains("deadLetterTopic must differ"), "{err}");
+    let mut bad = tenant_model("bad3", "not-a-digest");
+    bad["spec"]["model"]["sha256"] = json!("xyz");
+    let err = tms.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err().to_string();
+    assert!(err.contains("sha256"), "{err}");
+
+    // What only the operator can judge ends Degraded with the reason, and no children.
+    let mut judged = tenant_model("judged", &sha);
+    judged["spec"]["model"]["features"] = json!(["tx_1h", "no_such_feature"]);
+    tms.create(&PostParams::default(), &serde_json::from_value(judged).unwrap()).await.unwrap();
+    let st = eventually(Duration::from_secs(30), "Degraded", || async {
+        tms.get("judged").await.ok()?.status.filter(|s| s.phase == Some(Phase::Degraded))
+    })
+    .await;
+    let cond = st.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
+    assert_eq!(cond.reason, "InvalidSpec");
+    assert!(cond.message.contains("no_such_feature"), "{}", cond.message);
+    assert!(deps.get_opt("judged-blue").await.unwrap().is_none());
+
+    // Deleting the TenantModel garbage-collects every child.
+    tms.delete("fraud", &DeleteParams::foreground()).await.unwrap();
+    eventually(Duration::from_secs(60), "children garbage-collected", || async {
+        let d = deps.get_opt("fraud-blue").await.ok()?;
+        let c = cms.get_opt("fraud-pipeline").await.ok()?;
+        let s = svcs.get_opt("fraud").await.ok()?;
+        (d.is_none() && c.is_none() && s.is_none()).then_some(())
+    })
+    .await;
+
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+}

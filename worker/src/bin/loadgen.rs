@@ -1,0 +1,292 @@
+//! `streamscore-loadgen`: event generator for the demo and benchmark driver.
+//!
+//! - `gen`: produce a realistic payment/ride stream (users, actions, amounts, fraud-like
+//!   bursts, a few malformed records) to a topic.
+//! - `bench-engine`: the worker engine alone (decode → features in RocksDB → tract → JSON),
+//!   no broker: the data plane's ceiling.
+//! - `bench-kafka`: pre-load a topic, then run the real Kafka loop until every output is
+//!   acknowledged: end-to-end throughput and the consume→ack latency histogram.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use streamscore_crds::PipelineConfig;
+use streamscore_worker::engine::{Engine, InRecord, OutRecord};
+use streamscore_worker::kafka::{self, Health};
+use streamscore_worker::metrics::Metrics;
+use streamscore_worker::model::Model;
+use streamscore_worker::state::StoreEnv;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(about = "streamscore event generator and benchmark driver")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Produce a synthetic event stream.
+    Gen {
+        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+        bootstrap: String,
+        #[arg(long)]
+        topic: String,
+        /// Events to produce.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Distinct users.
+        #[arg(long, default_value_t = 1_000)]
+        users: u64,
+        /// Events per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// One malformed record every N events (0: none).
+        #[arg(long, default_value_t = 0)]
+        malformed_every: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Engine only (no broker).
+    BenchEngine {
+        #[arg(long)]
+        pipeline: String,
+        #[arg(long, default_value_t = 500_000)]
+        count: u64,
+        #[arg(long, default_value_t = 100_000)]
+        users: u64,
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Kafka end to end.
+    BenchKafka {
+        #[arg(long)]
+        pipeline: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        #[arg(long, default_value_t = 100_000)]
+        users: u64,
+    },
+}
+
+struct Gen {
+    rng: SmallRng,
+    users: u64,
+    clock: i64,
+}
+
+impl Gen {
+    fn new(seed: u64, users: u64) -> Self {
+        Self { rng: SmallRng::seed_from_u64(seed), users: users.max(1), clock: 1_795_500_000_000 }
+    }
+
+    fn next(&mut self) -> (String, Vec<u8>) {
+        self.clock += self.rng.gen_range(0..3);
+        let user = format!("user-{}", self.rng.gen_range(0..self.users));
+        let fraud = self.rng.gen_ratio(1, 50);
+        let action = ["view", "purchase", "ride_requested", "login", "cart"][self.rng.gen_range(0..5)];
+        let amount: f64 = if fraud { self.rng.gen_range(500.0..3000.0) } else { self.rng.gen_range(1.0..150.0) };
+        let ts = self.clock - self.rng.gen_range(0..2_000);
+        let v = format!(
+            r#"{{"user_id":"{user}","ts":{ts},"amount":{amount:.2},"action":"{action}","merchant":"m{}","country":"{}"}}"#,
+            self.rng.gen_range(0..500),
+            ["DE", "FR", "US", "BR"][self.rng.gen_range(0..4)]
+        );
+        (user, v.into_bytes())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Gen { bootstrap, topic, count, users, rate, malformed_every, seed } => {
+            let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("partitioner", "murmur2_random")
+                .set("linger.ms", "5")
+                .set("queue.buffering.max.messages", "1000000")
+                .create()?;
+            let mut g = Gen::new(seed, users);
+            let started = Instant::now();
+            for i in 0..count {
+                let (k, v) = if malformed_every > 0 && i % malformed_every == malformed_every - 1 {
+                    ("user-0".to_owned(), br#"{"user_id": "user-0", "ts": "#.to_vec())
+                } else {
+                    g.next()
+                };
+                let mut rec = BaseRecord::to(&topic).key(&k).payload(&v);
+                loop {
+                    match p.send(rec) {
+                        Ok(()) => break,
+                        Err((_, r)) => {
+                            rec = r;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                if rate > 0 {
+                    let due = Duration::from_secs_f64((i + 1) as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            p.flush(Duration::from_secs(60))?;
+            println!("produced {count} events to {topic} in {:.2?}", started.elapsed());
+        }
+        Cmd::BenchEngine { pipeline, count, users, partitions } => {
+            let cfg = Arc::new(PipelineConfig::from_yaml(&std::fs::read_to_string(&pipeline)?)?);
+            let dir = tempfile_dir()?;
+            let model = Arc::new(Model::load(&cfg.model)?);
+            let metrics = Arc::new(Metrics::new());
+            let mut engine = Engine::new(cfg.clone(), model, StoreEnv::new(&dir, 64 << 20, 1_000_000), metrics);
+            for p in 0..partitions {
+                engine.assign(p)?;
+            }
+            let mut g = Gen::new(7, users);
+            let events: Vec<(String, Vec<u8>)> = (0..count).map(|_| g.next()).collect();
+            let batch = cfg.model.signature.batch.max_size as usize;
+            let topic = cfg.source.topics[0].clone();
+            let started = Instant::now();
+            let mut outputs = 0u64;
+            let mut bytes = 0u64;
+            let now = Instant::now();
+            for (chunk_no, chunk) in events.chunks(batch).enumerate() {
+                let recs: Vec<InRecord<'_>> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, v))| InRecord {
+                        topic: &topic,
+                        partition: kafka::partition_for(k.as_bytes(), partitions as usize),
+                        offset: (chunk_no * batch + i) as i64,
+                        key: Some(k.as_bytes()),
+                        payload: Some(v),
+                        received: now,
+                    })
+                    .collect();
+                for o in engine.process(&recs)? {
+                    if let OutRecord::Scored { value, .. } = o {
+                        outputs += 1;
+                        bytes += value.len() as u64;
+                    }
+                }
+                if chunk_no % 2000 == 1999 {
+                    engine.flush()?;
+                }
+            }
+            engine.flush()?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "bench-engine: {count} events, {users} users, {partitions} partitions, batch {batch}: {:.2}s, {:.0} events/s, {outputs} outputs ({:.0} B avg)",
+                secs,
+                count as f64 / secs,
+                bytes as f64 / outputs.max(1) as f64
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Cmd::BenchKafka { pipeline, count, users } => {
+            let cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(&pipeline)?)?;
+            let bootstrap = cfg.source.bootstrap_servers.clone();
+            let topic = cfg.source.topics[0].clone();
+            let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("partitioner", "murmur2_random")
+                .set("linger.ms", "20")
+                .set("compression.type", "lz4")
+                .set("queue.buffering.max.messages", "2000000")
+                .create()?;
+            let mut g = Gen::new(11, users);
+            let t0 = Instant::now();
+            for _ in 0..count {
+                let (k, v) = g.next();
+                let mut rec = BaseRecord::to(&topic).key(&k).payload(&v);
+                while let Err((_, r)) = p.send(rec) {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            p.flush(Duration::from_secs(120))?;
+            println!("pre-loaded {count} events in {:.2?}", t0.elapsed());
+            let cfg = Arc::new(cfg);
+            let dir = tempfile_dir()?;
+            let model = Arc::new(Model::load(&cfg.model)?);
+            let metrics = Arc::new(Metrics::new());
+            let engine = Engine::new(cfg.clone(), model, StoreEnv::new(&dir, 64 << 20, 1_000_000), metrics.clone());
+            let cancel = CancellationToken::new();
+            let health = Arc::new(Health::default());
+            let (c, m) = (cancel.clone(), metrics.clone());
+            let started = Instant::now();
+            let worker = std::thread::spawn(move || kafka::run(cfg, engine, m, health, c));
+            let mut first: Option<Instant> = None;
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let text = metrics.encode();
+                let out = metric(&text, "streamscore_worker_records_out_total");
+                let dl = metric(&text, "streamscore_worker_dead_letters_total");
+                if out + dl > 0.0 && first.is_none() {
+                    first = Some(Instant::now());
+                }
+                if out + dl >= count as f64 {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(600) {
+                    anyhow::bail!("timed out with {out} outputs");
+                }
+            }
+            cancel.cancel();
+            worker.join().map_err(|_| anyhow::anyhow!("worker panicked"))?.map_err(anyhow::Error::msg)?;
+            let total = started.elapsed().as_secs_f64();
+            let steady = first.map_or(total, |f| f.elapsed().as_secs_f64());
+            let text = metrics.encode();
+            println!(
+                "bench-kafka: {count} events, {users} users: {:.2}s incl. start-up ({:.0} events/s); {:.2}s from first output ({:.0} events/s)",
+                total,
+                count as f64 / total,
+                steady,
+                count as f64 / steady
+            );
+            for q in [0.5, 0.99, 0.999] {
+                println!("  consume→ack latency p{}: <= {:.2} ms", q * 100.0, quantile(&text, "streamscore_worker_output_latency_seconds", q) * 1e3);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!("streamscore-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Sum of a metric's samples (all label sets).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Upper bound of the bucket holding quantile `q` of a histogram.
+fn quantile(text: &str, name: &str, q: f64) -> f64 {
+    let bucket = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&bucket)?;
+            let (le, tail) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, tail.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets.iter().find(|(_, c)| *c >= q * total).map_or(f64::NAN, |b| b.0)
+}

@@ -1,0 +1,393 @@
+//! The processing engine: one batch of input records in, output records out.
+//!
+//! ```text
+//!  InRecord ─► skip if below the store's offset (already applied before a restart)
+//!            ─► decode + validate ──────────────────────────► DeadLetter(reason)
+//!            ─► watermark: late? ───────────────────────────► DeadLetter(late) | drop
+//!            ─► features (state of the key, as of its event time)
+//!            ─► model (one micro-batch for the whole input batch) ─► postprocess ─► Scored
+//! ```
+//! No Kafka types here: the Kafka loop (`crate::kafka`) feeds records and sends outputs, so the
+//! engine is tested with RocksDB in a temp dir and real models, without a broker.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+use streamscore_crds::pipeline::{LatePolicy, PipelineConfig};
+
+use crate::decode::{decode, Event, Reason, Watermark};
+use crate::features::{FeatureSet, FeatureValue, LastScore};
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::state::{PartitionStore, StateError, StoreEnv, StoreReader};
+
+/// One consumed record.
+#[derive(Debug)]
+pub struct InRecord<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Record key bytes.
+    pub key: Option<&'a [u8]>,
+    /// Record value bytes.
+    pub payload: Option<&'a [u8]>,
+    /// When the worker received it.
+    pub received: Instant,
+}
+
+/// A record to write.
+#[derive(Debug, PartialEq)]
+pub enum OutRecord {
+    /// A scored event for the output topic.
+    Scored {
+        /// Entity key.
+        key: String,
+        /// JSON value.
+        value: Vec<u8>,
+        /// When the input was received (for the latency histogram).
+        received: Instant,
+    },
+    /// An event that could not be processed, for the dead-letter topic.
+    DeadLetter {
+        /// Original key bytes.
+        key: Option<Vec<u8>>,
+        /// Original value bytes.
+        value: Vec<u8>,
+        /// `streamscore.reason`, `streamscore.detail`, `streamscore.source.*`.
+        headers: Vec<(&'static str, String)>,
+    },
+}
+
+/// Engine failure (state store); the Kafka loop stops without committing.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// State store failure.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A record for a partition that is not assigned.
+    #[error("record for unassigned partition {0}")]
+    Unassigned(i32),
+}
+
+enum RowSource {
+    Feature(usize),
+    Field(String),
+}
+
+struct PartitionCtx {
+    store: PartitionStore,
+    watermark: Watermark,
+    /// Next offset to process per topic: from the store at assignment, then advanced by
+    /// every processed record. Records below it are already applied and are skipped.
+    next_offsets: BTreeMap<String, i64>,
+}
+
+/// Query-side view of the owned partitions.
+pub type Readers = Arc<RwLock<BTreeMap<i32, StoreReader>>>;
+
+/// The engine of one worker process.
+pub struct Engine {
+    cfg: Arc<PipelineConfig>,
+    features: FeatureSet,
+    model: Arc<Model>,
+    rows: Vec<RowSource>,
+    include: Vec<usize>,
+    stores: StoreEnv,
+    partitions: BTreeMap<i32, PartitionCtx>,
+    readers: Readers,
+    metrics: Arc<Metrics>,
+    ooo: i64,
+    lateness: i64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("partitions", &self.partitions.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+struct Pending {
+    partition: i32,
+    event: Event,
+    values: Vec<FeatureValue>,
+    row: Vec<f32>,
+    topic: String,
+    offset: i64,
+    received: Instant,
+}
+
+impl Engine {
+    /// An engine with no partitions.
+    pub fn new(cfg: Arc<PipelineConfig>, model: Arc<Model>, stores: StoreEnv, metrics: Arc<Metrics>) -> Self {
+        let features = FeatureSet::new(&cfg.features);
+        let idx = |n: &str| features.names().iter().position(|x| x == n);
+        let rows = cfg
+            .model
+            .signature
+            .features
+            .iter()
+            .map(|f| match f.strip_prefix("event.") {
+                Some(field) => RowSource::Field(field.to_owned()),
+                None => RowSource::Feature(idx(f).unwrap_or(usize::MAX)),
+            })
+            .collect();
+        let include = if cfg.postprocess.include_features.is_empty() {
+            (0..features.names().len()).collect()
+        } else {
+            cfg.postprocess.include_features.iter().filter_map(|f| idx(f)).collect()
+        };
+        Self {
+            ooo: cfg.source.max_out_of_orderness.as_millis_i64(),
+            lateness: cfg.source.allowed_lateness.as_millis_i64(),
+            cfg,
+            features,
+            model,
+            rows,
+            include,
+            stores,
+            partitions: BTreeMap::new(),
+            readers: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// The feature definitions.
+    pub fn features(&self) -> &FeatureSet {
+        &self.features
+    }
+
+    /// Uses `readers` (shared with the query API) for the owned partitions' flushed state.
+    pub fn with_readers(mut self, readers: Readers) -> Self {
+        self.readers = readers;
+        self
+    }
+
+    /// Readers of the owned partitions' flushed state (for the query API).
+    pub fn readers(&self) -> Readers {
+        self.readers.clone()
+    }
+
+    /// Owned partitions.
+    pub fn assigned(&self) -> Vec<i32> {
+        self.partitions.keys().copied().collect()
+    }
+
+    /// Takes ownership of `partition`: opens its store and restores its watermark and offsets.
+    /// Returns the stored next offset per topic (records below are skipped).
+    pub fn assign(&mut self, partition: i32) -> Result<BTreeMap<String, i64>, EngineError> {
+        if let Some(ctx) = self.partitions.get(&partition) {
+            return Ok(ctx.next_offsets.clone());
+        }
+        let store = self.stores.open(partition)?;
+        let mut watermark = Watermark::new(self.ooo, self.lateness);
+        if let Some(t) = store.stored_max_time() {
+            watermark.restore(t);
+        }
+        let next_offsets: BTreeMap<String, i64> =
+            self.cfg.source.topics.iter().filter_map(|t| store.stored_offset(t).map(|o| (t.clone(), o))).collect();
+        self.readers.write().unwrap_or_else(|e| e.into_inner()).insert(partition, store.reader());
+        self.partitions
+            .insert(partition, PartitionCtx { store, watermark, next_offsets: next_offsets.clone() });
+        self.metrics.partitions.set(self.partitions.len() as i64);
+        Ok(next_offsets)
+    }
+
+    /// Gives up `partition` (call [`Engine::flush`] first) and closes its store.
+    pub fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+        self.readers.write().unwrap_or_else(|e| e.into_inner()).remove(&partition);
+        self.metrics.partitions.set(self.partitions.len() as i64);
+    }
+
+    /// Processes a batch; returns the records to write, in input order per partition.
+    pub fn process(&mut self, batch: &[InRecord<'_>]) -> Result<Vec<OutRecord>, EngineError> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        for rec in batch {
+            // A record of a partition revoked while it was in flight: the new owner processes it.
+            let Some(ctx) = self.partitions.get_mut(&rec.partition) else { continue };
+            self.metrics.records_in.inc();
+            if ctx.next_offsets.get(rec.topic).is_some_and(|&o| rec.offset < o) {
+                self.metrics.replay_skipped.inc();
+                continue;
+            }
+            ctx.next_offsets.insert(rec.topic.to_owned(), rec.offset + 1);
+            let event = match decode(&self.cfg, rec.payload) {
+                Ok(e) => e,
+                Err(rej) => {
+                    out.push(dead_letter(rec, rej.reason, &rej.detail));
+                    self.metrics.dead_letter(rej.reason);
+                    continue;
+                }
+            };
+            if ctx.watermark.is_late(event.time) {
+                match self.cfg.source.late_events {
+                    LatePolicy::DeadLetter => {
+                        let detail = format!(
+                            "event time {} is below watermark {} minus allowed lateness {} ms",
+                            event.time,
+                            ctx.watermark.current(),
+                            self.lateness
+                        );
+                        out.push(dead_letter(rec, Reason::Late, &detail));
+                        self.metrics.dead_letter(Reason::Late);
+                    }
+                    LatePolicy::Drop => self.metrics.late_dropped.inc(),
+                }
+                continue;
+            }
+            let horizon = ctx.watermark.observe(event.time);
+            let state = ctx.store.get_mut(&event.key)?;
+            let values = self.features.apply(state, event.time, &event.fields, horizon);
+            let row = self
+                .rows
+                .iter()
+                .map(|s| match s {
+                    RowSource::Feature(i) => values.get(*i).map_or(0.0, FeatureValue::as_model_input),
+                    RowSource::Field(f) => event.fields.get(f).and_then(Value::as_f64).unwrap_or(0.0) as f32,
+                })
+                .collect();
+            pending.push(Pending {
+                partition: rec.partition,
+                event,
+                values,
+                row,
+                topic: rec.topic.to_owned(),
+                offset: rec.offset,
+                received: rec.received,
+            });
+        }
+        if pending.is_empty() {
+            return Ok(out);
+        }
+        let rows: Vec<Vec<f32>> = pending.iter_mut().map(|p| std::mem::take(&mut p.row)).collect();
+        let started = Instant::now();
+        let scored = self.model.score(&rows);
+        self.metrics.inference_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_size.observe(rows.len() as f64);
+        let scores = match scored {
+            Ok(s) => s,
+            Err(e) => {
+                // The model failed on this batch: dead-letter its records rather than stop.
+                for p in &pending {
+                    let bytes = serde_json::to_vec(&p.event.fields).unwrap_or_default();
+                    out.push(OutRecord::DeadLetter {
+                        key: Some(p.event.key.clone().into_bytes()),
+                        value: bytes,
+                        headers: headers(&p.topic, p.partition, p.offset, Reason::ScoringFailed, &e.to_string()),
+                    });
+                    self.metrics.dead_letter(Reason::ScoringFailed);
+                }
+                return Ok(out);
+            }
+        };
+        for (p, s) in pending.into_iter().zip(scores) {
+            let (label, value) = self.postprocess(&p, &s);
+            let ctx = self.partitions.get_mut(&p.partition).ok_or(EngineError::Unassigned(p.partition))?;
+            ctx.store.get_mut(&p.event.key)?.last_score = Some(LastScore {
+                event_time: p.event.time,
+                scores: self.model.score_names().map(str::to_owned).zip(s.iter().copied()).collect(),
+                label,
+                model_version: self.model.version().to_owned(),
+            });
+            out.push(OutRecord::Scored { key: p.event.key, value, received: p.received });
+        }
+        Ok(out)
+    }
+
+    fn postprocess(&self, p: &Pending, scores: &[f64]) -> (Option<String>, Vec<u8>) {
+        let pp = &self.cfg.postprocess;
+        let mut score_map = Map::new();
+        for (name, s) in self.model.score_names().zip(scores) {
+            score_map.insert(name.to_owned(), num(*s));
+        }
+        let main = if pp.score.is_empty() {
+            scores.first().copied()
+        } else {
+            self.model.score_names().position(|n| n == pp.score).and_then(|i| scores.get(i).copied())
+        };
+        let label = main.and_then(|m| {
+            pp.labels
+                .iter()
+                .filter(|l| m >= l.min_score)
+                .max_by(|a, b| a.min_score.total_cmp(&b.min_score))
+                .map(|l| l.label.clone())
+        });
+        let mut features = Map::new();
+        for &i in &self.include {
+            features.insert(self.features.names()[i].clone(), p.values[i].to_json());
+        }
+        let mut fields = Map::new();
+        for f in &pp.passthrough {
+            if let Some(v) = p.event.fields.get(f) {
+                fields.insert(f.clone(), v.clone());
+            }
+        }
+        let mut o = Map::new();
+        o.insert("key".into(), Value::String(p.event.key.clone()));
+        o.insert("eventTime".into(), Value::from(p.event.time));
+        o.insert("topic".into(), Value::String(p.topic.clone()));
+        o.insert("partition".into(), Value::from(p.partition));
+        o.insert("offset".into(), Value::from(p.offset));
+        o.insert("scores".into(), Value::Object(score_map));
+        o.insert("label".into(), label.clone().map_or(Value::Null, Value::String));
+        o.insert("features".into(), Value::Object(features));
+        o.insert("fields".into(), Value::Object(fields));
+        o.insert("modelVersion".into(), Value::String(self.model.version().to_owned()));
+        (label, serde_json::to_vec(&Value::Object(o)).unwrap_or_default())
+    }
+
+    /// Makes the state of every owned partition durable up to the records processed so far.
+    /// Returns the (topic, partition, next offset) list to commit to Kafka.
+    pub fn flush(&mut self) -> Result<Vec<(String, i32, i64)>, EngineError> {
+        let mut commits = Vec::new();
+        let mut bytes = 0;
+        for (p, ctx) in &mut self.partitions {
+            ctx.store.flush(&ctx.next_offsets, ctx.watermark.max_time())?;
+            for (t, o) in &ctx.next_offsets {
+                commits.push((t.clone(), *p, *o));
+            }
+            bytes += ctx.store.size_bytes();
+        }
+        self.metrics.state_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        Ok(commits)
+    }
+
+    /// Next offset to process per (topic, partition), for lag.
+    pub fn positions(&self) -> Vec<(String, i32, i64)> {
+        let mut v = Vec::new();
+        for (p, ctx) in &self.partitions {
+            for (t, o) in &ctx.next_offsets {
+                v.push((t.clone(), *p, *o));
+            }
+        }
+        v
+    }
+}
+
+fn num(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+fn headers(topic: &str, partition: i32, offset: i64, reason: Reason, detail: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("streamscore.reason", reason.as_str().to_owned()),
+        ("streamscore.detail", detail.chars().take(512).collect()),
+        ("streamscore.source.topic", topic.to_owned()),
+        ("streamscore.source.partition", partition.to_string()),
+        ("streamscore.source.offset", offset.to_string()),
+    ]
+}
+
+fn dead_letter(rec: &InRecord<'_>, reason: Reason, detail: &str) -> OutRecord {
+    OutRecord::DeadLetter {
+        key: rec.key.map(<[u8]>::to_vec),
+        value: rec.payload.map(<[u8]>::to_vec).unwrap_or_default(),
+        headers: headers(rec.topic, rec.partition, rec.offset, reason, detail),
+    }
+}

@@ -1,0 +1,107 @@
+//! The worker's HTTP surface: `/healthz`, `/readyz`, `/metrics` and the query API
+//! `GET /v1/entities/{key}` (feature values and last score of a key this worker owns).
+//!
+//! Query answers come from the state flushed at the last commit (at most one commit
+//! interval old). A key owned by another worker gets 409 naming the owner partition.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+
+use crate::engine::Readers;
+use crate::features::FeatureSet;
+use crate::kafka::{partition_for, Health};
+use crate::metrics::Metrics;
+
+/// What the handlers need.
+#[derive(Clone)]
+pub struct AppState {
+    /// Readiness facts.
+    pub health: Arc<Health>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Owned partitions' state (empty until the engine exists).
+    pub readers: Readers,
+    /// Feature definitions.
+    pub features: Arc<FeatureSet>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AppState")
+    }
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/entities/{key}", get(entity))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    match s.health.readiness() {
+        Ok(()) => (StatusCode::OK, format!("ok: {} partitions assigned\n", s.health.assigned.load(Ordering::Relaxed)))
+            .into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", why.join("; "))).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn entity(State(s): State<AppState>, Path(key): Path<String>) -> Response {
+    let n = s.health.input_partitions.load(Ordering::Relaxed);
+    if n == 0 {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "input topic metadata not known yet"})))
+            .into_response();
+    }
+    let partition = partition_for(key.as_bytes(), n);
+    let reader = s.readers.read().unwrap_or_else(|e| e.into_inner()).get(&partition).cloned();
+    let Some(reader) = reader else {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": format!("key {key:?} belongs to partition {partition}, which this worker does not own"),
+                "partition": partition,
+            })),
+        )
+            .into_response();
+    };
+    let Some(state) = reader.get(&key) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no state for key {key:?}"), "partition": partition})),
+        )
+            .into_response();
+    };
+    let as_of = state.max_time.unwrap_or(0);
+    let mut features = Map::new();
+    for (name, v) in s.features.names().iter().zip(s.features.evaluate(&state, as_of)) {
+        features.insert(name.clone(), v.to_json());
+    }
+    let last = state.last_score.map(|l| {
+        json!({
+            "eventTime": l.event_time,
+            "scores": l.scores.into_iter().map(|(k, v)| (k, json!(v))).collect::<Map<String, Value>>(),
+            "label": l.label,
+            "modelVersion": l.model_version,
+        })
+    });
+    Json(json!({"key": key, "partition": partition, "asOf": as_of, "features": features, "lastScore": last}))
+        .into_response()
+}

@@ -1,0 +1,478 @@
+//! The Kafka loop: consume → engine → produce → (periodically) commit.
+//!
+//! ```text
+//!  BaseConsumer.poll ─► batch (≤ model batch size, ≤ max delay) ─► Engine::process ─► ThreadedProducer
+//!        │                                                                                 │ acks
+//!        └─ every commitInterval, on revoke and on shutdown:                               ▼
+//!             1. producer.flush (every output acknowledged; a failed delivery stops the worker
+//!                without committing, so its inputs are processed again after restart)
+//!             2. Engine::flush (state + next offsets in one synced RocksDB batch)
+//!             3. consumer.commit (the stored offsets stay the authority if this fails)
+//! ```
+//! Delivery is at-least-once for outputs; state never counts an input twice, because the
+//! offsets stored with the state tell which inputs it already contains.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use streamscore_crds::pipeline::{PipelineConfig, StartPosition};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::engine::{Engine, InRecord, OutRecord};
+use crate::metrics::{Metrics, PartitionLabel};
+
+/// Readiness facts shared with the HTTP server.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Model loaded and probed; otherwise the reason.
+    pub model: RwLock<Option<Result<String, String>>>,
+    /// The consumer joined its group (first assignment received, possibly empty).
+    pub joined: AtomicBool,
+    /// Brokers reachable (cleared on "all brokers down", set on the next successful poll).
+    pub broker_ok: AtomicBool,
+    /// Owned partitions.
+    pub assigned: AtomicUsize,
+    /// Partition count of the first input topic (0 until known).
+    pub input_partitions: AtomicUsize,
+}
+
+impl Health {
+    /// Ready to serve, or the reasons why not.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut why = Vec::new();
+        match &*self.model.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => why.push(format!("model not loaded: {e}")),
+            None => why.push("model loading".into()),
+        }
+        if !self.broker_ok.load(Ordering::Relaxed) {
+            why.push("Kafka brokers unreachable".into());
+        }
+        if !self.joined.load(Ordering::Relaxed) {
+            why.push("consumer has not joined its group yet".into());
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why)
+        }
+    }
+}
+
+/// Resolves `${env:NAME}` and `${file:/path}` in a Kafka property value.
+pub fn resolve_property(value: &str) -> Result<String, String> {
+    if let Some(name) = value.strip_prefix("${env:").and_then(|v| v.strip_suffix('}')) {
+        return std::env::var(name).map_err(|_| format!("environment variable {name} is not set"));
+    }
+    if let Some(path) = value.strip_prefix("${file:").and_then(|v| v.strip_suffix('}')) {
+        return std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+            .map_err(|e| format!("cannot read {path}: {e}"));
+    }
+    Ok(value.to_owned())
+}
+
+struct ConsumerCtx {
+    shared: Arc<Shared>,
+}
+
+struct ProducerCtx {
+    metrics: Arc<Metrics>,
+    failures: AtomicU64,
+    health: Arc<Health>,
+}
+
+/// What the consumer context, the loop and the HTTP server share.
+struct Shared {
+    engine: Mutex<Engine>,
+    producer: ThreadedProducer<ProducerCtx>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    sink_topic: String,
+    dlq_topic: String,
+    fatal: Mutex<Option<String>>,
+}
+
+impl ClientContext for ConsumerCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            self.shared.health.broker_ok.store(false, Ordering::Relaxed);
+        }
+        warn!(%error, reason, "Kafka consumer error");
+    }
+}
+
+impl ClientContext for ProducerCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            self.health.broker_ok.store(false, Ordering::Relaxed);
+        }
+        warn!(%error, reason, "Kafka producer error");
+    }
+}
+
+impl ProducerContext for ProducerCtx {
+    type DeliveryOpaque = Box<Instant>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, received: Self::DeliveryOpaque) {
+        match result {
+            Ok(_) => self.metrics.latency.observe(received.elapsed().as_secs_f64()),
+            Err((e, _)) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.delivery_errors.inc();
+                error!(error = %e, "output record not acknowledged by the broker");
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ConsumerCtx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            info!(?revoked, "partitions revoked: committing before handing them over");
+            let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = commit(&self.shared, &mut engine, consumer) {
+                self.shared.fail(format!("commit on revoke failed: {e}"));
+            }
+            for p in revoked {
+                engine.revoke(p);
+            }
+            self.shared.health.assigned.store(engine.assigned().len(), Ordering::Relaxed);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+            for p in &parts {
+                match engine.assign(*p) {
+                    Ok(offsets) => info!(partition = p, ?offsets, "partition assigned"),
+                    Err(e) => self.shared.fail(format!("opening state of partition {p}: {e}")),
+                }
+            }
+            self.shared.health.assigned.store(engine.assigned().len(), Ordering::Relaxed);
+            self.shared.health.joined.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Shared {
+    fn fail(&self, why: String) {
+        error!(%why, "stopping the worker without committing further");
+        let mut f = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert(why);
+    }
+
+    fn send(&self, rec: OutRecord) {
+        let (topic, key, value, headers, received) = match rec {
+            OutRecord::Scored { key, value, received } => {
+                self.metrics.records_out.inc();
+                (&self.sink_topic, Some(key.into_bytes()), value, None, received)
+            }
+            OutRecord::DeadLetter { key, value, headers } => {
+                let mut h = OwnedHeaders::new_with_capacity(headers.len());
+                for (k, v) in &headers {
+                    h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+                }
+                (&self.dlq_topic, key, value, Some(h), Instant::now())
+            }
+        };
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(received)).payload(&value);
+        if let Some(k) = &key {
+            record = record.key(k);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => {
+                    self.fail(format!("cannot enqueue output record: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for every output to be acknowledged, makes state durable, commits offsets.
+fn commit(shared: &Shared, engine: &mut Engine, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), String> {
+    let started = Instant::now();
+    while let Err(e) = shared.producer.flush(Duration::from_secs(5)) {
+        shared.health.broker_ok.store(false, Ordering::Relaxed);
+        warn!(error = %e, waited = ?started.elapsed(), "waiting for output acknowledgements (broker unreachable?)");
+    }
+    let failures = shared.producer.context().failures.load(Ordering::Relaxed);
+    if failures > 0 {
+        return Err(format!("{failures} output records were not acknowledged"));
+    }
+    let offsets = engine.flush().map_err(|e| e.to_string())?;
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, next) in &offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| e.to_string())?;
+        if let Ok((_, high)) = consumer.get_watermark_offsets(topic, *partition) {
+            shared
+                .metrics
+                .consumer_lag
+                .get_or_create(&PartitionLabel { topic: topic.clone(), partition: *partition })
+                .set((high - next).max(0));
+        }
+    }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => shared.metrics.commits.inc(),
+        Err(e) => warn!(error = %e, "offset commit failed; state offsets remain authoritative"),
+    };
+    debug!(took = ?started.elapsed(), partitions = offsets.len(), "committed");
+    Ok(())
+}
+
+fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), String> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.source.bootstrap_servers)
+        .set("group.id", &cfg.source.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "10")
+        .set("queued.min.messages", "20000")
+        .set(
+            "auto.offset.reset",
+            match cfg.source.start_from {
+                StartPosition::Latest => "latest",
+                _ => "earliest",
+            },
+        );
+    for (k, v) in &cfg.source.properties {
+        c.set(k, resolve_property(v).map_err(|e| format!("source.properties.{k}: {e}"))?);
+    }
+    let mut p = ClientConfig::new();
+    let servers =
+        if cfg.sink.bootstrap_servers.is_empty() { &cfg.source.bootstrap_servers } else { &cfg.sink.bootstrap_servers };
+    p.set("bootstrap.servers", servers)
+        .set("partitioner", "murmur2_random")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", "1")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "500000");
+    for (k, v) in &cfg.sink.properties {
+        p.set(k, resolve_property(v).map_err(|e| format!("sink.properties.{k}: {e}"))?);
+    }
+    Ok((c, p))
+}
+
+/// Runs the Kafka loop until `cancel` fires (then drains and commits) or a fatal error.
+pub fn run(
+    cfg: Arc<PipelineConfig>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    let (cc, pc) = client_config(&cfg)?;
+    let producer: ThreadedProducer<ProducerCtx> = pc
+        .create_with_context(ProducerCtx { metrics: metrics.clone(), failures: AtomicU64::new(0), health: health.clone() })
+        .map_err(|e| format!("creating the Kafka producer: {e}"))?;
+    let shared = Arc::new(Shared {
+        engine: Mutex::new(engine),
+        producer,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        sink_topic: cfg.sink.topic.clone(),
+        dlq_topic: cfg.sink.dead_letter_topic.clone(),
+        fatal: Mutex::new(None),
+    });
+    let consumer: BaseConsumer<ConsumerCtx> = cc
+        .create_with_context(ConsumerCtx { shared: shared.clone() })
+        .map_err(|e| format!("creating the Kafka consumer: {e}"))?;
+
+    // Wait for the brokers and the input topic's metadata, with backoff.
+    let first = cfg.source.topics[0].clone();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        match consumer.fetch_metadata(Some(&first), Duration::from_secs(5)) {
+            Ok(md) if md.topics().first().is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()) => {
+                let n = md.topics()[0].partitions().len();
+                health.input_partitions.store(n, Ordering::Relaxed);
+                health.broker_ok.store(true, Ordering::Relaxed);
+                info!(topic = %first, partitions = n, "input topic found");
+                break;
+            }
+            Ok(_) => warn!(topic = %first, "input topic does not exist yet; waiting"),
+            Err(e) => warn!(error = %e, "Kafka unreachable; retrying"),
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+    let topics: Vec<&str> = cfg.source.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|e| format!("subscribing to {topics:?}: {e}"))?;
+
+    let max_batch = cfg.model.signature.batch.max_size.max(1) as usize;
+    let max_delay = Duration::from_millis(cfg.model.signature.batch.max_delay.as_millis());
+    let commit_every = Duration::from_millis(cfg.runtime.commit_interval.as_millis());
+    let mut last_commit = Instant::now();
+    let mut batch = Vec::with_capacity(max_batch);
+    while !cancel.is_cancelled() {
+        if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(why);
+        }
+        let mut first_at: Option<Instant> = None;
+        while batch.len() < max_batch {
+            let timeout = match first_at {
+                None => Duration::from_millis(100),
+                Some(t) => match max_delay.checked_sub(t.elapsed()) {
+                    Some(d) => d,
+                    None => break,
+                },
+            };
+            match consumer.poll(timeout) {
+                None => {
+                    if first_at.is_some() || batch.is_empty() {
+                        break;
+                    }
+                }
+                Some(Ok(m)) => {
+                    first_at.get_or_insert_with(Instant::now);
+                    batch.push(m);
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "consumer poll error");
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            health.broker_ok.store(true, Ordering::Relaxed);
+            let now = Instant::now();
+            let records: Vec<InRecord<'_>> = batch
+                .iter()
+                .map(|m| InRecord {
+                    topic: m.topic(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key(),
+                    payload: m.payload(),
+                    received: now,
+                })
+                .collect();
+            let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+            let outs = engine.process(&records).map_err(|e| e.to_string())?;
+            drop(records);
+            for o in outs {
+                shared.send(o);
+            }
+            drop(engine);
+            batch.clear();
+        }
+        if last_commit.elapsed() >= commit_every {
+            let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+            commit(&shared, &mut engine, &consumer)?;
+            last_commit = Instant::now();
+        }
+    }
+    info!("shutting down: draining outputs and committing");
+    {
+        let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+        commit(&shared, &mut engine, &consumer)?;
+    }
+    consumer.unsubscribe();
+    Ok(())
+}
+
+/// Java-compatible murmur2 of `data` (Kafka's default partitioner hash).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let chunks = data.chunks_exact(4);
+    let rem = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    match rem.len() {
+        3 => {
+            h ^= u32::from(rem[2]) << 16;
+            h ^= u32::from(rem[1]) << 8;
+            h ^= u32::from(rem[0]);
+            h = h.wrapping_mul(M);
+        }
+        2 => {
+            h ^= u32::from(rem[1]) << 8;
+            h ^= u32::from(rem[0]);
+            h = h.wrapping_mul(M);
+        }
+        1 => {
+            h ^= u32::from(rem[0]);
+            h = h.wrapping_mul(M);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java clients' default partitioner (and librdkafka's `murmur2_random`)
+/// picks for `key` among `partitions`.
+pub fn partition_for(key: &[u8], partitions: usize) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) as usize % partitions.max(1)) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Values printed by the Java client (org.apache.kafka.common.utils.Utils.murmur2, 4.1.1).
+        assert_eq!(murmur2(b"21"), -973_932_308);
+        assert_eq!(murmur2(b"foobar"), -790_332_482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
+        assert_eq!(murmur2(&[b'a', b'b', b'c']), 479_470_107);
+        assert_eq!(murmur2(b"user-1"), 1_404_122_828);
+    }
+
+    #[test]
+    fn property_references_resolve_from_env_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        assert_eq!(resolve_property(&format!("${{file:{}}}", f.display())).unwrap(), "s3cret");
+        assert_eq!(resolve_property("plain").unwrap(), "plain");
+        assert!(resolve_property("${env:STREAMSCORE_SURELY_UNSET_VAR}").unwrap_err().contains("not set"));
+    }
+}

@@ -1,0 +1,119 @@
+//! Worker metrics: one `prometheus-client` registry built at start-up and passed in.
+//! Label values are bounded: reasons, partitions, score names — never a key.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Dead-letter reason.
+    pub reason: String,
+}
+
+/// `topic` + `partition` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    /// Input topic.
+    pub topic: String,
+    /// Input partition.
+    pub partition: i32,
+}
+
+/// Every metric the worker exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Records consumed.
+    pub records_in: Counter,
+    /// Scored records produced.
+    pub records_out: Counter,
+    /// Records dead-lettered, by reason.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Late records dropped (when `lateEvents: drop`).
+    pub late_dropped: Counter,
+    /// Records skipped on restart because the state already contains them.
+    pub replay_skipped: Counter,
+    /// Consumer lag per input partition (high watermark − next offset).
+    pub consumer_lag: Family<PartitionLabel, Gauge>,
+    /// Time from consuming a record to the acknowledgement of its output, seconds.
+    pub latency: Histogram,
+    /// Inference call duration, seconds.
+    pub inference_seconds: Histogram,
+    /// Rows per inference call.
+    pub batch_size: Histogram,
+    /// Bytes of state (all stores).
+    pub state_bytes: Gauge,
+    /// Owned input partitions.
+    pub partitions: Gauge,
+    /// Commits (offsets after outputs acknowledged and state flushed).
+    pub commits: Counter,
+    /// Output delivery failures.
+    pub delivery_errors: Counter,
+}
+
+impl Metrics {
+    /// Builds and registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("streamscore_worker");
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            records_in: Counter::default(),
+            records_out: Counter::default(),
+            dead_letters: Family::default(),
+            late_dropped: Counter::default(),
+            replay_skipped: Counter::default(),
+            consumer_lag: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            inference_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            state_bytes: Gauge::default(),
+            partitions: Gauge::default(),
+            commits: Counter::default(),
+            delivery_errors: Counter::default(),
+        };
+        r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
+        r.register("records_out", "Scored records written to the output topic", m.records_out.clone());
+        r.register("dead_letters", "Records written to the dead-letter topic, by reason", m.dead_letters.clone());
+        r.register("late_dropped", "Late records dropped (lateEvents: drop)", m.late_dropped.clone());
+        r.register("replay_skipped", "Records skipped after restart because state already has them", m.replay_skipped.clone());
+        r.register("consumer_lag", "Records behind the partition's high watermark", m.consumer_lag.clone());
+        r.register("output_latency_seconds", "Consume to output acknowledgement", m.latency.clone());
+        r.register("inference_seconds", "Duration of one inference call", m.inference_seconds.clone());
+        r.register("inference_batch_size", "Rows per inference call", m.batch_size.clone());
+        r.register("state_bytes", "Estimated bytes of RocksDB state", m.state_bytes.clone());
+        r.register("partitions", "Input partitions owned", m.partitions.clone());
+        r.register("commits", "Offset commits after acknowledged outputs and durable state", m.commits.clone());
+        r.register("delivery_errors", "Output records the broker did not acknowledge", m.delivery_errors.clone());
+        for reason in crate::decode::Reason::ALL {
+            m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
+        }
+        *m.registry.lock().expect("fresh mutex") = r;
+        m
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");
+        out
+    }
+
+    /// Counts a dead letter.
+    pub fn dead_letter(&self, reason: crate::decode::Reason) {
+        self.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() }).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
