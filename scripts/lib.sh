@@ -15,7 +15,11 @@ mkdir -p "$CACHE" "$DEV"
 log() { printf '[streamscore] %s\n' "$*" >&2; }
 die() { printf '[streamscore] error: %s\n' "$*" >&2; exit 1; }
 
+# shellcheck disable=SC2034  # used by the scripts that source this file
 K8S_BIN="$CACHE/kubernetes-v$KUBERNETES_VERSION/bin"
+# shellcheck disable=SC2034
 ETCD_BIN="$CACHE/etcd-v$ETCD_VERSION/bin"
+# shellcheck disable=SC2034
 HELM_BIN="$CACHE/helm-v$HELM_VERSION/bin"
+# shellcheck disable=SC2034
 KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"

@@ -12,6 +12,11 @@ cleanup() { "$ROOT/scripts/env.sh" down || true; }
 trap cleanup EXIT INT TERM
 
 cd "$ROOT"
+log "shellcheck"
+shellcheck -x scripts/*.sh e2e/kind/kind.sh .ci/run
+log "helm template of the kind values"
+"$ROOT/scripts/build-k8s.sh" helm
+"$HELM_BIN/helm" template streamscore charts/streamscore -f e2e/kind/values.yaml >/dev/null
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "building (first build on a machine compiles RocksDB and librdkafka: ~25 min on 2 cores)"

@@ -80,10 +80,7 @@ impl Duration {
                 "" => return Err(err("missing unit")),
                 _ => return Err(err("unknown unit")),
             };
-            total = n
-                .checked_mul(unit)
-                .and_then(|v| total.checked_add(v))
-                .ok_or_else(|| err("too large"))?;
+            total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(|| err("too large"))?;
         }
         Ok(Self { millis: total })
     }

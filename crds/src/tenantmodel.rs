@@ -14,9 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
-use crate::pipeline::{
-    FeaturesConfig, ModelSignature, PostprocessConfig, SinkConfig, SourceConfig, ValidationConfig,
-};
+use crate::pipeline::{FeaturesConfig, ModelSignature, PostprocessConfig, SinkConfig, SourceConfig, ValidationConfig};
 
 /// A tenant's model pipeline: Kafka input → streaming features → ONNX model → Kafka output,
 /// run by streamscore in isolated worker pods.
@@ -35,7 +33,8 @@ use crate::pipeline::{
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.modelVersion"}"#,
     printcolumn = r#"{"name":"Parallelism","type":"integer","jsonPath":".status.parallelism"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = r#"Rule::new("self.sink.topic != self.sink.deadLetterTopic").message("sink.deadLetterTopic must differ from sink.topic")"#
+    validation = Rule::new("self.spec.sink.topic != self.spec.sink.deadLetterTopic")
+        .message("spec.sink.deadLetterTopic must differ from spec.sink.topic")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantModelSpec {

@@ -3,7 +3,8 @@
 
 #[test]
 fn committed_crd_yaml_is_current() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/streamscore/files/crds/tenantmodels.yaml");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/streamscore/files/crds/tenantmodels.yaml");
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == streamscore_crds::crd_yaml(),

@@ -15,8 +15,8 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy}
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EphemeralVolumeSource, HTTPGetAction, KeyToPath, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext,
-    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -215,7 +215,11 @@ pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
         pod_selector: pod_labels.map(|l| LabelSelector { match_labels: Some(l), ..LabelSelector::default() }),
         ..NetworkPolicyPeer::default()
     };
-    let http_port = NetworkPolicyPort { port: Some(IntOrString::Int(WORKER_PORT)), protocol: Some("TCP".into()), ..NetworkPolicyPort::default() };
+    let http_port = NetworkPolicyPort {
+        port: Some(IntOrString::Int(WORKER_PORT)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    };
     let network_policy = NetworkPolicy {
         metadata: meta(tm, name.clone(), &[]),
         spec: Some(NetworkPolicySpec {
@@ -254,14 +258,22 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
     let mut volumes = vec![
         Volume {
             name: "pipeline".into(),
-            config_map: Some(ConfigMapVolumeSource { name: format!("{name}-pipeline"), ..ConfigMapVolumeSource::default() }),
+            config_map: Some(ConfigMapVolumeSource {
+                name: format!("{name}-pipeline"),
+                ..ConfigMapVolumeSource::default()
+            }),
             ..Volume::default()
         },
         Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
         state_volume(tm),
     ];
     let mut mounts = vec![
-        VolumeMount { name: "pipeline".into(), mount_path: PIPELINE_DIR.into(), read_only: Some(true), ..VolumeMount::default() },
+        VolumeMount {
+            name: "pipeline".into(),
+            mount_path: PIPELINE_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
         VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
         VolumeMount { name: "state".into(), mount_path: STATE_DIR.into(), ..VolumeMount::default() },
     ];
@@ -275,7 +287,12 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
             }),
             ..Volume::default()
         });
-        mounts.push(VolumeMount { name: "model".into(), mount_path: MODEL_DIR.into(), read_only: Some(true), ..VolumeMount::default() });
+        mounts.push(VolumeMount {
+            name: "model".into(),
+            mount_path: MODEL_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
     }
     for (i, sec) in s.kafka_secrets.iter().enumerate() {
         let vname = format!("kafka-secret-{i}");
@@ -292,7 +309,11 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
         });
     }
     let probe = |path: &str, period: i32, failures: i32| Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..HTTPGetAction::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         timeout_seconds: Some(2),
@@ -306,7 +327,12 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
             EnvVar { name: "STREAMSCORE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() },
             EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
         ]),
-        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: WORKER_PORT, protocol: Some("TCP".into()), ..ContainerPort::default() }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: WORKER_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
         readiness_probe: Some(probe("/readyz", 5, 3)),
         liveness_probe: Some(probe("/healthz", 10, 6)),
         resources: s.resources.clone(),
@@ -347,7 +373,10 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
                         run_as_user: Some(65532),
                         run_as_group: Some(65532),
                         fs_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
                         ..PodSecurityContext::default()
                     }),
                     termination_grace_period_seconds: Some(60),
@@ -388,7 +417,10 @@ fn state_volume(tm: &TenantModel) -> Volume {
         },
         None => Volume {
             name: "state".into(),
-            empty_dir: Some(EmptyDirVolumeSource { size_limit: st.size.clone().map(Quantity), ..EmptyDirVolumeSource::default() }),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: st.size.clone().map(Quantity),
+                ..EmptyDirVolumeSource::default()
+            }),
             ..Volume::default()
         },
     }

@@ -89,7 +89,8 @@ impl LeaseLock {
     /// Gives the Lease up (on shutdown) so another replica takes over at once.
     pub async fn release(&self) -> Result<(), kube::Error> {
         if let Some(mut lease) = self.api.get_opt(&self.name).await? {
-            let mut spec = serde_json::to_value(lease.spec.clone().unwrap_or_default()).map_err(kube::Error::SerdeError)?;
+            let mut spec =
+                serde_json::to_value(lease.spec.clone().unwrap_or_default()).map_err(kube::Error::SerdeError)?;
             if spec.get("holderIdentity").and_then(|v| v.as_str()) == Some(&self.identity) {
                 spec["holderIdentity"] = json!("");
                 lease.spec = Some(serde_json::from_value(spec).map_err(kube::Error::SerdeError)?);

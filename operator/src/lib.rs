@@ -43,7 +43,9 @@ pub async fn run_controllers(ctx: Arc<Context>, namespaces: &[String], cancel: C
                 Api::<ConfigMap>::namespaced(client.clone(), n),
                 Api::<Service>::namespaced(client.clone(), n),
             ),
-            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+            None => {
+                (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()))
+            }
         };
         let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=streamscore-operator");
         let controller = Controller::new(tms, watcher::Config::default())
@@ -58,11 +60,14 @@ pub async fn run_controllers(ctx: Arc<Context>, namespaces: &[String], cancel: C
             while !c.is_cancelled() {
                 let mut counts = std::collections::BTreeMap::<String, i64>::new();
                 for tm in store.state() {
-                    let phase = tm.status.as_ref().and_then(|s| s.phase).map_or("Unknown".to_owned(), |p| format!("{p:?}"));
+                    let phase =
+                        tm.status.as_ref().and_then(|s| s.phase).map_or("Unknown".to_owned(), |p| format!("{p:?}"));
                     *counts.entry(phase).or_default() += 1;
                 }
                 for p in ["Pending", "Running", "Progressing", "Degraded", "Unknown"] {
-                    m.tenantmodels.get_or_create(&PhaseLabel { phase: p.into() }).set(counts.get(p).copied().unwrap_or(0));
+                    m.tenantmodels
+                        .get_or_create(&PhaseLabel { phase: p.into() })
+                        .set(counts.get(p).copied().unwrap_or(0));
                 }
                 tokio::select! { _ = c.cancelled() => {}, _ = tokio::time::sleep(Duration::from_secs(10)) => {} }
             }

@@ -81,7 +81,13 @@ async fn main() -> anyhow::Result<()> {
                 }
             }),
         )
-        .route("/metrics", get(move || { let m = m.clone(); async move { m.encode() } }));
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move { m.encode() }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     info!(listen = %args.listen, "HTTP listening");
     let http_cancel = cancel.clone();
@@ -96,11 +102,8 @@ async fn main() -> anyhow::Result<()> {
         sig.cancel();
     });
 
-    let identity = if args.identity.is_empty() {
-        format!("{}-{}", hostname(), std::process::id())
-    } else {
-        args.identity.clone()
-    };
+    let identity =
+        if args.identity.is_empty() { format!("{}-{}", hostname(), std::process::id()) } else { args.identity.clone() };
     let lock = LeaseLock::new(
         Api::<Lease>::namespaced(client.clone(), &args.operator_namespace),
         &args.lease_name,
@@ -144,7 +147,10 @@ async fn main() -> anyhow::Result<()> {
     let reporter = Reporter { controller: "streamscore-operator".into(), instance: Some(identity.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
-        build: BuildContext { default_image: args.worker_image.clone(), operator_namespace: args.operator_namespace.clone() },
+        build: BuildContext {
+            default_image: args.worker_image.clone(),
+            operator_namespace: args.operator_namespace.clone(),
+        },
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),
     });
@@ -158,5 +164,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "streamscore-operator".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "streamscore-operator".into())
 }

@@ -166,13 +166,23 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
     if !problems.is_empty() {
         let message = problems.join("; ");
-        let status = compute(tm.status.as_ref(), generation, &version, &Observed::Invalid { reason, message: message.clone() }, &now());
+        let status = compute(
+            tm.status.as_ref(),
+            generation,
+            &version,
+            &Observed::Invalid { reason, message: message.clone() },
+            &now(),
+        );
         if patch_status(&tms, tm, status).await? {
             publish(ctx, tm, EventType::Warning, reason, message.clone()).await;
         }
         info!(%message, "spec cannot run");
         // A missing ConfigMap may appear later; a bad spec only changes with the spec.
-        return Ok(if reason == "ModelNotFound" { Action::requeue(Duration::from_secs(30)) } else { Action::await_change() });
+        return Ok(if reason == "ModelNotFound" {
+            Action::requeue(Duration::from_secs(30))
+        } else {
+            Action::await_change()
+        });
     }
 
     // build + apply
@@ -190,7 +200,8 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     apply(&Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns), &children.pdb).await?;
     apply(&Api::<NetworkPolicy>::namespaced(client.clone(), &ns), &children.network_policy).await?;
     if old_hash.as_deref().is_some_and(|h| h != children.config_hash) {
-        publish(ctx, tm, EventType::Normal, "RolloutStarted", format!("pipeline or model changed (model {version})")).await;
+        publish(ctx, tm, EventType::Normal, "RolloutStarted", format!("pipeline or model changed (model {version})"))
+            .await;
     }
 
     // prune children that are no longer desired (e.g. the other colour after an upgrade)

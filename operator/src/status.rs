@@ -27,7 +27,15 @@ pub enum Observed<'a> {
 }
 
 /// Sets `kind` in `conds`, keeping the transition time when the status is unchanged.
-pub fn set_condition(conds: &mut Vec<Condition>, kind: &str, status: bool, reason: &str, message: &str, now: &str, generation: Option<i64>) {
+pub fn set_condition(
+    conds: &mut Vec<Condition>,
+    kind: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    now: &str,
+    generation: Option<i64>,
+) {
     let status = if status { "True" } else { "False" };
     if let Some(c) = conds.iter_mut().find(|c| c.kind == kind) {
         if c.status != status {
@@ -136,7 +144,13 @@ mod tests {
 
     #[test]
     fn invalid_spec_is_degraded_with_the_message() {
-        let s = compute(None, Some(3), "v1", &Observed::Invalid { reason: "InvalidSpec", message: "spec.x: bad".into() }, "t");
+        let s = compute(
+            None,
+            Some(3),
+            "v1",
+            &Observed::Invalid { reason: "InvalidSpec", message: "spec.x: bad".into() },
+            "t",
+        );
         assert_eq!(s.phase, Some(Phase::Degraded));
         let d = s.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
         assert_eq!((d.status.as_str(), d.reason.as_str(), d.message.as_str()), ("True", "InvalidSpec", "spec.x: bad"));

@@ -14,9 +14,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// Bootstrap servers of the local broker.
 pub fn bootstrap() -> String {
-    std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect(
-        "KAFKA_BOOTSTRAP_SERVERS is not set: run `make test`, or `make env-up && . .dev/env.sh` first",
-    )
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+        .expect("KAFKA_BOOTSTRAP_SERVERS is not set: run `make test`, or `make env-up && . .dev/env.sh` first")
 }
 
 /// A unique name for this test run.
@@ -157,4 +156,33 @@ pub async fn namespace(client: &kube::Client, prefix: &str) -> String {
 /// Repository root (for models and fixtures).
 pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// A binary built by `cargo build --workspace` (make test builds them first).
+pub fn built_binary(name: &str) -> std::path::PathBuf {
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| repo_root().join("target"), std::path::PathBuf::from);
+    let p = target.join("debug").join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (make test does)", p.display());
+    p
+}
+
+/// Installs (server-side applies) the TenantModel CRD and waits until it is established.
+pub async fn install_crd(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    use kube::CustomResourceExt;
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    crds.patch(
+        "tenantmodels.streamscore.io",
+        &PatchParams::apply("streamscore-tests").force(),
+        &Patch::Apply(streamscore_crds::TenantModel::crd()),
+    )
+    .await
+    .expect("CRD applied");
+    eventually(Duration::from_secs(30), "CRD established", || async {
+        let c = crds.get("tenantmodels.streamscore.io").await.ok()?;
+        c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+    })
+    .await;
 }

@@ -15,7 +15,10 @@ fn run(cmd: &str, args: &[&str]) -> String {
 #[test]
 fn chart_lints_and_manifests_are_in_sync() {
     run("helm", &["lint", "charts/streamscore"]);
-    run("helm", &["lint", "charts/streamscore", "--set", "watchNamespaces={a,b}", "--set", "serviceMonitor.enabled=true"]);
+    run(
+        "helm",
+        &["lint", "charts/streamscore", "--set", "watchNamespaces={a,b}", "--set", "serviceMonitor.enabled=true"],
+    );
     run("bash", &["scripts/manifests.sh", "--check"]);
     let bad = Command::new("helm")
         .args(["template", "x", "charts/streamscore", "--set", "replicaCount=0"])
@@ -39,7 +42,20 @@ async fn chart_installs_upgrades_and_uninstalls() {
     run("helm", &["install", &release, "charts/streamscore", "-n", &ns, "--set", "crds.install=false"]);
     let dep = format!("{release}-streamscore-operator");
     run("kubectl", &["get", "deployment", &dep, "-n", &ns]);
-    run("helm", &["upgrade", &release, "charts/streamscore", "-n", &ns, "--set", "crds.install=false", "--set", "replicaCount=2"]);
+    run(
+        "helm",
+        &[
+            "upgrade",
+            &release,
+            "charts/streamscore",
+            "-n",
+            &ns,
+            "--set",
+            "crds.install=false",
+            "--set",
+            "replicaCount=2",
+        ],
+    );
     let replicas = run("kubectl", &["get", "deployment", &dep, "-n", &ns, "-o", "jsonpath={.spec.replicas}"]);
     assert_eq!(replicas.trim(), "2");
     run("helm", &["uninstall", &release, "-n", &ns]);

@@ -9,29 +9,16 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::{CustomResourceExt, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 use streamscore_crds::tenantmodel::{Phase, TenantModel};
 use streamscore_operator::build::BuildContext;
 use streamscore_operator::metrics::OperatorMetrics;
 use streamscore_operator::reconcile::Context;
-use streamscore_tests::{eventually, kube_client, namespace, repo_root};
+use streamscore_tests::{eventually, install_crd, kube_client, namespace, repo_root};
 use tokio_util::sync::CancellationToken;
-
-async fn install_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch("tenantmodels.streamscore.io", &PatchParams::apply("streamscore-tests").force(), &Patch::Apply(TenantModel::crd()))
-        .await
-        .expect("CRD applied");
-    eventually(Duration::from_secs(30), "CRD established", || async {
-        let c = crds.get("tenantmodels.streamscore.io").await.ok()?;
-        c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
-    })
-    .await;
-}
 
 fn tenant_model(name: &str, sha: &str) -> serde_json::Value {
     json!({
@@ -64,7 +51,9 @@ async fn dep(api: &Api<Deployment>, name: &str) -> Deployment {
 }
 
 fn hash(d: &Deployment) -> String {
-    d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["streamscore.io/config-hash"].clone()
+    d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
+        ["streamscore.io/config-hash"]
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +74,10 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     let cancel = CancellationToken::new();
     let ctx = Arc::new(Context {
         client: client.clone(),
-        build: BuildContext { default_image: "streamscore-worker:test".into(), operator_namespace: "streamscore-system".into() },
+        build: BuildContext {
+            default_image: "streamscore-worker:test".into(),
+            operator_namespace: "streamscore-system".into(),
+        },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: Recorder::new(client.clone(), Reporter { controller: "streamscore-operator".into(), instance: None }),
     });
@@ -173,7 +165,9 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     })
     .await;
     // A model change changes the pod template hash.
-    tms.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": {"version": "v2"}}}))).await.unwrap();
+    tms.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": {"version": "v2"}}})))
+        .await
+        .unwrap();
     let h2 = eventually(Duration::from_secs(30), "new config hash", || async {
         let h = hash(&deps.get("fraud-blue").await.ok()?);
         (h != h1).then_some(h)

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 fn pipeline(input: &str, out: &str, dlq: &str, group: &str, state: &str) -> PipelineConfig {
     let reference: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo_root().join("models/fraud-logreg.reference.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(repo_root().join("models/fraud-logreg.reference.json")).unwrap())
+            .unwrap();
     let yaml = format!(
         r#"
 source:
@@ -74,7 +75,8 @@ fn start(cfg: &PipelineConfig) -> Running {
     let model = Arc::new(Model::load(&cfg.model).expect("model loads"));
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let engine = Engine::new(cfg.clone(), model, StoreEnv::new(&cfg.runtime.state_dir, 8 << 20, 10_000), metrics.clone());
+    let engine =
+        Engine::new(cfg.clone(), model, StoreEnv::new(&cfg.runtime.state_dir, 8 << 20, 10_000), metrics.clone());
     let readers = engine.readers();
     let cancel = CancellationToken::new();
     let (c, m, h) = (cancel.clone(), metrics.clone(), health.clone());
@@ -90,7 +92,12 @@ impl Running {
 }
 
 fn event(user: &str, ts: i64, amount: f64, action: &str) -> (String, Vec<u8>) {
-    (user.to_owned(), json!({"user_id": user, "ts": ts, "amount": amount, "action": action, "merchant": "m1"}).to_string().into_bytes())
+    (
+        user.to_owned(),
+        json!({"user_id": user, "ts": ts, "amount": amount, "action": action, "merchant": "m1"})
+            .to_string()
+            .into_bytes(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +123,10 @@ async fn worker_scores_dead_letters_answers_queries_and_survives_restart() {
         ("user-1".into(), vec![0xff, 0xfe, 0x00]),
         ("user-2".into(), json!({"ts": base, "amount": 1, "action": "view"}).to_string().into_bytes()),
         ("user-3".into(), json!({"user_id": "user-3", "amount": 1, "action": "view"}).to_string().into_bytes()),
-        ("user-4".into(), json!({"user_id": "user-4", "ts": base, "amount": "12", "action": "view"}).to_string().into_bytes()),
+        (
+            "user-4".into(),
+            json!({"user_id": "user-4", "ts": base, "amount": "12", "action": "view"}).to_string().into_bytes(),
+        ),
         // late: an hour before everything else of its partition
         event("user-5", base - 3_600_000, 5.0, "view"),
     ];
@@ -184,15 +194,16 @@ async fn worker_scores_dead_letters_answers_queries_and_survives_restart() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     let http = reqwest::Client::new();
-    let body: serde_json::Value = streamscore_tests::eventually(Duration::from_secs(10), "flushed state of user-7", || {
-        let http = http.clone();
-        async move {
-            let r = http.get(format!("http://{addr}/v1/entities/user-7")).send().await.ok()?;
-            let v: serde_json::Value = r.json().await.ok()?;
-            (v["features"]["tx_1h"] == json!(30.0)).then_some(v)
-        }
-    })
-    .await;
+    let body: serde_json::Value =
+        streamscore_tests::eventually(Duration::from_secs(10), "flushed state of user-7", || {
+            let http = http.clone();
+            async move {
+                let r = http.get(format!("http://{addr}/v1/entities/user-7")).send().await.ok()?;
+                let v: serde_json::Value = r.json().await.ok()?;
+                (v["features"]["tx_1h"] == json!(30.0)).then_some(v)
+            }
+        })
+        .await;
     assert_eq!(body["lastScore"]["modelVersion"], "logreg-v1");
     let missing = http.get(format!("http://{addr}/v1/entities/nobody")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
@@ -204,7 +215,8 @@ async fn worker_scores_dead_letters_answers_queries_and_survives_restart() {
 
     // Graceful stop commits; a restart resumes without reprocessing or losing state.
     tokio::task::spawn_blocking(move || w.stop()).await.unwrap();
-    let more: Vec<_> = users.iter().enumerate().map(|(u, user)| event(user, base + 30 * 60_000 + u as i64, 1.0, "view")).collect();
+    let more: Vec<_> =
+        users.iter().enumerate().map(|(u, user)| event(user, base + 30 * 60_000 + u as i64, 1.0, "view")).collect();
     produce(&p, &input, &more).await;
     let w2 = start(&cfg);
     let scored = tokio::task::spawn_blocking({
@@ -214,7 +226,8 @@ async fn worker_scores_dead_letters_answers_queries_and_survives_restart() {
     .await
     .unwrap();
     assert_eq!(scored.len(), 310, "only the 10 new events are scored after restart");
-    let newest: Vec<_> = scored.iter().map(|s| s.json()).filter(|v| v["eventTime"].as_i64().unwrap() >= base + 30 * 60_000).collect();
+    let newest: Vec<_> =
+        scored.iter().map(|s| s.json()).filter(|v| v["eventTime"].as_i64().unwrap() >= base + 30 * 60_000).collect();
     assert_eq!(newest.len(), 10);
     for v in newest {
         // 31 events in the last hour: state survived the restart, nothing counted twice.

@@ -16,7 +16,8 @@ pub const OVERRIDES: [(&str, &str); 5] = [
 
 /// Reads, overrides and validates the pipeline file.
 pub fn load(path: &Path) -> Result<PipelineConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read pipeline file {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read pipeline file {}: {e}", path.display()))?;
     let mut cfg = PipelineConfig::from_yaml(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     apply_overrides(&mut cfg, |k| std::env::var(k).ok());
     cfg.validate().map_err(|errs| format_errors(path, &errs))?;

@@ -103,7 +103,9 @@ pub fn decode(cfg: &PipelineConfig, payload: Option<&[u8]>) -> Result<Event, Rej
     let key = match fields.get(&cfg.source.key_field) {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
-        Some(_) => return Err(reject(Reason::MissingKey, format!("{} is not a string or number", cfg.source.key_field))),
+        Some(_) => {
+            return Err(reject(Reason::MissingKey, format!("{} is not a string or number", cfg.source.key_field)))
+        }
         None => return Err(reject(Reason::MissingKey, format!("{} is missing", cfg.source.key_field))),
     };
     let et = &cfg.source.event_time;

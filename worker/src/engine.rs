@@ -191,8 +191,7 @@ impl Engine {
         let next_offsets: BTreeMap<String, i64> =
             self.cfg.source.topics.iter().filter_map(|t| store.stored_offset(t).map(|o| (t.clone(), o))).collect();
         self.readers.write().unwrap_or_else(|e| e.into_inner()).insert(partition, store.reader());
-        self.partitions
-            .insert(partition, PartitionCtx { store, watermark, next_offsets: next_offsets.clone() });
+        self.partitions.insert(partition, PartitionCtx { store, watermark, next_offsets: next_offsets.clone() });
         self.metrics.partitions.set(self.partitions.len() as i64);
         Ok(next_offsets)
     }
@@ -237,7 +236,9 @@ impl Engine {
                         out.push(dead_letter(rec, Reason::Late, &detail));
                         self.metrics.dead_letter(Reason::Late);
                     }
-                    LatePolicy::Drop => self.metrics.late_dropped.inc(),
+                    LatePolicy::Drop => {
+                        self.metrics.late_dropped.inc();
+                    }
                 }
                 continue;
             }

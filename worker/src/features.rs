@@ -244,8 +244,7 @@ impl FeatureSet {
             .iter()
             .map(|w| (w.clone(), w.window.as_millis_i64().max(1), w.effective_resolution().as_millis_i64().max(1)))
             .collect();
-        let sequences: Vec<_> =
-            cfg.sequences.iter().map(|s| (s.clone(), s.lookback.as_millis_i64().max(1))).collect();
+        let sequences: Vec<_> = cfg.sequences.iter().map(|s| (s.clone(), s.lookback.as_millis_i64().max(1))).collect();
         let names = windows
             .iter()
             .map(|(w, _, _)| w.name.clone())
@@ -308,7 +307,7 @@ fn matches_filter(f: Option<&Filter>, fields: &Map<String, Value>) -> bool {
     match fields.get(&f.field).and_then(Scalar::from_json) {
         Some(v) => {
             let text = v.text();
-            f.one_of.iter().any(|o| *o == text)
+            f.one_of.contains(&text)
         }
         None => false,
     }
@@ -397,7 +396,14 @@ mod tests {
     use rand::{rngs::SmallRng, Rng, SeedableRng};
     use streamscore_crds::Duration;
 
-    fn win(name: &str, agg: Aggregation, field: Option<&str>, w: u64, r: Option<u64>, filter: Option<Filter>) -> WindowFeature {
+    fn win(
+        name: &str,
+        agg: Aggregation,
+        field: Option<&str>,
+        w: u64,
+        r: Option<u64>,
+        filter: Option<Filter>,
+    ) -> WindowFeature {
         WindowFeature {
             name: name.into(),
             aggregation: agg,
@@ -561,6 +567,11 @@ mod tests {
         assert!(st.windows[0].buckets.len() <= 721, "{}", st.windows[0].buckets.len());
         assert!(st.windows[0].raw.len() <= 2);
         assert!(st.sequences[0].entries.len() <= 17);
-        assert_eq!(fs.evaluate(&st, t)[0], FeatureValue::Num((30 * 24 * 6) as f64));
+        // Events every 10 min in [S, t] with S = window_start(t, 30d, 1h): the window starts
+        // at the hour boundary after t − 30d.
+        let s = window_start(t, 30 * 86_400_000, 3_600_000);
+        let want = (s..=t).filter(|x| x % 600_000 == 0).count();
+        assert!((4314..=4320).contains(&want));
+        assert_eq!(fs.evaluate(&st, t)[0], FeatureValue::Num(want as f64));
     }
 }

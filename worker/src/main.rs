@@ -83,7 +83,8 @@ fn run(args: Args) -> Result<(), String> {
     });
     let sig_cancel = cancel.clone();
     rt.spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: draining"),
             _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),

@@ -82,7 +82,11 @@ impl Metrics {
         r.register("records_out", "Scored records written to the output topic", m.records_out.clone());
         r.register("dead_letters", "Records written to the dead-letter topic, by reason", m.dead_letters.clone());
         r.register("late_dropped", "Late records dropped (lateEvents: drop)", m.late_dropped.clone());
-        r.register("replay_skipped", "Records skipped after restart because state already has them", m.replay_skipped.clone());
+        r.register(
+            "replay_skipped",
+            "Records skipped after restart because state already has them",
+            m.replay_skipped.clone(),
+        );
         r.register("consumer_lag", "Records behind the partition's high watermark", m.consumer_lag.clone());
         r.register("output_latency_seconds", "Consume to output acknowledgement", m.latency.clone());
         r.register("inference_seconds", "Duration of one inference call", m.inference_seconds.clone());
@@ -92,7 +96,7 @@ impl Metrics {
         r.register("commits", "Offset commits after acknowledged outputs and durable state", m.commits.clone());
         r.register("delivery_errors", "Output records the broker did not acknowledge", m.delivery_errors.clone());
         for reason in crate::decode::Reason::ALL {
-            m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
+            let _ = m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
         }
         *m.registry.lock().expect("fresh mutex") = r;
         m

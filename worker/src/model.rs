@@ -56,7 +56,7 @@ impl ModelError {
     }
 }
 
-type Plan = TypedRunnableModel<TypedModel>;
+type Plan = std::sync::Arc<TypedRunnableModel>;
 
 /// A loaded, checked model.
 #[derive(Debug)]
@@ -144,36 +144,49 @@ impl Model {
             let mut data = vec![0f32; self.batch * self.width];
             for (i, r) in chunk.iter().enumerate() {
                 if r.len() != self.width {
-                    return Err(ModelError::Inference(format!("row has {} values, model takes {}", r.len(), self.width)));
+                    return Err(ModelError::Inference(format!(
+                        "row has {} values, model takes {}",
+                        r.len(),
+                        self.width
+                    )));
                 }
                 data[i * self.width..(i + 1) * self.width].copy_from_slice(r);
             }
             let input = Tensor::from_shape(&[self.batch, self.width], &data)
                 .map_err(|e| ModelError::Inference(e.to_string()))?;
             let result = self.plan.run(tvec!(input.into())).map_err(|e| ModelError::Inference(format!("{e:#}")))?;
-            let views: Vec<_> = self
+            // Each mapped output as (row-major values, columns per row).
+            let views: Vec<(Vec<f32>, usize)> = self
                 .outputs
                 .iter()
                 .map(|o| {
-                    result[o.output as usize]
-                        .cast_to::<f32>()
-                        .map(|t| t.into_owned())
-                        .map_err(|e| ModelError::Inference(e.to_string()))
-                })
-                .collect::<Result<_, _>>()?;
-            for i in 0..chunk.len() {
-                let mut scores = Vec::with_capacity(self.outputs.len());
-                for (o, t) in self.outputs.iter().zip(&views) {
+                    let t =
+                        result[o.output as usize].cast_to::<f32>().map_err(|e| ModelError::Inference(e.to_string()))?;
                     let shape = t.shape();
                     let cols = if shape.len() >= 2 { shape[1] } else { 1 };
+                    let values = t
+                        .to_plain_array_view::<f32>()
+                        .map_err(|e| ModelError::Inference(e.to_string()))?
+                        .iter()
+                        .copied()
+                        .collect();
+                    Ok((values, cols))
+                })
+                .collect::<Result<_, ModelError>>()?;
+            for i in 0..chunk.len() {
+                let mut scores = Vec::with_capacity(self.outputs.len());
+                for (o, (values, cols)) in self.outputs.iter().zip(&views) {
                     let col = o.column as usize;
-                    if col >= cols {
+                    if col >= *cols {
                         return Err(ModelError::Inference(format!(
                             "score {:?} reads column {col} but output #{} has {cols}",
                             o.name, o.output
                         )));
                     }
-                    let v = t.as_slice::<f32>().map_err(|e| ModelError::Inference(e.to_string()))?[i * cols + col];
+                    let v = values
+                        .get(i * cols + col)
+                        .copied()
+                        .ok_or_else(|| ModelError::Inference(format!("output #{} has too few rows", o.output)))?;
                     scores.push(f64::from(v));
                 }
                 out.push(scores);

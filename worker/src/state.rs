@@ -70,7 +70,8 @@ impl StoreEnv {
         let mut block = BlockBasedOptions::default();
         block.set_block_cache(&self.cache);
         opts.set_block_based_table_factory(&block);
-        let db = DB::open(&opts, &path).map_err(|source| StateError::Rocks { path: path.display().to_string(), source })?;
+        let db =
+            DB::open(&opts, &path).map_err(|source| StateError::Rocks { path: path.display().to_string(), source })?;
         let mut store = PartitionStore {
             db: Arc::new(db),
             path,

@@ -252,7 +252,11 @@ fn main() -> anyhow::Result<()> {
                 count as f64 / steady
             );
             for q in [0.5, 0.99, 0.999] {
-                println!("  consume→ack latency p{}: <= {:.2} ms", q * 100.0, quantile(&text, "streamscore_worker_output_latency_seconds", q) * 1e3);
+                println!(
+                    "  consume→ack latency p{}: <= {:.2} ms",
+                    q * 100.0,
+                    quantile(&text, "streamscore_worker_output_latency_seconds", q) * 1e3
+                );
             }
             let _ = std::fs::remove_dir_all(&dir);
         }

@@ -1,0 +1,215 @@
+//! End to end on this machine: the real control plane, the operator, the node agent running
+//! worker pods as local processes, the real broker. Asserts on data: every produced event is
+//! scored, features are answered by a pod's query API, a killed worker loses nothing, and a
+//! deleted TenantModel stops its processes.
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::json;
+use streamscore_crds::tenantmodel::{Phase, TenantModel};
+use streamscore_operator::build::BuildContext;
+use streamscore_operator::metrics::OperatorMetrics;
+use streamscore_operator::reconcile::Context;
+use streamscore_tests::{
+    bootstrap, built_binary, consume, create_topics, eventually, install_crd, kube_client, namespace, produce,
+    producer, repo_root, unique,
+};
+use tokio_util::sync::CancellationToken;
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        for _ in 0..100 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+    }
+}
+
+fn events(users: usize, per_user: i64, start: i64) -> Vec<(String, Vec<u8>)> {
+    let base = 1_795_600_000_000i64;
+    let mut v = Vec::new();
+    for i in start..start + per_user {
+        for u in 0..users {
+            let user = format!("e2e-user-{u}");
+            let ev = json!({"user_id": user, "ts": base + i * 1_000 + u as i64, "amount": 20 + i, "action": "view", "merchant": "m"});
+            v.push((user, ev.to_string().into_bytes()));
+        }
+    }
+    v
+}
+
+fn ids(records: &[streamscore_tests::Consumed]) -> BTreeSet<(String, i64)> {
+    records
+        .iter()
+        .map(|r| {
+            let v = r.json();
+            (v["key"].as_str().unwrap().to_owned(), v["eventTime"].as_i64().unwrap())
+        })
+        .collect()
+}
+
+fn input_ids(evs: &[(String, Vec<u8>)]) -> BTreeSet<(String, i64)> {
+    evs.iter()
+        .map(|(k, v)| {
+            let j: serde_json::Value = serde_json::from_slice(v).unwrap();
+            (k.clone(), j["ts"].as_i64().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenantmodel_runs_end_to_end_on_the_local_node() {
+    let client = kube_client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, "e2e").await;
+    let (input, out, dlq) = (unique("e2e-in"), unique("e2e-out"), unique("e2e-dlq"));
+    create_topics(&[&input, &out, &dlq], 4).await;
+    let model = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
+    let sha = streamscore_worker::model::sha256_hex(&model);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "model"}, "binaryData": {"model.onnx": k8s_openapi::ByteString(model)}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let node = unique("node");
+    let _agent = Agent(
+        Command::new(built_binary("streamscore-node-agent"))
+            .args(["--node-name", &node, "--work-dir", work.path().to_str().unwrap(), "--subnet", "78"])
+            .arg(format!("--image=streamscore-worker={}", built_binary("streamscore-worker").display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.path().join("agent.log")).unwrap())
+            .spawn()
+            .expect("node agent starts"),
+    );
+    let cancel = CancellationToken::new();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build: BuildContext { default_image: "streamscore-worker:e2e".into(), operator_namespace: "default".into() },
+        metrics: Arc::new(OperatorMetrics::new()),
+        recorder: Recorder::new(client.clone(), Reporter { controller: "streamscore-operator".into(), instance: None }),
+    });
+    let op = tokio::spawn({
+        let (ctx, ns, c) = (ctx.clone(), ns.clone(), cancel.clone());
+        async move { streamscore_operator::run_controllers(ctx, &[ns], c).await }
+    });
+
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let tm: TenantModel = serde_json::from_value(json!({
+        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+        "metadata": {"name": "fraud"},
+        "spec": {
+            "parallelism": 2,
+            "source": {"bootstrapServers": bootstrap(), "topics": [input], "keyField": "user_id",
+                       "eventTime": {"field": "ts"}, "maxOutOfOrderness": "5s"},
+            "features": {"windows": [
+                {"name": "tx_1h", "aggregation": "count", "window": "1h"},
+                {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h"},
+                {"name": "rides_1h", "aggregation": "count", "window": "1h", "filter": {"field": "action", "oneOf": ["ride_requested"]}}
+            ]},
+            "model": {"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "e2e-v1",
+                      "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud"}]},
+            "sink": {"topic": out, "deadLetterTopic": dlq}
+        }
+    })).unwrap();
+    tms.create(&PostParams::default(), &tm).await.unwrap();
+    let log = work.path().join("agent.log");
+    let st = eventually(Duration::from_secs(120), "TenantModel Running", || async {
+        tms.get("fraud").await.ok()?.status.filter(|s| s.phase == Some(Phase::Running))
+    })
+    .await;
+    assert_eq!(st.parallelism, Some(2), "agent log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+
+    // Every produced event is scored.
+    let p = producer();
+    let first = events(40, 5, 0);
+    produce(&p, &input, &first).await;
+    let scored = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 200, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(ids(&scored), input_ids(&first), "every event scored");
+    let v = scored.iter().map(|r| r.json()).find(|v| v["key"] == "e2e-user-3" && v["features"]["tx_1h"] == json!(5.0));
+    assert!(v.is_some(), "user 3's fifth event counts 5 transactions in the hour");
+
+    // The query API of a worker pod answers the key's features (the owner) or names the owner.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let lp = ListParams::default().labels("streamscore.io/tenantmodel=fraud");
+    let ips: Vec<String> =
+        pods.list(&lp).await.unwrap().items.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).collect();
+    assert_eq!(ips.len(), 2);
+    let http = reqwest::Client::new();
+    let mut answered = None;
+    for ip in &ips {
+        let body = eventually(Duration::from_secs(10), "query answer", || async {
+            let r = http.get(format!("http://{ip}:8080/v1/entities/e2e-user-3")).send().await.ok()?;
+            let s = r.status().as_u16();
+            let j: serde_json::Value = r.json().await.ok()?;
+            (s == 200 || s == 409).then_some((s, j))
+        })
+        .await;
+        if body.0 == 200 {
+            answered = Some(body.1);
+        }
+    }
+    let answered = answered.expect("the owner pod answers");
+    assert_eq!(answered["features"]["tx_1h"], json!(5.0), "{answered}");
+
+    // Kill a worker pod: it is replaced and no event is lost (at-least-once).
+    let victim = pods.list(&lp).await.unwrap().items[0].metadata.name.clone().unwrap();
+    pods.delete(&victim, &DeleteParams::default()).await.unwrap();
+    let second = events(40, 5, 5);
+    produce(&p, &input, &second).await;
+    let all = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 400, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    let mut want = input_ids(&first);
+    want.extend(input_ids(&second));
+    assert_eq!(ids(&all), want, "no event lost across the pod kill");
+    eventually(Duration::from_secs(90), "replacement pod running", || async {
+        let items = pods.list(&lp).await.ok()?.items;
+        let running = items
+            .iter()
+            .filter(|p| {
+                p.metadata.name.as_deref() != Some(&victim)
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+            .count();
+        (running == 2).then_some(())
+    })
+    .await;
+
+    // Deleting the TenantModel stops its processes.
+    tms.delete("fraud", &DeleteParams::foreground()).await.unwrap();
+    eventually(Duration::from_secs(90), "worker pods gone", || async {
+        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    for ip in &ips {
+        let r = http.get(format!("http://{ip}:8080/healthz")).send().await;
+        assert!(r.is_err(), "a worker still answers on {ip}");
+    }
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+}
