@@ -85,14 +85,19 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     .unwrap();
     cms.create(&PostParams::default(), &cm).await.unwrap();
 
-    let work = tempfile::tempdir().unwrap();
+    // Pod volumes and logs stay in the environment's directory for post-mortems.
+    let work = tempfile::Builder::new()
+        .prefix("e2e-node-")
+        .tempdir_in(std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+        .unwrap();
+    let work = work.keep();
     let node = unique("node");
     let _agent = Agent(
         Command::new(built_binary("streamscore-node-agent"))
-            .args(["--node-name", &node, "--work-dir", work.path().to_str().unwrap(), "--subnet", "78"])
+            .args(["--node-name", &node, "--work-dir", work.as_path().to_str().unwrap(), "--subnet", "78"])
             .arg(format!("--image=streamscore-worker={}", built_binary("streamscore-worker").display()))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(work.path().join("agent.log")).unwrap())
+            .stderr(std::fs::File::create(work.as_path().join("agent.log")).unwrap())
             .spawn()
             .expect("node agent starts"),
     );
@@ -127,7 +132,7 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
         }
     })).unwrap();
     tms.create(&PostParams::default(), &tm).await.unwrap();
-    let log = work.path().join("agent.log");
+    let log = work.as_path().join("agent.log");
     let st = eventually(Duration::from_secs(120), "TenantModel Running", || async {
         tms.get("fraud").await.ok()?.status.filter(|s| s.phase == Some(Phase::Running))
     })
@@ -161,7 +166,8 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
             let r = http.get(format!("http://{ip}:8080/v1/entities/e2e-user-3")).send().await.ok()?;
             let s = r.status().as_u16();
             let j: serde_json::Value = r.json().await.ok()?;
-            (s == 200 || s == 409).then_some((s, j))
+            // 200 once the owner's state is flushed (at most one commit interval behind).
+            (s == 409 || (s == 200 && j["features"]["tx_1h"] == json!(5.0))).then_some((s, j))
         })
         .await;
         if body.0 == 200 {

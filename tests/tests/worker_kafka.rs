@@ -75,6 +75,7 @@ fn start(cfg: &PipelineConfig) -> Running {
     let model = Arc::new(Model::load(&cfg.model).expect("model loads"));
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
+    *health.model.write().unwrap() = Some(Ok(cfg.model.version.clone()));
     let engine =
         Engine::new(cfg.clone(), model, StoreEnv::new(&cfg.runtime.state_dir, 8 << 20, 10_000), metrics.clone());
     let readers = engine.readers();
