@@ -7,10 +7,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 export STREAMSCORE_DEV_DIR="$ROOT/.dev/bench" STREAMSCORE_PORT_BASE=29000
 COUNT="${BENCH_COUNT:-1000000}"; USERS="${BENCH_USERS:-100000}"
 cd "$ROOT"
-"$ROOT/scripts/install-deps.sh"
+bash "$ROOT/scripts/install-deps.sh"
 cargo build -q --bin streamscore-loadgen
-trap '"$ROOT/scripts/env.sh" down' EXIT
-"$ROOT/scripts/env.sh" up
+trap 'bash "$ROOT/scripts/env.sh" down' EXIT
+bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
 . "$STREAMSCORE_DEV_DIR/env.sh"
 topic="bench-$(date +%s)"

@@ -1,32 +1,37 @@
 #!/usr/bin/env bash
-# `make demo`: the most complete streamscore that runs on this machine today.
+# `make demo`: streamscore end to end on this machine, no containers:
 #
 #  1. starts the local environment (Kafka + Kubernetes control plane) and builds streamscore;
-#  2. installs the TenantModel CRD, runs the operator against the local API server and applies
-#     two tenants' TenantModels (fraud detection, personalization);
-#  3. runs each tenant's worker as a local process from the pipeline ConfigMap the operator
-#     rendered (there is no kubelet here yet, so the worker pods themselves stay Pending);
-#  4. produces a realistic event stream with some malformed records and shows: `kubectl get tm`,
-#     scored records, dead letters with reasons, a query API answer and worker metrics.
+#  2. starts the node agent (a test/dev harness, not a kubelet) that runs the pods scheduled
+#     to it as local processes, mapping the images to the binaries just built;
+#  3. installs streamscore with Helm: the CRD, RBAC and the operator Deployment, whose pod the
+#     node agent runs;
+#  4. applies two tenants' TenantModels (fraud detection, personalization); the operator
+#     creates their worker Deployments, whose pods the agent runs;
+#  5. produces a realistic event stream (users, actions, amounts, fraud-like bursts, malformed
+#     records) and shows `kubectl get tm`, scored records, dead letters with reasons, a query
+#     API answer and worker metrics.
 #
 # DEMO_KEEP=1 keeps everything running until Ctrl-C; otherwise it stops what it started.
 . "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 cd "$ROOT"
 t0=$SECONDS
-"$ROOT/scripts/install-deps.sh"
-"$ROOT/scripts/env.sh" up
+bash "$ROOT/scripts/install-deps.sh"
+bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
 . "$DEV/env.sh"
 log "building streamscore (cold: ~25 min; warm: seconds)"
 cargo build -q --bins
 BIN="$CARGO_TARGET_DIR/debug"
 DEMO="$DEV/demo"; rm -rf "$DEMO"; mkdir -p "$DEMO"
-pids=()
+agent_pid=""
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [[ -z ${DEMO_KEEP:-} ]]; then "$ROOT/scripts/env.sh" down; fi
+  set +e
+  helm uninstall streamscore -n streamscore-system >/dev/null 2>&1
+  kubectl delete ns payments recs --wait=false >/dev/null 2>&1
+  if [[ -n $agent_pid ]]; then kill -TERM "$agent_pid" 2>/dev/null; wait "$agent_pid" 2>/dev/null; fi
+  if [[ -z ${DEMO_KEEP:-} ]]; then bash "$ROOT/scripts/env.sh" down; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -35,70 +40,72 @@ kafka_tool() { java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$S
 topic() { kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
   --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 1 >/dev/null; }
 
-log "installing the CRD and starting the operator"
-kubectl apply --server-side -f charts/streamscore/files/crds/tenantmodels.yaml >/dev/null
-kubectl wait --for condition=established crd/tenantmodels.streamscore.io --timeout=30s >/dev/null
-"$BIN/streamscore-operator" --listen 127.0.0.1:0 --leader-elect=false --worker-image streamscore-worker:demo \
-  > "$DEMO/operator.log" 2>&1 &
-pids+=($!)
+log "starting the node agent (pods run as local processes on 127.0.77.x)"
+"$BIN/streamscore-node-agent" --node-name streamscore-demo --work-dir "$DEMO/node" --subnet 77 \
+  --image "streamscore-worker=$BIN/streamscore-worker" --image "streamscore-operator=$BIN/streamscore-operator" \
+  --env "KUBECONFIG=$KUBECONFIG" > "$DEMO/node-agent.log" 2>&1 &
+agent_pid=$!
+
+log "helm install streamscore (CRD, RBAC, operator)"
+kubectl create namespace streamscore-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+helm upgrade --install streamscore charts/streamscore -n streamscore-system \
+  --set image.repository=streamscore-operator --set image.tag=demo --set logFormat=plain >/dev/null
+kubectl wait --for condition=established crd/tenantmodels.streamscore.io --timeout=60s >/dev/null
+kubectl -n streamscore-system rollout status deployment/streamscore-streamscore-operator --timeout=120s
 
 declare -A MODEL=([payments]=fraud-logreg [recs]=fraud-mlp)
 declare -A TM=([payments]=fraud [recs]=propensity)
 declare -A CM=([payments]=fraud-model [recs]=recs-model)
 declare -A EX=([payments]=fraud-detection [recs]=personalization)
 declare -A IN=([payments]=payments [recs]=clicks)
-declare -A PORT=([payments]=$((STREAMSCORE_PORT_BASE + 180)) [recs]=$((STREAMSCORE_PORT_BASE + 181)))
 for ns in payments recs; do
+  in=${IN[$ns]}
+  topic "$in" 4; topic "$in-scored" 4; topic "$in-dlq" 1
   kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl -n "$ns" create configmap "${CM[$ns]}" --from-file=model.onnx="models/${MODEL[$ns]}.onnx" \
     --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null
-  kubectl -n "$ns" apply -f "examples/${EX[$ns]}.yaml" >/dev/null
+  sed "s|kafka.kafka.svc:9092|$KAFKA_BOOTSTRAP_SERVERS|" "examples/${EX[$ns]}.yaml" | kubectl -n "$ns" apply -f - >/dev/null
 done
+log "waiting for both TenantModels to be Ready"
 for ns in payments recs; do
-  for _ in $(seq 1 60); do
-    kubectl -n "$ns" get configmap "${TM[$ns]}-pipeline" -o jsonpath='{.data.pipeline\.yaml}' > "$DEMO/$ns.yaml" 2>/dev/null && [[ -s $DEMO/$ns.yaml ]] && break
-    sleep 0.5
-  done
-  [[ -s $DEMO/$ns.yaml ]] || die "the operator did not render ${TM[$ns]}-pipeline (see $DEMO/operator.log)"
-  in=${IN[$ns]}
-  topic "$in" 4; topic "$in-scored" 4; topic "${in}-dlq" 1
-  STREAMSCORE_PIPELINE="$DEMO/$ns.yaml" STREAMSCORE_BOOTSTRAP_SERVERS="$KAFKA_BOOTSTRAP_SERVERS" \
-    STREAMSCORE_STATE_DIR="$DEMO/state-$ns" STREAMSCORE_HTTP_LISTEN="127.0.0.1:${PORT[$ns]}" \
-    STREAMSCORE_MODEL_PATH="$ROOT/models/${MODEL[$ns]}.onnx" \
-    "$BIN/streamscore-worker" > "$DEMO/worker-$ns.log" 2>&1 &
-  pids+=($!)
-done
-for ns in payments recs; do
-  for _ in $(seq 1 120); do curl -sf "127.0.0.1:${PORT[$ns]}/readyz" >/dev/null && break; sleep 0.5; done
-  curl -sf "127.0.0.1:${PORT[$ns]}/readyz" >/dev/null || { tail "$DEMO/worker-$ns.log"; die "worker of $ns not ready"; }
+  kubectl -n "$ns" wait --for=condition=Ready "tm/${TM[$ns]}" --timeout=180s >/dev/null \
+    || { kubectl get tm -A; tail -20 "$DEMO/node-agent.log"; die "tm/${TM[$ns]} did not become Ready"; }
 done
 
 log "producing events: 20000 payments (1 in 1000 malformed), 20000 clicks"
 "$BIN/streamscore-loadgen" gen --topic payments --count 20000 --users 500 --malformed-every 1000 --seed 1
 "$BIN/streamscore-loadgen" gen --topic clicks --count 20000 --users 500 --seed 2
+pod_ips() { kubectl -n "$1" get pods -l "streamscore.io/tenantmodel=$2" -o jsonpath='{.items[*].status.podIP}'; }
 for ns in payments recs; do
-  want=20000
   for _ in $(seq 1 120); do
-    got=$(curl -s "127.0.0.1:${PORT[$ns]}/metrics" | awk '/^streamscore_worker_records_in_total/ {print $2}')
-    [[ ${got%.*} -ge $want ]] && break; sleep 0.5
+    total=0
+    for ip in $(pod_ips "$ns" "${TM[$ns]}"); do
+      n=$(curl -s "$ip:8080/metrics" | awk '/^streamscore_worker_records_in_total/ {print $2}')
+      total=$((total + ${n%.*}))
+    done
+    [[ $total -ge 20000 ]] && break; sleep 0.5
   done
 done
 sleep 1
 
-echo; echo "== kubectl get tm -A   (worker pods stay Pending: no kubelet on this machine)"
+echo; echo "== kubectl get tm -A"
 kubectl get tm -A
+echo; echo "== worker pods (run by the node agent as local processes)"
+kubectl get pods -n payments -o wide; kubectl get pods -n recs -o wide
 echo; echo "== scored records (payments-scored, first 3)"
 kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
   --topic payments-scored --from-beginning --max-messages 3 2>/dev/null
 echo; echo "== dead-lettered records (payments-dlq, with headers)"
 kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
   --topic payments-dlq --from-beginning --max-messages 3 --property print.headers=true 2>/dev/null
-echo; echo "== query API: GET /v1/entities/user-42 on the recs worker"
-curl -s "127.0.0.1:${PORT[recs]}/v1/entities/user-42"; echo
+echo; echo "== query API: GET /v1/entities/user-42 (recs); a pod that does not own the key answers 409"
+for ip in $(pod_ips recs propensity); do curl -s "$ip:8080/v1/entities/user-42"; echo; done
 echo; echo "== worker metrics (payments)"
-curl -s "127.0.0.1:${PORT[payments]}/metrics" | grep -E '^streamscore_worker_(records_(in|out)_total|dead_letters_total\{reason="malformed"|commits_total)'
+for ip in $(pod_ips payments fraud); do
+  curl -s "$ip:8080/metrics" | grep -E '^streamscore_worker_(records_(in|out)_total|dead_letters_total\{reason="malformed"|commits_total)'
+done
 log "demo finished in $((SECONDS - t0))s"
 if [[ -n ${DEMO_KEEP:-} ]]; then
   log "DEMO_KEEP set: everything keeps running (. $DEV/env.sh); Ctrl-C stops it"
-  wait
+  wait "$agent_pid"
 fi

@@ -193,8 +193,8 @@ E
 }
 
 up() {
-  "$ROOT/scripts/build-k8s.sh" all
-  "$ROOT/scripts/fetch-kafka.sh"
+  bash "$ROOT/scripts/build-k8s.sh" all
+  bash "$ROOT/scripts/fetch-kafka.sh"
   local t0=$SECONDS
   start_kafka
   start_control_plane

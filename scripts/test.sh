@@ -7,15 +7,15 @@ export STREAMSCORE_DEV_DIR="${STREAMSCORE_TEST_DEV_DIR:-$ROOT/.dev/test}"
 export STREAMSCORE_PORT_BASE="${STREAMSCORE_TEST_PORT_BASE:-28000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 
-"$ROOT/scripts/install-deps.sh"
-cleanup() { "$ROOT/scripts/env.sh" down || true; }
+bash "$ROOT/scripts/install-deps.sh"
+cleanup() { bash "$ROOT/scripts/env.sh" down || true; }
 trap cleanup EXIT INT TERM
 
 cd "$ROOT"
 log "shellcheck"
 shellcheck -x scripts/*.sh e2e/kind/kind.sh .ci/run
 log "helm template of the kind values"
-"$ROOT/scripts/build-k8s.sh" helm
+bash "$ROOT/scripts/build-k8s.sh" helm
 "$HELM_BIN/helm" template streamscore charts/streamscore -f e2e/kind/values.yaml >/dev/null
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -23,7 +23,7 @@ log "building (first build on a machine compiles RocksDB and librdkafka: ~25 min
 cargo build --workspace --all-targets --locked
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-"$ROOT/scripts/env.sh" up
+bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
 . "$STREAMSCORE_DEV_DIR/env.sh"
 log "cargo test"
