@@ -458,12 +458,56 @@ impl Agent {
 }
 
 /// Rewrites container paths to local directories and the wildcard address to the pod IP.
+/// One pass over the original text: a replacement is never rewritten again (a local directory
+/// under `/tmp` must not match a `/tmp` mount). A mount path matches only where a path starts
+/// and only when followed by `/`, the end, or a non-path character.
 fn rewrite(s: &str, mounts: &[(String, PathBuf)], ip: &str) -> String {
-    let mut out = s.replace("0.0.0.0:", &format!("{ip}:"));
-    for (mount, dir) in mounts {
-        out = out.replace(mount.as_str(), &dir.display().to_string());
+    let s = s.replace("0.0.0.0:", &format!("{ip}:"));
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    'outer: while i < s.len() {
+        let at_start = i == 0 || matches!(bytes[i - 1], b' ' | b'=' | b':' | b'"' | b'\'' | b'\n' | b',' | b'[');
+        if at_start && bytes[i] == b'/' {
+            for (mount, dir) in mounts {
+                let end = i + mount.len();
+                if s[i..].starts_with(mount.as_str())
+                    && (end == s.len()
+                        || !(bytes[end].is_ascii_alphanumeric() || matches!(bytes[end], b'-' | b'_' | b'.')))
+                {
+                    out.push_str(&dir.display().to_string());
+                    i = end;
+                    continue 'outer;
+                }
+            }
+        }
+        let ch = s[i..].chars().next().expect("in bounds");
+        out.push(ch);
+        i += ch.len_utf8();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrite_is_one_pass_and_respects_path_boundaries() {
+        let mounts = vec![
+            ("/etc/streamscore/pipeline".to_owned(), PathBuf::from("/tmp/x/volumes/pipeline")),
+            ("/tmp".to_owned(), PathBuf::from("/tmp/x/volumes/tmp")),
+        ];
+        assert_eq!(
+            rewrite("--pipeline /etc/streamscore/pipeline/pipeline.yaml", &mounts, "127.0.0.9"),
+            "--pipeline /tmp/x/volumes/pipeline/pipeline.yaml"
+        );
+        assert_eq!(
+            rewrite("dir: /tmp/a listen: 0.0.0.0:8080", &mounts, "127.0.0.9"),
+            "dir: /tmp/x/volumes/tmp/a listen: 127.0.0.9:8080"
+        );
+        assert_eq!(rewrite("/tmpfoo", &mounts, "ip"), "/tmpfoo");
+    }
 }
 
 async fn probe(
