@@ -186,3 +186,27 @@ pub async fn install_crd(client: &kube::Client) {
     })
     .await;
 }
+
+/// Runs the operator's controllers in this process for `ns` until `cancel` fires.
+pub fn spawn_operator(
+    client: &kube::Client,
+    ns: &str,
+    worker_image: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    use std::sync::Arc;
+    use streamscore_operator::build::BuildContext;
+    use streamscore_operator::metrics::OperatorMetrics;
+    use streamscore_operator::reconcile::Context;
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build: BuildContext { default_image: worker_image.into(), operator_namespace: "streamscore-system".into() },
+        metrics: Arc::new(OperatorMetrics::new()),
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter { controller: "streamscore-operator".into(), instance: None },
+        ),
+    });
+    let (ns, c) = (ns.to_owned(), cancel.clone());
+    tokio::spawn(async move { streamscore_operator::run_controllers(ctx, &[ns], c).await })
+}

@@ -5,17 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
 use serde_json::json;
 use streamscore_crds::tenantmodel::{Phase, TenantModel};
-use streamscore_operator::build::BuildContext;
-use streamscore_operator::metrics::OperatorMetrics;
-use streamscore_operator::reconcile::Context;
 use streamscore_tests::{
     bootstrap, built_binary, consume, create_topics, eventually, install_crd, kube_client, namespace, produce,
     producer, repo_root, unique,
@@ -102,16 +97,7 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
             .expect("node agent starts"),
     );
     let cancel = CancellationToken::new();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        build: BuildContext { default_image: "streamscore-worker:e2e".into(), operator_namespace: "default".into() },
-        metrics: Arc::new(OperatorMetrics::new()),
-        recorder: Recorder::new(client.clone(), Reporter { controller: "streamscore-operator".into(), instance: None }),
-    });
-    let op = tokio::spawn({
-        let (ctx, ns, c) = (ctx.clone(), ns.clone(), cancel.clone());
-        async move { streamscore_operator::run_controllers(ctx, &[ns], c).await }
-    });
+    let op = streamscore_tests::spawn_operator(&client, &ns, "streamscore-worker:e2e", &cancel);
 
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let tm: TenantModel = serde_json::from_value(json!({

@@ -2,7 +2,6 @@
 //! references, hashes, scale, no-op reconciles, validation by the API server and by the
 //! operator, garbage collection.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -10,13 +9,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::ResourceExt;
 use serde_json::json;
 use streamscore_crds::tenantmodel::{Phase, TenantModel};
-use streamscore_operator::build::BuildContext;
-use streamscore_operator::metrics::OperatorMetrics;
-use streamscore_operator::reconcile::Context;
 use streamscore_tests::{eventually, install_crd, kube_client, namespace, repo_root};
 use tokio_util::sync::CancellationToken;
 
@@ -72,19 +67,7 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     cms.create(&PostParams::default(), &cm).await.unwrap();
 
     let cancel = CancellationToken::new();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        build: BuildContext {
-            default_image: "streamscore-worker:test".into(),
-            operator_namespace: "streamscore-system".into(),
-        },
-        metrics: Arc::new(OperatorMetrics::new()),
-        recorder: Recorder::new(client.clone(), Reporter { controller: "streamscore-operator".into(), instance: None }),
-    });
-    let op = tokio::spawn({
-        let (ctx, ns, c) = (ctx.clone(), ns.clone(), cancel.clone());
-        async move { streamscore_operator::run_controllers(ctx, &[ns], c).await }
-    });
+    let op = streamscore_tests::spawn_operator(&client, &ns, "streamscore-worker:test", &cancel);
 
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let tm: TenantModel = serde_json::from_value(tenant_model("fraud", &sha)).unwrap();

@@ -488,6 +488,26 @@ fn rewrite(s: &str, mounts: &[(String, PathBuf)], ip: &str) -> String {
     out
 }
 
+async fn probe(
+    http: &reqwest::Client,
+    p: &k8s_openapi::api::core::v1::Probe,
+    ip: &str,
+    ports: &[(String, i32)],
+) -> bool {
+    let Some(g) = &p.http_get else { return true };
+    let port = match &g.port {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
+            match ports.iter().find(|(n, _)| n == name) {
+                Some((_, p)) => *p,
+                None => return false,
+            }
+        }
+    };
+    let url = format!("http://{ip}:{port}{}", g.path.as_deref().unwrap_or("/"));
+    http.get(url).send().await.is_ok_and(|r| r.status().is_success())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,24 +528,4 @@ mod tests {
         );
         assert_eq!(rewrite("/tmpfoo", &mounts, "ip"), "/tmpfoo");
     }
-}
-
-async fn probe(
-    http: &reqwest::Client,
-    p: &k8s_openapi::api::core::v1::Probe,
-    ip: &str,
-    ports: &[(String, i32)],
-) -> bool {
-    let Some(g) = &p.http_get else { return true };
-    let port = match &g.port {
-        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => *n,
-        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
-            match ports.iter().find(|(n, _)| n == name) {
-                Some((_, p)) => *p,
-                None => return false,
-            }
-        }
-    };
-    let url = format!("http://{ip}:{port}{}", g.path.as_deref().unwrap_or("/"));
-    http.get(url).send().await.is_ok_and(|r| r.status().is_success())
 }
