@@ -15,9 +15,9 @@ bash "$ROOT/scripts/env.sh" up
 . "$STREAMSCORE_DEV_DIR/env.sh"
 topic="bench-$(date +%s)"
 java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFKA_LOG4J" org.apache.kafka.tools.TopicCommand \
-  --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" --create --topic "$topic" --partitions 4 --replication-factor 1 >/dev/null
+  --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" --create --topic "$topic" --partitions 6 --replication-factor 1 >/dev/null
 cfg="$STREAMSCORE_DEV_DIR/bench-pipeline.yaml"
 sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic|g; s|@ROOT@|$ROOT|" bench/pipeline.yaml > "$cfg"
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $(uname -r)"
-"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-engine --pipeline "$cfg" --count "$COUNT" --users "$USERS"
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-engine --pipeline "$cfg" --count "$COUNT" --users "$USERS" --partitions 6
 "$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-kafka --pipeline "$cfg" --count "$COUNT" --users "$USERS"

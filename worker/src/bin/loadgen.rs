@@ -94,8 +94,10 @@ impl Gen {
         let amount: f64 = if fraud { self.rng.gen_range(500.0..3000.0) } else { self.rng.gen_range(1.0..150.0) };
         let ts = self.clock - self.rng.gen_range(0..2_000);
         let v = format!(
-            r#"{{"user_id":"{user}","ts":{ts},"amount":{amount:.2},"action":"{action}","merchant":"m{}","country":"{}"}}"#,
+            r#"{{"user_id":"{user}","ts":{ts},"amount":{amount:.2},"action":"{action}","merchant":"m{}","geohash":"u{:05}","device":"d{:06}","country":"{}"}}"#,
             self.rng.gen_range(0..500),
+            self.rng.gen_range(0..99_999),
+            self.rng.gen_range(0..999_999),
             ["DE", "FR", "US", "BR"][self.rng.gen_range(0..4)]
         );
         (user, v.into_bytes())
