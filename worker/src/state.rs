@@ -7,11 +7,12 @@
 //! Every store of a process shares one block cache. The offsets written with the state are
 //! the authority on restart: records below them have already been applied.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::features::KeyState;
 
@@ -75,8 +76,8 @@ impl StoreEnv {
         let mut store = PartitionStore {
             db: Arc::new(db),
             path,
-            cache: HashMap::new(),
-            dirty: HashSet::new(),
+            cache: HashMap::default(),
+            dirty: HashSet::default(),
             offsets: BTreeMap::new(),
             max_time: None,
             max_cached_keys: self.max_cached_keys,
@@ -152,6 +153,9 @@ impl PartitionStore {
 
     /// The state of `key`, loaded on first use; marked dirty.
     pub fn get_mut(&mut self, key: &str) -> Result<&mut KeyState, StateError> {
+        if !self.dirty.contains(key) {
+            self.dirty.insert(key.to_owned());
+        }
         if !self.cache.contains_key(key) {
             let state = match self.db.get_pinned(entity_key(key)).map_err(|e| self.rocks(e))? {
                 Some(bytes) => bincode::deserialize(&bytes).map_err(|e| StateError::Corrupt {
@@ -163,10 +167,7 @@ impl PartitionStore {
             };
             self.cache.insert(key.to_owned(), state);
         }
-        if !self.dirty.contains(key) {
-            self.dirty.insert(key.to_owned());
-        }
-        Ok(self.cache.get_mut(key).expect("inserted above"))
+        Ok(self.cache.get_mut(key).expect("present: inserted above"))
     }
 
     /// Writes every dirty key and the given next offsets and max event time in one synced

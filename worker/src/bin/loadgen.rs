@@ -23,6 +23,10 @@ use streamscore_worker::model::Model;
 use streamscore_worker::state::StoreEnv;
 use tokio_util::sync::CancellationToken;
 
+// The same allocator as streamscore-worker, so benchmarks measure what runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "streamscore event generator and benchmark driver")]
 struct Args {
