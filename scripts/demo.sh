@@ -48,6 +48,12 @@ agent_pid=$!
 
 log "helm install streamscore (CRD, RBAC, operator)"
 kubectl create namespace streamscore-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# A CRD left by `make test` or an earlier kubectl apply: let the Helm release adopt it.
+if kubectl get crd tenantmodels.streamscore.io >/dev/null 2>&1; then
+  kubectl label crd tenantmodels.streamscore.io app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+  kubectl annotate crd tenantmodels.streamscore.io meta.helm.sh/release-name=streamscore \
+    meta.helm.sh/release-namespace=streamscore-system --overwrite >/dev/null
+fi
 helm upgrade --install streamscore charts/streamscore -n streamscore-system \
   --set image.repository=streamscore-operator --set image.tag=demo --set logFormat=plain >/dev/null
 kubectl wait --for condition=established crd/tenantmodels.streamscore.io --timeout=60s >/dev/null

@@ -95,7 +95,7 @@ KC
 kafka_cp() { echo "$KAFKA_LIBS/*"; }
 
 kafka_answers() {
-  java -cp "$(kafka_cp)" -Dlog4j.configuration="file:$DEV/kafka/log4j.properties" \
+  java -cp "$(kafka_cp)" -Dlog4j.configuration="file:$DEV/kafka/tools-log4j.properties" \
     org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list
 }
 
@@ -131,6 +131,8 @@ log4j.appender.stderr.layout.ConversionPattern=[%d] %p %m (%c)%n
 log4j.logger.kafka=INFO
 log4j.logger.org.apache.kafka=INFO
 P
+  # Command-line tools (topic admin, console consumer) log warnings only.
+  printf 'log4j.rootLogger=WARN, stderr\nlog4j.appender.stderr=org.apache.log4j.ConsoleAppender\nlog4j.appender.stderr.Target=System.err\nlog4j.appender.stderr.layout=org.apache.log4j.PatternLayout\nlog4j.appender.stderr.layout.ConversionPattern=[%%d] %%p %%m (%%c)%%n\n' > "$dir/tools-log4j.properties"
   if [[ ! -f $DATA/kafka/meta.properties ]]; then
     local id; id=$(java -cp "$(kafka_cp)" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)
     java -cp "$(kafka_cp)" -Dlog4j.configuration="file:$dir/log4j.properties" \
@@ -185,7 +187,7 @@ export STREAMSCORE_DEV_DIR="$DEV"
 export KUBECONFIG="$DEV/admin.kubeconfig"
 export KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT"
 export STREAMSCORE_KAFKA_CLASSPATH="$KAFKA_LIBS/*"
-export STREAMSCORE_KAFKA_LOG4J="file:$DEV/kafka/log4j.properties"
+export STREAMSCORE_KAFKA_LOG4J="file:$DEV/kafka/tools-log4j.properties"
 export STREAMSCORE_APISERVER="https://127.0.0.1:$APISERVER_PORT"
 export STREAMSCORE_PORT_BASE="$B"
 export PATH="$K8S_BIN:$HELM_BIN:\$PATH"
