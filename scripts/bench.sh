@@ -21,3 +21,11 @@ sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic|g; s|@ROOT@|$R
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $(uname -r)"
 "$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-engine --pipeline "$cfg" --count "$COUNT" --users "$USERS" --partitions 6
 "$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-kafka --pipeline "$cfg" --count "$COUNT" --users "$USERS"
+# Latency at a steady input rate, on a fresh topic and consumer group.
+RATE="${BENCH_RATE:-20000}"
+topic2="$topic-rate"
+java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFKA_LOG4J" org.apache.kafka.tools.TopicCommand \
+  --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" --create --topic "$topic2" --partitions 6 --replication-factor 1 >/dev/null
+cfg2="$STREAMSCORE_DEV_DIR/bench-pipeline-rate.yaml"
+sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic2|g; s|@ROOT@|$ROOT|" bench/pipeline.yaml > "$cfg2"
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-kafka --pipeline "$cfg2" --count $((RATE * 20)) --users "$USERS" --rate "$RATE"

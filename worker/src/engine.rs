@@ -38,6 +38,8 @@ pub struct InRecord<'a> {
     pub payload: Option<&'a [u8]>,
     /// When the worker received it.
     pub received: Instant,
+    /// The record's Kafka timestamp (ms since the epoch), for event-to-output latency.
+    pub timestamp: Option<i64>,
 }
 
 /// A record to write.
@@ -51,6 +53,8 @@ pub enum OutRecord {
         value: Vec<u8>,
         /// When the input was received (for the latency histogram).
         received: Instant,
+        /// The input's Kafka timestamp (ms since the epoch).
+        source_timestamp: Option<i64>,
     },
     /// An event that could not be processed, for the dead-letter topic.
     DeadLetter {
@@ -119,6 +123,7 @@ struct Pending {
     topic: String,
     offset: i64,
     received: Instant,
+    timestamp: Option<i64>,
 }
 
 impl Engine {
@@ -261,6 +266,7 @@ impl Engine {
                 topic: rec.topic.to_owned(),
                 offset: rec.offset,
                 received: rec.received,
+                timestamp: rec.timestamp,
             });
         }
         if pending.is_empty() {
@@ -296,7 +302,12 @@ impl Engine {
                 label,
                 model_version: self.model.version().to_owned(),
             });
-            out.push(OutRecord::Scored { key: p.event.key, value, received: p.received });
+            out.push(OutRecord::Scored {
+                key: p.event.key,
+                value,
+                received: p.received,
+                source_timestamp: p.timestamp,
+            });
         }
         Ok(out)
     }

@@ -122,11 +122,18 @@ impl ClientContext for ProducerCtx {
 }
 
 impl ProducerContext for ProducerCtx {
-    type DeliveryOpaque = Box<Instant>;
+    type DeliveryOpaque = Box<(Instant, Option<i64>)>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, received: Self::DeliveryOpaque) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (received, source_ts) = *opaque;
         match result {
-            Ok(_) => self.metrics.latency.observe(received.elapsed().as_secs_f64()),
+            Ok(_) => {
+                self.metrics.latency.observe(received.elapsed().as_secs_f64());
+                if let Some(ts) = source_ts {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    self.metrics.event_latency.observe((now - ts).max(0) as f64 / 1000.0);
+                }
+            }
             Err((e, _)) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 self.metrics.delivery_errors.inc();
@@ -177,16 +184,16 @@ impl Shared {
 
     fn send(&self, rec: OutRecord) {
         let (topic, key, value, headers, received) = match rec {
-            OutRecord::Scored { key, value, received } => {
+            OutRecord::Scored { key, value, received, source_timestamp } => {
                 self.metrics.records_out.inc();
-                (&self.sink_topic, Some(key.into_bytes()), value, None, received)
+                (&self.sink_topic, Some(key.into_bytes()), value, None, (received, source_timestamp))
             }
             OutRecord::DeadLetter { key, value, headers } => {
                 let mut h = OwnedHeaders::new_with_capacity(headers.len());
                 for (k, v) in &headers {
                     h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
                 }
-                (&self.dlq_topic, key, value, Some(h), Instant::now())
+                (&self.dlq_topic, key, value, Some(h), (Instant::now(), None))
             }
         };
         let mut record = BaseRecord::with_opaque_to(topic, Box::new(received)).payload(&value);
@@ -392,6 +399,7 @@ pub fn run(
                     key: m.key(),
                     payload: m.payload(),
                     received: now,
+                    timestamp: m.timestamp().to_millis(),
                 })
                 .collect();
             let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());

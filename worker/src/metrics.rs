@@ -44,6 +44,8 @@ pub struct Metrics {
     pub consumer_lag: Family<PartitionLabel, Gauge>,
     /// Time from consuming a record to the acknowledgement of its output, seconds.
     pub latency: Histogram,
+    /// Time from the input record's Kafka timestamp to the acknowledgement of its output, seconds.
+    pub event_latency: Histogram,
     /// Inference call duration, seconds.
     pub inference_seconds: Histogram,
     /// Rows per inference call.
@@ -71,6 +73,7 @@ impl Metrics {
             replay_skipped: Counter::default(),
             consumer_lag: Family::default(),
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            event_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             inference_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             state_bytes: Gauge::default(),
@@ -89,6 +92,11 @@ impl Metrics {
         );
         r.register("consumer_lag", "Records behind the partition's high watermark", m.consumer_lag.clone());
         r.register("output_latency_seconds", "Consume to output acknowledgement", m.latency.clone());
+        r.register(
+            "event_to_output_seconds",
+            "Input record timestamp to output acknowledgement",
+            m.event_latency.clone(),
+        );
         r.register("inference_seconds", "Duration of one inference call", m.inference_seconds.clone());
         r.register("inference_batch_size", "Rows per inference call", m.batch_size.clone());
         r.register("state_bytes", "Estimated bytes of RocksDB state", m.state_bytes.clone());

@@ -4,8 +4,9 @@
 //!   bursts, a few malformed records) to a topic.
 //! - `bench-engine`: the worker engine alone (decode → features in RocksDB → tract → JSON),
 //!   no broker: the data plane's ceiling.
-//! - `bench-kafka`: pre-load a topic, then run the real Kafka loop until every output is
-//!   acknowledged: end-to-end throughput and the consume→ack latency histogram.
+//! - `bench-kafka`: pre-load a topic (or, with `--rate`, produce at a steady rate while the
+//!   worker runs), run the real Kafka loop until every output is acknowledged: end-to-end
+//!   throughput and the consume→ack and event→output latency histograms.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +77,10 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value_t = 100_000)]
         users: u64,
+        /// Produce at this rate (events/s) while the worker runs, instead of pre-loading: the
+        /// latency figures then describe a steady input rate.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
 }
 
@@ -174,6 +179,7 @@ fn main() -> anyhow::Result<()> {
                         key: Some(k.as_bytes()),
                         payload: Some(v),
                         received: now,
+                        timestamp: None,
                     })
                     .collect();
                 for o in engine.process(&recs)? {
@@ -196,7 +202,7 @@ fn main() -> anyhow::Result<()> {
             );
             let _ = std::fs::remove_dir_all(&dir);
         }
-        Cmd::BenchKafka { pipeline, count, users } => {
+        Cmd::BenchKafka { pipeline, count, users, rate } => {
             let cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(&pipeline)?)?;
             let bootstrap = cfg.source.bootstrap_servers.clone();
             let topic = cfg.source.topics[0].clone();
@@ -208,17 +214,29 @@ fn main() -> anyhow::Result<()> {
                 .set("queue.buffering.max.messages", "2000000")
                 .create()?;
             let mut g = Gen::new(11, users);
-            let t0 = Instant::now();
-            for _ in 0..count {
-                let (k, v) = g.next();
-                let mut rec = BaseRecord::to(&topic).key(&k).payload(&v);
-                while let Err((_, r)) = p.send(rec) {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
+            let produce_all = |g: &mut Gen, rate: u64| -> anyhow::Result<()> {
+                let t0 = Instant::now();
+                for i in 0..count {
+                    let (k, v) = g.next();
+                    let mut rec = BaseRecord::to(&topic).key(&k).payload(&v);
+                    while let Err((_, r)) = p.send(rec) {
+                        rec = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    if rate > 0 {
+                        let due = Duration::from_secs_f64((i + 1) as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
                 }
+                p.flush(Duration::from_secs(120))?;
+                println!("produced {count} events in {:.2?}", t0.elapsed());
+                Ok(())
+            };
+            if rate == 0 {
+                produce_all(&mut g, 0)?;
             }
-            p.flush(Duration::from_secs(120))?;
-            println!("pre-loaded {count} events in {:.2?}", t0.elapsed());
             let cfg = Arc::new(cfg);
             let dir = tempfile_dir()?;
             let model = Arc::new(Model::load(&cfg.model)?);
@@ -228,7 +246,14 @@ fn main() -> anyhow::Result<()> {
             let health = Arc::new(Health::default());
             let (c, m) = (cancel.clone(), metrics.clone());
             let started = Instant::now();
-            let worker = std::thread::spawn(move || kafka::run(cfg, engine, m, health, c));
+            let h = health.clone();
+            let worker = std::thread::spawn(move || kafka::run(cfg, engine, m, h, c));
+            if rate > 0 {
+                while !health.joined.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                produce_all(&mut g, rate)?;
+            }
             let mut first: Option<Instant> = None;
             loop {
                 std::thread::sleep(Duration::from_millis(100));
@@ -259,9 +284,10 @@ fn main() -> anyhow::Result<()> {
             );
             for q in [0.5, 0.99, 0.999] {
                 println!(
-                    "  consume→ack latency p{}: <= {:.2} ms",
+                    "  p{}: consume→ack <= {:.2} ms, event (producer timestamp)→output ack <= {:.2} ms",
                     q * 100.0,
-                    quantile(&text, "streamscore_worker_output_latency_seconds", q) * 1e3
+                    quantile(&text, "streamscore_worker_output_latency_seconds", q) * 1e3,
+                    quantile(&text, "streamscore_worker_event_to_output_seconds", q) * 1e3
                 );
             }
             let _ = std::fs::remove_dir_all(&dir);
