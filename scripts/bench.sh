@@ -8,7 +8,7 @@ export STREAMSCORE_DEV_DIR="$ROOT/.dev/bench" STREAMSCORE_PORT_BASE=29000
 COUNT="${BENCH_COUNT:-1000000}"; USERS="${BENCH_USERS:-100000}"
 cd "$ROOT"
 bash "$ROOT/scripts/install-deps.sh"
-cargo build -q --bin streamscore-loadgen
+cargo build -q --bin streamscore-loadgen --bin streamscore-operator
 trap 'bash "$ROOT/scripts/env.sh" down' EXIT
 bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
@@ -29,3 +29,4 @@ java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFK
 cfg2="$STREAMSCORE_DEV_DIR/bench-pipeline-rate.yaml"
 sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic2|g; s|@ROOT@|$ROOT|" bench/pipeline.yaml > "$cfg2"
 "$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-kafka --pipeline "$cfg2" --count $((RATE * 20)) --users "$USERS" --rate "$RATE"
+bash "$ROOT/scripts/bench-operator.sh"

@@ -140,6 +140,17 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
         "status rewritten by a no-op reconcile"
     );
 
+    // An operator restart is idempotent: the new operator's first reconciles write nothing.
+    let tm_rv = tms.get("fraud").await.unwrap().metadata.resource_version;
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
+    let cancel = CancellationToken::new();
+    let op = streamscore_tests::spawn_operator(&client, &ns, "streamscore-worker:test", &cancel);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rv(&deps.get("fraud-blue").await.unwrap()), before, "restart rewrote the Deployment");
+    assert_eq!(cms.get("fraud-pipeline").await.unwrap().metadata.resource_version, cm_before);
+    assert_eq!(tms.get("fraud").await.unwrap().metadata.resource_version, tm_rv, "restart rewrote the status");
+
     // Scale subresource and parallelism → replicas.
     let h1 = hash(&deps.get("fraud-blue").await.unwrap());
     tms.patch_scale("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
