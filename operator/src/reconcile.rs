@@ -21,6 +21,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use streamscore_crds::tenantmodel::{TenantModel, TenantModelStatus};
 use tracing::{info, instrument, warn};
 
@@ -154,11 +155,28 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
                     problems.push(format!("spec.model.configMap: ConfigMap {:?} not found in namespace {ns}", cm.name));
                 }
                 Some(found) => {
-                    let has = found.binary_data.as_ref().is_some_and(|d| d.contains_key(&cm.key))
-                        || found.data.as_ref().is_some_and(|d| d.contains_key(&cm.key));
-                    if !has {
-                        reason = "ModelNotFound";
-                        problems.push(format!("spec.model.configMap: ConfigMap {:?} has no key {:?}", cm.name, cm.key));
+                    let bytes =
+                        found.binary_data.as_ref().and_then(|d| d.get(&cm.key).map(|b| b.0.clone())).or_else(|| {
+                            found.data.as_ref().and_then(|d| d.get(&cm.key).map(|t| t.clone().into_bytes()))
+                        });
+                    match bytes {
+                        None => {
+                            reason = "ModelNotFound";
+                            problems
+                                .push(format!("spec.model.configMap: ConfigMap {:?} has no key {:?}", cm.name, cm.key));
+                        }
+                        // Checked here too, so a wrong digest shows in status at once instead of
+                        // as workers that never become ready.
+                        Some(b) => {
+                            let actual = hex::encode(Sha256::digest(&b));
+                            if actual != tm.spec.model.sha256 {
+                                reason = "ModelDigestMismatch";
+                                problems.push(format!(
+                                    "spec.model.sha256: {} does not match ConfigMap {:?} key {:?} (sha256 {actual})",
+                                    tm.spec.model.sha256, cm.name, cm.key
+                                ));
+                            }
+                        }
                     }
                 }
             }
@@ -177,7 +195,7 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
             publish(ctx, tm, EventType::Warning, reason, message.clone()).await;
         }
         info!(%message, "spec cannot run");
-        // A missing ConfigMap may appear later; a bad spec only changes with the spec.
+        // A ConfigMap may appear or be fixed later; a bad spec only changes with the spec.
         return Ok(if reason == "ModelNotFound" {
             Action::requeue(Duration::from_secs(30))
         } else {
@@ -213,14 +231,52 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     prune(&Api::<Service>::namespaced(client.clone(), &ns), &name, &keep_svc).await?;
 
     // status
-    let observed = Observed::Applied { deployment: &live, color: COLOR, selector: selector_string(tm, COLOR) };
+    let available = live.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
+    let worker_problem = if available < tm.spec.parallelism {
+        worker_readiness_problem(&client, &ns, &selector_string(tm, COLOR)).await
+    } else {
+        None
+    };
+    let observed = Observed::Applied {
+        deployment: &live,
+        color: COLOR,
+        selector: selector_string(tm, COLOR),
+        worker_problem: worker_problem.clone(),
+    };
     let status = compute(tm.status.as_ref(), generation, &version, &observed, &now());
     let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
     let ready = status.phase == Some(streamscore_crds::tenantmodel::Phase::Running);
     if patch_status(&tms, tm, status).await? && ready && !was_ready {
         publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {version}")).await;
     }
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // Not all workers available: look again soon (pods' readiness does not wake the controller).
+    Ok(Action::requeue(Duration::from_secs(if available < tm.spec.parallelism { 10 } else { 300 })))
+}
+
+/// Asks the running, not-ready worker pods why (`/readyz` on the worker port; the
+/// NetworkPolicy admits the operator there). Returns the first reason a worker gives.
+async fn worker_readiness_problem(client: &Client, ns: &str, selector: &str) -> Option<String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods.list(&ListParams::default().labels(selector)).await.ok()?;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().ok()?;
+    for pod in list.items {
+        let Some(status) = pod.status else { continue };
+        let (Some(ip), Some("Running")) = (status.pod_ip, status.phase.as_deref()) else { continue };
+        let Ok(resp) = http.get(format!("http://{ip}:{}/readyz", crate::build::WORKER_PORT)).send().await else {
+            continue;
+        };
+        if resp.status().is_success() {
+            continue;
+        }
+        let body = resp.text().await.unwrap_or_default();
+        // Only problems a user must fix; start-up states (joining the group) are not.
+        if body.contains("model not loaded") {
+            let msg: String = body.trim().trim_start_matches("not ready: ").chars().take(500).collect();
+            return Some(format!("worker {}: {msg}", pod.metadata.name.unwrap_or_default()));
+        }
+    }
+    None
 }
 
 /// Requeue with backoff on transient errors; counts them by kind.

@@ -23,6 +23,9 @@ pub enum Observed<'a> {
         color: &'a str,
         /// Selector string.
         selector: String,
+        /// Why workers are not ready, as they report it on `/readyz` (e.g. a model that does
+        /// not load); None when every worker is ready or none could be asked.
+        worker_problem: Option<String>,
     },
 }
 
@@ -75,7 +78,7 @@ pub fn compute(
             set_condition(conds, "Progressing", false, reason, "waiting for the spec to change", now, generation);
             set_condition(conds, "Degraded", true, reason, message, now, generation);
         }
-        Observed::Applied { deployment, color, selector } => {
+        Observed::Applied { deployment, color, selector, worker_problem } => {
             let want = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
             let ds = deployment.status.clone().unwrap_or_default();
             let dep_gen = deployment.metadata.generation;
@@ -84,11 +87,20 @@ pub fn compute(
             let available = ds.available_replicas.unwrap_or(0);
             let ready = current && updated >= want && available >= want && ds.replicas.unwrap_or(0) == want;
             let msg = format!("{available}/{want} workers available ({updated} updated)");
-            set_condition(conds, "Degraded", false, "AsExpected", "", now, generation);
+            match (ready, worker_problem) {
+                (false, Some(problem)) => {
+                    set_condition(conds, "Degraded", true, "WorkersNotReady", problem, now, generation)
+                }
+                _ => set_condition(conds, "Degraded", false, "AsExpected", "", now, generation),
+            }
             if ready {
                 st.phase = Some(Phase::Running);
                 set_condition(conds, "Ready", true, "WorkersAvailable", &msg, now, generation);
                 set_condition(conds, "Progressing", false, "RolloutComplete", &msg, now, generation);
+            } else if worker_problem.is_some() {
+                st.phase = Some(Phase::Degraded);
+                set_condition(conds, "Ready", false, "WorkersNotReady", &msg, now, generation);
+                set_condition(conds, "Progressing", false, "WorkersNotReady", &msg, now, generation);
             } else {
                 st.phase = Some(if available > 0 { Phase::Progressing } else { Phase::Pending });
                 set_condition(conds, "Ready", false, "WorkersNotAvailable", &msg, now, generation);
@@ -126,13 +138,13 @@ mod tests {
     #[test]
     fn transition_time_changes_only_with_status() {
         let d = dep(2, 0);
-        let obs = Observed::Applied { deployment: &d, color: "blue", selector: "a=b".into() };
+        let obs = Observed::Applied { deployment: &d, color: "blue", selector: "a=b".into(), worker_problem: None };
         let s1 = compute(None, Some(1), "v1", &obs, "t1");
         assert_eq!(s1.phase, Some(Phase::Pending));
         let s2 = compute(Some(&s1), Some(1), "v1", &obs, "t2");
         assert_eq!(s1, s2, "same observation, same status (no write)");
         let d = dep(2, 2);
-        let obs = Observed::Applied { deployment: &d, color: "blue", selector: "a=b".into() };
+        let obs = Observed::Applied { deployment: &d, color: "blue", selector: "a=b".into(), worker_problem: None };
         let s3 = compute(Some(&s2), Some(1), "v1", &obs, "t3");
         let ready = s3.conditions.iter().find(|c| c.kind == "Ready").unwrap();
         assert_eq!((ready.status.as_str(), ready.last_transition_time.as_str()), ("True", "t3"));

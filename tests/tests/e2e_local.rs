@@ -163,6 +163,39 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     let answered = answered.expect("the owner pod answers");
     assert_eq!(answered["features"]["tx_1h"], json!(5.0), "{answered}");
 
+    // A second tenant whose model file is corrupt (its digest matches, so only the worker can
+    // tell): Degraded with the worker's own reason, while the first tenant keeps scoring below.
+    let garbage = b"definitely not an onnx model".to_vec();
+    let garbage_sha = streamscore_worker::model::sha256_hex(&garbage);
+    let broken_cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "broken-model"}, "binaryData": {"model.onnx": k8s_openapi::ByteString(garbage)}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &broken_cm).await.unwrap();
+    let (b_in, b_out, b_dlq) = (unique("e2e-b-in"), unique("e2e-b-out"), unique("e2e-b-dlq"));
+    create_topics(&[&b_in, &b_out, &b_dlq], 1).await;
+    let broken: TenantModel = serde_json::from_value(json!({
+        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+        "metadata": {"name": "broken"},
+        "spec": {
+            "parallelism": 1,
+            "source": {"bootstrapServers": bootstrap(), "topics": [b_in], "keyField": "user_id", "eventTime": {"field": "ts"}},
+            "features": {"windows": [{"name": "tx_1h", "aggregation": "count", "window": "1h"}]},
+            "model": {"configMap": {"name": "broken-model", "key": "model.onnx"}, "sha256": garbage_sha, "version": "bad",
+                      "features": ["tx_1h"], "outputs": [{"name": "fraud"}]},
+            "sink": {"topic": b_out, "deadLetterTopic": b_dlq}
+        }
+    }))
+    .unwrap();
+    tms.create(&PostParams::default(), &broken).await.unwrap();
+    let st = eventually(Duration::from_secs(120), "broken tenant Degraded", || async {
+        tms.get("broken").await.ok()?.status.filter(|s| s.phase == Some(Phase::Degraded))
+    })
+    .await;
+    let cond = st.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
+    assert_eq!(cond.reason, "WorkersNotReady");
+    assert!(cond.message.contains("ModelInvalid"), "{}", cond.message);
+
     // Kill a worker pod: it is replaced and no event is lost (at-least-once).
     let victim = pods.list(&lp).await.unwrap().items[0].metadata.name.clone().unwrap();
     pods.delete(&victim, &DeleteParams::default()).await.unwrap();

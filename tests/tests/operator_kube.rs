@@ -196,6 +196,17 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     assert!(cond.message.contains("no_such_feature"), "{}", cond.message);
     assert!(deps.get_opt("judged-blue").await.unwrap().is_none());
 
+    // A model ConfigMap whose bytes do not match the digest: Degraded at once, with both digests.
+    let wrong = tenant_model("wrongdigest", &"0".repeat(64));
+    tms.create(&PostParams::default(), &serde_json::from_value(wrong).unwrap()).await.unwrap();
+    let st = eventually(Duration::from_secs(30), "Degraded (digest)", || async {
+        tms.get("wrongdigest").await.ok()?.status.filter(|s| s.phase == Some(Phase::Degraded))
+    })
+    .await;
+    let cond = st.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
+    assert_eq!(cond.reason, "ModelDigestMismatch");
+    assert!(cond.message.contains(&sha), "{}", cond.message);
+
     // Deleting the TenantModel garbage-collects every child.
     tms.delete("fraud", &DeleteParams::foreground()).await.unwrap();
     eventually(Duration::from_secs(60), "children garbage-collected", || async {
