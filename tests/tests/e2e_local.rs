@@ -196,8 +196,21 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     assert_eq!(cond.reason, "WorkersNotReady");
     assert!(cond.message.contains("ModelInvalid"), "{}", cond.message);
 
+    // Crash one worker process (SIGKILL): the agent restarts the container, and the events
+    // produced below are all scored, as are the ones it was processing.
+    let crashed = pods.list(&lp).await.unwrap().items[0].clone();
+    let crashed_name = crashed.metadata.name.clone().unwrap();
+    let uid = crashed.metadata.uid.clone().unwrap();
+    assert!(Command::new("pkill").args(["-KILL", "-f", &uid]).status().unwrap().success(), "no process for pod {uid}");
+    eventually(Duration::from_secs(60), "container restart counted", || async {
+        let p = pods.get(&crashed_name).await.ok()?;
+        let restarts = p.status?.container_statuses?.first()?.restart_count;
+        (restarts >= 1).then_some(())
+    })
+    .await;
+
     // Kill a worker pod: it is replaced and no event is lost (at-least-once).
-    let victim = pods.list(&lp).await.unwrap().items[0].metadata.name.clone().unwrap();
+    let victim = pods.list(&lp).await.unwrap().items[1].metadata.name.clone().unwrap();
     pods.delete(&victim, &DeleteParams::default()).await.unwrap();
     let second = events(40, 5, 5);
     produce(&p, &input, &second).await;
