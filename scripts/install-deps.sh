@@ -4,7 +4,7 @@
 # (in a virtualenv under the cache). Safe to run repeatedly.
 . "$(dirname "$0")/lib.sh"
 
-PKGS=(libclang-dev libcurl4-openssl-dev libsasl2-dev libssl-dev cmake openssl curl pkg-config shellcheck)
+PKGS=(libclang-dev libcurl4-openssl-dev libsasl2-dev libssl-dev cmake openssl curl pkg-config shellcheck procps)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
