@@ -131,22 +131,7 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     g.next()
                 };
-                let mut rec = BaseRecord::to(&topic).key(&k).payload(&v);
-                loop {
-                    match p.send(rec) {
-                        Ok(()) => break,
-                        Err((_, r)) => {
-                            rec = r;
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                    }
-                }
-                if rate > 0 {
-                    let due = Duration::from_secs_f64((i + 1) as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                }
+                send_paced(&p, &topic, &k, &v, i, rate, started);
             }
             p.flush(Duration::from_secs(60))?;
             println!("produced {count} events to {topic} in {:.2?}", started.elapsed());
@@ -218,17 +203,7 @@ fn main() -> anyhow::Result<()> {
                 let t0 = Instant::now();
                 for i in 0..count {
                     let (k, v) = g.next();
-                    let mut rec = BaseRecord::to(&topic).key(&k).payload(&v);
-                    while let Err((_, r)) = p.send(rec) {
-                        rec = r;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    if rate > 0 {
-                        let due = Duration::from_secs_f64((i + 1) as f64 / rate as f64);
-                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                            std::thread::sleep(wait);
-                        }
-                    }
+                    send_paced(&p, &topic, &k, &v, i, rate, t0);
                 }
                 p.flush(Duration::from_secs(120))?;
                 println!("produced {count} events in {:.2?}", t0.elapsed());
@@ -294,6 +269,30 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sends one record (waiting while the producer queue is full), then, with a `rate`, sleeps
+/// until record `i` is due.
+fn send_paced(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    k: &str,
+    v: &[u8],
+    i: u64,
+    rate: u64,
+    t0: Instant,
+) {
+    let mut rec = BaseRecord::to(topic).key(k).payload(v);
+    while let Err((_, r)) = p.send(rec) {
+        rec = r;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if rate > 0 {
+        let due = Duration::from_secs_f64((i + 1) as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(t0.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
