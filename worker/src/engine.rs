@@ -21,7 +21,7 @@ use crate::decode::{decode, Event, Reason, Watermark};
 use crate::features::{FeatureSet, FeatureValue, LastScore};
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::state::{PartitionStore, StateError, StoreEnv, StoreReader};
+use crate::state::{FlushBatch, PartitionStore, StateError, StoreEnv, StoreReader};
 
 /// One consumed record.
 #[derive(Debug)]
@@ -67,6 +67,26 @@ pub enum OutRecord {
     },
 }
 
+/// The state changes up to some input offsets, serialised; durable once written.
+#[derive(Debug)]
+pub struct Checkpoint {
+    batches: Vec<FlushBatch>,
+    /// (topic, partition, next offset) to commit to Kafka once the batches are written.
+    pub commits: Vec<(String, i32, i64)>,
+}
+
+impl Checkpoint {
+    /// Writes every partition's batch (synced).
+    pub fn write(self) -> Result<usize, StateError> {
+        self.batches.into_iter().map(FlushBatch::write).sum()
+    }
+
+    /// Serialised bytes.
+    pub fn size_bytes(&self) -> usize {
+        self.batches.iter().map(FlushBatch::size_bytes).sum()
+    }
+}
+
 /// Engine failure (state store); the Kafka loop stops without committing.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -89,6 +109,8 @@ struct PartitionCtx {
     /// Next offset to process per topic: from the store at assignment, then advanced by
     /// every processed record. Records below it are already applied and are skipped.
     next_offsets: BTreeMap<String, i64>,
+    /// Part of the running checkpoint.
+    in_snapshot: bool,
 }
 
 /// Query-side view of the owned partitions.
@@ -107,6 +129,9 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     ooo: i64,
     lateness: i64,
+    last_size: Instant,
+    /// The running checkpoint's offsets to commit.
+    snapshot: Option<Vec<(String, i32, i64)>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -158,6 +183,8 @@ impl Engine {
             partitions: BTreeMap::new(),
             readers: Arc::default(),
             metrics,
+            last_size: Instant::now() - std::time::Duration::from_secs(60),
+            snapshot: None,
         }
     }
 
@@ -196,7 +223,10 @@ impl Engine {
         let next_offsets: BTreeMap<String, i64> =
             self.cfg.source.topics.iter().filter_map(|t| store.stored_offset(t).map(|o| (t.clone(), o))).collect();
         self.readers.write().unwrap_or_else(|e| e.into_inner()).insert(partition, store.reader());
-        self.partitions.insert(partition, PartitionCtx { store, watermark, next_offsets: next_offsets.clone() });
+        self.partitions.insert(
+            partition,
+            PartitionCtx { store, watermark, next_offsets: next_offsets.clone(), in_snapshot: false },
+        );
         self.metrics.partitions.set(self.partitions.len() as i64);
         Ok(next_offsets)
     }
@@ -355,19 +385,71 @@ impl Engine {
     }
 
     /// Makes the state of every owned partition durable up to the records processed so far.
-    /// Returns the (topic, partition, next offset) list to commit to Kafka.
+    /// Returns the (topic, partition, next offset) list to commit to Kafka. Call it only when
+    /// no [`Checkpoint`] from [`Engine::checkpoint`] is still unwritten.
     pub fn flush(&mut self) -> Result<Vec<(String, i32, i64)>, EngineError> {
+        let cp = self.checkpoint(true)?;
+        let commits = cp.commits.clone();
+        cp.write()?;
+        Ok(commits)
+    }
+
+    /// Snapshots the changes of every owned partition since the last checkpoint (serialised,
+    /// not yet written) and the offsets they cover, in one go. `trim_allowed`: no earlier
+    /// checkpoint is still unwritten.
+    pub fn checkpoint(&mut self, trim_allowed: bool) -> Result<Checkpoint, EngineError> {
+        if self.snapshot.is_none() {
+            self.begin_checkpoint(trim_allowed);
+        }
+        loop {
+            if let Some(cp) = self.checkpoint_step(usize::MAX)? {
+                return Ok(cp);
+            }
+        }
+    }
+
+    /// Starts a checkpoint at the current offsets: from here on, the engine keeps processing
+    /// and [`Engine::checkpoint_step`] serialises the snapshot a slice at a time (a key that
+    /// changes first is serialised before the change). `trim_allowed`: no earlier checkpoint
+    /// is still unwritten.
+    pub fn begin_checkpoint(&mut self, trim_allowed: bool) {
         let mut commits = Vec::new();
-        let mut bytes = 0;
         for (p, ctx) in &mut self.partitions {
-            ctx.store.flush(&ctx.next_offsets, ctx.watermark.max_time())?;
+            ctx.in_snapshot = ctx.store.begin_snapshot(&ctx.next_offsets, ctx.watermark.max_time(), trim_allowed);
             for (t, o) in &ctx.next_offsets {
                 commits.push((t.clone(), *p, *o));
             }
-            bytes += ctx.store.size_bytes();
         }
-        self.metrics.state_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        Ok(commits)
+        self.snapshot = Some(commits);
+    }
+
+    /// Whether a checkpoint is being serialised.
+    pub fn checkpoint_running(&self) -> bool {
+        self.snapshot.is_some()
+    }
+
+    /// Serialises up to `budget` keys of the running checkpoint; returns it once complete.
+    pub fn checkpoint_step(&mut self, mut budget: usize) -> Result<Option<Checkpoint>, EngineError> {
+        if self.snapshot.is_none() {
+            return Ok(None);
+        }
+        for ctx in self.partitions.values_mut().filter(|c| c.in_snapshot) {
+            if !ctx.store.snapshot_step(&mut budget)? {
+                return Ok(None);
+            }
+        }
+        let mut batches = Vec::new();
+        for ctx in self.partitions.values_mut() {
+            if std::mem::take(&mut ctx.in_snapshot) {
+                batches.extend(ctx.store.finish_snapshot());
+            }
+        }
+        if self.last_size.elapsed() >= std::time::Duration::from_secs(10) {
+            self.last_size = Instant::now();
+            let bytes: u64 = self.partitions.values().map(|c| c.store.size_bytes()).sum();
+            self.metrics.state_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        Ok(Some(Checkpoint { batches, commits: self.snapshot.take().unwrap_or_default() }))
     }
 
     /// Next offset to process per (topic, partition), for lag.

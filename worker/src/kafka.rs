@@ -1,19 +1,24 @@
 //! The Kafka loop: consume → engine → produce → (periodically) commit.
 //!
 //! ```text
-//!  BaseConsumer.poll ─► batch (≤ model batch size, ≤ max delay) ─► Engine::process ─► ThreadedProducer
-//!        │                                                                                 │ acks
-//!        └─ every commitInterval, on revoke and on shutdown:                               ▼
-//!             1. producer.flush (every output acknowledged; a failed delivery stops the worker
-//!                without committing, so its inputs are processed again after restart)
-//!             2. Engine::flush (state + next offsets in one synced RocksDB batch)
-//!             3. consumer.commit (the stored offsets stay the authority if this fails)
+//!  processing thread                                        committer thread
+//!  BaseConsumer.poll ─► batch (≤ model batch, ≤ max delay)
+//!    ─► Engine::process ─► ThreadedProducer.send (tagged with the commit epoch)
+//!    every commitInterval: epoch += 1; Engine::checkpoint ──job──► 1. wait until every output of
+//!      (serialise dirty keys; nothing is written here)              that epoch is acknowledged
+//!                                                                 2. write the checkpoint (synced)
+//!                                                                 3. commit its offsets to Kafka
+//!  on revoke and on shutdown: the same, and wait for every job (synchronous).
 //! ```
-//! Delivery is at-least-once for outputs; state never counts an input twice, because the
-//! offsets stored with the state tell which inputs it already contains.
+//! A failed delivery or state write stops the worker without committing, so its inputs are
+//! processed again after restart. Delivery is at-least-once for outputs; state never counts an
+//! input twice, because the offsets stored with the state tell which inputs it already contains.
+//! The processing thread only pays for serialising the changed keys: waiting for
+//! acknowledgements, fsync and the offset commit happen beside it.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,8 +32,8 @@ use streamscore_crds::pipeline::{PipelineConfig, StartPosition};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::engine::{Engine, InRecord, OutRecord};
-use crate::metrics::{Metrics, PartitionLabel};
+use crate::engine::{Checkpoint, Engine, InRecord, OutRecord};
+use crate::metrics::{Metrics, PartitionLabel, PhaseLabel};
 
 /// Readiness facts shared with the HTTP server.
 #[derive(Debug, Default)]
@@ -89,18 +94,71 @@ struct ProducerCtx {
     metrics: Arc<Metrics>,
     failures: AtomicU64,
     health: Arc<Health>,
+    acks: Arc<Acks>,
+}
+
+/// Commit epochs kept in flight at most (plus the open one); the ring below is larger.
+const MAX_PENDING_COMMITS: usize = 2;
+const EPOCH_SLOTS: usize = 16;
+
+/// Outputs sent and acknowledged (or failed) per commit epoch, in a ring indexed by epoch.
+/// A slot is reused 16 epochs later, long after its epoch completed.
+#[derive(Debug, Default)]
+struct Acks {
+    sent: [AtomicU64; EPOCH_SLOTS],
+    done: [AtomicU64; EPOCH_SLOTS],
+}
+
+impl Acks {
+    fn slot(epoch: u64) -> usize {
+        (epoch % EPOCH_SLOTS as u64) as usize
+    }
+
+    fn complete(&self, epoch: u64) -> bool {
+        let i = Self::slot(epoch);
+        self.done[i].load(Ordering::Acquire) >= self.sent[i].load(Ordering::Acquire)
+    }
+
+    fn reset(&self, epoch: u64) {
+        let i = Self::slot(epoch);
+        self.sent[i].store(0, Ordering::Release);
+        self.done[i].store(0, Ordering::Release);
+    }
+}
+
+/// A checkpoint for the committer thread.
+struct Job {
+    epoch: u64,
+    checkpoint: Checkpoint,
+    /// Commit the offsets from the committer thread (false: the caller commits them itself,
+    /// e.g. inside a rebalance callback).
+    commit_offsets: bool,
+}
+
+/// The processing thread's end of the committer.
+struct Committer {
+    jobs: SyncSender<Job>,
+    replies: Receiver<Result<u64, String>>,
+    /// Jobs sent and not answered.
+    pending: usize,
+    /// The open epoch (outputs sent now are tagged with it).
+    epoch: u64,
+    /// The epoch whose checkpoint is being serialised.
+    running: Option<u64>,
 }
 
 /// What the consumer context, the loop and the HTTP server share.
 struct Shared {
     engine: Mutex<Engine>,
+    committer: Mutex<Option<Committer>>,
+    epoch: AtomicU64,
+    acks: Arc<Acks>,
     producer: ThreadedProducer<ProducerCtx>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     sink_topic: String,
     dlq_topic: String,
     fatal: Mutex<Option<String>>,
-    last_lag: Mutex<Instant>,
 }
 
 impl ClientContext for ConsumerCtx {
@@ -122,10 +180,10 @@ impl ClientContext for ProducerCtx {
 }
 
 impl ProducerContext for ProducerCtx {
-    type DeliveryOpaque = Box<(Instant, Option<i64>)>;
+    type DeliveryOpaque = Box<(Instant, Option<i64>, u64)>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
-        let (received, source_ts) = *opaque;
+        let (received, source_ts, epoch) = *opaque;
         match result {
             Ok(_) => {
                 self.metrics.latency.observe(received.elapsed().as_secs_f64());
@@ -140,6 +198,7 @@ impl ProducerContext for ProducerCtx {
                 error!(error = %e, "output record not acknowledged by the broker");
             }
         }
+        self.acks.done[Acks::slot(epoch)].fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -149,7 +208,7 @@ impl ConsumerContext for ConsumerCtx {
             let revoked: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             info!(?revoked, "partitions revoked: committing before handing them over");
             let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = commit(&self.shared, &mut engine, consumer) {
+            if let Err(e) = commit_sync(&self.shared, &mut engine, consumer) {
                 self.shared.fail(format!("commit on revoke failed: {e}"));
             }
             for p in revoked {
@@ -196,7 +255,10 @@ impl Shared {
                 (&self.dlq_topic, key, value, Some(h), (Instant::now(), None))
             }
         };
-        let mut record = BaseRecord::with_opaque_to(topic, Box::new(received)).payload(&value);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.acks.sent[Acks::slot(epoch)].fetch_add(1, Ordering::AcqRel);
+        let opaque = Box::new((received.0, received.1, epoch));
+        let mut record = BaseRecord::with_opaque_to(topic, opaque).payload(&value);
         if let Some(k) = &key {
             record = record.key(k);
         }
@@ -211,6 +273,10 @@ impl Shared {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err((e, _)) => {
+                    // Never acknowledged: count it as done so the epoch does not wait for it;
+                    // the failure stops the worker before anything is committed.
+                    self.acks.done[Acks::slot(epoch)].fetch_add(1, Ordering::AcqRel);
+                    self.producer.context().failures.fetch_add(1, Ordering::Relaxed);
                     self.fail(format!("cannot enqueue output record: {e}"));
                     return;
                 }
@@ -219,47 +285,188 @@ impl Shared {
     }
 }
 
-/// Waits for every output to be acknowledged, makes state durable, commits offsets.
-fn commit(shared: &Shared, engine: &mut Engine, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), String> {
+/// Keys serialised per step of a running checkpoint, between two input batches (~1 ms).
+const SNAPSHOT_STEP_KEYS: usize = 512;
+
+impl Shared {
+    /// Closes the current epoch and starts a checkpoint at the current offsets; the outputs
+    /// sent so far must be acknowledged before it is written.
+    fn begin_commit(&self, engine: &mut Engine) -> Result<(), String> {
+        let mut guard = self.committer.lock().unwrap_or_else(|e| e.into_inner());
+        let c = guard.as_mut().ok_or("committer stopped")?;
+        c.collect(false)?;
+        if c.running.is_some() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        c.running = Some(c.epoch);
+        c.epoch += 1;
+        // New outputs belong to the next epoch from here on.
+        self.epoch.store(c.epoch, Ordering::Release);
+        engine.begin_checkpoint(c.pending == 0);
+        self.observe_phase("snapshot", started);
+        Ok(())
+    }
+
+    /// Serialises the next slice of the running checkpoint, if any; hands it to the committer
+    /// once complete (waiting while `MAX_PENDING_COMMITS` are in flight).
+    fn step_commit(&self, engine: &mut Engine, budget: usize, commit_offsets: bool) -> Result<(), String> {
+        let mut guard = self.committer.lock().unwrap_or_else(|e| e.into_inner());
+        let c = guard.as_mut().ok_or("committer stopped")?;
+        let Some(epoch) = c.running else { return Ok(()) };
+        let started = Instant::now();
+        let step = engine.checkpoint_step(budget).map_err(|e| e.to_string())?;
+        self.observe_phase("snapshot", started);
+        let Some(checkpoint) = step else { return Ok(()) };
+        c.running = None;
+        while c.pending >= MAX_PENDING_COMMITS {
+            c.wait_one()?;
+        }
+        c.jobs.send(Job { epoch, checkpoint, commit_offsets }).map_err(|_| "committer stopped".to_owned())?;
+        c.pending += 1;
+        Ok(())
+    }
+
+    fn observe_phase(&self, phase: &'static str, since: Instant) {
+        self.metrics.commit_seconds.get_or_create(&PhaseLabel { phase }).observe(since.elapsed().as_secs_f64());
+    }
+}
+
+impl Committer {
+    /// Takes the replies that are in (all of them, waiting, with `wait`).
+    fn collect(&mut self, wait: bool) -> Result<(), String> {
+        while self.pending > 0 {
+            let reply = if wait {
+                self.replies.recv().map_err(|_| "committer stopped".to_owned())?
+            } else {
+                match self.replies.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => return Ok(()),
+                }
+            };
+            self.pending -= 1;
+            reply?;
+        }
+        Ok(())
+    }
+
+    fn wait_one(&mut self) -> Result<(), String> {
+        let reply = self.replies.recv().map_err(|_| "committer stopped".to_owned())?;
+        self.pending -= 1;
+        reply.map(|_| ())
+    }
+}
+
+/// Commits everything processed so far and waits for it: every output acknowledged, state
+/// durable, offsets committed (from this thread, which may be inside a rebalance callback).
+fn commit_sync(shared: &Shared, engine: &mut Engine, consumer: &BaseConsumer<ConsumerCtx>) -> Result<(), String> {
     let started = Instant::now();
-    while let Err(e) = shared.producer.flush(Duration::from_secs(5)) {
-        shared.health.broker_ok.store(false, Ordering::Relaxed);
-        warn!(error = %e, waited = ?started.elapsed(), "waiting for output acknowledgements (broker unreachable?)");
+    // Finish the running checkpoint, then take one at the current offsets.
+    shared.step_commit(engine, usize::MAX, false)?;
+    shared.begin_commit(engine)?;
+    shared.step_commit(engine, usize::MAX, false)?;
+    {
+        let mut guard = shared.committer.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_mut().ok_or("committer stopped")?.collect(true)?;
     }
-    let failures = shared.producer.context().failures.load(Ordering::Relaxed);
-    if failures > 0 {
-        return Err(format!("{failures} output records were not acknowledged"));
+    let offsets = engine.positions();
+    if !offsets.is_empty() {
+        commit_offsets(shared, consumer, &offsets, CommitMode::Sync);
     }
-    let offsets = engine.flush().map_err(|e| e.to_string())?;
-    if offsets.is_empty() {
-        return Ok(());
-    }
+    debug!(took = ?started.elapsed(), partitions = offsets.len(), "committed (synchronously)");
+    Ok(())
+}
+
+fn commit_offsets(
+    shared: &Shared,
+    consumer: &BaseConsumer<ConsumerCtx>,
+    offsets: &[(String, i32, i64)],
+    mode: CommitMode,
+) {
+    let started = Instant::now();
     let mut tpl = TopicPartitionList::new();
-    for (topic, partition, next) in &offsets {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)).map_err(|e| e.to_string())?;
-    }
-    let mut last_lag = shared.last_lag.lock().unwrap_or_else(|e| e.into_inner());
-    if last_lag.elapsed() >= Duration::from_secs(5) {
-        *last_lag = Instant::now();
-        for (topic, partition, next) in &offsets {
-            if let Ok((_, high)) = consumer.fetch_watermarks(topic, *partition, Duration::from_millis(200)) {
-                shared
-                    .metrics
-                    .consumer_lag
-                    .get_or_create(&PartitionLabel { topic: topic.clone(), partition: *partition })
-                    .set((high - next).max(0));
-            }
+    for (topic, partition, next) in offsets {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            warn!(error = %e, topic, partition, "cannot commit offset");
         }
     }
-    drop(last_lag);
-    match consumer.commit(&tpl, CommitMode::Sync) {
+    match consumer.commit(&tpl, mode) {
         Ok(()) => {
             shared.metrics.commits.inc();
         }
         Err(e) => warn!(error = %e, "offset commit failed; state offsets remain authoritative"),
     }
-    debug!(took = ?started.elapsed(), partitions = offsets.len(), "committed");
-    Ok(())
+    shared
+        .metrics
+        .commit_seconds
+        .get_or_create(&PhaseLabel { phase: "offsets" })
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// The committer thread: for each checkpoint, waits for its epoch's acknowledgements, writes
+/// it, commits its offsets. Stops at the first failure (reported) or when the sender is gone.
+fn committer_loop(
+    shared: Arc<Shared>,
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+    jobs: Receiver<Job>,
+    replies: SyncSender<Result<u64, String>>,
+) {
+    let phase = |name: &'static str, since: Instant| shared.observe_phase(name, since);
+    let mut last_lag = Instant::now() - Duration::from_secs(60);
+    while let Ok(job) = jobs.recv() {
+        let started = Instant::now();
+        let mut warned = Instant::now();
+        let result = loop {
+            if shared.acks.complete(job.epoch) {
+                break Ok(());
+            }
+            if shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                break Err("stopping".to_owned());
+            }
+            if warned.elapsed() >= Duration::from_secs(5) {
+                warned = Instant::now();
+                shared.health.broker_ok.store(false, Ordering::Relaxed);
+                warn!(waited = ?started.elapsed(), "waiting for output acknowledgements (broker unreachable?)");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let result = result.and_then(|()| {
+            phase("ack", started);
+            shared.acks.reset(job.epoch);
+            let failures = shared.producer.context().failures.load(Ordering::Relaxed);
+            if failures > 0 {
+                return Err(format!("{failures} output records were not acknowledged"));
+            }
+            let written = Instant::now();
+            let commits = job.checkpoint.commits.clone();
+            job.checkpoint.write().map_err(|e| e.to_string())?;
+            phase("state", written);
+            if job.commit_offsets && !commits.is_empty() {
+                commit_offsets(&shared, &consumer, &commits, CommitMode::Sync);
+                if last_lag.elapsed() >= Duration::from_secs(5) {
+                    last_lag = Instant::now();
+                    for (topic, partition, next) in &commits {
+                        if let Ok((_, high)) = consumer.fetch_watermarks(topic, *partition, Duration::from_millis(500))
+                        {
+                            shared
+                                .metrics
+                                .consumer_lag
+                                .get_or_create(&PartitionLabel { topic: topic.clone(), partition: *partition })
+                                .set((high - next).max(0));
+                        }
+                    }
+                }
+            }
+            Ok(job.epoch)
+        });
+        let failed = result.is_err();
+        if let Err(e) = &result {
+            shared.fail(format!("commit failed: {e}"));
+        }
+        if replies.send(result).is_err() || failed {
+            return;
+        }
+    }
 }
 
 fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), String> {
@@ -308,27 +515,57 @@ pub fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let (cc, pc) = client_config(&cfg)?;
+    let acks = Arc::new(Acks::default());
     let producer: ThreadedProducer<ProducerCtx> = pc
         .create_with_context(ProducerCtx {
             metrics: metrics.clone(),
             failures: AtomicU64::new(0),
             health: health.clone(),
+            acks: acks.clone(),
         })
         .map_err(|e| format!("creating the Kafka producer: {e}"))?;
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
+        committer: Mutex::new(None),
+        epoch: AtomicU64::new(0),
+        acks,
         producer,
         metrics: metrics.clone(),
         health: health.clone(),
         sink_topic: cfg.sink.topic.clone(),
         dlq_topic: cfg.sink.dead_letter_topic.clone(),
         fatal: Mutex::new(None),
-        last_lag: Mutex::new(Instant::now() - Duration::from_secs(60)),
     });
-    let consumer: BaseConsumer<ConsumerCtx> = cc
-        .create_with_context(ConsumerCtx { shared: shared.clone() })
-        .map_err(|e| format!("creating the Kafka consumer: {e}"))?;
+    let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
+        cc.create_with_context(ConsumerCtx { shared: shared.clone() })
+            .map_err(|e| format!("creating the Kafka consumer: {e}"))?,
+    );
+    let (jobs_tx, jobs_rx) = sync_channel(MAX_PENDING_COMMITS);
+    let (replies_tx, replies_rx) = sync_channel(MAX_PENDING_COMMITS + 1);
+    let committer = {
+        let (shared, consumer) = (shared.clone(), consumer.clone());
+        std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || committer_loop(shared, consumer, jobs_rx, replies_tx))
+            .map_err(|e| format!("starting the committer thread: {e}"))?
+    };
+    *shared.committer.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(Committer { jobs: jobs_tx, replies: replies_rx, pending: 0, epoch: 0, running: None });
+    let result = consume(&cfg, &shared, &consumer, &health, &cancel);
+    // Dropping the sender ends the committer thread once its queue is empty.
+    shared.committer.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let _ = committer.join();
+    result
+}
 
+/// The processing loop (see the module docs).
+fn consume(
+    cfg: &PipelineConfig,
+    shared: &Arc<Shared>,
+    consumer: &BaseConsumer<ConsumerCtx>,
+    health: &Health,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
     // Wait for the brokers and the input topic's metadata, with backoff.
     let first = cfg.source.topics[0].clone();
     let mut backoff = Duration::from_millis(200);
@@ -411,16 +648,18 @@ pub fn run(
             drop(engine);
             batch.clear();
         }
-        if last_commit.elapsed() >= commit_every {
-            let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
-            commit(&shared, &mut engine, &consumer)?;
+        let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+        if last_commit.elapsed() >= commit_every && !engine.checkpoint_running() {
+            shared.begin_commit(&mut engine)?;
             last_commit = Instant::now();
         }
+        shared.step_commit(&mut engine, SNAPSHOT_STEP_KEYS, true)?;
+        drop(engine);
     }
     info!("shutting down: draining outputs and committing");
     {
         let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
-        commit(&shared, &mut engine, &consumer)?;
+        commit_sync(shared, &mut engine, consumer)?;
     }
     consumer.unsubscribe();
     Ok(())

@@ -58,6 +58,17 @@ pub struct Metrics {
     pub commits: Counter,
     /// Output delivery failures.
     pub delivery_errors: Counter,
+    /// Duration of a commit's phases (`snapshot`: serialising changed state on the processing
+    /// thread, `ack`: waiting for output acknowledgements, `state`: the
+    /// synced state write, `offsets`: the Kafka offset commit), seconds.
+    pub commit_seconds: Family<PhaseLabel, Histogram>,
+}
+
+/// `phase` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// Commit phase.
+    pub phase: &'static str,
 }
 
 impl Metrics {
@@ -80,6 +91,7 @@ impl Metrics {
             partitions: Gauge::default(),
             commits: Counter::default(),
             delivery_errors: Counter::default(),
+            commit_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 16))),
         };
         r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
         r.register("records_out", "Scored records written to the output topic", m.records_out.clone());
@@ -103,6 +115,10 @@ impl Metrics {
         r.register("partitions", "Input partitions owned", m.partitions.clone());
         r.register("commits", "Offset commits after acknowledged outputs and durable state", m.commits.clone());
         r.register("delivery_errors", "Output records the broker did not acknowledge", m.delivery_errors.clone());
+        r.register("commit_seconds", "Duration of each commit phase", m.commit_seconds.clone());
+        for phase in ["snapshot", "ack", "state", "offsets"] {
+            let _ = m.commit_seconds.get_or_create(&PhaseLabel { phase });
+        }
         for reason in crate::decode::Reason::ALL {
             let _ = m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
         }

@@ -2,17 +2,26 @@
 //!
 //! ```text
 //!  engine ──get_mut(key)──► cache (HashMap) ──miss──► RocksDB "k/<key>"
-//!  commit ──flush(offsets, max event time)──► one WriteBatch (dirty keys + "m/…" metadata), synced
+//!  commit ──begin_snapshot(offsets, max event time): the dirty keys become the snapshot's keys
+//!         ──snapshot_step (a slice at a time, between input batches) / get_mut of a snapshot key
+//!           (copy-on-write: serialised before it changes) ──► FlushBatch
+//!         ──FlushBatch::write (any thread)────► one synced RocksDB write
 //! ```
 //! Every store of a process shares one block cache. The offsets written with the state are
 //! the authority on restart: records below them have already been applied.
+//!
+//! A snapshot holds every key's state exactly as of its offsets, although the engine goes on
+//! processing while it is serialised (a key is serialised before its first change after the
+//! snapshot began) and while another thread writes it. The cache is only trimmed when no
+//! snapshot is unwritten (`trim_allowed`), so a key is never re-read from RocksDB older than
+//! its last snapshot.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::features::KeyState;
 
@@ -77,7 +86,8 @@ impl StoreEnv {
             db: Arc::new(db),
             path,
             cache: HashMap::default(),
-            dirty: HashSet::default(),
+            dirty: Vec::new(),
+            snapshot: None,
             offsets: BTreeMap::new(),
             max_time: None,
             max_cached_keys: self.max_cached_keys,
@@ -91,8 +101,10 @@ impl StoreEnv {
 pub struct PartitionStore {
     db: Arc<DB>,
     path: PathBuf,
-    cache: HashMap<String, KeyState>,
-    dirty: HashSet<String>,
+    cache: HashMap<String, Cached>,
+    /// Keys changed since the last snapshot began.
+    dirty: Vec<String>,
+    snapshot: Option<Snapshot>,
     offsets: BTreeMap<String, i64>,
     max_time: Option<i64>,
     max_cached_keys: usize,
@@ -102,6 +114,40 @@ impl std::fmt::Debug for PartitionStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartitionStore").field("path", &self.path).finish_non_exhaustive()
     }
+}
+
+struct Cached {
+    state: KeyState,
+    /// In `dirty`.
+    dirty: bool,
+    /// In the running snapshot and not serialised yet.
+    pending: bool,
+}
+
+/// A snapshot being serialised.
+struct Snapshot {
+    keys: Vec<String>,
+    next: usize,
+    batch: WriteBatch,
+    buf: Vec<u8>,
+}
+
+/// Serialises `state` into `batch` under `key` (`buf` is reused scratch space).
+fn put_state(
+    path: &Path,
+    buf: &mut Vec<u8>,
+    batch: &mut WriteBatch,
+    key: &str,
+    state: &KeyState,
+) -> Result<(), StateError> {
+    buf.clear();
+    bincode::serialize_into(&mut *buf, state).map_err(|e| StateError::Corrupt {
+        path: path.display().to_string(),
+        key: key.to_owned(),
+        detail: e.to_string(),
+    })?;
+    batch.put(entity_key(key), &*buf);
+    Ok(())
 }
 
 const OFFSET_PREFIX: &str = "m/offset/";
@@ -151,11 +197,9 @@ impl PartitionStore {
         StoreReader { db: self.db.clone() }
     }
 
-    /// The state of `key`, loaded on first use; marked dirty.
+    /// The state of `key`, loaded on first use; marked dirty. A key of the running snapshot is
+    /// serialised into it first.
     pub fn get_mut(&mut self, key: &str) -> Result<&mut KeyState, StateError> {
-        if !self.dirty.contains(key) {
-            self.dirty.insert(key.to_owned());
-        }
         if !self.cache.contains_key(key) {
             let state = match self.db.get_pinned(entity_key(key)).map_err(|e| self.rocks(e))? {
                 Some(bytes) => bincode::deserialize(&bytes).map_err(|e| StateError::Corrupt {
@@ -165,48 +209,95 @@ impl PartitionStore {
                 })?,
                 None => KeyState::default(),
             };
-            self.cache.insert(key.to_owned(), state);
+            self.cache.insert(key.to_owned(), Cached { state, dirty: false, pending: false });
         }
-        Ok(self.cache.get_mut(key).expect("present: inserted above"))
-    }
-
-    /// Writes every dirty key and the given next offsets and max event time in one synced
-    /// batch. After it returns, the state up to those offsets survives a crash.
-    pub fn flush(&mut self, offsets: &BTreeMap<String, i64>, max_time: Option<i64>) -> Result<usize, StateError> {
-        let mut batch = WriteBatch::default();
-        let n = self.dirty.len();
-        for key in self.dirty.drain() {
-            if let Some(state) = self.cache.get(&key) {
-                let bytes = bincode::serialize(state).map_err(|e| StateError::Corrupt {
-                    path: self.path.display().to_string(),
-                    key: key.clone(),
-                    detail: e.to_string(),
-                })?;
-                batch.put(entity_key(&key), bytes);
+        let c = self.cache.get_mut(key).expect("present: inserted above");
+        if c.pending {
+            c.pending = false;
+            if let Some(snap) = &mut self.snapshot {
+                put_state(&self.path, &mut snap.buf, &mut snap.batch, key, &c.state)?;
             }
         }
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(key.to_owned());
+        }
+        Ok(&mut c.state)
+    }
+
+    /// Starts a snapshot of every key changed since the last one, with the given next offsets
+    /// and max event time. False (and no snapshot) when nothing changed. `trim_allowed`: no
+    /// earlier snapshot is still unwritten, so the cache may shed clean entries.
+    pub fn begin_snapshot(
+        &mut self,
+        offsets: &BTreeMap<String, i64>,
+        max_time: Option<i64>,
+        trim_allowed: bool,
+    ) -> bool {
+        assert!(self.snapshot.is_none(), "one snapshot at a time");
+        if trim_allowed && self.cache.len() > self.max_cached_keys {
+            // Clean entries are durable (no snapshot is unwritten): only changed ones must stay.
+            self.cache.retain(|_, c| c.dirty);
+        }
+        let unchanged =
+            self.dirty.is_empty() && &self.offsets == offsets && (max_time.is_none() || max_time == self.max_time);
+        if unchanged {
+            return false;
+        }
+        let mut batch = WriteBatch::default();
         for (topic, off) in offsets {
             batch.put(format!("{OFFSET_PREFIX}{topic}"), off.to_be_bytes());
-            self.offsets.insert(topic.clone(), *off);
         }
+        self.offsets.clone_from(offsets);
         if let Some(t) = max_time {
             batch.put(MAX_TIME_KEY, t.to_be_bytes());
             self.max_time = Some(t);
         }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(|e| self.rocks(e))?;
-        if self.cache.len() > self.max_cached_keys {
-            self.cache.clear();
+        let keys = std::mem::take(&mut self.dirty);
+        for k in &keys {
+            if let Some(c) = self.cache.get_mut(k) {
+                c.dirty = false;
+                c.pending = true;
+            }
         }
-        Ok(n)
+        self.snapshot = Some(Snapshot { keys, next: 0, batch, buf: Vec::new() });
+        true
     }
 
-    /// Drops unflushed changes (after a failed commit the state is re-read from disk).
-    pub fn discard_unflushed(&mut self) {
-        for key in self.dirty.drain() {
-            self.cache.remove(&key);
+    /// Serialises up to `budget` keys of the running snapshot (decreasing it by the keys
+    /// visited); returns whether the snapshot is complete.
+    pub fn snapshot_step(&mut self, budget: &mut usize) -> Result<bool, StateError> {
+        let Some(snap) = &mut self.snapshot else { return Ok(true) };
+        let end = snap.next.saturating_add(*budget).min(snap.keys.len());
+        *budget -= end - snap.next;
+        for key in &snap.keys[snap.next..end] {
+            if let Some(c) = self.cache.get_mut(key) {
+                if c.pending {
+                    c.pending = false;
+                    put_state(&self.path, &mut snap.buf, &mut snap.batch, key, &c.state)?;
+                }
+            }
         }
+        snap.next = end;
+        Ok(snap.next >= snap.keys.len())
+    }
+
+    /// The completed snapshot (None when none is running). Call after `snapshot_step` returned
+    /// true.
+    pub fn finish_snapshot(&mut self) -> Option<FlushBatch> {
+        let snap = self.snapshot.take()?;
+        debug_assert!(snap.next >= snap.keys.len());
+        Some(FlushBatch { db: self.db.clone(), path: self.path.clone(), batch: snap.batch, keys: snap.keys.len() })
+    }
+
+    /// Snapshots and writes in one step (no other snapshot may be unwritten). After it returns,
+    /// the state up to `offsets` survives a crash. Returns the number of keys written.
+    pub fn flush(&mut self, offsets: &BTreeMap<String, i64>, max_time: Option<i64>) -> Result<usize, StateError> {
+        if !self.begin_snapshot(offsets, max_time, true) {
+            return Ok(0);
+        }
+        self.snapshot_step(&mut { usize::MAX })?;
+        self.finish_snapshot().map_or(Ok(0), FlushBatch::write)
     }
 
     /// Estimated live data size in bytes.
@@ -218,6 +309,37 @@ impl PartitionStore {
     /// Store directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The serialised changes of one store, written (synced) by whichever thread holds it.
+pub struct FlushBatch {
+    db: Arc<DB>,
+    path: PathBuf,
+    batch: WriteBatch,
+    keys: usize,
+}
+
+impl std::fmt::Debug for FlushBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlushBatch").field("path", &self.path).field("keys", &self.keys).finish()
+    }
+}
+
+impl FlushBatch {
+    /// Writes the batch with fsync; returns the number of keys in it.
+    pub fn write(self) -> Result<usize, StateError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .write_opt(self.batch, &wo)
+            .map_err(|source| StateError::Rocks { path: self.path.display().to_string(), source })?;
+        Ok(self.keys)
+    }
+
+    /// Serialised size in bytes.
+    pub fn size_bytes(&self) -> usize {
+        self.batch.size_in_bytes()
     }
 }
 
