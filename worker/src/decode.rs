@@ -6,21 +6,234 @@
 //!          └──────────── Rejected { reason, detail } (dead-lettered) ◄────────────────┘
 //! ```
 
-use serde_json::{Map, Value};
-use streamscore_crds::pipeline::{FieldType, PipelineConfig, TimeFormat};
+use std::borrow::Cow;
+
+use rustc_hash::FxHashMap;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use streamscore_crds::pipeline::{FieldRule, FieldType, PipelineConfig, TimeFormat};
 
 /// Event times outside [1970-01-01, 2200-01-01) are rejected as absurd.
 const MAX_EVENT_TIME_MS: i64 = 7_258_118_400_000;
 
-/// A decoded, validated event.
+/// Index of a field the pipeline reads, in [`Schema`] order.
+pub type FieldId = usize;
+
+/// The top-level fields the pipeline reads (key, event time, validated fields, feature
+/// inputs and filters, model inputs, passthrough), compiled once. Decoding keeps only these,
+/// borrowed from the record; every other field is skipped without being materialised.
+#[derive(Clone, Debug, Default)]
+pub struct Schema {
+    names: Vec<String>,
+    index: FxHashMap<String, FieldId>,
+    key: FieldId,
+    time: FieldId,
+    rules: Vec<(FieldId, FieldRule)>,
+}
+
+impl Schema {
+    /// The fields `cfg` reads.
+    pub fn new(cfg: &PipelineConfig) -> Self {
+        let mut s = Self::default();
+        s.key = s.intern(&cfg.source.key_field);
+        s.time = s.intern(&cfg.source.event_time.field);
+        for r in &cfg.validation.fields {
+            let id = s.intern(&r.name);
+            s.rules.push((id, r.clone()));
+        }
+        for w in &cfg.features.windows {
+            s.intern_all(w.field.iter().chain(w.filter.iter().map(|f| &f.field)));
+        }
+        for q in &cfg.features.sequences {
+            s.intern_all(std::iter::once(&q.field).chain(q.filter.iter().map(|f| &f.field)));
+        }
+        for f in &cfg.model.signature.features {
+            if let Some(field) = f.strip_prefix("event.") {
+                s.intern(field);
+            }
+        }
+        s.intern_all(cfg.postprocess.passthrough.iter());
+        s
+    }
+
+    /// A schema of just these fields (for feature tests).
+    pub fn of(names: &[&str]) -> Self {
+        let mut s = Self::default();
+        for n in names {
+            s.intern(n);
+        }
+        s
+    }
+
+    fn intern_all<'n>(&mut self, names: impl Iterator<Item = &'n String>) {
+        for n in names {
+            self.intern(n);
+        }
+    }
+
+    fn intern(&mut self, name: &str) -> FieldId {
+        if let Some(&id) = self.index.get(name) {
+            return id;
+        }
+        self.names.push(name.to_owned());
+        self.index.insert(name.to_owned(), self.names.len() - 1);
+        self.names.len() - 1
+    }
+
+    /// The id of `name`, if the pipeline reads it.
+    pub fn id(&self, name: &str) -> Option<FieldId> {
+        self.index.get(name).copied()
+    }
+
+    /// Field name of `id`.
+    pub fn name(&self, id: FieldId) -> &str {
+        &self.names[id]
+    }
+
+    /// Reads the schema's fields of a JSON object (other fields are skipped).
+    pub fn parse<'a>(&self, text: &'a str) -> Result<Fields<'a>, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let vals = FieldsSeed { schema: self }.deserialize(&mut de)?;
+        de.end()?;
+        Ok(Fields(vals))
+    }
+}
+
+/// A field's value, borrowed from the record where possible.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Event {
+pub enum Val<'a> {
+    /// `null`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// A number; `int` when written without fraction or exponent.
+    Num {
+        /// Value.
+        value: f64,
+        /// Written as an integer.
+        int: bool,
+    },
+    /// A string (unescaped).
+    Str(Cow<'a, str>),
+    /// An object or array.
+    Nested,
+}
+
+/// A field as read: its value and its exact JSON text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Field<'a> {
+    /// The value.
+    pub val: Val<'a>,
+    /// The JSON text of the value (copied verbatim into passthrough fields).
+    pub raw: &'a str,
+}
+
+impl<'a> Field<'a> {
+    fn from_raw(raw: &'a str) -> Result<Self, String> {
+        let raw = raw.trim();
+        let val = match raw.as_bytes().first() {
+            Some(b'"') if !raw.contains('\\') => Val::Str(Cow::Borrowed(&raw[1..raw.len() - 1])),
+            Some(b'"') => Val::Str(Cow::Owned(serde_json::from_str::<String>(raw).map_err(|e| e.to_string())?)),
+            Some(b't') => Val::Bool(true),
+            Some(b'f') => Val::Bool(false),
+            Some(b'n') => Val::Null,
+            Some(b'{' | b'[') => Val::Nested,
+            _ => Val::Num {
+                value: raw.parse().map_err(|_| format!("bad number {raw}"))?,
+                int: !raw.bytes().any(|b| matches!(b, b'.' | b'e' | b'E')),
+            },
+        };
+        Ok(Self { val, raw })
+    }
+
+    /// The number, if the value is one.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self.val {
+            Val::Num { value, .. } => Some(value),
+            _ => None,
+        }
+    }
+}
+
+/// The schema's fields of one event, by [`FieldId`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fields<'a>(Vec<Option<Field<'a>>>);
+
+impl<'a> Fields<'a> {
+    /// The field `id`, if present in the event.
+    pub fn get(&self, id: FieldId) -> Option<&Field<'a>> {
+        self.0.get(id).and_then(Option::as_ref)
+    }
+}
+
+struct FieldsSeed<'s> {
+    schema: &'s Schema,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldsSeed<'_> {
+    type Value = Vec<Option<Field<'de>>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldsSeed<'_> {
+    type Value = Vec<Option<Field<'de>>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut vals = vec![None; self.schema.names.len()];
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            match self.schema.index.get(k.as_ref()) {
+                Some(&id) => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    // Duplicate keys: the last one wins.
+                    vals[id] = Some(Field::from_raw(raw.get()).map_err(serde::de::Error::custom)?);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(vals)
+    }
+}
+
+/// An object key, borrowed unless it has escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A decoded, validated event, borrowing from the record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event<'a> {
     /// Entity key (text form of the key field).
-    pub key: String,
+    pub key: Cow<'a, str>,
     /// Event time, epoch milliseconds.
     pub time: i64,
-    /// The JSON object.
-    pub fields: Map<String, Value>,
+    /// The fields the pipeline reads.
+    pub fields: Fields<'a>,
 }
 
 /// Why a record was dead-lettered. The label values of the `reason` metric.
@@ -86,7 +299,7 @@ fn reject(reason: Reason, detail: impl Into<String>) -> Rejected {
 }
 
 /// Decodes and validates one record value.
-pub fn decode(cfg: &PipelineConfig, payload: Option<&[u8]>) -> Result<Event, Rejected> {
+pub fn decode<'a>(cfg: &PipelineConfig, schema: &Schema, payload: Option<&'a [u8]>) -> Result<Event<'a>, Rejected> {
     let bytes = payload.unwrap_or_default();
     if bytes.len() > cfg.source.max_record_bytes as usize {
         return Err(reject(
@@ -95,39 +308,42 @@ pub fn decode(cfg: &PipelineConfig, payload: Option<&[u8]>) -> Result<Event, Rej
         ));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| reject(Reason::NotUtf8, e.to_string()))?;
-    let fields = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err(reject(Reason::Malformed, "value is not a JSON object")),
+    let fields = match schema.parse(text) {
+        Ok(f) => f,
+        Err(e) if e.is_data() && !text.trim_start().starts_with('{') => {
+            return Err(reject(Reason::Malformed, "value is not a JSON object"))
+        }
         Err(e) => return Err(reject(Reason::Malformed, e.to_string())),
     };
-    let key = match fields.get(&cfg.source.key_field) {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(_) => {
-            return Err(reject(Reason::MissingKey, format!("{} is not a string or number", cfg.source.key_field)))
-        }
-        None => return Err(reject(Reason::MissingKey, format!("{} is missing", cfg.source.key_field))),
+    let key_field = &cfg.source.key_field;
+    let key = match fields.get(schema.key).map(|f| (&f.val, f.raw)) {
+        Some((Val::Str(s), _)) if !s.is_empty() => s.clone(),
+        Some((Val::Num { .. }, raw)) => Cow::Owned(
+            serde_json::from_str::<serde_json::Number>(raw).map_or_else(|_| raw.to_owned(), |n| n.to_string()),
+        ),
+        Some(_) => return Err(reject(Reason::MissingKey, format!("{key_field} is not a string or number"))),
+        None => return Err(reject(Reason::MissingKey, format!("{key_field} is missing"))),
     };
     let et = &cfg.source.event_time;
-    let time = match fields.get(&et.field) {
+    let time = match fields.get(schema.time) {
         None => return Err(reject(Reason::BadEventTime, format!("{} is missing", et.field))),
-        Some(v) => parse_time(v, et.format).map_err(|d| reject(Reason::BadEventTime, format!("{}: {d}", et.field)))?,
+        Some(f) => parse_time(f, et.format).map_err(|d| reject(Reason::BadEventTime, format!("{}: {d}", et.field)))?,
     };
     if !(0..MAX_EVENT_TIME_MS).contains(&time) {
         return Err(reject(Reason::BadEventTime, format!("{}: {time} ms is outside 1970..2200", et.field)));
     }
-    for rule in &cfg.validation.fields {
-        match fields.get(&rule.name) {
-            None | Some(Value::Null) if rule.required => {
+    for (id, rule) in &schema.rules {
+        match fields.get(*id).map(|f| &f.val) {
+            None | Some(Val::Null) if rule.required => {
                 return Err(reject(Reason::Invalid, format!("{} is required", rule.name)));
             }
-            None | Some(Value::Null) => {}
+            None | Some(Val::Null) => {}
             Some(v) => {
                 let ok = match rule.kind {
-                    FieldType::String => v.is_string(),
-                    FieldType::Number => v.is_number(),
-                    FieldType::Integer => v.is_i64() || v.is_u64(),
-                    FieldType::Boolean => v.is_boolean(),
+                    FieldType::String => matches!(v, Val::Str(_)),
+                    FieldType::Number => matches!(v, Val::Num { .. }),
+                    FieldType::Integer => matches!(v, Val::Num { int: true, value } if value.fract() == 0.0),
+                    FieldType::Boolean => matches!(v, Val::Bool(_)),
                 };
                 if !ok {
                     return Err(reject(Reason::Invalid, format!("{} must be of type {:?}", rule.name, rule.kind)));
@@ -138,20 +354,18 @@ pub fn decode(cfg: &PipelineConfig, payload: Option<&[u8]>) -> Result<Event, Rej
     Ok(Event { key, time, fields })
 }
 
-fn parse_time(v: &Value, format: TimeFormat) -> Result<i64, String> {
-    match (format, v) {
-        (TimeFormat::EpochMillis, Value::Number(n)) => {
-            n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)).ok_or_else(|| "not a number".into())
+fn parse_time(f: &Field<'_>, format: TimeFormat) -> Result<i64, String> {
+    match (format, &f.val) {
+        (TimeFormat::EpochMillis, Val::Num { value, int }) => {
+            Ok(if *int { f.raw.parse::<i64>().unwrap_or(*value as i64) } else { *value as i64 })
         }
-        (TimeFormat::EpochSeconds, Value::Number(n)) => {
-            n.as_f64().map(|f| (f * 1000.0).round() as i64).ok_or_else(|| "not a number".into())
-        }
-        (TimeFormat::Rfc3339, Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+        (TimeFormat::EpochSeconds, Val::Num { value, .. }) => Ok((value * 1000.0).round() as i64),
+        (TimeFormat::Rfc3339, Val::Str(s)) => chrono::DateTime::parse_from_rfc3339(s)
             .map(|d| d.timestamp_millis())
             .map_err(|e| format!("{s:?} is not RFC 3339: {e}")),
-        (TimeFormat::EpochMillis | TimeFormat::EpochSeconds, Value::String(s)) => {
-            let f: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-            Ok(if format == TimeFormat::EpochSeconds { (f * 1000.0).round() as i64 } else { f as i64 })
+        (TimeFormat::EpochMillis | TimeFormat::EpochSeconds, Val::Str(s)) => {
+            let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+            Ok(if format == TimeFormat::EpochSeconds { (v * 1000.0).round() as i64 } else { v as i64 })
         }
         _ => Err(format!("unexpected JSON type for {format:?}")),
     }
@@ -228,14 +442,27 @@ sink: {topic: out, deadLetterTopic: dlq}
     }
 
     fn reason(payload: &[u8]) -> Reason {
-        decode(&cfg(), Some(payload)).unwrap_err().reason
+        let cfg = cfg();
+        decode(&cfg, &Schema::new(&cfg), Some(payload)).unwrap_err().reason
     }
 
     #[test]
     fn good_event_decodes() {
-        let e = decode(&cfg(), Some(br#"{"user":"u1","ts":"2026-11-24T10:00:00.5Z","amount":3}"#)).unwrap();
+        let cfg = cfg();
+        let schema = Schema::new(&cfg);
+        let payload = br#"{"user":"u1","skipped":{"a":[1,2]},"ts":"2026-11-24T10:00:00.5Z","amount":3,"note":"a\"b"}"#;
+        let e = decode(&cfg, &schema, Some(payload)).unwrap();
         assert_eq!(e.key, "u1");
         assert_eq!(e.time, 1_795_514_400_500);
+        assert_eq!(e.fields.get(schema.id("amount").unwrap()).unwrap().val, Val::Num { value: 3.0, int: true });
+        assert_eq!(e.fields.get(schema.id("note").unwrap()).unwrap().val, Val::Str("a\"b".into()));
+        assert_eq!(e.fields.get(schema.id("note").unwrap()).unwrap().raw, r#""a\"b""#);
+        assert!(schema.id("skipped").is_none());
+        // A numeric key keeps its JSON number text; a later duplicate field wins.
+        let e =
+            decode(&cfg, &schema, Some(br#"{"user":42,"ts":"2026-11-24T10:00:00Z","amount":1,"amount":2.5}"#)).unwrap();
+        assert_eq!(e.key, "42");
+        assert_eq!(e.fields.get(schema.id("amount").unwrap()).unwrap().as_f64(), Some(2.5));
     }
 
     #[test]
@@ -251,7 +478,9 @@ sink: {topic: out, deadLetterTopic: dlq}
         assert_eq!(reason(br#"{"user":"u","ts":"2026-11-24T10:00:00Z"}"#), Reason::Invalid);
         assert_eq!(reason(br#"{"user":"u","ts":"2026-11-24T10:00:00Z","amount":"3"}"#), Reason::Invalid);
         assert_eq!(reason(br#"{"user":"u","ts":"2026-11-24T10:00:00Z","amount":3,"note":5}"#), Reason::Invalid);
-        assert_eq!(decode(&cfg(), None).unwrap_err().reason, Reason::Malformed);
+        assert_eq!(reason(br#"{"user":"u","ts":"2026-11-24T10:00:00Z","amount":1} trailing"#), Reason::Malformed);
+        let cfg = cfg();
+        assert_eq!(decode(&cfg, &Schema::new(&cfg), None).unwrap_err().reason, Reason::Malformed);
     }
 
     #[test]

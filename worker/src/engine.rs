@@ -11,13 +11,13 @@
 //! engine is tested with RocksDB in a temp dir and real models, without a broker.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use serde_json::{Map, Value};
 use streamscore_crds::pipeline::{LatePolicy, PipelineConfig};
 
-use crate::decode::{decode, Event, Reason, Watermark};
+use crate::decode::{decode, Event, FieldId, Reason, Schema, Watermark};
 use crate::features::{FeatureSet, FeatureValue, LastScore};
 use crate::metrics::Metrics;
 use crate::model::Model;
@@ -100,7 +100,14 @@ pub enum EngineError {
 
 enum RowSource {
     Feature(usize),
-    Field(String),
+    Field(FieldId),
+}
+
+/// JSON object key prefix `"name":`, escaped once.
+fn json_key(name: &str) -> Vec<u8> {
+    let mut k = serde_json::to_vec(name).unwrap_or_default();
+    k.push(b':');
+    k
 }
 
 struct PartitionCtx {
@@ -119,7 +126,14 @@ pub type Readers = Arc<RwLock<BTreeMap<i32, StoreReader>>>;
 /// The engine of one worker process.
 pub struct Engine {
     cfg: Arc<PipelineConfig>,
+    schema: Schema,
     features: FeatureSet,
+    /// Output JSON fragments: `"score":` per model output, `"feature":` per included feature,
+    /// (`"field":`, id) per passthrough field, the model version as a JSON string.
+    score_keys: Vec<Vec<u8>>,
+    feature_keys: Vec<Vec<u8>>,
+    passthrough: Vec<(Vec<u8>, FieldId)>,
+    version_json: Vec<u8>,
     model: Arc<Model>,
     rows: Vec<RowSource>,
     include: Vec<usize>,
@@ -140,21 +154,19 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-struct Pending {
+struct Pending<'a> {
     partition: i32,
-    event: Event,
+    event: Event<'a>,
     values: Vec<FeatureValue>,
     row: Vec<f32>,
-    topic: String,
-    offset: i64,
-    received: Instant,
-    timestamp: Option<i64>,
+    rec: &'a InRecord<'a>,
 }
 
 impl Engine {
     /// An engine with no partitions.
     pub fn new(cfg: Arc<PipelineConfig>, model: Arc<Model>, stores: StoreEnv, metrics: Arc<Metrics>) -> Self {
-        let features = FeatureSet::new(&cfg.features);
+        let schema = Schema::new(&cfg);
+        let features = FeatureSet::new(&cfg.features, &schema);
         let idx = |n: &str| features.names().iter().position(|x| x == n);
         let rows = cfg
             .model
@@ -162,16 +174,26 @@ impl Engine {
             .features
             .iter()
             .map(|f| match f.strip_prefix("event.") {
-                Some(field) => RowSource::Field(field.to_owned()),
+                Some(field) => RowSource::Field(schema.id(field).unwrap_or(usize::MAX)),
                 None => RowSource::Feature(idx(f).unwrap_or(usize::MAX)),
             })
             .collect();
-        let include = if cfg.postprocess.include_features.is_empty() {
+        let include: Vec<usize> = if cfg.postprocess.include_features.is_empty() {
             (0..features.names().len()).collect()
         } else {
             cfg.postprocess.include_features.iter().filter_map(|f| idx(f)).collect()
         };
+        let score_keys = model.score_names().map(json_key).collect();
+        let feature_keys = include.iter().map(|&i| json_key(&features.names()[i])).collect();
+        let passthrough =
+            cfg.postprocess.passthrough.iter().filter_map(|f| Some((json_key(f), schema.id(f)?))).collect();
+        let version_json = serde_json::to_vec(model.version()).unwrap_or_default();
         Self {
+            schema,
+            score_keys,
+            feature_keys,
+            passthrough,
+            version_json,
             ooo: cfg.source.max_out_of_orderness.as_millis_i64(),
             lateness: cfg.source.allowed_lateness.as_millis_i64(),
             cfg,
@@ -239,19 +261,24 @@ impl Engine {
     }
 
     /// Processes a batch; returns the records to write, in input order per partition.
-    pub fn process(&mut self, batch: &[InRecord<'_>]) -> Result<Vec<OutRecord>, EngineError> {
+    pub fn process<'a>(&mut self, batch: &'a [InRecord<'a>]) -> Result<Vec<OutRecord>, EngineError> {
         let mut out = Vec::with_capacity(batch.len());
-        let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+        let mut pending: Vec<Pending<'a>> = Vec::with_capacity(batch.len());
         for rec in batch {
             // A record of a partition revoked while it was in flight: the new owner processes it.
             let Some(ctx) = self.partitions.get_mut(&rec.partition) else { continue };
             self.metrics.records_in.inc();
-            if ctx.next_offsets.get(rec.topic).is_some_and(|&o| rec.offset < o) {
-                self.metrics.replay_skipped.inc();
-                continue;
+            match ctx.next_offsets.get_mut(rec.topic) {
+                Some(o) if rec.offset < *o => {
+                    self.metrics.replay_skipped.inc();
+                    continue;
+                }
+                Some(o) => *o = rec.offset + 1,
+                None => {
+                    ctx.next_offsets.insert(rec.topic.to_owned(), rec.offset + 1);
+                }
             }
-            ctx.next_offsets.insert(rec.topic.to_owned(), rec.offset + 1);
-            let event = match decode(&self.cfg, rec.payload) {
+            let event = match decode(&self.cfg, &self.schema, rec.payload) {
                 Ok(e) => e,
                 Err(rej) => {
                     out.push(dead_letter(rec, rej.reason, &rej.detail));
@@ -285,19 +312,10 @@ impl Engine {
                 .iter()
                 .map(|s| match s {
                     RowSource::Feature(i) => values.get(*i).map_or(0.0, FeatureValue::as_model_input),
-                    RowSource::Field(f) => event.fields.get(f).and_then(Value::as_f64).unwrap_or(0.0) as f32,
+                    RowSource::Field(f) => event.fields.get(*f).and_then(|f| f.as_f64()).unwrap_or(0.0) as f32,
                 })
                 .collect();
-            pending.push(Pending {
-                partition: rec.partition,
-                event,
-                values,
-                row,
-                topic: rec.topic.to_owned(),
-                offset: rec.offset,
-                received: rec.received,
-                timestamp: rec.timestamp,
-            });
+            pending.push(Pending { partition: rec.partition, event, values, row, rec });
         }
         if pending.is_empty() {
             return Ok(out);
@@ -312,76 +330,114 @@ impl Engine {
             Err(e) => {
                 // The model failed on this batch: dead-letter its records rather than stop.
                 for p in &pending {
-                    let bytes = serde_json::to_vec(&p.event.fields).unwrap_or_default();
-                    out.push(OutRecord::DeadLetter {
-                        key: Some(p.event.key.clone().into_bytes()),
-                        value: bytes,
-                        headers: headers(&p.topic, p.partition, p.offset, Reason::ScoringFailed, &e.to_string()),
-                    });
+                    out.push(dead_letter(p.rec, Reason::ScoringFailed, &e.to_string()));
                     self.metrics.dead_letter(Reason::ScoringFailed);
                 }
                 return Ok(out);
             }
         };
+        let cfg = Arc::clone(&self.cfg);
         for (p, s) in pending.into_iter().zip(scores) {
-            let (label, value) = self.postprocess(&p, &s);
+            let label = self.label(&s).map(|i| cfg.postprocess.labels[i].label.as_str());
+            let value = self.output_json(&p, &s, label);
             let ctx = self.partitions.get_mut(&p.partition).ok_or(EngineError::Unassigned(p.partition))?;
-            ctx.store.get_mut(&p.event.key)?.last_score = Some(LastScore {
-                event_time: p.event.time,
-                scores: self.model.score_names().map(str::to_owned).zip(s.iter().copied()).collect(),
-                label,
-                model_version: self.model.version().to_owned(),
-            });
+            let state = ctx.store.get_mut(&p.event.key)?;
+            let names = self.model.score_names();
+            match &mut state.last_score {
+                // Same shape as last time (the usual case): update in place, no allocation.
+                Some(l) if l.scores.len() == s.len() && l.model_version == self.model.version() => {
+                    l.event_time = p.event.time;
+                    for ((name, v), (n, x)) in l.scores.iter_mut().zip(names.zip(&s)) {
+                        if name != n {
+                            n.clone_into(name);
+                        }
+                        *v = *x;
+                    }
+                    if l.label.as_deref() != label {
+                        l.label = label.map(str::to_owned);
+                    }
+                }
+                last => {
+                    *last = Some(LastScore {
+                        event_time: p.event.time,
+                        scores: names.map(str::to_owned).zip(s.iter().copied()).collect(),
+                        label: label.map(str::to_owned),
+                        model_version: self.model.version().to_owned(),
+                    });
+                }
+            }
             out.push(OutRecord::Scored {
-                key: p.event.key,
+                key: p.event.key.into_owned(),
                 value,
-                received: p.received,
-                source_timestamp: p.timestamp,
+                received: p.rec.received,
+                source_timestamp: p.rec.timestamp,
             });
         }
         Ok(out)
     }
 
-    fn postprocess(&self, p: &Pending, scores: &[f64]) -> (Option<String>, Vec<u8>) {
+    /// The index of the label of the highest threshold the main score reaches.
+    fn label(&self, scores: &[f64]) -> Option<usize> {
         let pp = &self.cfg.postprocess;
-        let mut score_map = Map::new();
-        for (name, s) in self.model.score_names().zip(scores) {
-            score_map.insert(name.to_owned(), num(*s));
-        }
         let main = if pp.score.is_empty() {
             scores.first().copied()
         } else {
             self.model.score_names().position(|n| n == pp.score).and_then(|i| scores.get(i).copied())
-        };
-        let label = main.and_then(|m| {
-            pp.labels
-                .iter()
-                .filter(|l| m >= l.min_score)
-                .max_by(|a, b| a.min_score.total_cmp(&b.min_score))
-                .map(|l| l.label.clone())
-        });
-        let mut features = Map::new();
-        for &i in &self.include {
-            features.insert(self.features.names()[i].clone(), p.values[i].to_json());
+        }?;
+        pp.labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| main >= l.min_score)
+            .max_by(|(_, a), (_, b)| a.min_score.total_cmp(&b.min_score))
+            .map(|(i, _)| i)
+    }
+
+    /// The output record, written directly as JSON:
+    /// `{"key","eventTime","topic","partition","offset","scores":{..},"label","features":{..},
+    /// "fields":{..},"modelVersion"}`.
+    fn output_json(&self, p: &Pending<'_>, scores: &[f64], label: Option<&str>) -> Vec<u8> {
+        let mut o = Vec::with_capacity(384);
+        o.extend_from_slice(b"{\"key\":");
+        write_str(&mut o, &p.event.key);
+        let _ = write!(o, ",\"eventTime\":{},\"topic\":", p.event.time);
+        write_str(&mut o, p.rec.topic);
+        let _ = write!(o, ",\"partition\":{},\"offset\":{},\"scores\":{{", p.partition, p.rec.offset);
+        for (i, (k, s)) in self.score_keys.iter().zip(scores).enumerate() {
+            if i > 0 {
+                o.push(b',');
+            }
+            o.extend_from_slice(k);
+            write_f64(&mut o, *s);
         }
-        let mut fields = Map::new();
-        for f in &pp.passthrough {
-            if let Some(v) = p.event.fields.get(f) {
-                fields.insert(f.clone(), v.clone());
+        o.extend_from_slice(b"},\"label\":");
+        match label {
+            Some(l) => write_str(&mut o, l),
+            None => o.extend_from_slice(b"null"),
+        }
+        o.extend_from_slice(b",\"features\":{");
+        for (n, (k, &i)) in self.feature_keys.iter().zip(&self.include).enumerate() {
+            if n > 0 {
+                o.push(b',');
+            }
+            o.extend_from_slice(k);
+            p.values[i].write_json(&mut o);
+        }
+        o.extend_from_slice(b"},\"fields\":{");
+        let mut first = true;
+        for (k, id) in &self.passthrough {
+            if let Some(f) = p.event.fields.get(*id) {
+                if !first {
+                    o.push(b',');
+                }
+                first = false;
+                o.extend_from_slice(k);
+                o.extend_from_slice(f.raw.as_bytes());
             }
         }
-        let mut o = Map::new();
-        o.insert("key".into(), Value::String(p.event.key.clone()));
-        o.insert("eventTime".into(), Value::from(p.event.time));
-        o.insert("topic".into(), Value::String(p.topic.clone()));
-        o.insert("partition".into(), Value::from(p.partition));
-        o.insert("offset".into(), Value::from(p.offset));
-        o.insert("scores".into(), Value::Object(score_map));
-        o.insert("label".into(), label.clone().map_or(Value::Null, Value::String));
-        o.insert("features".into(), Value::Object(features));
-        o.insert("fields".into(), Value::Object(fields));
-        o.insert("modelVersion".into(), Value::String(self.model.version().to_owned()));
-        (label, serde_json::to_vec(&Value::Object(o)).unwrap_or_default())
+        o.extend_from_slice(b"},\"modelVersion\":");
+        o.extend_from_slice(&self.version_json);
+        o.push(b'}');
+        o
     }
 
     /// Makes the state of every owned partition durable up to the records processed so far.
@@ -464,8 +520,20 @@ impl Engine {
     }
 }
 
-fn num(x: f64) -> Value {
-    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+/// Writes `s` as a JSON string.
+pub(crate) fn write_str(o: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        o.push(b'"');
+        o.extend_from_slice(s.as_bytes());
+        o.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *o, s);
+    }
+}
+
+/// Writes `x` as a JSON number (`null` when not finite).
+pub(crate) fn write_f64(o: &mut Vec<u8>, x: f64) {
+    let _ = serde_json::to_writer(&mut *o, &x);
 }
 
 fn headers(topic: &str, partition: i32, offset: i64, reason: Reason, detail: &str) -> Vec<(&'static str, String)> {

@@ -21,11 +21,13 @@
 //! State per key is bounded: at most W/r + 1 buckets per window feature, plus the raw
 //! entries within (H, max event time], plus N (+ raw) entries per sequence.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use streamscore_crds::pipeline::{Aggregation, FeaturesConfig, Filter, SequenceFeature, WindowFeature};
+
+use crate::decode::{Field, FieldId, Fields, Schema, Val};
 
 /// A field value kept in state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,12 +39,12 @@ pub enum Scalar {
 }
 
 impl Scalar {
-    fn from_json(v: &Value) -> Option<Self> {
-        match v {
-            Value::Number(n) => n.as_f64().map(Scalar::Num),
-            Value::String(s) => Some(Scalar::Str(s.clone())),
-            Value::Bool(b) => Some(Scalar::Str(b.to_string())),
-            _ => None,
+    fn from_field(f: &Field<'_>) -> Option<Self> {
+        match &f.val {
+            Val::Num { value, .. } => Some(Scalar::Num(*value)),
+            Val::Str(s) => Some(Scalar::Str(s.as_ref().to_owned())),
+            Val::Bool(b) => Some(Scalar::Str(b.to_string())),
+            Val::Null | Val::Nested => None,
         }
     }
 
@@ -82,18 +84,36 @@ struct Entry {
     val: Scalar,
 }
 
-/// Aggregate of the events of one bucket.
+/// Aggregate of the events of one bucket. Kept small (56 bytes): `last` and distinct values
+/// live behind a pointer that only `last` and `distinctCount` features allocate.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Agg {
     count: u64,
     sum: f64,
     min: Option<f64>,
     max: Option<f64>,
+    extra: Option<Box<AggExtra>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct AggExtra {
     last: Option<(i64, u64, Scalar)>,
     distinct: BTreeSet<String>,
 }
 
+impl AggExtra {
+    fn offer_last(&mut self, time: i64, seq: u64, val: &Scalar) {
+        if self.last.as_ref().is_none_or(|(t, s, _)| (time, seq) > (*t, *s)) {
+            self.last = Some((time, seq, val.clone()));
+        }
+    }
+}
+
 impl Agg {
+    fn extra_mut(&mut self) -> &mut AggExtra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
     fn add(&mut self, e: &Entry, kind: Aggregation) {
         self.count += 1;
         match kind {
@@ -106,13 +126,9 @@ impl Agg {
                 }
             }
             Aggregation::DistinctCount => {
-                self.distinct.insert(e.val.text());
+                self.extra_mut().distinct.insert(e.val.text());
             }
-            Aggregation::Last => {
-                if self.last.as_ref().is_none_or(|(t, s, _)| (e.time, e.seq) > (*t, *s)) {
-                    self.last = Some((e.time, e.seq, e.val.clone()));
-                }
-            }
+            Aggregation::Last => self.extra_mut().offer_last(e.time, e.seq, &e.val),
         }
     }
 
@@ -125,24 +141,26 @@ impl Agg {
         if let Some(m) = o.max {
             self.max = Some(self.max.map_or(m, |x| x.max(m)));
         }
-        if let Some((t, s, v)) = &o.last {
-            if self.last.as_ref().is_none_or(|(lt, ls, _)| (*t, *s) > (*lt, *ls)) {
-                self.last = Some((*t, *s, v.clone()));
+        if let Some(ox) = &o.extra {
+            let x = self.extra_mut();
+            if let Some((t, s, v)) = &ox.last {
+                x.offer_last(*t, *s, v);
             }
+            x.distinct.extend(ox.distinct.iter().cloned());
         }
-        self.distinct.extend(o.distinct.iter().cloned());
     }
 
     fn value(&self, kind: Aggregation) -> FeatureValue {
         let n = |x: f64| FeatureValue::Num(x);
+        let extra = self.extra.as_deref();
         match kind {
             Aggregation::Count => n(self.count as f64),
             Aggregation::Sum => n(self.sum),
             Aggregation::Avg => n(if self.count == 0 { 0.0 } else { self.sum / self.count as f64 }),
             Aggregation::Min => n(self.min.unwrap_or(0.0)),
             Aggregation::Max => n(self.max.unwrap_or(0.0)),
-            Aggregation::DistinctCount => n(self.distinct.len() as f64),
-            Aggregation::Last => match &self.last {
+            Aggregation::DistinctCount => n(extra.map_or(0, |x| x.distinct.len()) as f64),
+            Aggregation::Last => match extra.and_then(|x| x.last.as_ref()) {
                 Some((_, _, Scalar::Num(x))) => n(*x),
                 Some((_, _, Scalar::Str(s))) => FeatureValue::Text(s.clone()),
                 None => FeatureValue::Null,
@@ -183,11 +201,34 @@ impl FeatureValue {
             FeatureValue::Null => Value::Null,
         }
     }
+
+    /// Appends the JSON form to `o` (same text as [`FeatureValue::to_json`]).
+    pub fn write_json(&self, o: &mut Vec<u8>) {
+        match self {
+            FeatureValue::Num(x) => crate::engine::write_f64(o, *x),
+            FeatureValue::Text(s) => crate::engine::write_str(o, s),
+            FeatureValue::Seq(v) => {
+                o.push(b'[');
+                for (i, x) in v.iter().enumerate() {
+                    if i > 0 {
+                        o.push(b',');
+                    }
+                    match x {
+                        Scalar::Num(n) => crate::engine::write_f64(o, *n),
+                        Scalar::Str(s) => crate::engine::write_str(o, s),
+                    }
+                }
+                o.push(b']');
+            }
+            FeatureValue::Null => o.extend_from_slice(b"null"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct WindowState {
-    buckets: BTreeMap<i64, Agg>,
+    /// (bucket number, aggregate), sorted by bucket number.
+    buckets: Vec<(i64, Agg)>,
     /// Sorted by (time, seq); every entry is newer than the horizon at its last compaction.
     raw: Vec<Entry>,
 }
@@ -228,27 +269,66 @@ fn floor_div(a: i64, b: i64) -> i64 {
     a.div_euclid(b)
 }
 
-/// Compiled feature definitions (resolutions in ms, filters ready).
+/// Where a feature reads its input: the field, and the filter's field and accepted values.
+#[derive(Clone, Debug)]
+struct Input {
+    field: Option<FieldId>,
+    filter: Option<(FieldId, Vec<String>)>,
+}
+
+impl Input {
+    fn new(schema: &Schema, field: Option<&str>, filter: Option<&Filter>) -> Self {
+        // A name the schema lacks never matches (the schema is built from the same config).
+        let id = |n: &str| schema.id(n).unwrap_or(usize::MAX);
+        Self { field: field.map(id), filter: filter.map(|f| (id(&f.field), f.one_of.clone())) }
+    }
+
+    fn matches(&self, fields: &Fields<'_>) -> bool {
+        let Some((id, one_of)) = &self.filter else { return true };
+        match fields.get(*id).map(|f| &f.val) {
+            Some(Val::Str(s)) => one_of.iter().any(|x| x == s),
+            Some(Val::Bool(b)) => one_of.iter().any(|x| x == if *b { "true" } else { "false" }),
+            Some(Val::Num { value, .. }) => one_of.contains(&format_num(*value)),
+            _ => false,
+        }
+    }
+
+    fn field<'f, 'a>(&self, fields: &'f Fields<'a>) -> Option<&'f Field<'a>> {
+        fields.get(self.field?)
+    }
+}
+
+/// Compiled feature definitions (resolutions in ms, inputs resolved to field ids).
 #[derive(Clone, Debug)]
 pub struct FeatureSet {
-    windows: Vec<(WindowFeature, i64, i64)>,
-    sequences: Vec<(SequenceFeature, i64)>,
+    windows: Vec<(WindowFeature, i64, i64, Input)>,
+    sequences: Vec<(SequenceFeature, i64, Input)>,
     names: Vec<String>,
 }
 
 impl FeatureSet {
-    /// Compiles the configured features.
-    pub fn new(cfg: &FeaturesConfig) -> Self {
+    /// Compiles the configured features; `schema` gives the ids of the fields they read.
+    pub fn new(cfg: &FeaturesConfig, schema: &Schema) -> Self {
         let windows: Vec<_> = cfg
             .windows
             .iter()
-            .map(|w| (w.clone(), w.window.as_millis_i64().max(1), w.effective_resolution().as_millis_i64().max(1)))
+            .map(|w| {
+                let (win, res) = (w.window.as_millis_i64().max(1), w.effective_resolution().as_millis_i64().max(1));
+                (w.clone(), win, res, Input::new(schema, w.field.as_deref(), w.filter.as_ref()))
+            })
             .collect();
-        let sequences: Vec<_> = cfg.sequences.iter().map(|s| (s.clone(), s.lookback.as_millis_i64().max(1))).collect();
+        let sequences: Vec<_> = cfg
+            .sequences
+            .iter()
+            .map(|s| {
+                let input = Input::new(schema, Some(&s.field), s.filter.as_ref());
+                (s.clone(), s.lookback.as_millis_i64().max(1), input)
+            })
+            .collect();
         let names = windows
             .iter()
-            .map(|(w, _, _)| w.name.clone())
-            .chain(sequences.iter().map(|(s, _)| s.name.clone()))
+            .map(|(w, ..)| w.name.clone())
+            .chain(sequences.iter().map(|(s, ..)| s.name.clone()))
             .collect();
         Self { windows, sequences, names }
     }
@@ -261,23 +341,23 @@ impl FeatureSet {
     /// Applies an accepted (not late) event with event time `t` to `state` and returns every
     /// feature's value as of `t`. `horizon` is the partition watermark minus the allowed
     /// lateness *after* this event: no later event will have an event time below it.
-    pub fn apply(&self, state: &mut KeyState, t: i64, fields: &Map<String, Value>, horizon: i64) -> Vec<FeatureValue> {
+    pub fn apply(&self, state: &mut KeyState, t: i64, fields: &Fields<'_>, horizon: i64) -> Vec<FeatureValue> {
         state.windows.resize_with(self.windows.len(), WindowState::default);
         state.sequences.resize_with(self.sequences.len(), SeqState::default);
         let seq = state.next_seq;
         state.next_seq += 1;
         state.max_time = Some(state.max_time.map_or(t, |m| m.max(t)));
         let mut out = Vec::with_capacity(self.names.len());
-        for ((def, w, r), ws) in self.windows.iter().zip(state.windows.iter_mut()) {
-            if let Some(val) = window_input(def, fields) {
+        for ((def, w, r, input), ws) in self.windows.iter().zip(state.windows.iter_mut()) {
+            if let Some(val) = window_input(def.aggregation, input, fields) {
                 insert_sorted(&mut ws.raw, Entry { time: t, seq, val });
             }
             compact_window(ws, def.aggregation, *w, *r, horizon);
             out.push(eval_window(ws, def.aggregation, *w, *r, t));
         }
-        for ((def, l), ss) in self.sequences.iter().zip(state.sequences.iter_mut()) {
-            if matches_filter(def.filter.as_ref(), fields) {
-                if let Some(val) = fields.get(&def.field).and_then(Scalar::from_json) {
+        for ((def, l, input), ss) in self.sequences.iter().zip(state.sequences.iter_mut()) {
+            if input.matches(fields) {
+                if let Some(val) = input.field(fields).and_then(Scalar::from_field) {
                     insert_sorted(&mut ss.entries, Entry { time: t, seq, val });
                 }
             }
@@ -292,43 +372,27 @@ impl FeatureSet {
         let empty_w = WindowState::default();
         let empty_s = SeqState::default();
         let mut out = Vec::with_capacity(self.names.len());
-        for (i, (def, w, r)) in self.windows.iter().enumerate() {
+        for (i, (def, w, r, _)) in self.windows.iter().enumerate() {
             out.push(eval_window(state.windows.get(i).unwrap_or(&empty_w), def.aggregation, *w, *r, t));
         }
-        for (i, (def, l)) in self.sequences.iter().enumerate() {
+        for (i, (def, l, _)) in self.sequences.iter().enumerate() {
             out.push(eval_sequence(state.sequences.get(i).unwrap_or(&empty_s), def.length as usize, *l, t));
         }
         out
     }
 }
 
-fn matches_filter(f: Option<&Filter>, fields: &Map<String, Value>) -> bool {
-    let Some(f) = f else { return true };
-    match fields.get(&f.field).and_then(Scalar::from_json) {
-        Some(v) => {
-            let text = v.text();
-            f.one_of.contains(&text)
-        }
-        None => false,
-    }
-}
-
 /// The value a window feature records for an event, or None when the event does not count.
-fn window_input(def: &WindowFeature, fields: &Map<String, Value>) -> Option<Scalar> {
-    if !matches_filter(def.filter.as_ref(), fields) {
+fn window_input(kind: Aggregation, input: &Input, fields: &Fields<'_>) -> Option<Scalar> {
+    if !input.matches(fields) {
         return None;
     }
-    match def.aggregation {
+    match kind {
         Aggregation::Count => Some(Scalar::Num(1.0)),
         Aggregation::Sum | Aggregation::Avg | Aggregation::Min | Aggregation::Max => {
-            match fields.get(def.field.as_deref().unwrap_or_default()) {
-                Some(Value::Number(n)) => n.as_f64().map(Scalar::Num),
-                _ => None,
-            }
+            input.field(fields).and_then(Field::as_f64).map(Scalar::Num)
         }
-        Aggregation::DistinctCount | Aggregation::Last => {
-            fields.get(def.field.as_deref().unwrap_or_default()).and_then(Scalar::from_json)
-        }
+        Aggregation::DistinctCount | Aggregation::Last => input.field(fields).and_then(Scalar::from_field),
     }
 }
 
@@ -346,23 +410,35 @@ fn compact_window(ws: &mut WindowState, kind: Aggregation, w: i64, r: i64, horiz
     let n = ws.raw.partition_point(|e| e.time <= horizon);
     if n > 0 {
         for e in ws.raw.drain(..n) {
-            ws.buckets.entry(floor_div(e.time, r)).or_default().add(&e, kind);
+            let b = floor_div(e.time, r);
+            // Entries leave the raw list in time order: the bucket is almost always the last.
+            let i = match ws.buckets.last() {
+                Some((last, _)) if *last == b => ws.buckets.len() - 1,
+                _ => match ws.buckets.binary_search_by_key(&b, |(k, _)| *k) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        ws.buckets.insert(i, (b, Agg::default()));
+                        i
+                    }
+                },
+            };
+            ws.buckets[i].1.add(&e, kind);
         }
     }
     // Buckets below the earliest window start any future event (t >= horizon) can have.
     let keep_from = floor_div(window_start(horizon, w, r), r);
-    while let Some((&b, _)) = ws.buckets.first_key_value() {
-        if b >= keep_from {
-            break;
-        }
-        ws.buckets.pop_first();
+    let dead = ws.buckets.partition_point(|(b, _)| *b < keep_from);
+    if dead > 0 {
+        ws.buckets.drain(..dead);
     }
 }
 
 fn eval_window(ws: &WindowState, kind: Aggregation, w: i64, r: i64, t: i64) -> FeatureValue {
     let s = window_start(t, w, r);
     let mut agg = Agg::default();
-    for (_, b) in ws.buckets.range(floor_div(s, r)..=floor_div(t, r)) {
+    let (lo, hi) = (floor_div(s, r), floor_div(t, r));
+    let from = ws.buckets.partition_point(|(b, _)| *b < lo);
+    for (_, b) in ws.buckets[from..].iter().take_while(|(b, _)| *b <= hi) {
         agg.merge(b);
     }
     let lo = ws.raw.partition_point(|e| e.time < s);
@@ -414,11 +490,17 @@ mod tests {
         }
     }
 
-    fn ev(amount: f64, action: &str) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("amount".into(), serde_json::json!(amount));
-        m.insert("action".into(), serde_json::json!(action));
-        m
+    fn schema() -> Schema {
+        Schema::of(&["amount", "action"])
+    }
+
+    fn set(cfg: FeaturesConfig) -> FeatureSet {
+        FeatureSet::new(&cfg, &schema())
+    }
+
+    fn ev(amount: f64, action: &str) -> Fields<'static> {
+        let text = serde_json::json!({"amount": amount, "action": action, "other": [1]}).to_string();
+        schema().parse(Box::leak(text.into_boxed_str())).unwrap()
     }
 
     /// Reference: recompute from the full event list with the documented rule.
@@ -447,7 +529,7 @@ mod tests {
 
     #[test]
     fn trailing_window_excludes_events_at_exactly_t_minus_w() {
-        let fs = FeatureSet::new(&FeaturesConfig {
+        let fs = set(FeaturesConfig {
             windows: vec![win("c", Aggregation::Count, None, 1000, Some(1), None)],
             sequences: vec![],
         });
@@ -461,7 +543,7 @@ mod tests {
 
     #[test]
     fn out_of_order_event_does_not_see_later_events() {
-        let fs = FeatureSet::new(&FeaturesConfig {
+        let fs = set(FeaturesConfig {
             windows: vec![win("s", Aggregation::Sum, Some("amount"), 10_000, Some(1_000), None)],
             sequences: vec![],
         });
@@ -475,7 +557,7 @@ mod tests {
 
     #[test]
     fn sequence_keeps_last_n_by_event_time_within_lookback() {
-        let fs = FeatureSet::new(&FeaturesConfig {
+        let fs = set(FeaturesConfig {
             windows: vec![],
             sequences: vec![SequenceFeature {
                 name: "acts".into(),
@@ -514,7 +596,7 @@ mod tests {
             win("dc", Aggregation::DistinctCount, Some("action"), 40_000, Some(5_000), None),
             win("last", Aggregation::Last, Some("action"), 15_000, Some(2_000), None),
         ];
-        let fs = FeatureSet::new(&FeaturesConfig { windows: defs.clone(), sequences: vec![] });
+        let fs = set(FeaturesConfig { windows: defs.clone(), sequences: vec![] });
         let ooo = 3_000;
         let lateness = 1_000;
         for seed in 0..20 {
@@ -547,7 +629,7 @@ mod tests {
 
     #[test]
     fn state_stays_bounded_for_long_windows() {
-        let fs = FeatureSet::new(&FeaturesConfig {
+        let fs = set(FeaturesConfig {
             windows: vec![win("c30d", Aggregation::Count, None, 30 * 86_400_000, None, None)],
             sequences: vec![SequenceFeature {
                 name: "s".into(),

@@ -18,3 +18,21 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod state;
+
+/// mimalloc returns freed memory to the OS after 10 ms by default; the data plane then pays
+/// for zeroing fresh (huge) pages again and again (~25% of the engine's time in `perf`,
+/// BENCHMARKS.md). Unless `MIMALLOC_PURGE_DELAY` is already set, this re-executes the
+/// current program with it set to -1 (keep freed memory for reuse; the resident size stays at
+/// its peak, which the state cache bounds). mimalloc reads its options when the process
+/// starts, so an environment variable (set here without `unsafe`) is the only way in.
+pub fn tune_allocator() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let err =
+        std::process::Command::new(exe).args(std::env::args_os().skip(1)).env("MIMALLOC_PURGE_DELAY", "-1").exec();
+    // Only reached when exec failed: carry on with the defaults.
+    eprintln!("streamscore: could not re-execute with MIMALLOC_PURGE_DELAY=-1: {err}");
+}

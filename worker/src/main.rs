@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+use streamscore_worker::decode::Schema;
 use streamscore_worker::engine::Engine;
 use streamscore_worker::features::FeatureSet;
 use streamscore_worker::http::{router, AppState};
@@ -19,8 +20,9 @@ use streamscore_worker::{config, engine};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-// mimalloc: the data plane allocates many small, short-lived objects per event (JSON values,
-// keys); glibc malloc spent ~40% of the engine's time on them (perf, BENCHMARKS.md).
+// mimalloc: the data plane allocates many small, short-lived objects per event (keys, feature
+// values, output buffers); glibc malloc spent ~40% of the engine's time on them (perf,
+// BENCHMARKS.md). See `tune_allocator` for its one option.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -43,6 +45,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    streamscore_worker::tune_allocator();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if args.log_format == "json" {
@@ -71,7 +74,7 @@ fn run(args: Args) -> Result<(), String> {
     let cancel = CancellationToken::new();
     let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::new());
-    let features = Arc::new(FeatureSet::new(&cfg.features));
+    let features = Arc::new(FeatureSet::new(&cfg.features, &Schema::new(&cfg)));
     let readers: engine::Readers = Arc::default();
     let app = router(AppState { health: health.clone(), metrics: metrics.clone(), readers: readers.clone(), features });
     let listen = cfg.runtime.http_listen.clone();

@@ -36,6 +36,20 @@ pub enum StateError {
         /// Cause.
         source: rocksdb::Error,
     },
+    /// The store was written in another state format.
+    #[error(
+        "state store {path}: written in state format {found}, this worker reads format {expected}; \
+         restore the matching worker version or delete the store (the partition is then rebuilt from \
+         the input topic's retained events)"
+    )]
+    Format {
+        /// Store directory.
+        path: String,
+        /// Format found ("unversioned" for stores older than the marker).
+        found: String,
+        /// Format this build reads.
+        expected: u32,
+    },
     /// A stored value could not be decoded.
     #[error("state store {path}: corrupt value for {key:?}: {detail}")]
     Corrupt {
@@ -151,6 +165,9 @@ fn put_state(
 }
 
 const OFFSET_PREFIX: &str = "m/offset/";
+const FORMAT_KEY: &str = "m/format";
+/// Layout of the values under `k/` (bincode of `KeyState`). Bump on any change to it.
+pub const STATE_FORMAT: u32 = 2;
 const MAX_TIME_KEY: &str = "m/max_time";
 
 fn entity_key(key: &str) -> Vec<u8> {
@@ -165,7 +182,27 @@ impl PartitionStore {
         StateError::Rocks { path: self.path.display().to_string(), source }
     }
 
+    fn check_format(&self) -> Result<(), StateError> {
+        let found = match self.db.get(FORMAT_KEY).map_err(|e| self.rocks(e))? {
+            Some(v) => <[u8; 4]>::try_from(&v[..])
+                .map_or_else(|_| "unreadable".to_owned(), |a| u32::from_be_bytes(a).to_string()),
+            None => {
+                let empty = self.db.iterator(rocksdb::IteratorMode::Start).next().is_none();
+                if empty {
+                    self.db.put(FORMAT_KEY, STATE_FORMAT.to_be_bytes()).map_err(|e| self.rocks(e))?;
+                    return Ok(());
+                }
+                "unversioned".to_owned()
+            }
+        };
+        if found == STATE_FORMAT.to_string() {
+            return Ok(());
+        }
+        Err(StateError::Format { path: self.path.display().to_string(), found, expected: STATE_FORMAT })
+    }
+
     fn load_meta(&mut self) -> Result<(), StateError> {
+        self.check_format()?;
         let iter = self.db.prefix_iterator(OFFSET_PREFIX.as_bytes());
         for item in iter {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
@@ -384,5 +421,42 @@ mod tests {
         assert_eq!(s.get_mut("u2").unwrap().max_time, None);
         assert_eq!(s.reader().get("u1").unwrap().max_time, Some(42));
         assert!(s.path().ends_with("partition-3"));
+    }
+
+    #[test]
+    fn a_snapshot_holds_each_key_as_of_its_offsets_while_processing_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = StoreEnv::new(dir.path(), 1 << 20, 10);
+        let mut s = env.open(0).unwrap();
+        for k in ["a", "b", "c"] {
+            s.get_mut(k).unwrap().max_time = Some(1);
+        }
+        assert!(s.begin_snapshot(&BTreeMap::from([("in".to_string(), 3)]), Some(1), true));
+        let mut budget = 1;
+        assert!(!s.snapshot_step(&mut budget).unwrap());
+        // Changes after the snapshot began (copy-on-write for "b" and "c", a new key "d").
+        for k in ["b", "c", "d"] {
+            s.get_mut(k).unwrap().max_time = Some(2);
+        }
+        assert!(s.snapshot_step(&mut { usize::MAX }).unwrap());
+        s.finish_snapshot().unwrap().write().unwrap();
+        drop(s);
+        let mut s = env.open(0).unwrap();
+        assert_eq!(s.stored_offset("in"), Some(3));
+        for k in ["a", "b", "c"] {
+            assert_eq!(s.get_mut(k).unwrap().max_time, Some(1), "{k}");
+        }
+        assert_eq!(s.get_mut("d").unwrap().max_time, None);
+    }
+
+    #[test]
+    fn a_store_in_another_format_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = DB::open_default(dir.path().join("partition-1")).unwrap();
+            db.put(b"k/u1", b"old layout").unwrap();
+        }
+        let err = StoreEnv::new(dir.path(), 1 << 20, 10).open(1).unwrap_err().to_string();
+        assert!(err.contains("written in state format unversioned") && err.contains("format 2"), "{err}");
     }
 }

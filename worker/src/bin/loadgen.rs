@@ -114,6 +114,7 @@ impl Gen {
 }
 
 fn main() -> anyhow::Result<()> {
+    streamscore_worker::tune_allocator();
     let args = Args::parse();
     match args.cmd {
         Cmd::Gen { bootstrap, topic, count, users, rate, malformed_every, seed } => {
