@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use streamscore_crds::pipeline::{Aggregation, FeaturesConfig, Filter, SequenceFeature, WindowFeature};
 
+use crate::emitted::OpenWindows;
+
 /// A field value kept in state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Scalar {
@@ -76,16 +78,16 @@ fn num_json(n: f64) -> Value {
 
 /// One event as kept in a feature's raw list.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Entry {
-    time: i64,
-    seq: u64,
-    val: Scalar,
+pub(crate) struct Entry {
+    pub(crate) time: i64,
+    pub(crate) seq: u64,
+    pub(crate) val: Scalar,
 }
 
-/// Aggregate of the events of one bucket.
+/// Aggregate of the events of one bucket (or of one emitted window).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-struct Agg {
-    count: u64,
+pub(crate) struct Agg {
+    pub(crate) count: u64,
     sum: f64,
     min: Option<f64>,
     max: Option<f64>,
@@ -94,7 +96,7 @@ struct Agg {
 }
 
 impl Agg {
-    fn add(&mut self, e: &Entry, kind: Aggregation) {
+    pub(crate) fn add(&mut self, e: &Entry, kind: Aggregation) {
         self.count += 1;
         match kind {
             Aggregation::Count => {}
@@ -133,7 +135,7 @@ impl Agg {
         self.distinct.extend(o.distinct.iter().cloned());
     }
 
-    fn value(&self, kind: Aggregation) -> FeatureValue {
+    pub(crate) fn value(&self, kind: Aggregation) -> FeatureValue {
         let n = |x: f64| FeatureValue::Num(x);
         match kind {
             Aggregation::Count => n(self.count as f64),
@@ -221,6 +223,10 @@ pub struct KeyState {
     pub max_time: Option<i64>,
     /// Last score produced for this key.
     pub last_score: Option<LastScore>,
+    /// Open emitted windows. Stored by `crate::state` as a section after the rest, so that
+    /// state written before emitted windows existed still loads.
+    #[serde(skip)]
+    pub(crate) open_windows: OpenWindows,
 }
 
 /// Floor division for event-time arithmetic.
@@ -315,19 +321,30 @@ fn matches_filter(f: Option<&Filter>, fields: &Map<String, Value>) -> bool {
 
 /// The value a window feature records for an event, or None when the event does not count.
 fn window_input(def: &WindowFeature, fields: &Map<String, Value>) -> Option<Scalar> {
-    if !matches_filter(def.filter.as_ref(), fields) {
+    aggregation_input(def.aggregation, def.field.as_deref(), def.filter.as_ref(), fields)
+}
+
+/// The value an aggregation over `field` records for an event, or None when the event does
+/// not count (filter not matched, field missing or of the wrong type).
+pub(crate) fn aggregation_input(
+    aggregation: Aggregation,
+    field: Option<&str>,
+    filter: Option<&Filter>,
+    fields: &Map<String, Value>,
+) -> Option<Scalar> {
+    if !matches_filter(filter, fields) {
         return None;
     }
-    match def.aggregation {
+    match aggregation {
         Aggregation::Count => Some(Scalar::Num(1.0)),
         Aggregation::Sum | Aggregation::Avg | Aggregation::Min | Aggregation::Max => {
-            match fields.get(def.field.as_deref().unwrap_or_default()) {
+            match fields.get(field.unwrap_or_default()) {
                 Some(Value::Number(n)) => n.as_f64().map(Scalar::Num),
                 _ => None,
             }
         }
         Aggregation::DistinctCount | Aggregation::Last => {
-            fields.get(def.field.as_deref().unwrap_or_default()).and_then(Scalar::from_json)
+            fields.get(field.unwrap_or_default()).and_then(Scalar::from_json)
         }
     }
 }
@@ -450,6 +467,7 @@ mod tests {
         let fs = FeatureSet::new(&FeaturesConfig {
             windows: vec![win("c", Aggregation::Count, None, 1000, Some(1), None)],
             sequences: vec![],
+            ..Default::default()
         });
         let mut st = KeyState::default();
         let e = ev(1.0, "a");
@@ -464,6 +482,7 @@ mod tests {
         let fs = FeatureSet::new(&FeaturesConfig {
             windows: vec![win("s", Aggregation::Sum, Some("amount"), 10_000, Some(1_000), None)],
             sequences: vec![],
+            ..Default::default()
         });
         let mut st = KeyState::default();
         fs.apply(&mut st, 5_000, &ev(10.0, "a"), 0);
@@ -484,6 +503,7 @@ mod tests {
                 lookback: Duration::from_millis(1_000),
                 filter: None,
             }],
+            ..Default::default()
         });
         let mut st = KeyState::default();
         for (t, a) in [(100, "a"), (200, "b"), (300, "c"), (250, "d")] {
@@ -514,7 +534,7 @@ mod tests {
             win("dc", Aggregation::DistinctCount, Some("action"), 40_000, Some(5_000), None),
             win("last", Aggregation::Last, Some("action"), 15_000, Some(2_000), None),
         ];
-        let fs = FeatureSet::new(&FeaturesConfig { windows: defs.clone(), sequences: vec![] });
+        let fs = FeatureSet::new(&FeaturesConfig { windows: defs.clone(), sequences: vec![], ..Default::default() });
         let ooo = 3_000;
         let lateness = 1_000;
         for seed in 0..20 {
@@ -556,6 +576,7 @@ mod tests {
                 lookback: Duration::from_millis(90 * 86_400_000),
                 filter: None,
             }],
+            ..Default::default()
         });
         let mut st = KeyState::default();
         let mut t = 0i64;
