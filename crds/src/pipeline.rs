@@ -716,8 +716,12 @@ fn check_field(aggregation: Aggregation, field: Option<&str>, path: &str, errs: 
 /// An emitted window named as a model input or an included feature gets a clearer message.
 fn explain_emitted_references(c: &PipelineConfig, errs: &mut [ConfigError]) {
     let refs = c.model.signature.features.iter().enumerate().map(|(i, f)| (format!("model.features[{i}]"), f));
-    let included =
-        c.postprocess.include_features.iter().enumerate().map(|(i, f)| (format!("postprocess.includeFeatures[{i}]"), f));
+    let included = c
+        .postprocess
+        .include_features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (format!("postprocess.includeFeatures[{i}]"), f));
     for (field, name) in refs.chain(included) {
         if !c.features.emitted.iter().any(|e| e.name == *name) {
             continue;
