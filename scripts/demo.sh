@@ -67,6 +67,7 @@ declare -A IN=([payments]=payments [recs]=clicks)
 for ns in payments recs; do
   in=${IN[$ns]}
   topic "$in" 4; topic "$in-scored" 4; topic "$in-dlq" 1
+  if [[ $ns == payments ]]; then topic payments-features 4; fi
   kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl -n "$ns" create configmap "${CM[$ns]}" --from-file=model.onnx="models/${MODEL[$ns]}.onnx" \
     --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null

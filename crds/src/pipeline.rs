@@ -19,6 +19,12 @@
 //!   start lies in (floor((t−W)/r)·r, t]. With r = 1 ms the rule is exact.
 //! - A sequence feature holds the last N values, ordered by event time (ties by arrival),
 //!   of events with event time in (t − lookback, t].
+//! - An emitted window (`features.emitted`) of size S and advance A is aligned to the Unix
+//!   epoch: window k covers event times [k·A, k·A + S). Every accepted event of a key counts
+//!   in every window of that key containing its event time. A key's window is written once to
+//!   `sink.featureTopic` when the partition's horizon (watermark − `allowedLateness`) reaches
+//!   its end: from then on no accepted event can fall into it. Windows without events are not
+//!   written. Emitted windows are not model inputs.
 //! - Watermark per partition = max event time seen − `maxOutOfOrderness`. An event is late
 //!   when its event time is below watermark − `allowedLateness`; late events go to the
 //!   dead-letter topic with reason `late` (or are dropped, per `lateEvents`) and never change
@@ -220,6 +226,51 @@ pub struct FeaturesConfig {
     /// Last-N value sequences within a lookback.
     #[serde(default)]
     pub sequences: Vec<SequenceFeature>,
+    /// Tumbling or hopping window aggregates written to `sink.featureTopic` when each window
+    /// closes (not model inputs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emitted: Vec<EmittedWindow>,
+}
+
+/// Largest number of windows of one emitted feature that contain a given instant (size ÷ advance).
+pub const MAX_WINDOWS_PER_EVENT: u64 = 1000;
+
+/// A windowed aggregate written to `sink.featureTopic` when its window closes, e.g. "spend per
+/// user per hour". Windows are aligned to the Unix epoch: window k covers event times
+/// [k·advance, k·advance + size). Every accepted event of a key counts in every window of the
+/// key that contains its event time (with advance < size, in ceil(size/advance) windows).
+/// A key's window is emitted once, when the partition's horizon (max event time −
+/// `maxOutOfOrderness` − `allowedLateness`) reaches or passes the window end; late events
+/// never count. Windows without counted events are not emitted. The record is keyed by the
+/// entity key; its JSON value is `{"key", "feature", "windowStart", "windowEnd", "value",
+/// "count"}` (window bounds in epoch milliseconds, `count` = events counted). Delivery is
+/// at-least-once: after a crash a window may be written again, with the same value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EmittedWindow {
+    /// Feature name, unique among all features; the `feature` field of the emitted records.
+    pub name: String,
+    /// Aggregation over the events in the window (as for trailing windows).
+    pub aggregation: Aggregation,
+    /// Numeric (or, for `distinctCount` and `last`, any) field aggregated. Not used by `count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Window size S: each window covers event times [start, start + S).
+    pub size: Duration,
+    /// Distance between consecutive window starts, 0 < advance ≤ size. Default: the size
+    /// (tumbling windows). Smaller: hopping windows that overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advance: Option<Duration>,
+    /// Only events matching this filter count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Filter>,
+}
+
+impl EmittedWindow {
+    /// The advance in effect (the size for tumbling windows).
+    pub fn effective_advance(&self) -> Duration {
+        self.advance.unwrap_or(self.size)
+    }
 }
 
 /// A trailing-window aggregate, e.g. "sum of `amount` in the last 24h where `action == purchase`".
@@ -428,6 +479,10 @@ pub struct SinkConfig {
     /// Extra librdkafka producer properties.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Topic for the windows of `features.emitted` (keyed by the entity key). Required when
+    /// emitted windows are declared; must differ from the output, dead-letter and input topics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_topic: Option<String>,
 }
 
 /// Process-local settings.
@@ -513,6 +568,7 @@ impl PipelineConfig {
             errs.push(cerr("model.version", "must not be empty"));
         }
         validate_postprocess(&self.postprocess, &self.model.signature, &self.feature_names(), &mut errs);
+        explain_emitted_references(self, &mut errs);
         if self.sink.topic.trim().is_empty() {
             errs.push(cerr("sink.topic", "must not be empty"));
         }
@@ -525,6 +581,7 @@ impl PipelineConfig {
         if self.source.topics.iter().any(|t| *t == self.sink.topic || *t == self.sink.dead_letter_topic) {
             errs.push(cerr("sink.topic", "an output topic must not also be an input topic"));
         }
+        validate_feature_topic(self, &mut errs);
         if self.runtime.http_listen.parse::<std::net::SocketAddr>().is_err() {
             errs.push(cerr("runtime.httpListen", "must be an address like 0.0.0.0:8080"));
         }
@@ -601,12 +658,7 @@ pub(crate) fn validate_features(f: &FeaturesConfig, errs: &mut Vec<ConfigError>)
                 errs.push(cerr(format!("{p}.resolution"), "too fine: more than 100000 buckets per window"));
             }
         }
-        match (w.aggregation, &w.field) {
-            (Aggregation::Count, _) => {}
-            (_, None) => errs.push(cerr(format!("{p}.field"), format!("required for {:?}", w.aggregation))),
-            (_, Some(name)) if name.trim().is_empty() => errs.push(cerr(format!("{p}.field"), "must not be empty")),
-            _ => {}
-        }
+        check_field(w.aggregation, w.field.as_deref(), &format!("{p}.field"), errs);
         if let Some(flt) = &w.filter {
             check_filter(flt, &format!("{p}.filter"), errs);
         }
@@ -626,6 +678,77 @@ pub(crate) fn validate_features(f: &FeaturesConfig, errs: &mut Vec<ConfigError>)
         if let Some(flt) = &s.filter {
             check_filter(flt, &format!("{p}.filter"), errs);
         }
+    }
+    for (i, e) in f.emitted.iter().enumerate() {
+        let p = format!("features.emitted[{i}]");
+        check_name(&e.name, &format!("{p}.name"), &mut seen, errs);
+        if e.size.is_zero() {
+            errs.push(cerr(format!("{p}.size"), "must be positive"));
+        }
+        if let Some(a) = e.advance {
+            if a.is_zero() {
+                errs.push(cerr(format!("{p}.advance"), "must be positive"));
+            } else if a > e.size {
+                errs.push(cerr(format!("{p}.advance"), "must not exceed the size"));
+            } else if e.size.as_millis().div_ceil(a.as_millis()) > MAX_WINDOWS_PER_EVENT {
+                errs.push(cerr(
+                    format!("{p}.advance"),
+                    format!("too small: an event would count in more than {MAX_WINDOWS_PER_EVENT} windows"),
+                ));
+            }
+        }
+        check_field(e.aggregation, e.field.as_deref(), &format!("{p}.field"), errs);
+        if let Some(flt) = &e.filter {
+            check_filter(flt, &format!("{p}.filter"), errs);
+        }
+    }
+}
+
+fn check_field(aggregation: Aggregation, field: Option<&str>, path: &str, errs: &mut Vec<ConfigError>) {
+    match (aggregation, field) {
+        (Aggregation::Count, _) => {}
+        (_, None) => errs.push(cerr(path, format!("required for {aggregation:?}"))),
+        (_, Some(name)) if name.trim().is_empty() => errs.push(cerr(path, "must not be empty")),
+        _ => {}
+    }
+}
+
+/// An emitted window named as a model input or an included feature gets a clearer message.
+fn explain_emitted_references(c: &PipelineConfig, errs: &mut [ConfigError]) {
+    let refs = c.model.signature.features.iter().enumerate().map(|(i, f)| (format!("model.features[{i}]"), f));
+    let included = c
+        .postprocess
+        .include_features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (format!("postprocess.includeFeatures[{i}]"), f));
+    for (field, name) in refs.chain(included) {
+        if !c.features.emitted.iter().any(|e| e.name == *name) {
+            continue;
+        }
+        for e in errs.iter_mut().filter(|e| e.field == field) {
+            e.message = format!(
+                "{name:?} is an emitted window: it is written to sink.featureTopic when a window closes and \
+                 has no value per event"
+            );
+        }
+    }
+}
+
+fn validate_feature_topic(c: &PipelineConfig, errs: &mut Vec<ConfigError>) {
+    const P: &str = "sink.featureTopic";
+    let Some(t) = &c.sink.feature_topic else {
+        if !c.features.emitted.is_empty() {
+            errs.push(cerr(P, "required when features.emitted declares windows"));
+        }
+        return;
+    };
+    if !is_topic_name(t) {
+        errs.push(cerr(P, format!("{t:?} is not a valid Kafka topic name")));
+    } else if *t == c.sink.topic || *t == c.sink.dead_letter_topic {
+        errs.push(cerr(P, "must differ from sink.topic and sink.deadLetterTopic"));
+    } else if c.source.topics.contains(t) {
+        errs.push(cerr(P, "an output topic must not also be an input topic"));
     }
 }
 
@@ -778,6 +901,73 @@ sink:
         let bad = SAMPLE.replace("window: 24h", "window: 24x");
         let e = PipelineConfig::from_yaml(&bad).unwrap_err();
         assert!(e.message.contains("24x"), "{e}");
+    }
+
+    fn with_emitted(extra: &str) -> PipelineConfig {
+        let yaml = SAMPLE.replace(
+            "  sequences:\n",
+            &format!(
+                "  emitted:\n    - {{name: spend_1h, aggregation: sum, field: amount, size: 1h}}\n{extra}  sequences:\n"
+            ),
+        );
+        PipelineConfig::from_yaml(&yaml).unwrap()
+    }
+
+    fn fields(c: &PipelineConfig) -> Vec<String> {
+        c.validate().err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn emitted_windows_parse_with_tumbling_default_and_need_a_feature_topic() {
+        let mut c = with_emitted("    - {name: buys_1h_every_15m, aggregation: count, size: 1h, advance: 15m}\n");
+        assert_eq!(c.features.emitted[0].effective_advance().as_millis(), 3_600_000);
+        assert_eq!(c.features.emitted[1].effective_advance().as_millis(), 900_000);
+        assert_eq!(fields(&c), ["sink.featureTopic"]);
+        c.sink.feature_topic = Some("features".into());
+        c.validate().unwrap();
+        // Not part of the per-event feature vector.
+        assert_eq!(c.feature_names().len(), 4);
+    }
+
+    #[test]
+    fn emitted_window_problems_name_their_field() {
+        let mut c = with_emitted(concat!(
+            "    - {name: tx_1h, aggregation: count, size: 1h}\n",
+            "    - {name: a, aggregation: max, size: 1h, advance: 2h}\n",
+            "    - {name: b, aggregation: count, size: 0s}\n",
+            "    - {name: c, aggregation: count, size: 1h, advance: 1s}\n",
+            "    - {name: d, aggregation: count, size: 1h, advance: 0s, filter: {field: x, oneOf: []}}\n",
+        ));
+        c.sink.feature_topic = Some("scores".into());
+        c.postprocess.include_features = vec!["spend_1h".into()];
+        let got = fields(&c);
+        for f in [
+            "features.emitted[1].name",
+            "features.emitted[2].field",
+            "features.emitted[2].advance",
+            "features.emitted[3].size",
+            "features.emitted[4].advance",
+            "features.emitted[5].advance",
+            "features.emitted[5].filter.oneOf",
+            "sink.featureTopic",
+            "postprocess.includeFeatures[0]",
+        ] {
+            assert!(got.iter().any(|g| g == f), "{f} missing from {got:?}");
+        }
+        let errs = c.validate().unwrap_err();
+        let inc = errs.iter().find(|e| e.field == "postprocess.includeFeatures[0]").unwrap();
+        assert!(inc.message.contains("emitted window"), "{inc}");
+        c.sink.feature_topic = Some("events".into());
+        let errs = c.validate().unwrap_err();
+        let ft = errs.iter().find(|e| e.field == "sink.featureTopic").unwrap();
+        assert!(ft.message.contains("input topic"), "{ft}");
+    }
+
+    #[test]
+    fn configs_without_emitted_windows_render_as_before() {
+        let c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        let y = serde_yaml::to_string(&c).unwrap();
+        assert!(!y.contains("emitted") && !y.contains("featureTopic"), "{y}");
     }
 
     #[test]

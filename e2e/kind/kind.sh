@@ -28,7 +28,7 @@ helm upgrade --install streamscore "$ROOT/charts/streamscore" -n streamscore-sys
   -f "$ROOT/e2e/kind/values.yaml" --wait --timeout 5m
 
 kafka_exec() { kubectl -n kafka exec kafka-0 -- "$@"; }
-for t in payments payments-scored payments-dlq; do
+for t in payments payments-scored payments-dlq payments-features; do
   kafka_exec /opt/kafka/bin/kafka-topics.sh --bootstrap-server localhost:9092 --create --if-not-exists \
     --topic "$t" --partitions 4 --replication-factor 1
 done

@@ -43,3 +43,34 @@ pub fn validate(tm: &TenantModel) -> Result<(), Vec<String>> {
         Err(errs)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> TenantModel {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
+        let mut tm: TenantModel = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        tm.metadata.namespace = Some("payments".into());
+        tm
+    }
+
+    #[test]
+    fn examples_are_valid() {
+        for name in ["fraud-detection.yaml", "personalization.yaml"] {
+            assert_eq!(validate(&example(name)), Ok(()), "{name}");
+        }
+    }
+
+    #[test]
+    fn emitted_windows_without_a_feature_topic_name_the_spec_field() {
+        let mut tm = example("fraud-detection.yaml");
+        assert!(!tm.spec.features.emitted.is_empty());
+        tm.spec.sink.feature_topic = None;
+        let errs = validate(&tm).unwrap_err();
+        assert!(errs.iter().any(|e| e.starts_with("spec.sink.featureTopic: required")), "{errs:?}");
+        tm.spec.sink.feature_topic = Some(tm.spec.sink.topic.clone());
+        let errs = validate(&tm).unwrap_err();
+        assert!(errs.iter().any(|e| e.starts_with("spec.sink.featureTopic: must differ")), "{errs:?}");
+    }
+}

@@ -189,7 +189,7 @@ async fn worker_scores_dead_letters_answers_queries_and_survives_restart() {
         health: w.health.clone(),
         metrics: w.metrics.clone(),
         readers: w.readers.clone(),
-        features: Arc::new(FeatureSet::new(&cfg.features)),
+        features: Arc::new(FeatureSet::new(&cfg.features, &streamscore_worker::decode::Schema::new(&cfg))),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -315,4 +315,158 @@ async fn worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice() {
         distinct.insert((c.key.clone(), t));
     }
     assert_eq!(distinct.len(), 4500, "every input has at least one output ({} outputs in all)", all.len());
+}
+
+/// Emitted windows against the real broker: a deterministic stream (out of order within the
+/// allowed disorder, one late event), the worker binary killed with SIGKILL mid-stream and
+/// restarted, then a far-future event per key to close every window. Each window read from the
+/// feature topic equals the value recomputed here with plain arithmetic; every expected window
+/// is there. A replay after the kill may write a window again (at-least-once), but only with
+/// the same value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_emits_closed_windows_to_the_feature_topic_once_per_value_across_a_kill() {
+    use streamscore_crds::pipeline::{Aggregation, EmittedWindow, Filter};
+    use streamscore_crds::Duration as D;
+    const HOUR: i64 = 3_600_000;
+    const MIN: i64 = 60_000;
+    let (input, out, dlq, feats) = (unique("e-in"), unique("e-out"), unique("e-dlq"), unique("e-feat"));
+    create_topics(&[&input, &out, &dlq, &feats], 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = pipeline(&input, &out, &dlq, &unique("e-group"), dir.path().join("state").to_str().unwrap());
+    cfg.source.max_out_of_orderness = D::from_millis(10 * MIN as u64);
+    cfg.runtime.commit_interval = D::from_secs(5); // the kill lands between commits: a replay
+    cfg.sink.feature_topic = Some(feats.clone());
+    let window =
+        |name: &str, aggregation, field: Option<&str>, size: i64, advance: Option<i64>, filter| EmittedWindow {
+            name: name.into(),
+            aggregation,
+            field: field.map(Into::into),
+            size: D::from_millis(size as u64),
+            advance: advance.map(|a| D::from_millis(a as u64)),
+            filter,
+        };
+    let rides = Some(Filter { field: "action".into(), one_of: vec!["ride_requested".into()] });
+    cfg.features.emitted = vec![
+        window("spend_1h", Aggregation::Sum, Some("amount"), HOUR, None, None),
+        window("rides_30m_every_10m", Aggregation::Count, None, 30 * MIN, Some(10 * MIN), rides),
+        window("max_amount_1h", Aggregation::Max, Some("amount"), HOUR, None, None),
+    ];
+    cfg.validate().unwrap();
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let log = dir.path().join("worker.log");
+    let spawn = || {
+        std::process::Command::new(streamscore_tests::built_binary("streamscore-worker"))
+            .args(["--pipeline", file.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+            .spawn()
+            .expect("worker binary starts")
+    };
+
+    // 8 users, one event per user every 4 minutes for 4 hours, produced in nominal-time order
+    // but with event times up to 5 minutes earlier (within maxOutOfOrderness: all accepted).
+    let base = 1_796_000_000_000i64 - 1_796_000_000_000i64 % HOUR + 7 * MIN; // not on a boundary
+    let mut evs: Vec<(String, i64, f64, &str)> = Vec::new();
+    for i in 0..60i64 {
+        for u in 0..8i64 {
+            let t = base + i * 4 * MIN - ((i * 7 + u * 3) % 5) * MIN - u;
+            let amount = ((i * 13 + u * 5) % 40) as f64 + 0.5;
+            let action = if (i + u) % 3 == 0 { "ride_requested" } else { "view" };
+            evs.push((format!("win-{u}"), t, amount, action));
+        }
+    }
+    // Independent expectation: (key, feature, windowStart) → (value, count).
+    let mut want: BTreeMap<(String, String, i64), (f64, u64)> = BTreeMap::new();
+    for (user, t, amount, action) in &evs {
+        let hour = t - t.rem_euclid(HOUR);
+        let s = want.entry((user.clone(), "spend_1h".into(), hour)).or_insert((0.0, 0));
+        *s = (s.0 + amount, s.1 + 1);
+        let m = want.entry((user.clone(), "max_amount_1h".into(), hour)).or_insert((f64::MIN, 0));
+        *m = (m.0.max(*amount), m.1 + 1);
+        if *action == "ride_requested" {
+            // the 30-minute windows starting every 10 minutes that contain t
+            let mut start = t - t.rem_euclid(10 * MIN);
+            while start > t - 30 * MIN {
+                let r = want.entry((user.clone(), "rides_30m_every_10m".into(), start)).or_insert((0.0, 0));
+                *r = (r.0 + 1.0, r.1 + 1);
+                start -= 10 * MIN;
+            }
+        }
+    }
+    let to_records = |evs: &[(String, i64, f64, &str)]| -> Vec<(String, Vec<u8>)> {
+        evs.iter().map(|(u, t, a, act)| event(u, *t, *a, act)).collect()
+    };
+    let (first, rest) = evs.split_at(evs.len() * 3 / 5);
+    let p = producer();
+    produce(&p, &input, &to_records(first)).await;
+    let mut worker = spawn();
+    let seen = tokio::task::spawn_blocking({
+        let feats = feats.clone();
+        move || consume(&feats, 40, Duration::from_secs(60)).len()
+    })
+    .await
+    .unwrap();
+    worker.kill().expect("kill -9");
+    worker.wait().unwrap();
+    if seen < 40 {
+        let scored = consume(&out, usize::MAX, Duration::from_secs(5)).len();
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!("worker emitted {seen} windows ({scored} scored) before the kill (a worker binary without emitted windows?); log:\n{log}");
+    }
+
+    // The rest; one late event (2 h behind its partition: dead-lettered, never counted); then
+    // an event per user 10 days later, which moves every partition's horizon past all windows.
+    let mut tail = to_records(rest);
+    tail.push(event("win-0", base + 3 * HOUR, 1_000.0, "ride_requested"));
+    let far = base + 240 * HOUR;
+    tail.extend((0..8).map(|u| event(&format!("win-{u}"), far + u, 1.0, "view")));
+    produce(&p, &input, &tail).await;
+    let mut worker = spawn();
+    let all = tokio::task::spawn_blocking({
+        let feats = feats.clone();
+        let n = want.len();
+        move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let got = consume(&feats, usize::MAX, Duration::from_secs(5));
+                let distinct: std::collections::BTreeSet<_> = got
+                    .iter()
+                    .map(|c| {
+                        let v = c.json();
+                        (c.key.clone(), v["feature"].as_str().unwrap().to_owned(), v["windowStart"].as_i64().unwrap())
+                    })
+                    .collect();
+                if distinct.len() >= n || std::time::Instant::now() > deadline {
+                    return got;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    let dead = tokio::task::spawn_blocking(move || consume(&dlq, 1, Duration::from_secs(10))).await.unwrap();
+    assert_eq!(dead.iter().map(|d| d.header("streamscore.reason").unwrap()).collect::<Vec<_>>(), ["late"]);
+
+    let size = |f: &str| if f == "rides_30m_every_10m" { 30 * MIN } else { HOUR };
+    let mut got: BTreeMap<(String, String, i64), (f64, u64)> = BTreeMap::new();
+    for c in &all {
+        let v = c.json();
+        let feature = v["feature"].as_str().unwrap().to_owned();
+        let start = v["windowStart"].as_i64().unwrap();
+        assert_eq!(v["key"], json!(c.key), "{v}");
+        assert_eq!(v["windowEnd"].as_i64().unwrap(), start + size(&feature), "{v}");
+        let value = (v["value"].as_f64().unwrap(), v["count"].as_u64().unwrap());
+        let id = (c.key.clone(), feature, start);
+        assert_eq!(Some(&value), want.get(&id), "{v}: differs from the recomputed window");
+        if let Some(before) = got.insert(id, value) {
+            assert_eq!(before, value, "{v}: written twice with different values");
+        }
+    }
+    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    assert!(missing.is_empty(), "{} windows never emitted, e.g. {:?}", missing.len(), missing.first());
+    eprintln!("{} windows, {} records (replayed duplicates: {})", want.len(), all.len(), all.len() - want.len());
 }

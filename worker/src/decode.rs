@@ -47,6 +47,9 @@ impl Schema {
         for q in &cfg.features.sequences {
             s.intern_all(std::iter::once(&q.field).chain(q.filter.iter().map(|f| &f.field)));
         }
+        for e in &cfg.features.emitted {
+            s.intern_all(e.field.iter().chain(e.filter.iter().map(|f| &f.field)));
+        }
         for f in &cfg.model.signature.features {
             if let Some(field) = f.strip_prefix("event.") {
                 s.intern(field);

@@ -6,6 +6,8 @@
 //!            ─► watermark: late? ───────────────────────────► DeadLetter(late) | drop
 //!            ─► features (state of the key, as of its event time)
 //!            ─► model (one micro-batch for the whole input batch) ─► postprocess ─► Scored
+//!            ─► emitted windows of the key (+ timers)
+//!  end of batch: per partition whose horizon advanced, windows ending at or before it ─► Feature
 //! ```
 //! No Kafka types here: the Kafka loop (`crate::kafka`) feeds records and sends outputs, so the
 //! engine is tested with RocksDB in a temp dir and real models, without a broker.
@@ -15,10 +17,12 @@ use std::io::Write as _;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use serde_json::{Map, Value};
 use streamscore_crds::pipeline::{LatePolicy, PipelineConfig};
 
 use crate::decode::{decode, Event, FieldId, Reason, Schema, Watermark};
-use crate::features::{FeatureSet, FeatureValue, LastScore};
+use crate::emitted::{Emitted, EmittedSet};
+use crate::features::{aggregation_input, FeatureSet, FeatureValue, Input, LastScore, Scalar};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::state::{FlushBatch, PartitionStore, StateError, StoreEnv, StoreReader};
@@ -64,6 +68,13 @@ pub enum OutRecord {
         value: Vec<u8>,
         /// `streamscore.reason`, `streamscore.detail`, `streamscore.source.*`.
         headers: Vec<(&'static str, String)>,
+    },
+    /// A closed emitted window, for the feature topic.
+    Feature {
+        /// Entity key.
+        key: String,
+        /// JSON value `{"key", "feature", "windowStart", "windowEnd", "value", "count"}`.
+        value: Vec<u8>,
     },
 }
 
@@ -118,6 +129,8 @@ struct PartitionCtx {
     next_offsets: BTreeMap<String, i64>,
     /// Part of the running checkpoint.
     in_snapshot: bool,
+    /// Emitted windows ending at or before this horizon have been closed.
+    closed_through: i64,
 }
 
 /// Query-side view of the owned partitions.
@@ -128,6 +141,9 @@ pub struct Engine {
     cfg: Arc<PipelineConfig>,
     schema: Schema,
     features: FeatureSet,
+    emitted: EmittedSet,
+    /// Where each emitted window reads its input.
+    emitted_inputs: Vec<Input>,
     /// Output JSON fragments: `"score":` per model output, `"feature":` per included feature,
     /// (`"field":`, id) per passthrough field, the model version as a JSON string.
     score_keys: Vec<Vec<u8>>,
@@ -188,7 +204,11 @@ impl Engine {
         let passthrough =
             cfg.postprocess.passthrough.iter().filter_map(|f| Some((json_key(f), schema.id(f)?))).collect();
         let version_json = serde_json::to_vec(model.version()).unwrap_or_default();
+        let emitted_inputs =
+            cfg.features.emitted.iter().map(|d| Input::new(&schema, d.field.as_deref(), d.filter.as_ref())).collect();
         Self {
+            emitted: EmittedSet::new(&cfg.features.emitted),
+            emitted_inputs,
             schema,
             score_keys,
             feature_keys,
@@ -247,7 +267,13 @@ impl Engine {
         self.readers.write().unwrap_or_else(|e| e.into_inner()).insert(partition, store.reader());
         self.partitions.insert(
             partition,
-            PartitionCtx { store, watermark, next_offsets: next_offsets.clone(), in_snapshot: false },
+            PartitionCtx {
+                store,
+                watermark,
+                next_offsets: next_offsets.clone(),
+                in_snapshot: false,
+                closed_through: i64::MIN,
+            },
         );
         self.metrics.partitions.set(self.partitions.len() as i64);
         Ok(next_offsets)
@@ -307,6 +333,19 @@ impl Engine {
             let horizon = ctx.watermark.observe(event.time);
             let state = ctx.store.get_mut(&event.key)?;
             let values = self.features.apply(state, event.time, &event.fields, horizon);
+            if !self.emitted.is_empty() {
+                let inputs: Vec<Option<Scalar>> = self
+                    .cfg
+                    .features
+                    .emitted
+                    .iter()
+                    .zip(&self.emitted_inputs)
+                    .map(|(d, input)| aggregation_input(d.aggregation, input, &event.fields))
+                    .collect();
+                for end in self.emitted.on_event(&mut state.open_windows, event.time, &inputs) {
+                    ctx.store.add_timer(end, &event.key);
+                }
+            }
             let row = self
                 .rows
                 .iter()
@@ -317,6 +356,7 @@ impl Engine {
                 .collect();
             pending.push(Pending { partition: rec.partition, event, values, row, rec });
         }
+        self.close_windows(&mut out)?;
         if pending.is_empty() {
             return Ok(out);
         }
@@ -374,6 +414,30 @@ impl Engine {
             });
         }
         Ok(out)
+    }
+
+    /// Closes, in every partition whose horizon advanced, the emitted windows ending at or
+    /// before it, and appends them to `out`.
+    fn close_windows(&mut self, out: &mut Vec<OutRecord>) -> Result<(), EngineError> {
+        if self.emitted.is_empty() {
+            return Ok(());
+        }
+        for ctx in self.partitions.values_mut() {
+            let horizon = ctx.watermark.horizon();
+            if ctx.watermark.max_time().is_none() || horizon <= ctx.closed_through {
+                continue;
+            }
+            ctx.closed_through = horizon;
+            for (_, key) in ctx.store.take_due_timers(horizon)? {
+                let state = ctx.store.get_mut(&key)?;
+                for e in self.emitted.close(&mut state.open_windows, horizon) {
+                    let value = feature_record(&key, &self.emitted.names()[e.feature], &e);
+                    out.push(OutRecord::Feature { key: key.clone(), value });
+                    self.metrics.windows_emitted.inc();
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The index of the label of the highest threshold the main score reaches.
@@ -518,6 +582,17 @@ impl Engine {
         }
         v
     }
+}
+
+fn feature_record(key: &str, feature: &str, e: &Emitted) -> Vec<u8> {
+    let mut o = Map::new();
+    o.insert("key".into(), Value::String(key.to_owned()));
+    o.insert("feature".into(), Value::String(feature.to_owned()));
+    o.insert("windowStart".into(), Value::from(e.start));
+    o.insert("windowEnd".into(), Value::from(e.end));
+    o.insert("value".into(), e.value.to_json());
+    o.insert("count".into(), Value::from(e.count));
+    serde_json::to_vec(&Value::Object(o)).unwrap_or_default()
 }
 
 /// Writes `s` as a JSON string.

@@ -28,6 +28,7 @@ use serde_json::Value;
 use streamscore_crds::pipeline::{Aggregation, FeaturesConfig, Filter, SequenceFeature, WindowFeature};
 
 use crate::decode::{Field, FieldId, Fields, Schema, Val};
+use crate::emitted::OpenWindows;
 
 /// A field value kept in state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,17 +79,17 @@ fn num_json(n: f64) -> Value {
 
 /// One event as kept in a feature's raw list.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Entry {
-    time: i64,
-    seq: u64,
-    val: Scalar,
+pub(crate) struct Entry {
+    pub(crate) time: i64,
+    pub(crate) seq: u64,
+    pub(crate) val: Scalar,
 }
 
-/// Aggregate of the events of one bucket. Kept small (56 bytes): `last` and distinct values
+/// Aggregate of the events of one bucket (or of one emitted window). Kept small (56 bytes): `last` and distinct values
 /// live behind a pointer that only `last` and `distinctCount` features allocate.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-struct Agg {
-    count: u64,
+pub(crate) struct Agg {
+    pub(crate) count: u64,
     sum: f64,
     min: Option<f64>,
     max: Option<f64>,
@@ -114,7 +115,7 @@ impl Agg {
         self.extra.get_or_insert_with(Box::default)
     }
 
-    fn add(&mut self, e: &Entry, kind: Aggregation) {
+    pub(crate) fn add(&mut self, e: &Entry, kind: Aggregation) {
         self.count += 1;
         match kind {
             Aggregation::Count => {}
@@ -150,7 +151,7 @@ impl Agg {
         }
     }
 
-    fn value(&self, kind: Aggregation) -> FeatureValue {
+    pub(crate) fn value(&self, kind: Aggregation) -> FeatureValue {
         let n = |x: f64| FeatureValue::Num(x);
         let extra = self.extra.as_deref();
         match kind {
@@ -262,6 +263,10 @@ pub struct KeyState {
     pub max_time: Option<i64>,
     /// Last score produced for this key.
     pub last_score: Option<LastScore>,
+    /// Open emitted windows. Stored by `crate::state` as a section after the rest, so that
+    /// state written before emitted windows existed still loads.
+    #[serde(skip)]
+    pub(crate) open_windows: OpenWindows,
 }
 
 /// Floor division for event-time arithmetic.
@@ -271,13 +276,13 @@ fn floor_div(a: i64, b: i64) -> i64 {
 
 /// Where a feature reads its input: the field, and the filter's field and accepted values.
 #[derive(Clone, Debug)]
-struct Input {
+pub(crate) struct Input {
     field: Option<FieldId>,
     filter: Option<(FieldId, Vec<String>)>,
 }
 
 impl Input {
-    fn new(schema: &Schema, field: Option<&str>, filter: Option<&Filter>) -> Self {
+    pub(crate) fn new(schema: &Schema, field: Option<&str>, filter: Option<&Filter>) -> Self {
         // A name the schema lacks never matches (the schema is built from the same config).
         let id = |n: &str| schema.id(n).unwrap_or(usize::MAX);
         Self { field: field.map(id), filter: filter.map(|f| (id(&f.field), f.one_of.clone())) }
@@ -349,7 +354,7 @@ impl FeatureSet {
         state.max_time = Some(state.max_time.map_or(t, |m| m.max(t)));
         let mut out = Vec::with_capacity(self.names.len());
         for ((def, w, r, input), ws) in self.windows.iter().zip(state.windows.iter_mut()) {
-            if let Some(val) = window_input(def.aggregation, input, fields) {
+            if let Some(val) = aggregation_input(def.aggregation, input, fields) {
                 insert_sorted(&mut ws.raw, Entry { time: t, seq, val });
             }
             compact_window(ws, def.aggregation, *w, *r, horizon);
@@ -382,8 +387,10 @@ impl FeatureSet {
     }
 }
 
-/// The value a window feature records for an event, or None when the event does not count.
-fn window_input(kind: Aggregation, input: &Input, fields: &Fields<'_>) -> Option<Scalar> {
+/// The value an aggregation (of a window feature or an emitted window) records for an event,
+/// or None when the event does not count (filter not matched, field missing or of the wrong
+/// type).
+pub(crate) fn aggregation_input(kind: Aggregation, input: &Input, fields: &Fields<'_>) -> Option<Scalar> {
     if !input.matches(fields) {
         return None;
     }
@@ -532,6 +539,7 @@ mod tests {
         let fs = set(FeaturesConfig {
             windows: vec![win("c", Aggregation::Count, None, 1000, Some(1), None)],
             sequences: vec![],
+            ..Default::default()
         });
         let mut st = KeyState::default();
         let e = ev(1.0, "a");
@@ -546,6 +554,7 @@ mod tests {
         let fs = set(FeaturesConfig {
             windows: vec![win("s", Aggregation::Sum, Some("amount"), 10_000, Some(1_000), None)],
             sequences: vec![],
+            ..Default::default()
         });
         let mut st = KeyState::default();
         fs.apply(&mut st, 5_000, &ev(10.0, "a"), 0);
@@ -566,6 +575,7 @@ mod tests {
                 lookback: Duration::from_millis(1_000),
                 filter: None,
             }],
+            ..Default::default()
         });
         let mut st = KeyState::default();
         for (t, a) in [(100, "a"), (200, "b"), (300, "c"), (250, "d")] {
@@ -596,7 +606,7 @@ mod tests {
             win("dc", Aggregation::DistinctCount, Some("action"), 40_000, Some(5_000), None),
             win("last", Aggregation::Last, Some("action"), 15_000, Some(2_000), None),
         ];
-        let fs = set(FeaturesConfig { windows: defs.clone(), sequences: vec![] });
+        let fs = set(FeaturesConfig { windows: defs.clone(), sequences: vec![], ..Default::default() });
         let ooo = 3_000;
         let lateness = 1_000;
         for seed in 0..20 {
@@ -638,6 +648,7 @@ mod tests {
                 lookback: Duration::from_millis(90 * 86_400_000),
                 filter: None,
             }],
+            ..Default::default()
         });
         let mut st = KeyState::default();
         let mut t = 0i64;

@@ -4,6 +4,7 @@
 //!  processing thread                                        committer thread
 //!  BaseConsumer.poll ─► batch (≤ model batch, ≤ max delay)
 //!    ─► Engine::process ─► ThreadedProducer.send (tagged with the commit epoch)
+//!       (scored, dead-letter and closed-window records)
 //!    every commitInterval: epoch += 1; Engine::checkpoint ──job──► 1. wait until every output of
 //!      (serialise dirty keys; nothing is written here)              that epoch is acknowledged
 //!                                                                 2. write the checkpoint (synced)
@@ -158,6 +159,7 @@ struct Shared {
     health: Arc<Health>,
     sink_topic: String,
     dlq_topic: String,
+    feature_topic: String,
     fatal: Mutex<Option<String>>,
 }
 
@@ -253,6 +255,9 @@ impl Shared {
                     h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
                 }
                 (&self.dlq_topic, key, value, Some(h), (Instant::now(), None))
+            }
+            OutRecord::Feature { key, value } => {
+                (&self.feature_topic, Some(key.into_bytes()), value, None, (Instant::now(), None))
             }
         };
         let epoch = self.epoch.load(Ordering::Acquire);
@@ -534,6 +539,7 @@ pub fn run(
         health: health.clone(),
         sink_topic: cfg.sink.topic.clone(),
         dlq_topic: cfg.sink.dead_letter_topic.clone(),
+        feature_topic: cfg.sink.feature_topic.clone().unwrap_or_default(),
         fatal: Mutex::new(None),
     });
     let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(

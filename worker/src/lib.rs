@@ -2,15 +2,17 @@
 //!
 //! ```text
 //!  Kafka input ─► kafka (consume, batch) ─► engine ─► decode/validate ─► features (RocksDB state)
-//!                                                  └─► model (tract, micro-batched) ─► postprocess
-//!  Kafka output / dead-letter topic ◄── kafka (produce, commit after acks + durable state)
+//!                                                  ├─► model (tract, micro-batched) ─► postprocess
+//!                                                  └─► emitted windows, closed by the watermark
+//!  Kafka output / dead-letter / feature topic ◄── kafka (produce, commit after acks + durable state)
 //!  HTTP (http): /healthz /readyz /metrics /v1/entities/{key}
 //! ```
-//! Modules: [`config`] (load + validate), [`decode`], [`features`], [`state`], [`model`],
+//! Modules: [`config`] (load + validate), [`decode`], [`features`], [`emitted`], [`state`], [`model`],
 //! [`engine`], [`kafka`], [`http`], [`metrics`].
 
 pub mod config;
 pub mod decode;
+pub mod emitted;
 pub mod engine;
 pub mod features;
 pub mod http;

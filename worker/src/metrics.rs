@@ -62,6 +62,8 @@ pub struct Metrics {
     /// thread, `ack`: waiting for output acknowledgements, `state`: the
     /// synced state write, `offsets`: the Kafka offset commit), seconds.
     pub commit_seconds: Family<PhaseLabel, Histogram>,
+    /// Emitted windows closed and written to the feature topic (again after a replay).
+    pub windows_emitted: Counter,
 }
 
 /// `phase` label.
@@ -92,6 +94,7 @@ impl Metrics {
             commits: Counter::default(),
             delivery_errors: Counter::default(),
             commit_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 16))),
+            windows_emitted: Counter::default(),
         };
         r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
         r.register("records_out", "Scored records written to the output topic", m.records_out.clone());
@@ -119,6 +122,11 @@ impl Metrics {
         for phase in ["snapshot", "ack", "state", "offsets"] {
             let _ = m.commit_seconds.get_or_create(&PhaseLabel { phase });
         }
+        r.register(
+            "windows_emitted",
+            "Emitted windows closed by the watermark and written to the feature topic",
+            m.windows_emitted.clone(),
+        );
         for reason in crate::decode::Reason::ALL {
             let _ = m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
         }

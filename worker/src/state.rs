@@ -6,6 +6,7 @@
 //!         ──snapshot_step (a slice at a time, between input batches) / get_mut of a snapshot key
 //!           (copy-on-write: serialised before it changes) ──► FlushBatch
 //!         ──FlushBatch::write (any thread)────► one synced RocksDB write
+//!  engine ──add_timer / take_due_timers──► timers in memory until written + RocksDB "t/<end>/<key>"
 //! ```
 //! Every store of a process shares one block cache. The offsets written with the state are
 //! the authority on restart: records below them have already been applied.
@@ -15,12 +16,23 @@
 //! snapshot began) and while another thread writes it. The cache is only trimmed when no
 //! snapshot is unwritten (`trim_allowed`), so a key is never re-read from RocksDB older than
 //! its last snapshot.
+//!
+//! A key's value is its bincode [`KeyState`] followed by the bincode of its open emitted
+//! windows ([`crate::emitted::OpenWindows`]) when it has any. State written before emitted
+//! windows existed (no second section) loads with none open, and `bincode::deserialize` of the
+//! first section alone ignores the second, so the layout works in both directions.
+//!
+//! Timers: `t/<end>/<key>` says that `key` has an open emitted window ending at `end` (`end`
+//! big-endian with the sign bit flipped, so that keys sort by end). Timers added or taken go
+//! into the same snapshot as the key states whose windows they point to. Until that snapshot
+//! is known to be written, added timers also stay in memory, so that `take_due_timers` finds
+//! them whether or not the write has happened yet.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{BlockBasedOptions, Cache, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{BlockBasedOptions, Cache, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::features::KeyState;
@@ -105,6 +117,10 @@ impl StoreEnv {
             offsets: BTreeMap::new(),
             max_time: None,
             max_cached_keys: self.max_cached_keys,
+            timers_added: BTreeSet::new(),
+            timers_unwritten: BTreeSet::new(),
+            timers_taken: Vec::new(),
+            timers_taken_through: None,
         };
         store.load_meta()?;
         Ok(store)
@@ -122,6 +138,14 @@ pub struct PartitionStore {
     offsets: BTreeMap<String, i64>,
     max_time: Option<i64>,
     max_cached_keys: usize,
+    /// Timers added since the last snapshot began.
+    timers_added: BTreeSet<(i64, String)>,
+    /// Timers in snapshots that may not be written yet.
+    timers_unwritten: BTreeSet<(i64, String)>,
+    /// RocksDB keys of timers taken since the last snapshot began (deleted by the next one).
+    timers_taken: Vec<Vec<u8>>,
+    /// Every stored timer with an end at or before this has been taken.
+    timers_taken_through: Option<i64>,
 }
 
 impl std::fmt::Debug for PartitionStore {
@@ -155,13 +179,54 @@ fn put_state(
     state: &KeyState,
 ) -> Result<(), StateError> {
     buf.clear();
-    bincode::serialize_into(&mut *buf, state).map_err(|e| StateError::Corrupt {
+    encode_state(buf, state).map_err(|e| StateError::Corrupt {
         path: path.display().to_string(),
         key: key.to_owned(),
         detail: e.to_string(),
     })?;
     batch.put(entity_key(key), &*buf);
     Ok(())
+}
+
+/// Appends the stored form of `state` to `buf` (see the module doc for the layout).
+fn encode_state(buf: &mut Vec<u8>, state: &KeyState) -> bincode::Result<()> {
+    bincode::serialize_into(&mut *buf, state)?;
+    if !state.open_windows.is_empty() {
+        bincode::serialize_into(&mut *buf, &state.open_windows)?;
+    }
+    Ok(())
+}
+
+/// Decodes a stored key state (see the module doc for the layout).
+fn decode_state(mut bytes: &[u8]) -> bincode::Result<KeyState> {
+    let mut state: KeyState = bincode::deserialize_from(&mut bytes)?;
+    if !bytes.is_empty() {
+        state.open_windows = bincode::deserialize_from(&mut bytes)?;
+    }
+    Ok(state)
+}
+
+const TIMER_PREFIX: &[u8] = b"t/";
+
+/// `t/<end>`: the smallest timer key with this end.
+fn timer_bound(end: i64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(TIMER_PREFIX.len() + 8);
+    k.extend_from_slice(TIMER_PREFIX);
+    k.extend_from_slice(&((end as u64) ^ (1 << 63)).to_be_bytes());
+    k
+}
+
+fn timer_key(end: i64, key: &str) -> Vec<u8> {
+    let mut k = timer_bound(end);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn parse_timer_key(k: &[u8]) -> Option<(i64, String)> {
+    let rest = k.strip_prefix(TIMER_PREFIX)?;
+    let end = <[u8; 8]>::try_from(rest.get(..8)?).ok()?;
+    let end = (u64::from_be_bytes(end) ^ (1 << 63)) as i64;
+    Some((end, String::from_utf8_lossy(&rest[8..]).into_owned()))
 }
 
 const OFFSET_PREFIX: &str = "m/offset/";
@@ -239,7 +304,7 @@ impl PartitionStore {
     pub fn get_mut(&mut self, key: &str) -> Result<&mut KeyState, StateError> {
         if !self.cache.contains_key(key) {
             let state = match self.db.get_pinned(entity_key(key)).map_err(|e| self.rocks(e))? {
-                Some(bytes) => bincode::deserialize(&bytes).map_err(|e| StateError::Corrupt {
+                Some(bytes) => decode_state(&bytes).map_err(|e| StateError::Corrupt {
                     path: self.path.display().to_string(),
                     key: key.to_owned(),
                     detail: e.to_string(),
@@ -276,8 +341,15 @@ impl PartitionStore {
             // Clean entries are durable (no snapshot is unwritten): only changed ones must stay.
             self.cache.retain(|_, c| c.dirty);
         }
-        let unchanged =
-            self.dirty.is_empty() && &self.offsets == offsets && (max_time.is_none() || max_time == self.max_time);
+        if trim_allowed {
+            // Every earlier snapshot is written: its timers are found in RocksDB from now on.
+            self.timers_unwritten.clear();
+        }
+        let unchanged = self.dirty.is_empty()
+            && self.timers_added.is_empty()
+            && self.timers_taken.is_empty()
+            && &self.offsets == offsets
+            && (max_time.is_none() || max_time == self.max_time);
         if unchanged {
             return false;
         }
@@ -290,6 +362,13 @@ impl PartitionStore {
             batch.put(MAX_TIME_KEY, t.to_be_bytes());
             self.max_time = Some(t);
         }
+        for (end, key) in &self.timers_added {
+            batch.put(timer_key(*end, key), []);
+        }
+        for k in self.timers_taken.drain(..) {
+            batch.delete(k);
+        }
+        self.timers_unwritten.append(&mut self.timers_added);
         let keys = std::mem::take(&mut self.dirty);
         for k in &keys {
             if let Some(c) = self.cache.get_mut(k) {
@@ -325,6 +404,45 @@ impl PartitionStore {
         let snap = self.snapshot.take()?;
         debug_assert!(snap.next >= snap.keys.len());
         Some(FlushBatch { db: self.db.clone(), path: self.path.clone(), batch: snap.batch, keys: snap.keys.len() })
+    }
+
+    /// Registers that `key` has an open emitted window ending at `end`.
+    pub fn add_timer(&mut self, end: i64, key: &str) {
+        self.timers_added.insert((end, key.to_owned()));
+    }
+
+    /// Removes and returns every timer with an end at or before `horizon`, ordered by
+    /// (end, key); a key may appear once per distinct end. The removal goes into the next
+    /// snapshot, with the key states the caller changes.
+    pub fn take_due_timers(&mut self, horizon: i64) -> Result<Vec<(i64, String)>, StateError> {
+        let mut due = BTreeSet::new();
+        if self.timers_taken_through.is_none_or(|t| t < horizon) {
+            let mut ro = ReadOptions::default();
+            let lower = self.timers_taken_through.map_or_else(|| TIMER_PREFIX.to_vec(), |t| timer_bound(t + 1));
+            ro.set_iterate_lower_bound(lower);
+            ro.set_iterate_upper_bound(horizon.checked_add(1).map_or_else(|| b"t0".to_vec(), timer_bound));
+            for item in self.db.iterator_opt(IteratorMode::Start, ro) {
+                let (k, _) = item.map_err(|e| self.rocks(e))?;
+                if let Some(t) = parse_timer_key(&k) {
+                    if due.insert(t) {
+                        self.timers_taken.push(k.into_vec());
+                    }
+                }
+            }
+            self.timers_taken_through = Some(horizon);
+        }
+        let first_later = (horizon.saturating_add(1), String::new());
+        // In a snapshot that may be unwritten: taken here, deleted by the next snapshot.
+        let later = self.timers_unwritten.split_off(&first_later);
+        for t in std::mem::replace(&mut self.timers_unwritten, later) {
+            if due.insert(t.clone()) {
+                self.timers_taken.push(timer_key(t.0, &t.1));
+            }
+        }
+        // Never in a snapshot: nothing to delete.
+        let later = self.timers_added.split_off(&first_later);
+        due.extend(std::mem::replace(&mut self.timers_added, later));
+        Ok(due.into_iter().collect())
     }
 
     /// Snapshots and writes in one step (no other snapshot may be unwritten). After it returns,
@@ -396,7 +514,7 @@ impl StoreReader {
     /// The flushed state of `key`, if any.
     pub fn get(&self, key: &str) -> Option<KeyState> {
         let bytes = self.db.get_pinned(entity_key(key)).ok().flatten()?;
-        bincode::deserialize(&bytes).ok()
+        decode_state(&bytes).ok()
     }
 }
 
@@ -458,5 +576,103 @@ mod tests {
         }
         let err = StoreEnv::new(dir.path(), 1 << 20, 10).open(1).unwrap_err().to_string();
         assert!(err.contains("written in state format unversioned") && err.contains("format 2"), "{err}");
+    }
+
+    #[test]
+    fn timers_are_taken_in_end_order_and_their_removal_is_durable_only_when_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = StoreEnv::new(dir.path(), 1 << 20, 10);
+        let offsets = BTreeMap::from([("in".to_string(), 1)]);
+        let due = |v: &[(i64, &str)]| v.iter().map(|(e, k)| (*e, (*k).to_owned())).collect::<Vec<_>>();
+        {
+            let mut s = env.open(0).unwrap();
+            s.add_timer(2_000, "b");
+            s.add_timer(1_000, "a");
+            s.add_timer(-5, "neg");
+            s.add_timer(3_000, "a");
+            s.flush(&offsets, Some(1)).unwrap();
+            s.add_timer(1_500, "unflushed");
+            assert_eq!(s.take_due_timers(1_999).unwrap(), due(&[(-5, "neg"), (1_000, "a"), (1_500, "unflushed")]));
+            assert!(s.take_due_timers(1_999).unwrap().is_empty(), "taken once");
+            // crash: nothing written since
+        }
+        {
+            let mut s = env.open(0).unwrap();
+            assert_eq!(s.take_due_timers(1_000).unwrap(), due(&[(-5, "neg"), (1_000, "a")]));
+            s.flush(&offsets, Some(2)).unwrap();
+        }
+        let mut s = env.open(0).unwrap();
+        assert_eq!(s.take_due_timers(i64::MAX).unwrap(), due(&[(2_000, "b"), (3_000, "a")]));
+    }
+
+    #[test]
+    fn a_timer_in_a_snapshot_not_written_yet_is_still_found_and_then_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = StoreEnv::new(dir.path(), 1 << 20, 10);
+        let offsets = BTreeMap::from([("in".to_string(), 1)]);
+        {
+            let mut s = env.open(0).unwrap();
+            s.add_timer(1_000, "a");
+            s.add_timer(5_000, "b");
+            assert!(s.begin_snapshot(&offsets, Some(1), true));
+            s.snapshot_step(&mut { usize::MAX }).unwrap();
+            let batch = s.finish_snapshot().unwrap(); // handed to the committer, not written yet
+            assert_eq!(s.take_due_timers(1_000).unwrap(), [(1_000, "a".to_owned())]);
+            batch.write().unwrap();
+            assert!(s.take_due_timers(2_000).unwrap().is_empty(), "not found again once written");
+            // The next snapshot deletes it; the other one stays.
+            assert!(s.begin_snapshot(&BTreeMap::from([("in".to_string(), 2)]), Some(2), true));
+            s.snapshot_step(&mut { usize::MAX }).unwrap();
+            s.finish_snapshot().unwrap().write().unwrap();
+        }
+        let mut s = env.open(0).unwrap();
+        assert_eq!(s.take_due_timers(i64::MAX).unwrap(), [(5_000, "b".to_owned())]);
+    }
+
+    #[test]
+    fn open_windows_are_stored_after_the_key_state_and_old_values_still_load() {
+        use crate::emitted::EmittedSet;
+        use crate::features::Scalar;
+        use serde::Serialize;
+        use streamscore_crds::pipeline::{Aggregation, EmittedWindow};
+
+        /// The layout of KeyState before emitted windows existed.
+        #[derive(Serialize)]
+        struct OldKeyState {
+            windows: Vec<()>,
+            sequences: Vec<()>,
+            next_seq: u64,
+            max_time: Option<i64>,
+            last_score: Option<()>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let env = StoreEnv::new(dir.path(), 1 << 20, 10);
+        let set = EmittedSet::new(&[EmittedWindow {
+            name: "c".into(),
+            aggregation: Aggregation::Count,
+            field: None,
+            size: streamscore_crds::Duration::from_millis(1_000),
+            advance: None,
+            filter: None,
+        }]);
+        {
+            let mut s = env.open(1).unwrap();
+            let old =
+                OldKeyState { windows: vec![], sequences: vec![], next_seq: 3, max_time: Some(9), last_score: None };
+            s.db.put(entity_key("old"), bincode::serialize(&old).unwrap()).unwrap();
+            let st = s.get_mut("new").unwrap();
+            st.max_time = Some(5);
+            set.on_event(&mut st.open_windows, 5, &[Some(Scalar::Num(1.0))]);
+            s.flush(&BTreeMap::new(), None).unwrap();
+        }
+        let mut s = env.open(1).unwrap();
+        let old = s.get_mut("old").unwrap();
+        assert_eq!((old.max_time, old.open_windows.len()), (Some(9), 0));
+        assert_eq!(s.get_mut("new").unwrap().open_windows.len(), 1);
+        // A reader that knows only the first section still decodes it.
+        let raw = s.db.get(entity_key("new")).unwrap().unwrap();
+        let first: KeyState = bincode::deserialize(&raw).unwrap();
+        assert_eq!((first.max_time, first.open_windows.len()), (Some(5), 0));
+        assert_eq!(s.reader().get("new").unwrap().open_windows.len(), 1);
     }
 }
