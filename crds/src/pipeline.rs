@@ -79,7 +79,9 @@ pub struct SourceConfig {
     /// Where a new consumer group starts reading.
     #[serde(default)]
     pub start_from: StartPosition,
-    /// Millisecond timestamp to start from when `startFrom` is `timestamp`.
+    /// Epoch-millisecond timestamp to start from when `startFrom` is `timestamp` (required
+    /// then): each partition starts at its first record whose Kafka timestamp is at or after
+    /// it, or at the end when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_timestamp_ms: Option<i64>,
     /// Record value format. Only `json` today.
@@ -125,7 +127,9 @@ pub enum StartPosition {
     Earliest,
     /// Only records produced after the worker starts.
     Latest,
-    /// The first record at or after `startTimestampMs` (not supported yet: refused by validation).
+    /// Per partition, the first record whose Kafka record timestamp is at or after
+    /// `startTimestampMs` (e.g. to replay the last 7 days into a new pipeline). Applies only to
+    /// partitions the group has never committed.
     Timestamp,
 }
 
@@ -619,8 +623,17 @@ pub(crate) fn validate_source(s: &SourceConfig, errs: &mut Vec<ConfigError>) {
     if s.event_time.field.trim().is_empty() {
         errs.push(cerr("source.eventTime.field", "must not be empty"));
     }
-    if s.start_from == StartPosition::Timestamp {
-        errs.push(cerr("source.startFrom", "timestamp is not supported yet: use earliest or latest"));
+    match (s.start_from, s.start_timestamp_ms) {
+        (StartPosition::Timestamp, None) => {
+            errs.push(cerr("source.startTimestampMs", "is required when startFrom is timestamp"));
+        }
+        (StartPosition::Timestamp, Some(t)) if t < 0 => {
+            errs.push(cerr("source.startTimestampMs", "must be a millisecond timestamp at or after 1970"));
+        }
+        (StartPosition::Earliest | StartPosition::Latest, Some(_)) => {
+            errs.push(cerr("source.startTimestampMs", "is only used with startFrom: timestamp"));
+        }
+        _ => {}
     }
     if s.max_record_bytes == 0 {
         errs.push(cerr("source.maxRecordBytes", "must be positive"));
@@ -894,6 +907,22 @@ sink:
         ] {
             assert!(fields.contains(&f), "{f} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn start_from_timestamp_needs_its_timestamp() {
+        let mut c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        c.source.start_from = StartPosition::Timestamp;
+        let errs = c.validate().unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.field == "source.startTimestampMs" && e.message.contains("required")),
+            "{errs:?}"
+        );
+        c.source.start_timestamp_ms = Some(1_795_500_000_000);
+        c.validate().unwrap();
+        c.source.start_from = StartPosition::Latest;
+        let errs = c.validate().unwrap_err();
+        assert!(errs.iter().any(|e| e.field == "source.startTimestampMs"), "{errs:?}");
     }
 
     #[test]

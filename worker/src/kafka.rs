@@ -24,10 +24,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use streamscore_crds::pipeline::{PipelineConfig, StartPosition};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +90,51 @@ pub fn resolve_property(value: &str) -> Result<String, String> {
 
 struct ConsumerCtx {
     shared: Arc<Shared>,
+    /// `startFrom: timestamp`: where partitions the group never committed start.
+    start_timestamp: Option<i64>,
+}
+
+impl ConsumerCtx {
+    /// With `startFrom: timestamp`, sets the start offset of every assigned partition that the
+    /// group has never committed to its first record at or after the timestamp (the end when
+    /// there is none). Blocking broker calls, once per assignment.
+    fn place_at_timestamp(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let Some(ts) = self.start_timestamp else { return };
+        let timeout = Duration::from_secs(10);
+        let committed = match consumer.committed_offsets(tpl.clone(), timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                // Unknown: leave the partitions to the committed offsets / auto.offset.reset.
+                warn!(error = %e, "cannot read committed offsets; startFrom timestamp not applied");
+                return;
+            }
+        };
+        let mut wanted = TopicPartitionList::new();
+        for e in committed.elements() {
+            if !matches!(e.offset(), Offset::Offset(_)) {
+                let _ = wanted.add_partition_offset(e.topic(), e.partition(), Offset::Offset(ts));
+            }
+        }
+        if wanted.count() == 0 {
+            return;
+        }
+        match consumer.offsets_for_times(wanted, timeout) {
+            Ok(found) => {
+                for e in found.elements() {
+                    // No record at or after the timestamp: librdkafka answers End (-1).
+                    let start = match e.offset() {
+                        Offset::Offset(o) => Offset::Offset(o),
+                        _ => Offset::End,
+                    };
+                    info!(topic = e.topic(), partition = e.partition(), ?start, timestamp = ts, "startFrom timestamp");
+                    let _ = tpl.set_partition_offset(e.topic(), e.partition(), start);
+                }
+            }
+            Err(e) => {
+                self.shared.fail(format!("looking up offsets for startTimestampMs {ts}: {e}"));
+            }
+        }
+    }
 }
 
 struct ProducerCtx {
@@ -205,6 +251,36 @@ impl ProducerContext for ProducerCtx {
 }
 
 impl ConsumerContext for ConsumerCtx {
+    /// As rdkafka's default, plus `place_at_timestamp` before an assignment takes effect.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.place_at_timestamp(consumer, tpl);
+                self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
+                let done = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = done {
+                    self.shared.fail(format!("assigning partitions: {e}"));
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                let done = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = done {
+                    self.shared.fail(format!("revoking partitions: {e}"));
+                }
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                error!(error = %code, "rebalance error");
+                let _ = consumer.unassign();
+                self.post_rebalance(consumer, &Rebalance::Error(KafkaError::Rebalance(code)));
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -543,8 +619,13 @@ pub fn run(
         fatal: Mutex::new(None),
     });
     let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
-        cc.create_with_context(ConsumerCtx { shared: shared.clone() })
-            .map_err(|e| format!("creating the Kafka consumer: {e}"))?,
+        cc.create_with_context(ConsumerCtx {
+            shared: shared.clone(),
+            start_timestamp: (cfg.source.start_from == StartPosition::Timestamp)
+                .then_some(cfg.source.start_timestamp_ms)
+                .flatten(),
+        })
+        .map_err(|e| format!("creating the Kafka consumer: {e}"))?,
     );
     let (jobs_tx, jobs_rx) = sync_channel(MAX_PENDING_COMMITS);
     let (replies_tx, replies_rx) = sync_channel(MAX_PENDING_COMMITS + 1);
