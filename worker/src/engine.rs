@@ -182,9 +182,9 @@ impl Engine {
     /// An engine with no partitions.
     pub fn new(cfg: Arc<PipelineConfig>, model: Arc<Model>, stores: StoreEnv, metrics: Arc<Metrics>) -> Self {
         let schema = Schema::new(&cfg);
-        let features = FeatureSet::new(&cfg.features, &schema);
+        let mut features = FeatureSet::new(&cfg.features, &schema);
         let idx = |n: &str| features.names().iter().position(|x| x == n);
-        let rows = cfg
+        let rows: Vec<RowSource> = cfg
             .model
             .signature
             .features
@@ -199,6 +199,16 @@ impl Engine {
         } else {
             cfg.postprocess.include_features.iter().filter_map(|f| idx(f)).collect()
         };
+        // Values nobody reads (neither a model input nor in the output) are not computed.
+        let needed: Vec<usize> = include
+            .iter()
+            .copied()
+            .chain(rows.iter().filter_map(|r| match r {
+                RowSource::Feature(i) => Some(*i),
+                RowSource::Field(_) => None,
+            }))
+            .collect();
+        features.compute_only(&needed);
         let score_keys = model.score_names().map(json_key).collect();
         let feature_keys = include.iter().map(|&i| json_key(&features.names()[i])).collect();
         let passthrough =

@@ -309,6 +309,9 @@ pub struct FeatureSet {
     windows: Vec<(WindowFeature, i64, i64, Input)>,
     sequences: Vec<(SequenceFeature, i64, Input)>,
     names: Vec<String>,
+    /// Per feature (declaration order): whether `apply` must compute its value (a model input
+    /// or part of the output). Others only update state; their value is `Null`.
+    wanted: Vec<bool>,
 }
 
 impl FeatureSet {
@@ -330,17 +333,24 @@ impl FeatureSet {
                 (s.clone(), s.lookback.as_millis_i64().max(1), input)
             })
             .collect();
-        let names = windows
+        let names: Vec<String> = windows
             .iter()
             .map(|(w, ..)| w.name.clone())
             .chain(sequences.iter().map(|(s, ..)| s.name.clone()))
             .collect();
-        Self { windows, sequences, names }
+        let wanted = vec![true; names.len()];
+        Self { windows, sequences, names, wanted }
     }
 
     /// Feature names in declaration order (windows, then sequences).
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Computes in `apply` only the values of the features at these indexes (the others still
+    /// update their state; the query API's `evaluate` computes every value).
+    pub fn compute_only(&mut self, indexes: &[usize]) {
+        self.wanted = (0..self.names.len()).map(|i| indexes.contains(&i)).collect();
     }
 
     /// Applies an accepted (not late) event with event time `t` to `state` and returns every
@@ -358,7 +368,8 @@ impl FeatureSet {
                 insert_sorted(&mut ws.raw, Entry { time: t, seq, val });
             }
             compact_window(ws, def.aggregation, *w, *r, horizon);
-            out.push(eval_window(ws, def.aggregation, *w, *r, t));
+            let wanted = self.wanted[out.len()];
+            out.push(if wanted { eval_window(ws, def.aggregation, *w, *r, t) } else { FeatureValue::Null });
         }
         for ((def, l, input), ss) in self.sequences.iter().zip(state.sequences.iter_mut()) {
             if input.matches(fields) {
@@ -367,7 +378,8 @@ impl FeatureSet {
                 }
             }
             prune_sequence(ss, def.length as usize, *l, horizon);
-            out.push(eval_sequence(ss, def.length as usize, *l, t));
+            let wanted = self.wanted[out.len()];
+            out.push(if wanted { eval_sequence(ss, def.length as usize, *l, t) } else { FeatureValue::Null });
         }
         out
     }
@@ -547,6 +559,23 @@ mod tests {
         assert_eq!(fs.apply(&mut st, 1500, &e, i64::MIN), vec![FeatureValue::Num(2.0)]);
         // 2000 - 1000 = 1000 is excluded: window is (1000, 2000]
         assert_eq!(fs.apply(&mut st, 2000, &e, i64::MIN), vec![FeatureValue::Num(2.0)]);
+    }
+
+    #[test]
+    fn features_nobody_reads_update_state_without_being_computed() {
+        let mut fs = set(FeaturesConfig {
+            windows: vec![
+                win("c", Aggregation::Count, None, 1000, Some(1), None),
+                win("s", Aggregation::Sum, Some("amount"), 1000, Some(1), None),
+            ],
+            sequences: vec![],
+            ..Default::default()
+        });
+        fs.compute_only(&[1]);
+        let mut st = KeyState::default();
+        fs.apply(&mut st, 100, &ev(2.0, "a"), i64::MIN);
+        assert_eq!(fs.apply(&mut st, 200, &ev(3.0, "a"), i64::MIN), vec![FeatureValue::Null, FeatureValue::Num(5.0)]);
+        assert_eq!(fs.evaluate(&st, 200), vec![FeatureValue::Num(2.0), FeatureValue::Num(5.0)]);
     }
 
     #[test]

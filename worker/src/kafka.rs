@@ -366,8 +366,8 @@ impl Shared {
     }
 }
 
-/// Keys serialised per step of a running checkpoint, between two input batches (~1 ms).
-const SNAPSHOT_STEP_KEYS: usize = 512;
+/// Keys serialised per step of a running checkpoint, between two input batches (~0.5-1 ms).
+const SNAPSHOT_STEP_KEYS: usize = 256;
 
 impl Shared {
     /// Closes the current epoch and starts a checkpoint at the current offsets; the outputs

@@ -236,6 +236,7 @@ fn main() -> anyhow::Result<()> {
             let health = Arc::new(Health::default());
             let (c, m) = (cancel.clone(), metrics.clone());
             let started = Instant::now();
+            let cpu_before = cpu_seconds();
             let h = health.clone();
             let worker = std::thread::spawn(move || kafka::run(cfg, engine, m, h, c));
             if rate > 0 {
@@ -264,6 +265,7 @@ fn main() -> anyhow::Result<()> {
             worker.join().map_err(|_| anyhow::anyhow!("worker panicked"))?.map_err(anyhow::Error::msg)?;
             let total = started.elapsed().as_secs_f64();
             let steady = first.map_or(total, |f| f.elapsed().as_secs_f64());
+            let cpu = cpu_seconds() - cpu_before;
             let text = metrics.encode();
             println!(
                 "bench-kafka: {count} events, {users} users: {:.2}s incl. start-up ({:.0} events/s); {:.2}s from first output ({:.0} events/s)",
@@ -271,6 +273,12 @@ fn main() -> anyhow::Result<()> {
                 count as f64 / total,
                 steady,
                 count as f64 / steady
+            );
+            println!(
+                "  worker process CPU: {cpu:.2} s ({:.2} CPU-s per million events{}; {:.0} events per CPU-second)",
+                cpu * 1e6 / count as f64,
+                if rate > 0 { ", includes the paced producer" } else { "" },
+                count as f64 / cpu.max(1e-9)
             );
             for phase in ["snapshot", "ack", "state", "offsets"] {
                 let name = format!("streamscore_worker_commit_seconds{{phase=\"{phase}\"");
@@ -318,6 +326,17 @@ fn send_paced(
             std::thread::sleep(wait);
         }
     }
+}
+
+/// User + system CPU time of this process so far, seconds (Linux: /proc/self/stat, 100 Hz ticks).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
