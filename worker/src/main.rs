@@ -39,7 +39,8 @@ struct Args {
     /// Block cache shared by every state store, MiB.
     #[arg(long, env = "STREAMSCORE_BLOCK_CACHE_MB", default_value_t = 64)]
     block_cache_mb: usize,
-    /// Keys kept in the write-back cache per partition before it is emptied after a flush.
+    /// Keys kept in the write-back cache per partition; above it, clean (durable) entries are
+    /// dropped when a checkpoint starts.
     #[arg(long, env = "STREAMSCORE_CACHE_KEYS", default_value_t = 200_000)]
     cache_keys: usize,
 }

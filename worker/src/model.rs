@@ -2,7 +2,12 @@
 //!
 //! ```text
 //!  file ──► sha256 == spec? ──► tract: parse, fix input [batch, features], optimise ──► probe
-//!  feature rows (≤ batch) ──► zero-padded [batch, features] tensor ──► outputs ──► named scores
+//!  feature rows (≤ batch) ──► zero-padded [b, features] tensor ──► outputs ──► named scores
+//! ```
+//! One plan is optimised per batch size b in 1, 4, 16, 64, … up to `batch.maxSize`; a batch of
+//! n rows runs on the smallest b ≥ n, so a small batch (low input rate) does not pay for a
+//! full-size inference.
+//! ```text
 //! ```
 //! A model that fails any step is a [`ModelError`]: the worker stays not ready with that
 //! reason and consumes nothing.
@@ -61,7 +66,8 @@ type Plan = std::sync::Arc<TypedRunnableModel>;
 /// A loaded, checked model.
 #[derive(Debug)]
 pub struct Model {
-    plan: Plan,
+    /// (batch size, plan), ascending; the last one has `batch` rows.
+    plans: Vec<(usize, Plan)>,
     batch: usize,
     width: usize,
     outputs: Vec<OutputMapping>,
@@ -91,7 +97,7 @@ impl Model {
         let batch = sig.batch.max_size.max(1) as usize;
         let width = sig.features.len();
         let load = |e: TractError| ModelError::Load(format!("{e:#}"));
-        let mut model = tract_onnx::onnx().model_for_read(&mut std::io::Cursor::new(bytes)).map_err(load)?;
+        let model = tract_onnx::onnx().model_for_read(&mut std::io::Cursor::new(bytes)).map_err(load)?;
         let input_ix = if sig.input_name.is_empty() {
             0
         } else {
@@ -102,7 +108,6 @@ impl Model {
                 .position(|o| model.node(o.node).name == sig.input_name)
                 .ok_or_else(|| ModelError::Load(format!("the model has no input named {:?}", sig.input_name)))?
         };
-        model = model.with_input_fact(input_ix, f32::fact([batch, width]).into()).map_err(load)?;
         let n_outputs = model.output_outlets().map_err(load)?.len();
         for o in &sig.outputs {
             if o.output as usize >= n_outputs {
@@ -112,8 +117,15 @@ impl Model {
                 )));
             }
         }
-        let plan = model.into_optimized().map_err(load)?.into_runnable().map_err(load)?;
-        let m = Self { plan, batch, width, outputs: sig.outputs.clone(), version: cfg.version.clone() };
+        let mut sizes: Vec<usize> =
+            std::iter::successors(Some(1usize), |b| Some(b * 4)).take_while(|b| *b < batch).collect();
+        sizes.push(batch);
+        let mut plans = Vec::with_capacity(sizes.len());
+        for b in sizes {
+            let m = model.clone().with_input_fact(input_ix, f32::fact([b, width]).into()).map_err(load)?;
+            plans.push((b, m.into_optimized().map_err(load)?.into_runnable().map_err(load)?));
+        }
+        let m = Self { plans, batch, width, outputs: sig.outputs.clone(), version: cfg.version.clone() };
         let probe = m.score(&[vec![0.0; width]]).map_err(|e| ModelError::Probe(e.to_string()))?;
         if probe.len() != 1 || probe[0].iter().any(|s| !s.is_finite()) {
             return Err(ModelError::Probe(format!("probe produced {probe:?}")));
@@ -141,7 +153,12 @@ impl Model {
     pub fn score(&self, rows: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, ModelError> {
         let mut out = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(self.batch) {
-            let mut data = vec![0f32; self.batch * self.width];
+            let (size, plan) = self
+                .plans
+                .iter()
+                .find(|(b, _)| *b >= chunk.len())
+                .ok_or_else(|| ModelError::Inference("no plan for the batch size".into()))?;
+            let mut data = vec![0f32; size * self.width];
             for (i, r) in chunk.iter().enumerate() {
                 if r.len() != self.width {
                     return Err(ModelError::Inference(format!(
@@ -152,9 +169,9 @@ impl Model {
                 }
                 data[i * self.width..(i + 1) * self.width].copy_from_slice(r);
             }
-            let input = Tensor::from_shape(&[self.batch, self.width], &data)
-                .map_err(|e| ModelError::Inference(e.to_string()))?;
-            let result = self.plan.run(tvec!(input.into())).map_err(|e| ModelError::Inference(format!("{e:#}")))?;
+            let input =
+                Tensor::from_shape(&[*size, self.width], &data).map_err(|e| ModelError::Inference(e.to_string()))?;
+            let result = plan.run(tvec!(input.into())).map_err(|e| ModelError::Inference(format!("{e:#}")))?;
             // Each mapped output as (row-major values, columns per row).
             let views: Vec<(Vec<f32>, usize)> = self
                 .outputs
