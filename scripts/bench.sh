@@ -10,6 +10,10 @@ cd "$ROOT"
 bash "$ROOT/scripts/install-deps.sh"
 cargo build -q --bin streamscore-loadgen --bin streamscore-operator
 trap 'bash "$ROOT/scripts/env.sh" down' EXIT
+# A fresh environment every run: state left by an earlier run (e.g. the operator benchmark's 500
+# TenantModels and their children) would keep the control plane busy and skew every figure.
+bash "$ROOT/scripts/env.sh" down >/dev/null 2>&1 || true
+rm -rf "$STREAMSCORE_DEV_DIR"
 bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
 . "$STREAMSCORE_DEV_DIR/env.sh"
