@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::engine::{Checkpoint, Engine, InRecord, OutRecord};
-use crate::metrics::{Metrics, PartitionLabel, PhaseLabel};
+use crate::metrics::{Metrics, PartitionLabel, PhaseLabel, StageLabel};
 
 /// Readiness facts shared with the HTTP server.
 #[derive(Debug, Default)]
@@ -228,16 +228,25 @@ impl ClientContext for ProducerCtx {
 }
 
 impl ProducerContext for ProducerCtx {
-    type DeliveryOpaque = Box<(Instant, Option<i64>, u64)>;
+    /// (consumed, input record timestamp, commit epoch, handed to the producer).
+    type DeliveryOpaque = Box<(Instant, Option<i64>, u64, Instant)>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
-        let (received, source_ts, epoch) = *opaque;
+        let (received, source_ts, epoch, sent) = *opaque;
         match result {
             Ok(_) => {
-                self.metrics.latency.observe(received.elapsed().as_secs_f64());
+                let total = received.elapsed().as_secs_f64();
+                self.metrics.latency.observe(total);
+                let stage = |name: &'static str, secs: f64| {
+                    self.metrics.stage_seconds.get_or_create(&StageLabel { stage: name }).observe(secs.max(0.0));
+                };
+                stage("process", sent.saturating_duration_since(received).as_secs_f64());
+                stage("produce", sent.elapsed().as_secs_f64());
                 if let Some(ts) = source_ts {
                     let now = chrono::Utc::now().timestamp_millis();
-                    self.metrics.event_latency.observe((now - ts).max(0) as f64 / 1000.0);
+                    let e2e = (now - ts).max(0) as f64 / 1000.0;
+                    self.metrics.event_latency.observe(e2e);
+                    stage("fetch", e2e - total);
                 }
             }
             Err((e, _)) => {
@@ -338,7 +347,7 @@ impl Shared {
         };
         let epoch = self.epoch.load(Ordering::Acquire);
         self.acks.sent[Acks::slot(epoch)].fetch_add(1, Ordering::AcqRel);
-        let opaque = Box::new((received.0, received.1, epoch));
+        let opaque = Box::new((received.0, received.1, epoch, Instant::now()));
         let mut record = BaseRecord::with_opaque_to(topic, opaque).payload(&value);
         if let Some(k) = &key {
             record = record.key(k);

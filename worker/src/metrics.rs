@@ -62,8 +62,19 @@ pub struct Metrics {
     /// thread, `ack`: waiting for output acknowledgements, `state`: the
     /// synced state write, `offsets`: the Kafka offset commit), seconds.
     pub commit_seconds: Family<PhaseLabel, Histogram>,
+    /// Where a scored record's time goes, seconds: `fetch` (input record timestamp → consumed:
+    /// time in the upstream producer, the broker and the fetch), `process` (consumed → handed to
+    /// the producer: batching, features, inference), `produce` (→ acknowledged by the broker).
+    pub stage_seconds: Family<StageLabel, Histogram>,
     /// Emitted windows closed and written to the feature topic (again after a replay).
     pub windows_emitted: Counter,
+}
+
+/// `stage` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    /// Stage of an output's way.
+    pub stage: &'static str,
 }
 
 /// `phase` label.
@@ -95,6 +106,7 @@ impl Metrics {
             commits: Counter::default(),
             delivery_errors: Counter::default(),
             commit_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 16))),
+            stage_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 1.5, 30))),
             windows_emitted: Counter::default(),
         };
         r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
@@ -128,6 +140,10 @@ impl Metrics {
             "Emitted windows closed by the watermark and written to the feature topic",
             m.windows_emitted.clone(),
         );
+        r.register("output_stage_seconds", "Where a scored record's time goes, by stage", m.stage_seconds.clone());
+        for stage in ["fetch", "process", "produce"] {
+            let _ = m.stage_seconds.get_or_create(&StageLabel { stage });
+        }
         for reason in crate::decode::Reason::ALL {
             let _ = m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
         }

@@ -297,6 +297,14 @@ fn main() -> anyhow::Result<()> {
                     quantile(&text, &name, 0.99) * 1e3
                 );
             }
+            for stage in ["fetch", "process", "produce"] {
+                let name = format!("streamscore_worker_output_stage_seconds{{stage=\"{stage}\"");
+                println!(
+                    "  stage {stage}: p50 <= {:.2} ms, p99 <= {:.2} ms",
+                    quantile(&text, &name, 0.5) * 1e3,
+                    quantile(&text, &name, 0.99) * 1e3
+                );
+            }
             for q in [0.5, 0.99, 0.999] {
                 println!(
                     "  p{}: consume→ack <= {:.2} ms, event (producer timestamp)→output ack <= {:.2} ms",
