@@ -227,29 +227,37 @@ impl ClientContext for ProducerCtx {
     }
 }
 
+impl ProducerCtx {
+    /// Latency metrics of an acknowledged scored record.
+    fn observe_scored(&self, received: Instant, source_ts: Option<i64>, sent: Instant) {
+        let total = received.elapsed().as_secs_f64();
+        self.metrics.latency.observe(total);
+        let stage = |name: &'static str, secs: f64| {
+            self.metrics.stage_seconds.get_or_create(&StageLabel { stage: name }).observe(secs.max(0.0));
+        };
+        stage("process", sent.saturating_duration_since(received).as_secs_f64());
+        stage("produce", sent.elapsed().as_secs_f64());
+        if let Some(ts) = source_ts {
+            let now = chrono::Utc::now().timestamp_millis();
+            let e2e = (now - ts).max(0) as f64 / 1000.0;
+            self.metrics.event_latency.observe(e2e);
+            stage("fetch", e2e - total);
+        }
+    }
+}
+
 impl ProducerContext for ProducerCtx {
-    /// (consumed, input record timestamp, commit epoch, handed to the producer).
-    type DeliveryOpaque = Box<(Instant, Option<i64>, u64, Instant)>;
+    /// (consumed, input record timestamp, commit epoch, handed to the producer). Only scored
+    /// records carry the consume instant: dead letters and emitted windows are not in the
+    /// latency histograms.
+    type DeliveryOpaque = Box<(Option<Instant>, Option<i64>, u64, Instant)>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
         let (received, source_ts, epoch, sent) = *opaque;
-        match result {
-            Ok(_) => {
-                let total = received.elapsed().as_secs_f64();
-                self.metrics.latency.observe(total);
-                let stage = |name: &'static str, secs: f64| {
-                    self.metrics.stage_seconds.get_or_create(&StageLabel { stage: name }).observe(secs.max(0.0));
-                };
-                stage("process", sent.saturating_duration_since(received).as_secs_f64());
-                stage("produce", sent.elapsed().as_secs_f64());
-                if let Some(ts) = source_ts {
-                    let now = chrono::Utc::now().timestamp_millis();
-                    let e2e = (now - ts).max(0) as f64 / 1000.0;
-                    self.metrics.event_latency.observe(e2e);
-                    stage("fetch", e2e - total);
-                }
-            }
-            Err((e, _)) => {
+        match (result, received) {
+            (Ok(_), Some(received)) => self.observe_scored(received, source_ts, sent),
+            (Ok(_), None) => {}
+            (Err((e, _)), _) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 self.metrics.delivery_errors.inc();
                 error!(error = %e, "output record not acknowledged by the broker");
@@ -332,17 +340,17 @@ impl Shared {
         let (topic, key, value, headers, received) = match rec {
             OutRecord::Scored { key, value, received, source_timestamp } => {
                 self.metrics.records_out.inc();
-                (&self.sink_topic, Some(key.into_bytes()), value, None, (received, source_timestamp))
+                (&self.sink_topic, Some(key.into_bytes()), value, None, (Some(received), source_timestamp))
             }
             OutRecord::DeadLetter { key, value, headers } => {
                 let mut h = OwnedHeaders::new_with_capacity(headers.len());
                 for (k, v) in &headers {
                     h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
                 }
-                (&self.dlq_topic, key, value, Some(h), (Instant::now(), None))
+                (&self.dlq_topic, key, value, Some(h), (None, None))
             }
             OutRecord::Feature { key, value } => {
-                (&self.feature_topic, Some(key.into_bytes()), value, None, (Instant::now(), None))
+                (&self.feature_topic, Some(key.into_bytes()), value, None, (None, None))
             }
         };
         let epoch = self.epoch.load(Ordering::Acquire);
