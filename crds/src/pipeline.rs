@@ -105,7 +105,9 @@ pub struct SourceConfig {
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: u32,
     /// Extra librdkafka consumer properties (e.g. `security.protocol`). Secrets come from
-    /// files or environment variables (`${env:NAME}`, `${file:/path}`), never inline.
+    /// files or environment variables (`${env:NAME}`, `${file:/path}`), never inline. They
+    /// override streamscore's defaults, e.g. `fetch.wait.max.ms: "1"` for the lowest latency at
+    /// low rates (default 5, with `fetch.min.bytes` 65536).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
 }

@@ -103,7 +103,13 @@ impl StoreEnv {
         opts.set_max_write_buffer_number(2);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
+        // Bloom filters, in the tables and in the memtables: most lookups of a key the cache
+        // does not hold are for keys never seen, and without a filter each one searches every
+        // memtable and level-0 table.
+        opts.set_memtable_whole_key_filtering(true);
+        opts.set_memtable_prefix_bloom_ratio(0.1);
         let mut block = BlockBasedOptions::default();
+        block.set_bloom_filter(10.0, false);
         block.set_block_cache(&self.cache);
         opts.set_block_based_table_factory(&block);
         let db =
