@@ -34,7 +34,17 @@ use crate::pipeline::{FeaturesConfig, ModelSignature, PostprocessConfig, SinkCon
     printcolumn = r#"{"name":"Parallelism","type":"integer","jsonPath":".status.parallelism"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.spec.sink.topic != self.spec.sink.deadLetterTopic")
-        .message("spec.sink.deadLetterTopic must differ from spec.sink.topic")
+        .message("spec.sink.deadLetterTopic must differ from spec.sink.topic"),
+    validation = Rule::new(
+        "!has(self.spec.sink.featureTopic) || (self.spec.sink.featureTopic != self.spec.sink.topic && \
+         self.spec.sink.featureTopic != self.spec.sink.deadLetterTopic)"
+    )
+    .message("spec.sink.featureTopic must differ from spec.sink.topic and spec.sink.deadLetterTopic"),
+    validation = Rule::new(
+        "!has(self.spec.features) || !has(self.spec.features.emitted) || size(self.spec.features.emitted) == 0 || \
+         has(self.spec.sink.featureTopic)"
+    )
+    .message("spec.sink.featureTopic is required when spec.features.emitted is set")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantModelSpec {

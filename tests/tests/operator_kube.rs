@@ -178,6 +178,15 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     bad["spec"]["sink"]["deadLetterTopic"] = json!("scores");
     let err = tms.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err().to_string();
     assert!(err.contains("deadLetterTopic must differ"), "{err}");
+    let mut bad = tenant_model("bad4", &sha);
+    bad["spec"]["features"]["emitted"] =
+        json!([{"name": "spend_1h", "aggregation": "sum", "field": "amount", "size": "1h"}]);
+    let err = tms.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err().to_string();
+    assert!(err.contains("featureTopic is required"), "{err}");
+    let mut bad = tenant_model("bad5", &sha);
+    bad["spec"]["sink"]["featureTopic"] = json!("scores");
+    let err = tms.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err().to_string();
+    assert!(err.contains("featureTopic must differ"), "{err}");
     let mut bad = tenant_model("bad3", "not-a-digest");
     bad["spec"]["model"]["sha256"] = json!("xyz");
     let err = tms.create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err().to_string();
