@@ -417,7 +417,16 @@ pub(crate) fn aggregation_input(kind: Aggregation, input: &Input, fields: &Field
 
 fn insert_sorted(v: &mut Vec<Entry>, e: Entry) {
     let pos = v.partition_point(|x| (x.time, x.seq) <= (e.time, e.seq));
+    grow_small(v);
     v.insert(pos, e);
+}
+
+/// Makes room for one more element, one at a time while the vector is short: most per-key lists
+/// hold one to three entries, and `Vec`'s first allocation (four) would double their memory.
+fn grow_small<T>(v: &mut Vec<T>) {
+    if v.len() == v.capacity() && v.len() < 4 {
+        v.reserve_exact(1);
+    }
 }
 
 /// Start S of the window of length `w` at resolution `r` evaluated at `t`.
@@ -436,6 +445,7 @@ fn compact_window(ws: &mut WindowState, kind: Aggregation, w: i64, r: i64, horiz
                 _ => match ws.buckets.binary_search_by_key(&b, |(k, _)| *k) {
                     Ok(i) => i,
                     Err(i) => {
+                        grow_small(&mut ws.buckets);
                         ws.buckets.insert(i, (b, Agg::default()));
                         i
                     }
