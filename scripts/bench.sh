@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make bench`: data-plane benchmarks (see BENCHMARKS.md for figures and method).
 #   1. engine only: decode → features (RocksDB) → tract → JSON, no broker;
-#   2. end to end against the local broker: pre-loaded topic → worker → acknowledged outputs.
+#   2. end to end against the local broker: pre-loaded topic → worker → acknowledged outputs;
+#   3. checkpoint (full, incremental) and restore of one partition's state via the S3 gateway.
 . "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 export STREAMSCORE_DEV_DIR="$ROOT/.dev/bench" STREAMSCORE_PORT_BASE=29000
@@ -33,4 +34,7 @@ java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFK
 cfg2="$STREAMSCORE_DEV_DIR/bench-pipeline-rate.yaml"
 sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic2|g; s|@ROOT@|$ROOT|" bench/pipeline.yaml > "$cfg2"
 "$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-kafka --pipeline "$cfg2" --count $((RATE * 20)) --users "$USERS" --rate "$RATE"
+# Checkpoint and restore of one partition's state (1M keys by default) through the S3 gateway.
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-checkpoint --pipeline "$cfg" \
+  --keys "${BENCH_CKPT_KEYS:-1000000}" --store "s3://$STREAMSCORE_S3_BUCKET"
 bash "$ROOT/scripts/bench-operator.sh"

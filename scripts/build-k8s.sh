@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver, kube-controller-manager, kube-scheduler and kubectl from
 # the k8s.io/kubernetes Go module, etcd from go.etcd.io/etcd/server/v3 and helm
-# from helm.sh/helm/v3, all at the versions pinned in env/versions.env.
+# from helm.sh/helm/v3 and SeaweedFS (the S3 server for checkpoints) from
+# github.com/seaweedfs/seaweedfs, all at the versions pinned in env/versions.env.
 # Results are cached by version under $CACHE; a second run returns at once.
 . "$(dirname "$0")/lib.sh"
 
@@ -84,10 +85,37 @@ build_helm() {
   GOBIN="$HELM_BIN" go install -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
 }
 
+build_seaweedfs() {
+  [[ -x $WEED_BIN/weed ]] && return 0
+  local mod="$CACHE/seaweedfs-$SEAWEEDFS_VERSION/src"
+  mkdir -p "$mod" "$WEED_BIN"
+  log "building SeaweedFS $SEAWEEDFS_VERSION (S3 gateway for checkpoints; about 5 min cold on 2 cores)"
+  # `go install pkg@version` refuses a module whose go.mod has replace lines: a wrapper module
+  # repeats the one replace SeaweedFS needs.
+  cat > "$mod/go.mod" <<MOD
+module streamscore.dev/localseaweedfs
+
+go 1.24
+
+require github.com/seaweedfs/seaweedfs $SEAWEEDFS_VERSION
+
+replace github.com/tyler-smith/go-bip39 => github.com/cosmos/go-bip39 v1.0.0
+MOD
+  cat > "$mod/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import _ "github.com/seaweedfs/seaweedfs/weed"
+GO
+  (cd "$mod" && go mod tidy && GOBIN="$WEED_BIN" go install -ldflags "-s -w" github.com/seaweedfs/seaweedfs/weed)
+}
+
 case "${1:-all}" in
   kubernetes) build_kubernetes ;;
   etcd) build_etcd ;;
   helm) build_helm ;;
-  all) build_etcd; build_kubernetes; build_helm ;;
-  *) die "usage: $0 [all|kubernetes|etcd|helm]" ;;
+  seaweedfs) build_seaweedfs ;;
+  all) build_etcd; build_kubernetes; build_helm; build_seaweedfs ;;
+  *) die "usage: $0 [all|kubernetes|etcd|helm|seaweedfs]" ;;
 esac

@@ -43,7 +43,9 @@ topic() { kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KA
 log "starting the node agent (pods run as local processes on 127.0.77.x)"
 "$BIN/streamscore-node-agent" --node-name streamscore-demo --work-dir "$DEMO/node" --subnet 77 \
   --image "streamscore-worker=$BIN/streamscore-worker" --image "streamscore-operator=$BIN/streamscore-operator" \
-  --env "KUBECONFIG=$KUBECONFIG" > "$DEMO/node-agent.log" 2>&1 &
+  --env "KUBECONFIG=$KUBECONFIG" --env "AWS_ENDPOINT=$AWS_ENDPOINT" --env "AWS_ALLOW_HTTP=true" \
+  --env "AWS_REGION=$AWS_REGION" --env "AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID" \
+  --env "AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY" > "$DEMO/node-agent.log" 2>&1 &
 agent_pid=$!
 
 log "helm install streamscore (CRD, RBAC, operator)"
@@ -71,7 +73,8 @@ for ns in payments recs; do
   kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl -n "$ns" create configmap "${CM[$ns]}" --from-file=model.onnx="models/${MODEL[$ns]}.onnx" \
     --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null
-  sed "s|kafka.kafka.svc:9092|$KAFKA_BOOTSTRAP_SERVERS|" "examples/${EX[$ns]}.yaml" | kubectl -n "$ns" apply -f - >/dev/null
+  sed -e "s|kafka.kafka.svc:9092|$KAFKA_BOOTSTRAP_SERVERS|" -e "s|s3://streamscore/|s3://$STREAMSCORE_S3_BUCKET/|" \
+    "examples/${EX[$ns]}.yaml" | kubectl -n "$ns" apply -f - >/dev/null
 done
 log "waiting for both TenantModels to be Ready"
 for ns in payments recs; do

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local environment: Apache Kafka (KRaft, one node), etcd, kube-apiserver,
-# kube-controller-manager and kube-scheduler, all as local processes on 127.0.0.1.
+# kube-controller-manager, kube-scheduler and an S3-compatible object store
+# (SeaweedFS, for checkpoints), all as local processes on 127.0.0.1.
 #
 #   scripts/env.sh up       build/fetch what is missing, start, wait until every component answers
 #   scripts/env.sh down     stop every process started by `up` (and nothing else)
@@ -15,6 +16,9 @@ B="${STREAMSCORE_PORT_BASE:-27000}"
 ETCD_PORT=$((B + 79)); ETCD_PEER_PORT=$((B + 80))
 APISERVER_PORT=$((B + 43)); KCM_PORT=$((B + 57)); SCHED_PORT=$((B + 59))
 KAFKA_PORT=$((B + 92)); KAFKA_CONTROLLER_PORT=$((B + 93))
+# SeaweedFS: master, volume, filer, S3 gateway, and their gRPC ports (all in this range).
+WEED_MASTER_PORT=$((B + 33)); WEED_VOLUME_PORT=$((B + 34)); WEED_FILER_PORT=$((B + 35)); S3_PORT=$((B + 36))
+WEED_MASTER_GRPC=$((B + 37)); WEED_VOLUME_GRPC=$((B + 38)); WEED_FILER_GRPC=$((B + 39)); S3_GRPC=$((B + 40))
 PKI="$DEV/pki"; LOGS="$DEV/logs"; PIDS="$DEV/pids"; DATA="$DEV/data"
 SERVICE_CIDR=10.96.0.0/16
 export PATH="$K8S_BIN:$HELM_BIN:$PATH"
@@ -143,6 +147,25 @@ P
     -Dlog4j.configuration="file:$dir/log4j.properties" -cp "$(kafka_cp)" kafka.Kafka "$dir/server.properties"
 }
 
+start_seaweedfs() {
+  mkdir -p "$DATA/seaweedfs"
+  start seaweedfs "$WEED_BIN/weed" server -dir="$DATA/seaweedfs" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -master.port="$WEED_MASTER_PORT" -master.port.grpc="$WEED_MASTER_GRPC" \
+    -volume.port="$WEED_VOLUME_PORT" -volume.port.grpc="$WEED_VOLUME_GRPC" \
+    -filer.port="$WEED_FILER_PORT" -filer.port.grpc="$WEED_FILER_GRPC" \
+    -s3 -s3.port="$S3_PORT" -s3.port.grpc="$S3_GRPC" -volume.max=0 -master.volumeSizeLimitMB=256
+}
+
+s3_answers() { curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$S3_PORT/" | grep -qE '^(200|403)$'; }
+
+# The bucket the tests and the demo keep checkpoints in (an existing one answers 409).
+S3_BUCKET=streamscore
+create_bucket() {
+  local code
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT "http://127.0.0.1:$S3_PORT/$S3_BUCKET")
+  [[ $code == 200 || $code == 409 ]] || die "creating bucket $S3_BUCKET on the S3 gateway answered HTTP $code"
+}
+
 start_control_plane() {
   gen_pki
   kubeconfig "$DEV/admin.kubeconfig" admin
@@ -190,6 +213,14 @@ export STREAMSCORE_KAFKA_CLASSPATH="$KAFKA_LIBS/*"
 export STREAMSCORE_KAFKA_LOG4J="file:$DEV/kafka/tools-log4j.properties"
 export STREAMSCORE_APISERVER="https://127.0.0.1:$APISERVER_PORT"
 export STREAMSCORE_PORT_BASE="$B"
+# The S3 gateway (SeaweedFS; any access key works) for checkpoint tests and the demo.
+export STREAMSCORE_S3_ENDPOINT="http://127.0.0.1:$S3_PORT"
+export STREAMSCORE_S3_BUCKET="$S3_BUCKET"
+export AWS_ENDPOINT="http://127.0.0.1:$S3_PORT"
+export AWS_ALLOW_HTTP=true
+export AWS_REGION=us-east-1
+export AWS_ACCESS_KEY_ID=streamscore
+export AWS_SECRET_ACCESS_KEY=streamscore
 export PATH="$K8S_BIN:$HELM_BIN:\$PATH"
 E
 }
@@ -199,12 +230,16 @@ up() {
   bash "$ROOT/scripts/fetch-kafka.sh"
   local t0=$SECONDS
   start_kafka
+  start_seaweedfs
   start_control_plane
   wait_for kafka 90 kafka_answers
+  wait_for seaweedfs 60 s3_answers
+  create_bucket
   write_env_file
   log "environment up in $((SECONDS - t0))s (state in $DEV)"
   cat >&2 <<M
   Kafka:          127.0.0.1:$KAFKA_PORT (KRaft, one node)
+  S3 (SeaweedFS): http://127.0.0.1:$S3_PORT (checkpoints; any access key)
   kube-apiserver: https://127.0.0.1:$APISERVER_PORT (+ etcd, controller-manager, scheduler; no kubelet)
   Use it:         . $DEV/env.sh && kubectl get ns
   Stop it:        make env-down
@@ -213,7 +248,7 @@ M
 
 down() {
   local name pid
-  for name in kube-scheduler kube-controller-manager kube-apiserver etcd kafka; do
+  for name in kube-scheduler kube-controller-manager kube-apiserver etcd kafka seaweedfs; do
     [[ -f $PIDS/$name.pid ]] || continue
     pid=$(cat "$PIDS/$name.pid")
     if kill -0 "$pid" 2>/dev/null; then
@@ -228,7 +263,7 @@ down() {
 
 status() {
   local rc=0 name
-  for name in kafka etcd kube-apiserver kube-controller-manager kube-scheduler; do
+  for name in kafka seaweedfs etcd kube-apiserver kube-controller-manager kube-scheduler; do
     if running "$name"; then printf '%-24s running (pid %s)\n' "$name" "$(cat "$PIDS/$name.pid")"
     else printf '%-24s stopped\n' "$name"; rc=1; fi
   done

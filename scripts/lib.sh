@@ -23,3 +23,5 @@ ETCD_BIN="$CACHE/etcd-v$ETCD_VERSION/bin"
 HELM_BIN="$CACHE/helm-v$HELM_VERSION/bin"
 # shellcheck disable=SC2034
 KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
+# shellcheck disable=SC2034
+WEED_BIN="$CACHE/seaweedfs-$SEAWEEDFS_VERSION/bin"

@@ -63,6 +63,10 @@ pub struct PipelineConfig {
     /// Process-local settings (state directory, HTTP address).
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Checkpoints of the state in an object store, and what a worker does when it is assigned
+    /// a partition whose state it does not hold.
+    #[serde(default)]
+    pub state: StateConfig,
 }
 
 /// Kafka input.
@@ -528,6 +532,100 @@ fn default_commit_interval() -> Duration {
     Duration::from_millis(500)
 }
 
+/// Durable, mobile state. Each input partition's store is checkpointed to `checkpointStore`;
+/// a worker assigned a partition uses its local store when that store holds every input the
+/// consumer group has committed, and otherwise restores the newest complete checkpoint and
+/// replays the input from the checkpoint's offsets up to the committed offsets without writing
+/// outputs again (they were written before). Without a usable checkpoint, `missingCheckpoint`
+/// decides.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StateConfig {
+    /// Object-store URI under which checkpoints are kept: `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix` or `file:///path` (a volume every worker
+    /// mounts). Credentials and endpoints come from the worker's environment (`AWS_*`,
+    /// `GOOGLE_*`, `AZURE_*` variables, or the pod's cloud identity). Unset: no checkpoints;
+    /// state then moves only by rebuilding it from the input topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_store: Option<String>,
+    /// How often the store of each partition whose state changed is checkpointed. A
+    /// checkpoint is also taken when a partition is revoked and when the worker shuts down.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: Duration,
+    /// Complete checkpoints kept per partition; older manifests, and files no kept manifest
+    /// references, are deleted.
+    #[serde(default = "default_retain_checkpoints")]
+    #[schemars(range(min = 1, max = 100))]
+    pub retain_checkpoints: u32,
+    /// When the consumer group has committed offsets for a partition but neither the local
+    /// store nor a checkpoint holds the state up to them: `rebuild` (default) replays the
+    /// partition from its earliest retained record (outputs are written only from the committed
+    /// offset on, and the worker is not ready until it has caught up); `fail` stops the worker
+    /// with the reason.
+    #[serde(default)]
+    pub missing_checkpoint: MissingCheckpoint,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_store: None,
+            checkpoint_interval: default_checkpoint_interval(),
+            retain_checkpoints: default_retain_checkpoints(),
+            missing_checkpoint: MissingCheckpoint::default(),
+        }
+    }
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_retain_checkpoints() -> u32 {
+    3
+}
+
+/// What a worker does when the state of an assigned partition can be neither found locally
+/// nor restored from a checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MissingCheckpoint {
+    /// Replay the partition from its earliest retained record, writing outputs only from the
+    /// committed offset on.
+    #[default]
+    Rebuild,
+    /// Stop with an error naming the partition.
+    Fail,
+}
+
+/// Schemes `state.checkpointStore` accepts.
+pub const CHECKPOINT_SCHEMES: [&str; 4] = ["s3", "gs", "az", "file"];
+
+fn validate_state(s: &StateConfig, errs: &mut Vec<ConfigError>) {
+    if let Some(uri) = &s.checkpoint_store {
+        let scheme = uri.split_once("://").map(|(s, _)| s);
+        match scheme {
+            Some(sch) if CHECKPOINT_SCHEMES.contains(&sch) => {
+                let rest = &uri[sch.len() + 3..];
+                if rest.trim_matches('/').is_empty() {
+                    errs.push(cerr("state.checkpointStore", "needs a bucket (or a path for file://)"));
+                }
+                if sch == "file" && !rest.starts_with('/') {
+                    errs.push(cerr("state.checkpointStore", "a file:// URI needs an absolute path (file:///…)"));
+                }
+            }
+            _ => errs
+                .push(cerr("state.checkpointStore", format!("{uri:?} is not an s3://, gs://, az:// or file:/// URI"))),
+        }
+    }
+    if s.checkpoint_interval.is_zero() {
+        errs.push(cerr("state.checkpointInterval", "must be positive"));
+    }
+    if s.retain_checkpoints == 0 || s.retain_checkpoints > 100 {
+        errs.push(cerr("state.retainCheckpoints", "must be between 1 and 100"));
+    }
+}
+
 /// A configuration problem, naming the field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -594,6 +692,7 @@ impl PipelineConfig {
         if self.runtime.commit_interval.is_zero() {
             errs.push(cerr("runtime.commitInterval", "must be positive"));
         }
+        validate_state(&self.state, &mut errs);
         if errs.is_empty() {
             Ok(())
         } else {

@@ -14,7 +14,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
-use crate::pipeline::{FeaturesConfig, ModelSignature, PostprocessConfig, SinkConfig, SourceConfig, ValidationConfig};
+use crate::pipeline::{
+    FeaturesConfig, MissingCheckpoint, ModelSignature, PostprocessConfig, SinkConfig, SourceConfig, ValidationConfig,
+};
 
 /// A tenant's model pipeline: Kafka input → streaming features → ONNX model → Kafka output,
 /// run by streamscore in isolated worker pods.
@@ -49,7 +51,10 @@ use crate::pipeline::{FeaturesConfig, ModelSignature, PostprocessConfig, SinkCon
 #[serde(rename_all = "camelCase")]
 pub struct TenantModelSpec {
     /// Number of worker pods. At most the input topic's partition count is useful
-    /// (the partition is the unit of work). Changing it rescales by checkpoint-and-restart.
+    /// (the partition is the unit of work). Changing it (or `kubectl scale tm`) changes the
+    /// worker Deployment's replicas; partitions then move between workers, each checkpointed
+    /// by its old owner and restored by its new one (`checkpointStore`), or rebuilt from the
+    /// input when no checkpoint exists (`state.missingCheckpoint`).
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1024))]
     pub parallelism: i32,
@@ -62,8 +67,13 @@ pub struct TenantModelSpec {
     /// Where each worker keeps its RocksDB state.
     #[serde(default)]
     pub state: StateVolume,
-    /// Object-store URI for checkpoints (`s3://bucket/prefix`, `gs://…`, `file:///…`).
-    /// Required for rescale and blue/green upgrades without replay.
+    /// Object-store URI for checkpoints of the workers' state (`s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix`, `file:///path`); the operator appends
+    /// `/<namespace>/<name>`. When a partition moves to another worker (scale, pod replaced,
+    /// rebalance), the new owner restores the partition's newest checkpoint and replays the input
+    /// from there to the committed offsets without writing outputs twice. Unset: a moved
+    /// partition is rebuilt from the input topic's retained records (see
+    /// `state.missingCheckpoint`). Object-store credentials come from the worker's environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_store: Option<String>,
     /// Kafka credentials, from Secrets in the TenantModel's namespace.
@@ -138,7 +148,7 @@ pub struct KafkaSecretRef {
     pub name: String,
 }
 
-/// Where a worker keeps its RocksDB state.
+/// Where a worker keeps its RocksDB state, and how it is checkpointed and restored.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StateVolume {
@@ -150,14 +160,29 @@ pub struct StateVolume {
     /// from checkpoints or rebuilt from Kafka after a pod moves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class: Option<String>,
+    /// How often each partition's changed state is checkpointed to `checkpointStore` (also on
+    /// revoke and shutdown). Default 60s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval: Option<Duration>,
+    /// Complete checkpoints kept per partition (1–100, default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub retain_checkpoints: Option<u32>,
+    /// When neither the local store nor a checkpoint holds a partition's state up to the
+    /// committed offsets: `rebuild` (default: replay from the earliest retained record, outputs
+    /// only from the committed offset on, not ready until caught up) or `fail`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_checkpoint: Option<MissingCheckpoint>,
 }
 
-/// Upgrade strategy.
+/// Upgrade strategy. Not implemented yet: these settings are accepted and not read; today a
+/// change of the model or the features replaces the workers in place (they restart, restore
+/// their state when the feature definitions are unchanged, and rebuild it otherwise).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpgradeStrategy {
-    /// `BlueGreen` (default): start the new version beside the old one in shadow mode,
-    /// check the gates, cut over, and roll back automatically when gates fail.
+    /// `BlueGreen` (planned default): start the new version beside the old one in shadow
+    /// mode, check the gates, cut over, and roll back automatically when gates fail.
     #[serde(default, rename = "type")]
     pub kind: UpgradeType,
     /// How long the new version has to pass its gates before it is rolled back.
@@ -230,7 +255,8 @@ pub struct TenantModelStatus {
     /// The step of the long operation in progress (rescale, upgrade); empty when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation: Option<String>,
-    /// The latest complete checkpoint; empty until checkpoints exist.
+    /// The latest complete checkpoint. Not reported yet: the workers' metrics
+    /// (`streamscore_worker_checkpoints_total`) and logs say when checkpoints complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<String>,
 }

@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
-use streamscore_crds::pipeline::{ModelConfig, PipelineConfig, RuntimeConfig};
+use streamscore_crds::pipeline::{ModelConfig, PipelineConfig, RuntimeConfig, StateConfig};
 use streamscore_crds::tenantmodel::{child_labels, TenantModel};
 
 /// Worker HTTP port (health, metrics, query API, admin API).
@@ -114,6 +114,24 @@ pub fn render_pipeline(tm: &TenantModel) -> PipelineConfig {
             http_listen: format!("0.0.0.0:{WORKER_PORT}"),
             ..RuntimeConfig::default()
         },
+        state: render_state(tm),
+    }
+}
+
+/// The worker's state settings: checkpoints under `<checkpointStore>/<namespace>/<name>`, so
+/// that two TenantModels given the same store never share checkpoints.
+fn render_state(tm: &TenantModel) -> StateConfig {
+    let st = &tm.spec.state;
+    let d = StateConfig::default();
+    StateConfig {
+        checkpoint_store: tm
+            .spec
+            .checkpoint_store
+            .as_ref()
+            .map(|u| format!("{}/{}/{}", u.trim_end_matches('/'), tm.namespace().unwrap_or_default(), tm.name_any())),
+        checkpoint_interval: st.checkpoint_interval.unwrap_or(d.checkpoint_interval),
+        retain_checkpoints: st.retain_checkpoints.unwrap_or(d.retain_checkpoints),
+        missing_checkpoint: st.missing_checkpoint.unwrap_or(d.missing_checkpoint),
     }
 }
 

@@ -30,8 +30,9 @@ pub fn validate(tm: &TenantModel) -> Result<(), Vec<String>> {
     }
     if let Err(pipeline_errs) = render_pipeline(tm).validate() {
         for e in pipeline_errs {
-            // model.path is rendered by the operator: report the spec field the user wrote.
-            if e.field == "model.path" {
+            // model.path is rendered by the operator, and spec.checkpointStore is checked above:
+            // report the spec fields the user wrote.
+            if e.field == "model.path" || e.field == "state.checkpointStore" {
                 continue;
             }
             errs.push(format!("spec.{e}"));

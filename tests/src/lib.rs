@@ -210,3 +210,208 @@ pub fn spawn_operator(
     let (ns, c) = (ns.to_owned(), cancel.clone());
     tokio::spawn(async move { streamscore_operator::run_controllers(ctx, &[ns], c).await })
 }
+
+/// A worker (the library's Kafka loop) running on a thread of the test process.
+pub struct RunningWorker {
+    /// Stops it (drain, commit, checkpoint).
+    pub cancel: tokio_util::sync::CancellationToken,
+    /// The loop's thread.
+    pub thread: std::thread::JoinHandle<Result<(), String>>,
+    /// Owned partitions' state, for the query API.
+    pub readers: streamscore_worker::engine::Readers,
+    /// Readiness facts.
+    pub health: std::sync::Arc<streamscore_worker::kafka::Health>,
+    /// Its metrics.
+    pub metrics: std::sync::Arc<streamscore_worker::metrics::Metrics>,
+}
+
+/// Starts the worker's Kafka loop for `cfg` on a thread (with checkpoints when `cfg.state`
+/// names a store).
+pub fn start_worker(cfg: &streamscore_crds::PipelineConfig) -> RunningWorker {
+    use std::sync::Arc;
+    use streamscore_worker::engine::Engine;
+    use streamscore_worker::kafka::{self, Health};
+    use streamscore_worker::metrics::Metrics;
+    use streamscore_worker::model::Model;
+    use streamscore_worker::state::StoreEnv;
+    let cfg = Arc::new(cfg.clone());
+    let model = Arc::new(Model::load(&cfg.model).expect("model loads"));
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    *health.model.write().unwrap() = Some(Ok(cfg.model.version.clone()));
+    let stores = StoreEnv::new(&cfg.runtime.state_dir, 8 << 20, 10_000);
+    let engine = Engine::from_config(cfg.clone(), model, stores, metrics.clone()).expect("checkpoint store opens");
+    let readers = engine.readers();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (c, m, h) = (cancel.clone(), metrics.clone(), health.clone());
+    let thread = std::thread::spawn(move || kafka::run(cfg, engine, m, h, c));
+    RunningWorker { cancel, thread, readers, health, metrics }
+}
+
+impl RunningWorker {
+    /// Stops it and waits; panics when it did not exit cleanly.
+    pub fn stop(self) {
+        self.cancel.cancel();
+        self.thread.join().expect("worker thread").expect("worker exits cleanly");
+    }
+
+    /// Stops it and returns how the loop ended.
+    pub fn join(self) -> Result<(), String> {
+        self.cancel.cancel();
+        self.thread.join().expect("worker thread")
+    }
+}
+
+/// Streams of events with unique ids and the feature values a pipeline must compute for them,
+/// recomputed from the raw input with plain code (never with the worker's functions).
+/// The pipeline they fit: `tx_1h` (count, 1h), `amount_24h` (sum of `amount`, 24h), `rides_1h`
+/// (count of `action == ride_requested`, 1h), all at 1 s resolution, and `last_actions` (last 4
+/// `action`s, 90 days), with `id` passed through.
+pub mod oracle {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+
+    use crate::consume;
+
+    const HOUR: i64 = 3_600_000;
+    /// Bucket resolution of the windows (1 s).
+    pub const RESOLUTION: i64 = 1_000;
+
+    /// One input event.
+    #[derive(Clone, Debug)]
+    pub struct Ev {
+        /// Unique id, passed through to the output (`fields.id`).
+        pub id: u64,
+        /// Entity key.
+        pub key: String,
+        /// Event time (ms).
+        pub ts: i64,
+        /// Amount.
+        pub amount: f64,
+        /// Action.
+        pub action: &'static str,
+    }
+
+    impl Ev {
+        /// The Kafka record (key, JSON value).
+        pub fn record(&self) -> (String, Vec<u8>) {
+            let v = json!({"id": self.id, "user_id": self.key, "ts": self.ts, "amount": self.amount, "action": self.action});
+            (self.key.clone(), v.to_string().into_bytes())
+        }
+    }
+
+    /// `n` events from id `first` on, over `keys` keys, 100 ms apart plus up to 2 s of disorder
+    /// (within the 5 s allowed: none is late).
+    pub fn events(first: u64, n: u64, keys: u64, base: i64) -> Vec<Ev> {
+        (first..first + n)
+            .map(|id| {
+                let mix = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17;
+                Ev {
+                    id,
+                    key: format!("u{}", mix % keys),
+                    ts: base + id as i64 * 100 + (mix % 2_000) as i64,
+                    amount: (id % 17) as f64 * 0.5,
+                    action: match id % 5 {
+                        0 => "ride_requested",
+                        1 => "purchase",
+                        _ => "view",
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Expected feature values of every event, from the raw input: per key, in the order the
+    /// events were produced (a key's events share a partition, so this is the processing order),
+    /// over the events up to and including this one with event time in the window [S, t], S =
+    /// (floor((t − W)/r) + 1)·r (README, "Feature semantics"), and the 90-day sequence.
+    pub fn oracle(all: &[Ev]) -> HashMap<u64, serde_json::Value> {
+        let mut by_key: HashMap<&str, Vec<&Ev>> = HashMap::new();
+        for e in all {
+            by_key.entry(&e.key).or_default().push(e);
+        }
+        let mut want = HashMap::new();
+        for evs in by_key.values() {
+            for (j, e) in evs.iter().enumerate() {
+                let seen = &evs[..=j];
+                // The documented rule at resolution r: event times in [S, t], S = (floor((t − W)/r) + 1)·r.
+                let within = |w: i64| {
+                    let start = ((e.ts - w).div_euclid(RESOLUTION) + 1) * RESOLUTION;
+                    seen.iter().filter(move |x| x.ts >= start && x.ts <= e.ts)
+                };
+                let mut seq: Vec<(i64, usize, &str)> = seen
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| x.ts > e.ts - 90 * 24 * HOUR && x.ts <= e.ts)
+                    .map(|(i, x)| (x.ts, i, x.action))
+                    .collect();
+                seq.sort_unstable();
+                let last: Vec<&str> = seq.iter().rev().take(4).rev().map(|x| x.2).collect();
+                want.insert(
+                    e.id,
+                    json!({
+                        "tx_1h": within(HOUR).count() as f64,
+                        "amount_24h": within(24 * HOUR).map(|x| x.amount).sum::<f64>(),
+                        "rides_1h": within(HOUR).filter(|x| x.action == "ride_requested").count() as f64,
+                        "last_actions": last,
+                    }),
+                );
+            }
+        }
+        want
+    }
+
+    /// Reads the output topic until every id of `want_ids` has an output (or `timeout`); returns
+    /// (id, features) of every output, duplicates included.
+    pub fn outputs(topic: &str, want_ids: usize, timeout: Duration) -> Vec<(u64, serde_json::Value)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got: Vec<(u64, serde_json::Value)> = consume(topic, usize::MAX, Duration::from_secs(4))
+                .iter()
+                .map(|c| {
+                    let v = c.json();
+                    (v["fields"]["id"].as_u64().expect("id passed through"), v["features"].clone())
+                })
+                .collect();
+            let distinct: std::collections::HashSet<u64> = got.iter().map(|g| g.0).collect();
+            if distinct.len() >= want_ids || Instant::now() > deadline {
+                return got;
+            }
+        }
+    }
+
+    /// Asserts that every output carries the expected features and every id has one; returns the
+    /// number of outputs per id.
+    pub fn check(got: &[(u64, serde_json::Value)], want: &HashMap<u64, serde_json::Value>) -> HashMap<u64, usize> {
+        let mut seen: HashMap<u64, usize> = HashMap::new();
+        let mut wrong = Vec::new();
+        for (id, features) in got {
+            *seen.entry(*id).or_default() += 1;
+            let w = &want[id];
+            let ok = ["tx_1h", "rides_1h", "last_actions"].iter().all(|f| features[f] == w[f])
+                && (features["amount_24h"].as_f64().unwrap() - w["amount_24h"].as_f64().unwrap()).abs() < 1e-6;
+            if !ok {
+                wrong.push(format!("event {id}: got {features}, want {w}"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} outputs with wrong features, e.g.:\n{}",
+            wrong.len(),
+            wrong[..wrong.len().min(5)].join("\n")
+        );
+        let missing: Vec<_> = want.keys().filter(|id| !seen.contains_key(id)).take(5).collect();
+        assert!(missing.is_empty(), "{} inputs without output, e.g. {missing:?}", want.len() - seen.len());
+        seen
+    }
+
+    /// The sum of the samples of a metric (name with or without labels) in a Prometheus text.
+    pub fn metric(text: &str, name: &str) -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}

@@ -251,3 +251,158 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }
+
+/// `kubectl scale tm` 2 → 4 → 1 while events flow, with checkpoints in the S3 server: pods are
+/// added and removed, partitions move between them (each checkpointed by its old owner on the
+/// way out, restored by its new one), no input is left without an output, and every output's
+/// features equal those recomputed from the raw input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
+    use kube::api::{Patch, PatchParams};
+    use streamscore_tests::oracle::{check, events as stream, metric, oracle, outputs, Ev};
+
+    let client = kube_client().await;
+    install_crd(&client).await;
+    let ns = namespace(&client, "scale").await;
+    let (input, out, dlq) = (unique("sc-in"), unique("sc-out"), unique("sc-dlq"));
+    create_topics(&[&input, &out, &dlq], 4).await;
+    let model = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
+    let sha = streamscore_worker::model::sha256_hex(&model);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "model"}, "binaryData": {"model.onnx": k8s_openapi::ByteString(model)}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("e2e-scale-")
+        .tempdir_in(std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+        .unwrap()
+        .keep();
+    // The pods reach the S3 server with the environment's endpoint and (any) credentials.
+    let mut agent = Command::new(built_binary("streamscore-node-agent"));
+    agent
+        .args(["--node-name", &unique("node"), "--work-dir", work.as_path().to_str().unwrap(), "--subnet", "79"])
+        .arg(format!("--image=streamscore-worker={}", built_binary("streamscore-worker").display()));
+    for var in ["AWS_ENDPOINT", "AWS_ALLOW_HTTP", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        let v = std::env::var(var)
+            .unwrap_or_else(|_| panic!("{var} is not set: run `make test` (it starts the S3 server)"));
+        agent.arg(format!("--env={var}={v}"));
+    }
+    let _agent = Agent(
+        agent
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.as_path().join("agent.log")).unwrap())
+            .spawn()
+            .expect("node agent starts"),
+    );
+    let cancel = CancellationToken::new();
+    let op = streamscore_tests::spawn_operator(&client, &ns, "streamscore-worker:e2e", &cancel);
+    let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let tm: TenantModel = serde_json::from_value(json!({
+        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+        "metadata": {"name": "scaled"},
+        "spec": {
+            "parallelism": 2,
+            "checkpointStore": format!("s3://{bucket}/{}", unique("e2e")),
+            "state": {"checkpointInterval": "2s"},
+            "source": {"bootstrapServers": bootstrap(), "topics": [input], "keyField": "user_id",
+                       "eventTime": {"field": "ts"}, "maxOutOfOrderness": "5s"},
+            "validation": {"fields": [{"name": "amount", "type": "number"}, {"name": "action", "type": "string"}]},
+            "features": {
+                "windows": [
+                    {"name": "tx_1h", "aggregation": "count", "window": "1h", "resolution": "1s"},
+                    {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h", "resolution": "1s"},
+                    {"name": "rides_1h", "aggregation": "count", "window": "1h", "resolution": "1s",
+                     "filter": {"field": "action", "oneOf": ["ride_requested"]}}
+                ],
+                "sequences": [{"name": "last_actions", "field": "action", "length": 4, "lookback": "90d"}]
+            },
+            "model": {"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "scale-v1",
+                      "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud"}]},
+            "postprocess": {"passthrough": ["id"]},
+            "sink": {"topic": out, "deadLetterTopic": dlq}
+        }
+    }))
+    .unwrap();
+    tms.create(&PostParams::default(), &tm).await.unwrap();
+    let running = |n: i32| {
+        let tms = tms.clone();
+        async move {
+            eventually(Duration::from_secs(120), &format!("TenantModel Running with {n} workers"), || async {
+                let st = tms.get("scaled").await.ok()?.status?;
+                (st.phase == Some(Phase::Running) && st.parallelism == Some(n)).then_some(())
+            })
+            .await;
+        }
+    };
+    running(2).await;
+
+    // 9,000 events over 4,500 keys at a steady pace while the TenantModel is scaled.
+    let all = stream(0, 9_000, 4_500, 1_796_200_000_000);
+    let want = oracle(&all);
+    let producing = tokio::spawn({
+        let (input, all) = (input.clone(), all.clone());
+        async move {
+            let p = producer();
+            for chunk in all.chunks(300) {
+                let recs: Vec<_> = chunk.iter().map(Ev::record).collect();
+                produce(&p, &input, &recs).await;
+                tokio::time::sleep(Duration::from_millis(700)).await;
+            }
+        }
+    });
+    let scale = |n: i32| {
+        let tms = tms.clone();
+        async move {
+            // What `kubectl scale tm scaled --replicas n` does: the scale subresource.
+            tms.patch_scale("scaled", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": n}})))
+                .await
+                .expect("scale subresource");
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    scale(4).await;
+    running(4).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    scale(1).await;
+    running(1).await;
+    producing.await.unwrap();
+    let got = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || outputs(&out, 9_000, Duration::from_secs(240))
+    })
+    .await
+    .unwrap();
+    check(&got, &want);
+
+    // The one pod left owns every partition; some of them were restored from checkpoints.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let lp = ListParams::default().labels("streamscore.io/tenantmodel=scaled");
+    let ips: Vec<String> = pods
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .collect();
+    assert_eq!(ips.len(), 1, "{ips:?}");
+    let m = reqwest::get(format!("http://{}:8080/metrics", ips[0])).await.unwrap().text().await.unwrap();
+    assert!(metric(&m, "streamscore_worker_partitions ") >= 4.0, "{m}");
+    assert!(
+        metric(&m, "streamscore_worker_partition_assignments_total{source=\"checkpoint\"}") >= 1.0,
+        "a moved partition was restored from a checkpoint:\n{m}"
+    );
+    tms.delete("scaled", &DeleteParams::foreground()).await.unwrap();
+    eventually(Duration::from_secs(90), "worker pods gone", || async {
+        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+}

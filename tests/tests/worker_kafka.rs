@@ -8,15 +8,11 @@ use std::time::Duration;
 
 use serde_json::json;
 use streamscore_crds::PipelineConfig;
-use streamscore_tests::{bootstrap, consume, create_topics, produce, producer, repo_root, unique};
-use streamscore_worker::engine::Engine;
+use streamscore_tests::{
+    bootstrap, consume, create_topics, produce, producer, repo_root, start_worker, unique, RunningWorker,
+};
 use streamscore_worker::features::FeatureSet;
 use streamscore_worker::http::{router, AppState};
-use streamscore_worker::kafka::{self, Health};
-use streamscore_worker::metrics::Metrics;
-use streamscore_worker::model::Model;
-use streamscore_worker::state::StoreEnv;
-use tokio_util::sync::CancellationToken;
 
 fn pipeline(input: &str, out: &str, dlq: &str, group: &str, state: &str) -> PipelineConfig {
     let reference: serde_json::Value =
@@ -62,34 +58,8 @@ runtime: {{stateDir: "{state}", httpListen: "127.0.0.1:0", commitInterval: 200ms
     cfg
 }
 
-struct Running {
-    cancel: CancellationToken,
-    thread: std::thread::JoinHandle<Result<(), String>>,
-    readers: streamscore_worker::engine::Readers,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-}
-
-fn start(cfg: &PipelineConfig) -> Running {
-    let cfg = Arc::new(cfg.clone());
-    let model = Arc::new(Model::load(&cfg.model).expect("model loads"));
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    *health.model.write().unwrap() = Some(Ok(cfg.model.version.clone()));
-    let engine =
-        Engine::new(cfg.clone(), model, StoreEnv::new(&cfg.runtime.state_dir, 8 << 20, 10_000), metrics.clone());
-    let readers = engine.readers();
-    let cancel = CancellationToken::new();
-    let (c, m, h) = (cancel.clone(), metrics.clone(), health.clone());
-    let thread = std::thread::spawn(move || kafka::run(cfg, engine, m, h, c));
-    Running { cancel, thread, readers, health, metrics }
-}
-
-impl Running {
-    fn stop(self) {
-        self.cancel.cancel();
-        self.thread.join().expect("worker thread").expect("worker exits cleanly");
-    }
+fn start(cfg: &PipelineConfig) -> RunningWorker {
+    start_worker(cfg)
 }
 
 fn event(user: &str, ts: i64, amount: f64, action: &str) -> (String, Vec<u8>) {

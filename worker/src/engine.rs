@@ -1,7 +1,9 @@
 //! The processing engine: one batch of input records in, output records out.
 //!
 //! ```text
+//!  assignment ─► local store, or the newest checkpoint, or a rebuild (see `open_partition`)
 //!  InRecord ─► skip if below the store's offset (already applied before a restart)
+//!            ─► below the committed offset after a restore: processed, outputs not written
 //!            ─► decode + validate ──────────────────────────► DeadLetter(reason)
 //!            ─► watermark: late? ───────────────────────────► DeadLetter(late) | drop
 //!            ─► features (state of the key, as of its event time)
@@ -18,14 +20,16 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use serde_json::{Map, Value};
-use streamscore_crds::pipeline::{LatePolicy, PipelineConfig};
+use streamscore_crds::pipeline::{LatePolicy, MissingCheckpoint, PipelineConfig};
+use tracing::warn;
 
+use crate::checkpoint::{CheckpointError, Checkpointer};
 use crate::decode::{decode, Event, FieldId, Reason, Schema, Watermark};
 use crate::emitted::{Emitted, EmittedSet};
 use crate::features::{aggregation_input, FeatureSet, FeatureValue, Input, LastScore, Scalar};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SourceLabel};
 use crate::model::Model;
-use crate::state::{FlushBatch, PartitionStore, StateError, StoreEnv, StoreReader};
+use crate::state::{FlushBatch, PartitionStore, StateError, StoreEnv, StoreHandle, StoreReader, STATE_FORMAT};
 
 /// One consumed record.
 #[derive(Debug)]
@@ -107,6 +111,104 @@ pub enum EngineError {
     /// A record for a partition that is not assigned.
     #[error("record for unassigned partition {0}")]
     Unassigned(i32),
+    /// Restoring a partition's state from a checkpoint failed.
+    #[error("partition {partition}: {source}")]
+    Checkpoint {
+        /// Partition.
+        partition: i32,
+        /// Cause.
+        source: CheckpointError,
+    },
+    /// A partition's state can be neither found nor restored, and `state.missingCheckpoint` is
+    /// `fail`.
+    #[error(
+        "partition {partition}: the consumer group has committed offsets {committed:?}, but {why}; \
+         state.missingCheckpoint is fail, so the worker stops instead of scoring with incomplete state \
+         (set it to rebuild to replay the partition from its earliest retained record)"
+    )]
+    MissingState {
+        /// Partition.
+        partition: i32,
+        /// Committed offsets by topic.
+        committed: BTreeMap<String, i64>,
+        /// Why no state is usable.
+        why: String,
+    },
+    /// The local store could not be removed to make room for restored or rebuilt state.
+    #[error("partition {partition}: cannot remove the unusable local store: {source}")]
+    Wipe {
+        /// Partition.
+        partition: i32,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Where an assigned partition's state came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateSource {
+    /// The local store, which holds at least the committed offsets (or the group never committed).
+    Local,
+    /// The local store, behind the committed offsets: the input in between is replayed.
+    LocalBehind,
+    /// A checkpoint (manifest id).
+    Checkpoint(String),
+    /// Nothing usable: rebuilt from the earliest retained input record.
+    Rebuild,
+    /// No state and nothing committed: a new partition.
+    Empty,
+}
+
+impl StateSource {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Local | Self::LocalBehind => "local",
+            Self::Checkpoint(_) => "checkpoint",
+            Self::Rebuild => "rebuild",
+            Self::Empty => "empty",
+        }
+    }
+}
+
+/// Where the consumer starts reading a topic of a newly assigned partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    /// This offset (the state holds every record below it).
+    Offset(i64),
+    /// The earliest retained record.
+    Beginning,
+}
+
+/// The outcome of assigning a partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assigned {
+    /// Where the state came from.
+    pub source: StateSource,
+    /// Start position per topic (topics absent here start at the group's position).
+    pub start: BTreeMap<String, StartAt>,
+    /// Per topic, the committed offset up to which records are processed without writing
+    /// outputs (they were written before).
+    pub replay_until: BTreeMap<String, i64>,
+}
+
+/// Fingerprint of everything that decides what a partition's state holds: the key, the event
+/// time and watermark settings, validation, the feature definitions and the state format.
+/// State (local or in a checkpoint) with another fingerprint is never used.
+pub fn state_fingerprint(cfg: &PipelineConfig) -> String {
+    use sha2::{Digest, Sha256};
+    let s = &cfg.source;
+    let v = serde_json::json!({
+        "stateFormat": STATE_FORMAT,
+        "keyField": s.key_field,
+        "eventTime": s.event_time,
+        "maxOutOfOrderness": s.max_out_of_orderness,
+        "allowedLateness": s.allowed_lateness,
+        "validation": cfg.validation,
+        "features": cfg.features,
+    });
+    let digest = Sha256::digest(serde_json::to_vec(&v).unwrap_or_default());
+    format!("v{STATE_FORMAT}-{}", hex::encode(&digest[..12]))
 }
 
 enum RowSource {
@@ -131,6 +233,8 @@ struct PartitionCtx {
     in_snapshot: bool,
     /// Emitted windows ending at or before this horizon have been closed.
     closed_through: i64,
+    /// After a restore: per topic, the committed offset below which outputs are not written.
+    replay_until: BTreeMap<String, i64>,
 }
 
 /// Query-side view of the owned partitions.
@@ -162,6 +266,12 @@ pub struct Engine {
     last_size: Instant,
     /// The running checkpoint's offsets to commit.
     snapshot: Option<Vec<(String, i32, i64)>>,
+    /// See [`state_fingerprint`].
+    fingerprint: String,
+    /// Object-store checkpoints (restore on assignment), when configured.
+    checkpoints: Option<Arc<Checkpointer>>,
+    /// See [`Engine::replaying_changed`].
+    replay_changed: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -172,6 +282,8 @@ impl std::fmt::Debug for Engine {
 
 struct Pending<'a> {
     partition: i32,
+    /// Processed again to restore state: its output was written before.
+    replay: bool,
     event: Event<'a>,
     values: Vec<FeatureValue>,
     row: Vec<f32>,
@@ -216,6 +328,7 @@ impl Engine {
         let version_json = serde_json::to_vec(model.version()).unwrap_or_default();
         let emitted_inputs =
             cfg.features.emitted.iter().map(|d| Input::new(&schema, d.field.as_deref(), d.filter.as_ref())).collect();
+        let fingerprint = state_fingerprint(&cfg);
         Self {
             emitted: EmittedSet::new(&cfg.features.emitted),
             emitted_inputs,
@@ -237,7 +350,38 @@ impl Engine {
             metrics,
             last_size: Instant::now() - std::time::Duration::from_secs(60),
             snapshot: None,
+            fingerprint,
+            checkpoints: None,
+            replay_changed: false,
         }
+    }
+
+    /// An engine for `cfg`, with checkpoints when `state.checkpointStore` is set.
+    pub fn from_config(
+        cfg: Arc<PipelineConfig>,
+        model: Arc<Model>,
+        stores: StoreEnv,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, CheckpointError> {
+        let cp = Checkpointer::start(
+            &cfg.state,
+            std::path::Path::new(&cfg.runtime.state_dir),
+            model.version(),
+            metrics.clone(),
+        )?;
+        let mut engine = Self::new(cfg, model, stores, metrics);
+        engine.checkpoints = cp;
+        Ok(engine)
+    }
+
+    /// The checkpointer, when checkpoints are configured.
+    pub fn checkpointer(&self) -> Option<&Arc<Checkpointer>> {
+        self.checkpoints.as_ref()
+    }
+
+    /// The state fingerprint of this pipeline ([`state_fingerprint`]).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// The feature definitions.
@@ -261,37 +405,194 @@ impl Engine {
         self.partitions.keys().copied().collect()
     }
 
-    /// Takes ownership of `partition`: opens its store and restores its watermark and offsets.
-    /// Returns the stored next offset per topic (records below are skipped).
+    /// Takes ownership of `partition` for a consumer whose group never committed it (tools,
+    /// benchmarks): opens its store. Returns the stored next offset per topic.
     pub fn assign(&mut self, partition: i32) -> Result<BTreeMap<String, i64>, EngineError> {
+        self.open_partition(partition, &BTreeMap::new())?;
+        Ok(self.partitions.get(&partition).map(|c| c.next_offsets.clone()).unwrap_or_default())
+    }
+
+    /// Takes ownership of `partition`, whose consumer group has committed `committed` (next
+    /// offset per topic; empty when it never committed), and decides where its state comes from:
+    ///
+    /// 1. the local store, when it was computed with this pipeline's fingerprint and holds every
+    ///    committed record;
+    /// 2. otherwise the newest checkpoint with this fingerprint that is ahead of the local store;
+    /// 3. otherwise the local store if it is usable (behind: the input in between is replayed);
+    /// 4. otherwise, when the group committed something, `state.missingCheckpoint`: rebuild from
+    ///    the earliest retained record, or fail.
+    ///
+    /// Records from the state's offsets up to the committed offsets are processed without
+    /// writing outputs (they were written before the partition moved).
+    pub fn open_partition(
+        &mut self,
+        partition: i32,
+        committed: &BTreeMap<String, i64>,
+    ) -> Result<Assigned, EngineError> {
         if let Some(ctx) = self.partitions.get(&partition) {
-            return Ok(ctx.next_offsets.clone());
+            let start = ctx.next_offsets.iter().map(|(t, o)| (t.clone(), StartAt::Offset(*o))).collect();
+            return Ok(Assigned { source: StateSource::Local, start, replay_until: ctx.replay_until.clone() });
         }
-        let store = self.stores.open(partition)?;
+        let covers =
+            |offsets: &BTreeMap<String, i64>| committed.iter().all(|(t, c)| offsets.get(t).is_some_and(|s| s >= c));
+        // 1. The local store, if it exists and was computed with these definitions.
+        let mut local = None;
+        let mut unusable = None;
+        if self.stores.exists(partition) {
+            match self.stores.open(partition) {
+                Ok(store) => match store.fingerprint()? {
+                    Some(f) if f != self.fingerprint => {
+                        unusable = Some(format!("the local store was computed with other definitions ({f})"));
+                    }
+                    _ => local = Some(store),
+                },
+                Err(e) => unusable = Some(format!("the local store is unusable ({e})")),
+            }
+        }
+        let local_offsets = local.as_ref().map(|s| s.stored_offsets().clone());
+        let mut source = match &local {
+            Some(_) if committed.is_empty() || local_offsets.as_ref().is_some_and(covers) => StateSource::Local,
+            Some(_) => StateSource::LocalBehind,
+            None => StateSource::Empty,
+        };
+        let needs_state = !committed.is_empty() && !matches!(source, StateSource::Local);
+        // 2. A checkpoint ahead of the local store.
+        if needs_state {
+            if let Some(cp) = self.checkpoints.clone() {
+                drop(local.take()); // closed: a restore replaces its directory
+                let into = self.stores.partition_path(partition);
+                let restored = cp
+                    .restore(partition, &self.fingerprint, local_offsets.as_ref(), &into)
+                    .map_err(|source| EngineError::Checkpoint { partition, source })?;
+                if let Some(r) = restored {
+                    source = StateSource::Checkpoint(r.id);
+                    unusable = None;
+                }
+            }
+        }
+        // 4. Nothing usable.
+        if needs_state && source == StateSource::Empty {
+            let why = unusable.clone().unwrap_or_else(|| "this worker has no local state for it".into());
+            let why = if self.checkpoints.is_some() {
+                format!("{why} and no usable checkpoint exists")
+            } else {
+                format!("{why} and no checkpoint store is configured (state.checkpointStore)")
+            };
+            match self.cfg.state.missing_checkpoint {
+                MissingCheckpoint::Fail => {
+                    return Err(EngineError::MissingState { partition, committed: committed.clone(), why });
+                }
+                MissingCheckpoint::Rebuild => {
+                    warn!(partition, ?committed, %why, "rebuilding the partition's state from its earliest retained record");
+                    source = StateSource::Rebuild;
+                }
+            }
+        }
+        if unusable.is_some() && !matches!(source, StateSource::Checkpoint(_)) {
+            drop(local.take());
+            self.stores.wipe(partition).map_err(|source| EngineError::Wipe { partition, source })?;
+        }
+        if matches!(source, StateSource::Rebuild | StateSource::Empty) {
+            if let Some(cp) = &self.checkpoints {
+                cp.forget(partition);
+            }
+        }
+        let store = match local {
+            Some(s) => s,
+            None => self.stores.open(partition)?,
+        };
+        if store.fingerprint()?.as_deref() != Some(self.fingerprint.as_str()) {
+            store.set_fingerprint(&self.fingerprint)?;
+        }
+        let stored = store.stored_offsets().clone();
+        let mut start = BTreeMap::new();
+        let mut replay_until = BTreeMap::new();
+        for (t, &c) in committed {
+            match stored.get(t) {
+                Some(&s) => {
+                    start.insert(t.clone(), StartAt::Offset(s));
+                    if s < c {
+                        replay_until.insert(t.clone(), c);
+                    }
+                }
+                None => {
+                    start.insert(t.clone(), StartAt::Beginning);
+                    if c > 0 {
+                        replay_until.insert(t.clone(), c);
+                    }
+                }
+            }
+        }
         let mut watermark = Watermark::new(self.ooo, self.lateness);
         if let Some(t) = store.stored_max_time() {
             watermark.restore(t);
         }
-        let next_offsets: BTreeMap<String, i64> =
-            self.cfg.source.topics.iter().filter_map(|t| store.stored_offset(t).map(|o| (t.clone(), o))).collect();
         self.readers.write().unwrap_or_else(|e| e.into_inner()).insert(partition, store.reader());
         self.partitions.insert(
             partition,
             PartitionCtx {
                 store,
                 watermark,
-                next_offsets: next_offsets.clone(),
+                next_offsets: stored,
                 in_snapshot: false,
                 closed_through: i64::MIN,
+                replay_until: replay_until.clone(),
             },
         );
         self.metrics.partitions.set(self.partitions.len() as i64);
-        Ok(next_offsets)
+        self.metrics.assignments.get_or_create(&SourceLabel { source: source.label() }).inc();
+        self.update_replaying();
+        Ok(Assigned { source, start, replay_until })
+    }
+
+    /// Whether the set of replaying partitions changed since the last call.
+    pub fn replaying_changed(&mut self) -> bool {
+        std::mem::take(&mut self.replay_changed)
+    }
+
+    fn update_replaying(&mut self) {
+        self.replay_changed = true;
+        let n = self.partitions.values().filter(|c| !c.replay_until.is_empty()).count();
+        self.metrics.partitions_replaying.set(n as i64);
+    }
+
+    /// Partitions whose state is still being brought up to the committed offsets, with how far.
+    pub fn replaying(&self) -> Vec<String> {
+        self.partitions
+            .iter()
+            .filter(|(_, c)| !c.replay_until.is_empty())
+            .map(|(p, c)| {
+                let progress: Vec<String> = c
+                    .replay_until
+                    .iter()
+                    .map(|(t, u)| format!("{t} at {} of {u}", c.next_offsets.get(t).copied().unwrap_or(0)))
+                    .collect();
+                format!("partition {p} replaying its input to restore state ({})", progress.join(", "))
+            })
+            .collect()
+    }
+
+    /// A handle on `partition`'s store and the offsets of its last write, for a checkpoint
+    /// after every write has completed (revoke, shutdown).
+    pub fn durable_store(&self, partition: i32) -> Option<(StoreHandle, BTreeMap<String, i64>)> {
+        let ctx = self.partitions.get(&partition)?;
+        Some((ctx.store.handle(), ctx.store.stored_offsets().clone()))
+    }
+
+    /// Handles on every owned store, for checkpoints taken after the running write completes.
+    pub fn store_handles(&self) -> Vec<(i32, StoreHandle)> {
+        self.partitions.iter().map(|(p, c)| (*p, c.store.handle())).collect()
     }
 
     /// Gives up `partition` (call [`Engine::flush`] first) and closes its store.
     pub fn revoke(&mut self, partition: i32) {
-        self.partitions.remove(&partition);
+        if self.partitions.remove(&partition).is_some_and(|c| !c.replay_until.is_empty()) {
+            self.update_replaying();
+        }
+        if let Some(cp) = &self.checkpoints {
+            // Another owner may checkpoint it next: what this process knew may be deleted.
+            cp.forget(partition);
+        }
         self.readers.write().unwrap_or_else(|e| e.into_inner()).remove(&partition);
         self.metrics.partitions.set(self.partitions.len() as i64);
     }
@@ -304,6 +605,10 @@ impl Engine {
             // A record of a partition revoked while it was in flight: the new owner processes it.
             let Some(ctx) = self.partitions.get_mut(&rec.partition) else { continue };
             self.metrics.records_in.inc();
+            let replay = ctx.replay_until.get(rec.topic).is_some_and(|u| rec.offset < *u);
+            if replay {
+                self.metrics.replayed.inc();
+            }
             match ctx.next_offsets.get_mut(rec.topic) {
                 Some(o) if rec.offset < *o => {
                     self.metrics.replay_skipped.inc();
@@ -317,13 +622,16 @@ impl Engine {
             let event = match decode(&self.cfg, &self.schema, rec.payload) {
                 Ok(e) => e,
                 Err(rej) => {
-                    out.push(dead_letter(rec, rej.reason, &rej.detail));
-                    self.metrics.dead_letter(rej.reason);
+                    if !replay {
+                        out.push(dead_letter(rec, rej.reason, &rej.detail));
+                        self.metrics.dead_letter(rej.reason);
+                    }
                     continue;
                 }
             };
             if ctx.watermark.is_late(event.time) {
                 match self.cfg.source.late_events {
+                    LatePolicy::DeadLetter if replay => {}
                     LatePolicy::DeadLetter => {
                         let detail = format!(
                             "event time {} is below watermark {} minus allowed lateness {} ms",
@@ -364,8 +672,9 @@ impl Engine {
                     RowSource::Field(f) => event.fields.get(*f).and_then(|f| f.as_f64()).unwrap_or(0.0) as f32,
                 })
                 .collect();
-            pending.push(Pending { partition: rec.partition, event, values, row, rec });
+            pending.push(Pending { partition: rec.partition, replay, event, values, row, rec });
         }
+        self.end_replays();
         self.close_windows(&mut out)?;
         if pending.is_empty() {
             return Ok(out);
@@ -379,7 +688,7 @@ impl Engine {
             Ok(s) => s,
             Err(e) => {
                 // The model failed on this batch: dead-letter its records rather than stop.
-                for p in &pending {
+                for p in pending.iter().filter(|p| !p.replay) {
                     out.push(dead_letter(p.rec, Reason::ScoringFailed, &e.to_string()));
                     self.metrics.dead_letter(Reason::ScoringFailed);
                 }
@@ -416,6 +725,9 @@ impl Engine {
                     });
                 }
             }
+            if p.replay {
+                continue;
+            }
             out.push(OutRecord::Scored {
                 key: p.event.key.into_owned(),
                 value,
@@ -433,6 +745,8 @@ impl Engine {
             return Ok(());
         }
         for ctx in self.partitions.values_mut() {
+            // Still below the committed offsets: these windows were written before.
+            let replay = !ctx.replay_until.is_empty();
             let horizon = ctx.watermark.horizon();
             if ctx.watermark.max_time().is_none() || horizon <= ctx.closed_through {
                 continue;
@@ -441,6 +755,9 @@ impl Engine {
             for (_, key) in ctx.store.take_due_timers(horizon)? {
                 let state = ctx.store.get_mut(&key)?;
                 for e in self.emitted.close(&mut state.open_windows, horizon) {
+                    if replay {
+                        continue;
+                    }
                     let value = feature_record(&key, &self.emitted.names()[e.feature], &e);
                     out.push(OutRecord::Feature { key: key.clone(), value });
                     self.metrics.windows_emitted.inc();
@@ -448,6 +765,25 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Ends the replay of every topic whose position reached its committed offset.
+    fn end_replays(&mut self) {
+        let mut changed = false;
+        for (p, ctx) in &mut self.partitions {
+            if ctx.replay_until.is_empty() {
+                continue;
+            }
+            let next = &ctx.next_offsets;
+            ctx.replay_until.retain(|t, u| next.get(t).is_none_or(|n| n < u));
+            if ctx.replay_until.is_empty() {
+                tracing::info!(partition = p, offsets = ?ctx.next_offsets, "state restored up to the committed offsets; writing outputs again");
+                changed = true;
+            }
+        }
+        if changed {
+            self.update_replaying();
+        }
     }
 
     /// The index of the label of the highest threshold the main score reaches.

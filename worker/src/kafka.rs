@@ -10,6 +10,14 @@
 //!                                                                 2. write the checkpoint (synced)
 //!                                                                 3. commit its offsets to Kafka
 //!  on revoke and on shutdown: the same, and wait for every job (synchronous).
+//!
+//!  with state.checkpointStore, every checkpointInterval the job also carries the stores: after
+//!  step 3 the committer takes a RocksDB checkpoint of each changed one and queues its upload
+//!  (`crate::checkpoint`); on revoke and shutdown each partition is checkpointed and uploaded
+//!  before it is handed over.
+//!  on assignment (rebalance callback, before the partitions are fetched): the group's committed
+//!  offsets → `Engine::open_partition` (local store, checkpoint or rebuild) → each partition
+//!  starts at its state's offsets; records below the committed offsets restore state only.
 //! ```
 //! A failed delivery or state write stops the worker without committing, so its inputs are
 //! processed again after restart. Delivery is at-least-once for outputs; state never counts an
@@ -17,7 +25,7 @@
 //! The processing thread only pays for serialising the changed keys: waiting for
 //! acknowledgements, fsync and the offset commit happen beside it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,8 +42,10 @@ use streamscore_crds::pipeline::{PipelineConfig, StartPosition};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::engine::{Checkpoint, Engine, InRecord, OutRecord};
+use crate::checkpoint::Checkpointer;
+use crate::engine::{Checkpoint, Engine, InRecord, OutRecord, StartAt};
 use crate::metrics::{Metrics, PartitionLabel, PhaseLabel, StageLabel};
+use crate::state::StoreHandle;
 
 /// Readiness facts shared with the HTTP server.
 #[derive(Debug, Default)]
@@ -50,6 +60,9 @@ pub struct Health {
     pub assigned: AtomicUsize,
     /// Partition count of the first input topic (0 until known).
     pub input_partitions: AtomicUsize,
+    /// Partitions whose state is being brought up to the committed offsets (not ready until
+    /// they are).
+    pub replaying: RwLock<Vec<String>>,
 }
 
 impl Health {
@@ -67,6 +80,7 @@ impl Health {
         if !self.joined.load(Ordering::Relaxed) {
             why.push("consumer has not joined its group yet".into());
         }
+        why.extend(self.replaying.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
         if why.is_empty() {
             Ok(())
         } else {
@@ -95,6 +109,72 @@ struct ConsumerCtx {
 }
 
 impl ConsumerCtx {
+    /// Opens the state of every newly assigned partition (local store, checkpoint or rebuild:
+    /// `Engine::open_partition`) and sets where each starts: at its state's offsets, so that
+    /// the records between them and the group's committed offsets restore the state first.
+    /// Blocking (broker calls, downloads), once per assignment, before fetching starts.
+    fn open_assigned(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                // Without them the state cannot be checked against what the group has done.
+                self.shared.fail(format!("reading the committed offsets of the assigned partitions: {e}"));
+                return;
+            }
+        };
+        let mut by_partition: BTreeMap<i32, BTreeMap<String, i64>> = BTreeMap::new();
+        for e in committed.elements() {
+            let offsets = by_partition.entry(e.partition()).or_default();
+            if let Offset::Offset(o) = e.offset() {
+                if o > 0 {
+                    offsets.insert(e.topic().to_owned(), o);
+                }
+            }
+        }
+        let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, committed) in by_partition {
+            let started = Instant::now();
+            let assigned = match engine.open_partition(p, &committed) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.shared.fail(format!("opening the state of partition {p}: {e}"));
+                    continue;
+                }
+            };
+            for (topic, start) in &assigned.start {
+                let offset = match start {
+                    StartAt::Offset(o) => Offset::Offset(*o),
+                    StartAt::Beginning => Offset::Beginning,
+                };
+                let _ = tpl.set_partition_offset(topic, p, offset);
+                if let (StartAt::Offset(from), Some(until)) = (start, assigned.replay_until.get(topic)) {
+                    // Records the topic no longer retains cannot be replayed: say so.
+                    if let Ok((low, _)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                        if low > *from {
+                            warn!(
+                                topic,
+                                partition = p,
+                                from,
+                                low,
+                                until,
+                                "records needed to restore the state are no longer retained; the state misses them"
+                            );
+                        }
+                    }
+                }
+            }
+            info!(
+                partition = p,
+                source = ?assigned.source,
+                start = ?assigned.start,
+                replay_until = ?assigned.replay_until,
+                took = ?started.elapsed(),
+                "partition state opened"
+            );
+        }
+        *self.shared.health.replaying.write().unwrap_or_else(|e| e.into_inner()) = engine.replaying();
+    }
+
     /// With `startFrom: timestamp`, sets the start offset of every assigned partition that the
     /// group has never committed to its first record at or after the timestamp (the end when
     /// there is none). Blocking broker calls, once per assignment.
@@ -177,6 +257,8 @@ impl Acks {
 struct Job {
     epoch: u64,
     checkpoint: Checkpoint,
+    /// Stores to checkpoint to the object store once this job is written.
+    uploads: Vec<(i32, StoreHandle)>,
     /// Commit the offsets from the committer thread (false: the caller commits them itself,
     /// e.g. inside a rebalance callback).
     commit_offsets: bool,
@@ -192,6 +274,10 @@ struct Committer {
     epoch: u64,
     /// The epoch whose checkpoint is being serialised.
     running: Option<u64>,
+    /// The stores to checkpoint with it.
+    running_uploads: Vec<(i32, StoreHandle)>,
+    /// When the last object-store checkpoint was requested.
+    last_upload: Instant,
 }
 
 /// What the consumer context, the loop and the HTTP server share.
@@ -207,6 +293,9 @@ struct Shared {
     dlq_topic: String,
     feature_topic: String,
     fatal: Mutex<Option<String>>,
+    /// Object-store checkpoints, when configured, and how often.
+    checkpoints: Option<Arc<Checkpointer>>,
+    checkpoint_every: Duration,
 }
 
 impl ClientContext for ConsumerCtx {
@@ -273,6 +362,7 @@ impl ConsumerContext for ConsumerCtx {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.open_assigned(consumer, tpl);
                 self.place_at_timestamp(consumer, tpl);
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
                 let done = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
@@ -305,16 +395,23 @@ impl ConsumerContext for ConsumerCtx {
             let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = commit_sync(&self.shared, &mut engine, consumer) {
                 self.shared.fail(format!("commit on revoke failed: {e}"));
+            } else {
+                checkpoint_now(&self.shared, &engine, &revoked);
             }
             for p in revoked {
                 engine.revoke(p);
             }
+            *self.shared.health.replaying.write().unwrap_or_else(|e| e.into_inner()) = engine.replaying();
             self.shared.health.assigned.store(engine.assigned().len(), Ordering::Relaxed);
         }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            if self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                // A partition whose state could not be opened must not be processed at all.
+                return;
+            }
             let parts: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
             for p in &parts {
@@ -399,6 +496,10 @@ impl Shared {
         let started = Instant::now();
         c.running = Some(c.epoch);
         c.epoch += 1;
+        if self.checkpoints.is_some() && c.last_upload.elapsed() >= self.checkpoint_every {
+            c.last_upload = Instant::now();
+            c.running_uploads = engine.store_handles();
+        }
         // New outputs belong to the next epoch from here on.
         self.epoch.store(c.epoch, Ordering::Release);
         engine.begin_checkpoint(c.pending == 0);
@@ -417,10 +518,11 @@ impl Shared {
         self.observe_phase("snapshot", started);
         let Some(checkpoint) = step else { return Ok(()) };
         c.running = None;
+        let uploads = std::mem::take(&mut c.running_uploads);
         while c.pending >= MAX_PENDING_COMMITS {
             c.wait_one()?;
         }
-        c.jobs.send(Job { epoch, checkpoint, commit_offsets }).map_err(|_| "committer stopped".to_owned())?;
+        c.jobs.send(Job { epoch, checkpoint, uploads, commit_offsets }).map_err(|_| "committer stopped".to_owned())?;
         c.pending += 1;
         Ok(())
     }
@@ -539,6 +641,17 @@ fn committer_loop(
             let commits = job.checkpoint.commits.clone();
             job.checkpoint.write().map_err(|e| e.to_string())?;
             phase("state", written);
+            // The stores now hold exactly the state as of `commits`: checkpoint them.
+            if let Some(cp) = &shared.checkpoints {
+                for (p, handle) in &job.uploads {
+                    let offsets: BTreeMap<String, i64> =
+                        commits.iter().filter(|c| c.1 == *p).map(|(t, _, o)| (t.clone(), *o)).collect();
+                    if let Err(e) = cp.submit(*p, handle, offsets) {
+                        shared.metrics.checkpoint_failures.inc();
+                        warn!(partition = p, error = %e, "cannot take a checkpoint; the next one retries");
+                    }
+                }
+            }
             if job.commit_offsets && !commits.is_empty() {
                 commit_offsets(&shared, &consumer, &commits, CommitMode::Sync);
                 if last_lag.elapsed() >= Duration::from_secs(5) {
@@ -618,6 +731,7 @@ pub fn run(
 ) -> Result<(), String> {
     let (cc, pc) = client_config(&cfg)?;
     let acks = Arc::new(Acks::default());
+    let checkpoints = engine.checkpointer().cloned();
     let producer: ThreadedProducer<ProducerCtx> = pc
         .create_with_context(ProducerCtx {
             metrics: metrics.clone(),
@@ -638,6 +752,8 @@ pub fn run(
         dlq_topic: cfg.sink.dead_letter_topic.clone(),
         feature_topic: cfg.sink.feature_topic.clone().unwrap_or_default(),
         fatal: Mutex::new(None),
+        checkpoints,
+        checkpoint_every: Duration::from_millis(cfg.state.checkpoint_interval.as_millis()),
     });
     let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
         cc.create_with_context(ConsumerCtx {
@@ -657,13 +773,41 @@ pub fn run(
             .spawn(move || committer_loop(shared, consumer, jobs_rx, replies_tx))
             .map_err(|e| format!("starting the committer thread: {e}"))?
     };
-    *shared.committer.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some(Committer { jobs: jobs_tx, replies: replies_rx, pending: 0, epoch: 0, running: None });
+    *shared.committer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Committer {
+        jobs: jobs_tx,
+        replies: replies_rx,
+        pending: 0,
+        epoch: 0,
+        running: None,
+        running_uploads: Vec::new(),
+        last_upload: Instant::now(),
+    });
     let result = consume(&cfg, &shared, &consumer, &health, &cancel);
     // Dropping the sender ends the committer thread once its queue is empty.
     shared.committer.lock().unwrap_or_else(|e| e.into_inner()).take();
     let _ = committer.join();
+    if let Some(cp) = &shared.checkpoints {
+        cp.shutdown();
+    }
     result
+}
+
+/// Checkpoints `partitions` to the object store and waits for the uploads (after a
+/// synchronous commit: the stores hold everything processed). A failure is logged: the next
+/// owner then restores an older checkpoint and replays more.
+fn checkpoint_now(shared: &Shared, engine: &Engine, partitions: &BTreeSet<i32>) {
+    let Some(cp) = &shared.checkpoints else { return };
+    for p in partitions {
+        let Some((handle, offsets)) = engine.durable_store(*p) else { continue };
+        match cp.checkpoint_now(*p, &handle, offsets) {
+            Ok(Some(id)) => info!(partition = p, manifest = %id, "checkpoint taken before handing the partition over"),
+            Ok(None) => {}
+            Err(e) => {
+                shared.metrics.checkpoint_failures.inc();
+                warn!(partition = p, error = %e, "checkpoint before hand-over failed; the next owner replays from an older one");
+            }
+        }
+    }
 }
 
 /// The processing loop (see the module docs).
@@ -732,6 +876,10 @@ fn consume(
                 }
             }
         }
+        if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            // Set during this poll (e.g. by the rebalance callback): process nothing more.
+            return Err(why);
+        }
         if !batch.is_empty() {
             health.broker_ok.store(true, Ordering::Relaxed);
             let now = Instant::now();
@@ -753,6 +901,9 @@ fn consume(
             for o in outs {
                 shared.send(o);
             }
+            if engine.replaying_changed() {
+                *health.replaying.write().unwrap_or_else(|e| e.into_inner()) = engine.replaying();
+            }
             drop(engine);
             batch.clear();
         }
@@ -768,6 +919,8 @@ fn consume(
     {
         let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
         commit_sync(shared, &mut engine, consumer)?;
+        let all: BTreeSet<i32> = engine.assigned().into_iter().collect();
+        checkpoint_now(shared, &engine, &all);
     }
     consumer.unsubscribe();
     Ok(())

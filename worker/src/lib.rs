@@ -4,12 +4,15 @@
 //!  Kafka input ─► kafka (consume, batch) ─► engine ─► decode/validate ─► features (RocksDB state)
 //!                                                  ├─► model (tract, micro-batched) ─► postprocess
 //!                                                  └─► emitted windows, closed by the watermark
+//!  state stores ─► checkpoint ─► object store (s3://, gs://, az://, file://) ─► restore on assignment
 //!  Kafka output / dead-letter / feature topic ◄── kafka (produce, commit after acks + durable state)
 //!  HTTP (http): /healthz /readyz /metrics /v1/entities/{key}
 //! ```
-//! Modules: [`config`] (load + validate), [`decode`], [`features`], [`emitted`], [`state`], [`model`],
-//! [`engine`], [`kafka`], [`http`], [`metrics`].
+//! Modules: [`config`] (load + validate), [`decode`], [`features`], [`emitted`], [`state`],
+//! [`checkpoint`] (object-store checkpoints, restore), [`model`], [`engine`], [`kafka`], [`http`],
+//! [`metrics`].
 
+pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod emitted;

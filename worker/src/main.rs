@@ -117,7 +117,9 @@ fn run(args: Args) -> Result<(), String> {
     };
     let stores = StoreEnv::new(&cfg.runtime.state_dir, args.block_cache_mb << 20, args.cache_keys);
     // The query API reads the same partition stores the engine owns.
-    let engine = Engine::new(cfg.clone(), model, stores, metrics.clone()).with_readers(readers);
+    let engine = Engine::from_config(cfg.clone(), model, stores, metrics.clone())
+        .map_err(|e| e.to_string())?
+        .with_readers(readers);
     let result = kafka::run(cfg, engine, metrics, health, cancel.clone());
     cancel.cancel();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));

@@ -68,6 +68,35 @@ pub struct Metrics {
     pub stage_seconds: Family<StageLabel, Histogram>,
     /// Emitted windows closed and written to the feature topic (again after a replay).
     pub windows_emitted: Counter,
+    /// Checkpoints completed (manifest written).
+    pub checkpoints: Counter,
+    /// Checkpoints that failed (taken or uploaded).
+    pub checkpoint_failures: Counter,
+    /// Bytes uploaded to the checkpoint store.
+    pub checkpoint_uploaded_bytes: Counter,
+    /// Duration of a checkpoint upload (files, manifest), seconds.
+    pub checkpoint_seconds: Histogram,
+    /// Checkpoints skipped at restore because a manifest or file was unusable.
+    pub checkpoint_fallbacks: Counter,
+    /// Partition assignments by where the state came from (`local`, `checkpoint`, `rebuild`,
+    /// `empty`).
+    pub assignments: Family<SourceLabel, Counter>,
+    /// Duration of a restore from a checkpoint (download and verification), seconds.
+    pub restore_seconds: Histogram,
+    /// Bytes downloaded from the checkpoint store.
+    pub restore_downloaded_bytes: Counter,
+    /// Records processed again to bring restored state up to the committed offsets; their
+    /// outputs are not written again.
+    pub replayed: Counter,
+    /// Partitions whose state is still being brought up to the committed offsets.
+    pub partitions_replaying: Gauge,
+}
+
+/// `source` label: where an assigned partition's state came from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// `local`, `checkpoint`, `rebuild` or `empty`.
+    pub source: &'static str,
 }
 
 /// `stage` label.
@@ -108,6 +137,16 @@ impl Metrics {
             commit_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 16))),
             stage_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 1.5, 30))),
             windows_emitted: Counter::default(),
+            checkpoints: Counter::default(),
+            checkpoint_failures: Counter::default(),
+            checkpoint_uploaded_bytes: Counter::default(),
+            checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            checkpoint_fallbacks: Counter::default(),
+            assignments: Family::default(),
+            restore_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            restore_downloaded_bytes: Counter::default(),
+            replayed: Counter::default(),
+            partitions_replaying: Gauge::default(),
         };
         r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
         r.register("records_out", "Scored records written to the output topic", m.records_out.clone());
@@ -139,6 +178,47 @@ impl Metrics {
             "windows_emitted",
             "Emitted windows closed by the watermark and written to the feature topic",
             m.windows_emitted.clone(),
+        );
+        r.register("checkpoints", "Checkpoints completed (manifest written)", m.checkpoints.clone());
+        r.register(
+            "checkpoint_failures",
+            "Checkpoints that failed to be taken or uploaded",
+            m.checkpoint_failures.clone(),
+        );
+        r.register(
+            "checkpoint_uploaded_bytes",
+            "Bytes uploaded to the checkpoint store",
+            m.checkpoint_uploaded_bytes.clone(),
+        );
+        r.register("checkpoint_seconds", "Duration of a checkpoint upload", m.checkpoint_seconds.clone());
+        r.register(
+            "checkpoint_fallbacks",
+            "Checkpoints skipped at restore because a manifest or file was unusable",
+            m.checkpoint_fallbacks.clone(),
+        );
+        r.register(
+            "partition_assignments",
+            "Partition assignments by where the state came from",
+            m.assignments.clone(),
+        );
+        for source in ["local", "checkpoint", "rebuild", "empty"] {
+            let _ = m.assignments.get_or_create(&SourceLabel { source });
+        }
+        r.register("restore_seconds", "Duration of a restore from a checkpoint", m.restore_seconds.clone());
+        r.register(
+            "restore_downloaded_bytes",
+            "Bytes downloaded from the checkpoint store",
+            m.restore_downloaded_bytes.clone(),
+        );
+        r.register(
+            "replayed_records",
+            "Records processed again to restore state (outputs not written again)",
+            m.replayed.clone(),
+        );
+        r.register(
+            "partitions_replaying",
+            "Partitions whose state is still being brought up to the committed offsets",
+            m.partitions_replaying.clone(),
         );
         r.register("output_stage_seconds", "Where a scored record's time goes, by stage", m.stage_seconds.clone());
         for stage in ["fetch", "process", "produce"] {

@@ -94,9 +94,32 @@ impl StoreEnv {
         Self { root: root.into(), cache: Cache::new_lru_cache(cache_bytes), max_cached_keys }
     }
 
+    /// Directory of the store of input partition `partition`.
+    pub fn partition_path(&self, partition: i32) -> PathBuf {
+        self.root.join(format!("partition-{partition}"))
+    }
+
+    /// Root directory of every store.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether a store exists for `partition`.
+    pub fn exists(&self, partition: i32) -> bool {
+        self.partition_path(partition).join("CURRENT").exists()
+    }
+
+    /// Deletes the store of `partition` (it must not be open).
+    pub fn wipe(&self, partition: i32) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.partition_path(partition)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Opens (creating if needed) the store of input partition `partition`.
     pub fn open(&self, partition: i32) -> Result<PartitionStore, StateError> {
-        let path = self.root.join(format!("partition-{partition}"));
+        let path = self.partition_path(partition);
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_write_buffer_size(8 << 20);
@@ -236,6 +259,7 @@ fn parse_timer_key(k: &[u8]) -> Option<(i64, String)> {
 }
 
 const OFFSET_PREFIX: &str = "m/offset/";
+const FINGERPRINT_KEY: &str = "m/fingerprint";
 const FORMAT_KEY: &str = "m/format";
 /// Layout of the values under `k/` (bincode of `KeyState`). Bump on any change to it.
 pub const STATE_FORMAT: u32 = 2;
@@ -298,6 +322,29 @@ impl PartitionStore {
     /// Largest event time applied to this store, as of the last flush.
     pub fn stored_max_time(&self) -> Option<i64> {
         self.max_time
+    }
+
+    /// The fingerprint of the definitions the state was computed with (None: never set).
+    pub fn fingerprint(&self) -> Result<Option<String>, StateError> {
+        let v = self.db.get(FINGERPRINT_KEY).map_err(|e| self.rocks(e))?;
+        Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Records the fingerprint of the definitions the state is computed with (synced).
+    pub fn set_fingerprint(&self, fingerprint: &str) -> Result<(), StateError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_opt(FINGERPRINT_KEY, fingerprint.as_bytes(), &wo).map_err(|e| self.rocks(e))
+    }
+
+    /// Every stored next offset, by topic.
+    pub fn stored_offsets(&self) -> &BTreeMap<String, i64> {
+        &self.offsets
+    }
+
+    /// A handle for taking checkpoints of this store from another thread.
+    pub fn handle(&self) -> StoreHandle {
+        StoreHandle { db: self.db.clone(), path: self.path.clone() }
     }
 
     /// A shared handle for read-only queries.
@@ -502,6 +549,74 @@ impl FlushBatch {
     pub fn size_bytes(&self) -> usize {
         self.batch.size_in_bytes()
     }
+}
+
+/// A store, for taking RocksDB checkpoints (hard links of its files, after a flush of the
+/// memtables) while the engine goes on. Each checkpoint holds the state exactly as of the last
+/// write: state and offsets are written in one atomic batch.
+#[derive(Clone)]
+pub struct StoreHandle {
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHandle").field("path", &self.path).finish()
+    }
+}
+
+impl StoreHandle {
+    /// Writes a RocksDB checkpoint into `dir`, which must not exist.
+    pub fn create_checkpoint(&self, dir: &Path) -> Result<(), StateError> {
+        let cp = rocksdb::checkpoint::Checkpoint::new(&*self.db)
+            .map_err(|source| StateError::Rocks { path: self.path.display().to_string(), source })?;
+        cp.create_checkpoint(dir).map_err(|source| StateError::Rocks { path: dir.display().to_string(), source })
+    }
+}
+
+/// What a checkpoint directory (or any closed store) holds besides the key states, open
+/// emitted windows and their timers (which are in its files).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreMeta {
+    /// Next input offset per topic.
+    pub offsets: BTreeMap<String, i64>,
+    /// Largest event time applied (the watermark is derived from it).
+    pub max_time: Option<i64>,
+    /// Fingerprint of the definitions the state was computed with.
+    pub fingerprint: Option<String>,
+    /// State format.
+    pub format: Option<u32>,
+    /// RocksDB's estimate of the stored keys.
+    pub estimated_keys: u64,
+}
+
+/// Reads the metadata of the closed store (or checkpoint) in `dir`, read-only.
+pub fn read_meta(dir: &Path) -> Result<StoreMeta, StateError> {
+    let rocks = |source| StateError::Rocks { path: dir.display().to_string(), source };
+    let db = DB::open_for_read_only(&Options::default(), dir, false).map_err(rocks)?;
+    let mut meta = StoreMeta {
+        estimated_keys: db.property_int_value("rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0),
+        ..StoreMeta::default()
+    };
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_lower_bound(b"m/".to_vec());
+    ro.set_iterate_upper_bound(b"m0".to_vec());
+    for item in db.iterator_opt(IteratorMode::Start, ro) {
+        let (k, v) = item.map_err(rocks)?;
+        if let Some(topic) = k.strip_prefix(OFFSET_PREFIX.as_bytes()) {
+            if let Ok(arr) = <[u8; 8]>::try_from(&v[..]) {
+                meta.offsets.insert(String::from_utf8_lossy(topic).into_owned(), i64::from_be_bytes(arr));
+            }
+        } else if &*k == MAX_TIME_KEY.as_bytes() {
+            meta.max_time = <[u8; 8]>::try_from(&v[..]).ok().map(i64::from_be_bytes);
+        } else if &*k == FINGERPRINT_KEY.as_bytes() {
+            meta.fingerprint = Some(String::from_utf8_lossy(&v).into_owned());
+        } else if &*k == FORMAT_KEY.as_bytes() {
+            meta.format = <[u8; 4]>::try_from(&v[..]).ok().map(u32::from_be_bytes);
+        }
+    }
+    Ok(meta)
 }
 
 /// Read-only access to a store's flushed state (the query API).

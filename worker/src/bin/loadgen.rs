@@ -7,6 +7,9 @@
 //! - `bench-kafka`: pre-load a topic (or, with `--rate`, produce at a steady rate while the
 //!   worker runs), run the real Kafka loop until every output is acknowledged: end-to-end
 //!   throughput and the consume→ack and event→output latency histograms.
+//! - `bench-checkpoint`: one partition's state of `--keys` keys checkpointed to an object store
+//!   (full, then after `--changed` keys changed: incremental), then restored: durations, bytes
+//!   uploaded and downloaded, restore rate.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +71,21 @@ enum Cmd {
         users: u64,
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+    },
+    /// Checkpoint and restore of one partition's state (no broker).
+    BenchCheckpoint {
+        #[arg(long)]
+        pipeline: String,
+        /// Keys in the state (one event each, then `--changed` of them get one more).
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Keys changed between the full and the incremental checkpoint.
+        #[arg(long, default_value_t = 10_000)]
+        changed: u64,
+        /// Object-store URI (`s3://bucket/prefix`, `file:///path`); a temporary directory when
+        /// empty.
+        #[arg(long, default_value = "")]
+        store: String,
     },
     /// Kafka end to end.
     BenchKafka {
@@ -201,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             );
             let _ = std::fs::remove_dir_all(&dir);
         }
+        Cmd::BenchCheckpoint { pipeline, keys, changed, store } => bench_checkpoint(&pipeline, keys, changed, &store)?,
         Cmd::BenchKafka { pipeline, count, users, rate } => {
             let cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(&pipeline)?)?;
             let bootstrap = cfg.source.bootstrap_servers.clone();
@@ -391,4 +410,95 @@ fn quantile(text: &str, name: &str, q: f64) -> f64 {
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     let total = buckets.last().map_or(0.0, |b| b.1);
     buckets.iter().find(|(_, c)| *c >= q * total).map_or(f64::NAN, |b| b.0)
+}
+
+/// Fills one partition with `keys` keys through the engine, checkpoints it (full), changes
+/// `changed` keys, checkpoints again (incremental), restores the newest checkpoint.
+fn bench_checkpoint(pipeline: &str, keys: u64, changed: u64, store: &str) -> anyhow::Result<()> {
+    let mut cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(pipeline)?)?;
+    let dir = tempfile_dir()?;
+    cfg.state.checkpoint_store = Some(if store.is_empty() {
+        format!("file://{}", dir.join("objects").display())
+    } else {
+        format!("{}/bench-{}", store.trim_end_matches('/'), chrono::Utc::now().timestamp_millis())
+    });
+    cfg.runtime.state_dir = dir.join("state").display().to_string();
+    let cfg = Arc::new(cfg);
+    let model = Arc::new(Model::load(&cfg.model)?);
+    let metrics = Arc::new(Metrics::new());
+    let mut engine =
+        Engine::from_config(cfg.clone(), model, StoreEnv::new(dir.join("state"), 64 << 20, 100_000), metrics.clone())?;
+    let cp = engine.checkpointer().cloned().expect("checkpoint store configured");
+    engine.assign(0)?;
+    let topic = cfg.source.topics[0].clone();
+    let batch = cfg.model.signature.batch.max_size as usize;
+    let mut offset = 0i64;
+    let mut feed = |engine: &mut Engine, users: std::ops::Range<u64>, ts: i64| -> anyhow::Result<()> {
+        let events: Vec<(String, Vec<u8>)> = users
+            .map(|u| {
+                let v = format!(r#"{{"user_id":"user-{u}","ts":{ts},"amount":12.5,"action":"view","merchant":"m1","geohash":"u00001","device":"d000001","country":"DE"}}"#);
+                (format!("user-{u}"), v.into_bytes())
+            })
+            .collect();
+        let now = Instant::now();
+        for chunk in events.chunks(batch) {
+            let recs: Vec<InRecord<'_>> = chunk
+                .iter()
+                .map(|(k, v)| {
+                    offset += 1;
+                    InRecord {
+                        topic: &topic,
+                        partition: 0,
+                        offset,
+                        key: Some(k.as_bytes()),
+                        payload: Some(v),
+                        received: now,
+                        timestamp: None,
+                    }
+                })
+                .collect();
+            engine.process(&recs)?;
+        }
+        engine.flush()?;
+        Ok(())
+    };
+    let t = Instant::now();
+    feed(&mut engine, 0..keys, 1_795_500_000_000)?;
+    println!("bench-checkpoint: {keys} keys written in {:.2?} (store: {})", t.elapsed(), cp.store().uri());
+    let upload = |label: &str, engine: &Engine| -> anyhow::Result<()> {
+        let (handle, offsets) = engine.durable_store(0).expect("partition 0");
+        let before = metrics.checkpoint_uploaded_bytes.get();
+        let t = Instant::now();
+        let id = cp.checkpoint_now(0, &handle, offsets)?.unwrap_or_default();
+        let secs = t.elapsed().as_secs_f64();
+        let m = cp.store().read_manifest(0, &id)?;
+        let total: u64 = m.files.iter().map(|f| f.size).sum();
+        let up = metrics.checkpoint_uploaded_bytes.get() - before;
+        println!(
+            "  {label} checkpoint: {secs:.2}s, {:.1} MB state in {} files, {:.1} MB uploaded ({:.0}%)",
+            total as f64 / 1e6,
+            m.files.len(),
+            up as f64 / 1e6,
+            100.0 * up as f64 / total.max(1) as f64
+        );
+        Ok(())
+    };
+    upload("full", &engine)?;
+    feed(&mut engine, 0..changed.min(keys), 1_795_500_060_000)?;
+    upload(&format!("incremental ({changed} keys changed)"), &engine)?;
+    let into = dir.join("restored");
+    let t = Instant::now();
+    let r = cp.restore(0, engine.fingerprint(), None, &into)?.expect("a checkpoint");
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "  restore: {secs:.2}s for {:.1} MB ({:.0} MB/s, {:.1} s per GB), manifest {}",
+        r.bytes as f64 / 1e6,
+        r.bytes as f64 / 1e6 / secs,
+        secs / (r.bytes as f64 / 1e9),
+        r.id
+    );
+    cp.shutdown();
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
