@@ -21,6 +21,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [configmaps, services, serviceaccounts]
   verbs: [get, list, watch, create, patch, delete]
+# Metadata of the Secrets a TenantModel names, for the opt-in label (values are never read).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
