@@ -396,3 +396,77 @@ async fn a_child_the_api_server_refuses_shows_in_status() {
 
     cleanup(client, &ns, cancel, op).await;
 }
+
+/// The operator as the chart installs it: the chart's ServiceAccount and namespaced RBAC
+/// (`watchNamespaces`), not the test's cluster-admin. Every step of a reconcile must be
+/// allowed: reading Secret metadata and the model, applying and pruning children, pods for
+/// workers' readiness, status, events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_works_under_the_charts_rbac() {
+    let admin = kube_client().await;
+    let (ns, sha) = setup(&admin, "iso-rbac").await;
+    let release = "rbac";
+    let out = std::process::Command::new("helm")
+        .args(["template", release, "charts/streamscore", "-n", &ns, "--set", "crds.install=false"])
+        .args(["--set", &format!("watchNamespaces={{{ns}}}")])
+        .args(["--show-only", "templates/rbac.yaml", "--show-only", "templates/serviceaccount.yaml"])
+        .current_dir(repo_root())
+        .output()
+        .expect("helm on PATH");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &out.stdout).unwrap();
+    let applied = std::process::Command::new("kubectl")
+        .args(["apply", "-n", &ns, "-f", file.path().to_str().unwrap()])
+        .output()
+        .expect("kubectl on PATH");
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+
+    let mut config = kube::Config::infer().await.unwrap();
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{release}-streamscore-operator"));
+    let client = kube::Client::try_from(config).unwrap();
+    // What the status code needs, besides what the reconcile below exercises.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    pods.list(&ListParams::default()).await.expect("the chart lets the operator list pods");
+
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "kafka", "labels": {"streamscore.io/tenant-access": "true"}},
+        "stringData": {"password": "p"}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "taken"}, "spec": {"ports": [{"port": 80}]}
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &theirs).await.unwrap();
+
+    let cancel = CancellationToken::new();
+    let op = streamscore_tests::spawn_operator(&client, &ns, WORKER_IMAGE, &cancel);
+    let tms: Api<TenantModel> = Api::namespaced(admin.clone(), &ns);
+    let mut tm = tenant_model("fraud", &sha);
+    tm["spec"]["kafkaSecrets"] = json!([{"name": "kafka"}]);
+    create(&tms, tm).await.unwrap();
+    create(&tms, tenant_model("taken", &sha)).await.unwrap();
+    let st = eventually(Duration::from_secs(30), "fraud applied under the chart's RBAC", || async {
+        tms.get("fraud").await.ok()?.status.filter(|s| s.phase == Some(Phase::Pending))
+    })
+    .await;
+    assert!(st.conditions.iter().any(|c| c.kind == "Degraded" && c.status == "False"), "{st:?}");
+    let deps: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    assert!(deps.get_opt("fraud-blue").await.unwrap().is_some());
+    degraded(&tms, "taken", "NameConflict").await;
+    warning_event(&admin, &ns, "taken", "NameConflict").await;
+    // A model change rolls out (Normal event) and the Deployment is updated.
+    tms.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": {"version": "v2"}}})))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "rollout under the chart's RBAC", || async {
+        let d = deps.get("fraud-blue").await.ok()?;
+        let ann = d.spec?.template.metadata?.annotations?;
+        (ann.get("streamscore.io/model-version").map(String::as_str) == Some("v2")).then_some(())
+    })
+    .await;
+
+    cleanup(admin, &ns, cancel, op).await;
+}
