@@ -3,7 +3,7 @@
 //! ```text
 //!  validate (pure: spec, image policy) ─► observe (model ConfigMap, Kafka Secrets' opt-in)
 //!  ─► build (pure) ─► ownership (every child name free or ours) ─► apply (SSA, one field
-//!  manager, owner refs; NetworkPolicy before the Deployment) ─► prune (children no longer
+//!  manager, owner refs; the Deployment last) ─► prune (children no longer
 //!  desired that we control) ─► status (only if changed)
 //! ```
 //! Whatever stops a TenantModel from running — an invalid spec, an image outside the
@@ -383,17 +383,16 @@ async fn name_conflicts(
     Ok(found.into_iter().flatten().map(|m| Blocked::external("NameConflict", m)).collect())
 }
 
-/// Applies every child, the NetworkPolicy before the Deployment (workers never run without
-/// it). Returns the live Deployment.
+/// Applies every child, the Deployment last: workers never run without their NetworkPolicy,
+/// ServiceAccount, configuration, Services and disruption budget. Returns the live Deployment.
 async fn apply_children(client: &Client, ns: &str, c: &Children) -> Result<Deployment, ApplyFailure> {
     apply(&Api::<ServiceAccount>::namespaced(client.clone(), ns), &c.service_account).await?;
     apply(&Api::<NetworkPolicy>::namespaced(client.clone(), ns), &c.network_policy).await?;
     apply(&Api::<ConfigMap>::namespaced(client.clone(), ns), &c.config_map).await?;
-    let live = apply(&Api::<Deployment>::namespaced(client.clone(), ns), &c.deployment).await?;
     apply(&Api::<Service>::namespaced(client.clone(), ns), &c.service).await?;
     apply(&Api::<Service>::namespaced(client.clone(), ns), &c.headless).await?;
     apply(&Api::<PodDisruptionBudget>::namespaced(client.clone(), ns), &c.pdb).await?;
-    Ok(live)
+    apply(&Api::<Deployment>::namespaced(client.clone(), ns), &c.deployment).await
 }
 
 /// Writes `Degraded` with the first problem's reason and every message, publishes a Warning

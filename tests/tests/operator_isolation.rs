@@ -379,9 +379,10 @@ async fn a_child_the_api_server_refuses_shows_in_status() {
         cond.message
     );
     warning_event(&client, &ns, "fraud", "ApplyFailed").await;
-    // The NetworkPolicy went first, so it exists although the Deployment does not.
+    // Everything else went first: the NetworkPolicy and Services exist, the Deployment does not.
     let nps: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = Api::namespaced(client.clone(), &ns);
     assert!(nps.get_opt("fraud").await.unwrap().is_some());
+    assert!(Api::<Service>::namespaced(client.clone(), &ns).get_opt("fraud-pods").await.unwrap().is_some());
     assert!(Api::<Deployment>::namespaced(client.clone(), &ns).get_opt("fraud-blue").await.unwrap().is_none());
 
     // Fixing the spec clears it.
