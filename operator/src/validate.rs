@@ -95,7 +95,7 @@ mod tests {
             assert!(dns1035(n), "{n:?} ({} characters) is not a valid child name", n.len());
         }
         let longest = names.iter().flatten().map(String::len).max().unwrap();
-        assert!(longest <= 63 && longest >= 60, "{longest}: the limit is no tighter than it needs to be");
+        assert!((60..=63).contains(&longest), "{longest}: the limit is no tighter than it needs to be");
     }
 
     #[test]

@@ -59,6 +59,9 @@ fn tenant_model(name: &str, sha: &str) -> serde_json::Value {
     })
 }
 
+/// A change to a TenantModel's JSON.
+type SpecEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
 async fn create(tms: &Api<TenantModel>, tm: serde_json::Value) -> Result<TenantModel, kube::Error> {
     tms.create(&PostParams::default(), &serde_json::from_value(tm).unwrap()).await
 }
@@ -304,7 +307,7 @@ async fn the_crd_bounds_names_lists_and_sizes() {
     }
 
     // Lists, sizes and names inside the spec.
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let cases: Vec<(&str, SpecEdit)> = vec![
         (
             "kafkaSecrets",
             Box::new(|tm| {
