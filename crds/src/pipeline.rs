@@ -38,6 +38,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::Duration;
 
+/// Largest `source.maxRecordBytes` a TenantModel may set (16 MiB).
+pub const MAX_RECORD_BYTES: u32 = 16 * 1024 * 1024;
+
 /// Largest sequence length a sequence feature may keep.
 pub const MAX_SEQUENCE_LENGTH: u32 = 4096;
 
@@ -75,7 +78,9 @@ pub struct PipelineConfig {
 pub struct SourceConfig {
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
     pub bootstrap_servers: String,
-    /// Input topics. They must be keyed by the entity key; all must have the same partition count.
+    /// Input topics (at most 64). They must be keyed by the entity key; all must have the same
+    /// partition count.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$")))]
     pub topics: Vec<String>,
     /// Consumer group id. The operator sets it to `streamscore.<namespace>.<name>` when empty.
     #[serde(default)]
@@ -105,8 +110,10 @@ pub struct SourceConfig {
     /// What to do with late events: `deadLetter` (default) or `drop`. Either way they never change state.
     #[serde(default)]
     pub late_events: LatePolicy,
-    /// Records larger than this many bytes are dead-lettered with reason `oversized`.
+    /// Records larger than this many bytes are dead-lettered with reason `oversized` (at most
+    /// 16 MiB).
     #[serde(default = "default_max_record_bytes")]
+    #[schemars(range(min = 1, max = MAX_RECORD_BYTES))]
     pub max_record_bytes: u32,
     /// Extra librdkafka consumer properties (e.g. `security.protocol`). Secrets come from
     /// files or environment variables (`${env:NAME}`, `${file:/path}`), never inline. They
@@ -188,8 +195,9 @@ pub enum TimeFormat {
 #[serde(rename_all = "camelCase")]
 pub struct ValidationConfig {
     /// Fields and their expected types. A missing required field or a wrong type
-    /// dead-letters the event with reason `invalid`.
+    /// dead-letters the event with reason `invalid`. At most 256.
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub fields: Vec<FieldRule>,
 }
 
@@ -230,15 +238,18 @@ pub enum FieldType {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FeaturesConfig {
-    /// Trailing-window aggregates evaluated as of each event.
+    /// Trailing-window aggregates evaluated as of each event (at most 256).
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub windows: Vec<WindowFeature>,
-    /// Last-N value sequences within a lookback.
+    /// Last-N value sequences within a lookback (at most 64).
     #[serde(default)]
+    #[schemars(length(max = 64))]
     pub sequences: Vec<SequenceFeature>,
     /// Tumbling or hopping window aggregates written to `sink.featureTopic` when each window
-    /// closes (not model inputs).
+    /// closes (not model inputs; at most 64).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub emitted: Vec<EmittedWindow>,
 }
 
@@ -340,7 +351,8 @@ pub enum Aggregation {
 pub struct Filter {
     /// Field compared.
     pub field: String,
-    /// The event matches when the field's value, as text, is one of these.
+    /// The event matches when the field's value, as text, is one of these (at most 256).
+    #[schemars(length(max = 256))]
     pub one_of: Vec<String>,
 }
 
@@ -370,8 +382,11 @@ pub struct ModelSignature {
     pub input_name: String,
     /// Feature names in the order of the model's input vector (window features; a
     /// sequence feature contributes its length; raw numeric event fields as `event.<field>`).
+    /// At most 1024.
+    #[schemars(length(max = 1024))]
     pub features: Vec<String>,
-    /// Named scores read from the model's outputs.
+    /// Named scores read from the model's outputs (at most 64).
+    #[schemars(length(max = 64))]
     pub outputs: Vec<OutputMapping>,
     /// Micro-batching of inference.
     #[serde(default)]
@@ -453,15 +468,18 @@ pub struct PostprocessConfig {
     #[serde(default)]
     pub score: String,
     /// Labels by threshold: the label of the highest `minScore` not above the score.
-    /// Scores below every threshold get no label.
+    /// Scores below every threshold get no label. At most 32.
     #[serde(default)]
+    #[schemars(length(max = 32))]
     pub labels: Vec<LabelThreshold>,
-    /// Input fields copied to the output record.
+    /// Input fields copied to the output record (at most 64).
     #[serde(default)]
+    #[schemars(length(max = 64))]
     pub passthrough: Vec<String>,
     /// Feature values included in the output record (all features when empty and
-    /// `includeAllFeatures` is true).
+    /// `includeAllFeatures` is true). At most 1024.
     #[serde(default)]
+    #[schemars(length(max = 1024))]
     pub include_features: Vec<String>,
 }
 
@@ -480,8 +498,10 @@ pub struct LabelThreshold {
 #[serde(rename_all = "camelCase")]
 pub struct SinkConfig {
     /// Topic for scored records (keyed by the entity key).
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub topic: String,
     /// Topic for events that could not be processed; record headers name the reason.
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub dead_letter_topic: String,
     /// Bootstrap servers for the producer; the source's when empty.
     #[serde(default)]
@@ -492,6 +512,7 @@ pub struct SinkConfig {
     /// Topic for the windows of `features.emitted` (keyed by the entity key). Required when
     /// emitted windows are declared; must differ from the output, dead-letter and input topics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub feature_topic: Option<String>,
 }
 

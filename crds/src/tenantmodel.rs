@@ -35,6 +35,14 @@ use crate::pipeline::{
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.modelVersion"}"#,
     printcolumn = r#"{"name":"Parallelism","type":"integer","jsonPath":".status.parallelism"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
+        "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter), \
+         as the names of the TenantModel's Services are"
+    ),
+    validation = Rule::new("size(self.metadata.name) <= 52").message(
+        "metadata.name must be at most 52 characters, so that every child name (<name>-pipeline, <name>-blue, …) \
+         stays within 63"
+    ),
     validation = Rule::new("self.spec.sink.topic != self.spec.sink.deadLetterTopic")
         .message("spec.sink.deadLetterTopic must differ from spec.sink.topic"),
     validation = Rule::new(
@@ -58,8 +66,11 @@ pub struct TenantModelSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1024))]
     pub parallelism: i32,
-    /// Worker container image. Defaults to the operator's configured worker image.
+    /// Worker container image. Defaults to the operator's configured worker image. Any other
+    /// image must match the operator's allowlist (Helm value `tenantPolicy.allowedImages`,
+    /// possibly pinned by digest); otherwise the TenantModel is `Degraded` (`ImageNotAllowed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512), regex(pattern = r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]*$"))]
     pub image: Option<String>,
     /// CPU and memory requests and limits of each worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,8 +87,11 @@ pub struct TenantModelSpec {
     /// `state.missingCheckpoint`). Object-store credentials come from the worker's environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_store: Option<String>,
-    /// Kafka credentials, from Secrets in the TenantModel's namespace.
+    /// Kafka credentials, from Secrets in the TenantModel's namespace (at most 8). Each Secret
+    /// must carry the label `streamscore.io/tenant-access: "true"`, which the platform team sets;
+    /// otherwise the TenantModel is `Degraded` (`KafkaSecretNotPermitted`) and nothing mounts it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
     pub kafka_secrets: Vec<KafkaSecretRef>,
     /// How changes of the model (or anything that changes scores) are rolled out.
     #[serde(default)]
@@ -133,8 +147,13 @@ pub struct ModelSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ConfigMapKeyRef {
     /// ConfigMap name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
     /// Key inside the ConfigMap (`binaryData` or `data`).
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 
@@ -145,6 +164,10 @@ pub struct ConfigMapKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSecretRef {
     /// Secret name in the TenantModel's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
 }
 

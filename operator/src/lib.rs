@@ -2,13 +2,16 @@
 //!
 //! ```text
 //!  watch TenantModel (+ owned children) ─► reconcile::reconcile
-//!     observe ─► validate::validate (pure) ─► build::build (pure) ─► SSA apply ─► prune ─► status::compute
+//!     validate::validate + policy (pure) ─► observe ─► build::build (pure) ─► ownership ─► SSA apply
+//!     ─► prune ─► status::compute
 //! ```
 //! [`lease`] keeps two replicas safe; [`metrics`] is the Prometheus registry.
 
 pub mod build;
 pub mod lease;
 pub mod metrics;
+pub mod ownership;
+pub mod policy;
 pub mod reconcile;
 pub mod status;
 pub mod validate;

@@ -15,6 +15,7 @@ use kube::{Api, Client};
 use streamscore_operator::build::BuildContext;
 use streamscore_operator::lease::LeaseLock;
 use streamscore_operator::metrics::OperatorMetrics;
+use streamscore_operator::policy::{ImagePattern, TenantPolicy};
 use streamscore_operator::reconcile::Context;
 use streamscore_operator::run_controllers;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,13 @@ struct Args {
     /// Worker image used when a TenantModel names none.
     #[arg(long, env = "STREAMSCORE_WORKER_IMAGE", default_value = "streamscore-worker:0.1.0")]
     worker_image: String,
+    /// Images TenantModels may name in `spec.image` besides the worker image (comma-separated):
+    /// exact references, or prefixes ending in `/*`, `:*` or `@*`. Empty: only the worker image.
+    #[arg(long, env = "STREAMSCORE_ALLOWED_IMAGES", value_delimiter = ',', default_value = "")]
+    allowed_images: Vec<String>,
+    /// Require `spec.image` to be pinned by digest (`…@sha256:<hex>`).
+    #[arg(long, env = "STREAMSCORE_REQUIRE_IMAGE_DIGEST", default_value_t = false, action = clap::ArgAction::Set)]
+    require_image_digest: bool,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "STREAMSCORE_LISTEN", default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
@@ -59,6 +67,16 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
+    let policy = TenantPolicy {
+        allowed_images: args
+            .allowed_images
+            .iter()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| p.parse::<ImagePattern>().map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?,
+        require_image_digest: args.require_image_digest,
+    };
+    info!(?policy, "tenant policy");
     let client = Client::try_default().await?;
     let metrics = Arc::new(OperatorMetrics::new());
     let ready = Arc::new(AtomicBool::new(false));
@@ -153,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         },
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),
+        policy,
     });
     let namespaces: Vec<String> = args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect();
     run_controllers(ctx, &namespaces, cancel.clone()).await;

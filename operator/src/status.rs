@@ -8,7 +8,8 @@ use streamscore_crds::tenantmodel::{Condition, Phase, TenantModelStatus};
 /// What the reconcile observed.
 #[derive(Clone, Debug)]
 pub enum Observed<'a> {
-    /// The spec cannot run: reason and message.
+    /// The TenantModel cannot run (invalid spec, refused by policy, a name conflict, a child
+    /// the API server refuses): reason and message.
     Invalid {
         /// CamelCase reason.
         reason: &'a str,
@@ -75,7 +76,7 @@ pub fn compute(
         Observed::Invalid { reason, message } => {
             st.phase = Some(Phase::Degraded);
             set_condition(conds, "Ready", false, reason, message, now, generation);
-            set_condition(conds, "Progressing", false, reason, "waiting for the spec to change", now, generation);
+            set_condition(conds, "Progressing", false, reason, "blocked: see the Degraded condition", now, generation);
             set_condition(conds, "Degraded", true, reason, message, now, generation);
         }
         Observed::Applied { deployment, color, selector, worker_problem } => {

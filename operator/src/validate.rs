@@ -63,6 +63,42 @@ mod tests {
         }
     }
 
+    /// The CRD admits names of at most 52 characters (DNS-1035): every child of such a name
+    /// must itself be a valid name (Services and NetworkPolicies: DNS-1035 labels ≤ 63).
+    #[test]
+    fn every_child_of_the_longest_admitted_name_has_a_valid_name() {
+        let crd = streamscore_crds::crd_yaml();
+        assert!(crd.contains("size(self.metadata.name) <= 52"), "the CRD's name limit changed: update this test");
+        let mut tm = example("fraud-detection.yaml");
+        tm.metadata.name = Some(format!("f{}", "x".repeat(51)));
+        tm.metadata.uid = Some("0c5b7a1e-0000-4000-8000-000000000000".into());
+        let ctx = crate::build::BuildContext {
+            default_image: "streamscore-worker:0.1.0".into(),
+            operator_namespace: "streamscore-system".into(),
+        };
+        let c = crate::build::build(&tm, &ctx);
+        let names = [
+            c.config_map.metadata.name,
+            c.deployment.metadata.name,
+            c.service_account.metadata.name,
+            c.service.metadata.name,
+            c.headless.metadata.name,
+            c.pdb.metadata.name,
+            c.network_policy.metadata.name,
+        ];
+        let dns1035 = |n: &str| {
+            n.len() <= 63
+                && n.starts_with(|c: char| c.is_ascii_lowercase())
+                && !n.ends_with('-')
+                && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        for n in names.iter().flatten() {
+            assert!(dns1035(n), "{n:?} ({} characters) is not a valid child name", n.len());
+        }
+        let longest = names.iter().flatten().map(String::len).max().unwrap();
+        assert!((60..=63).contains(&longest), "{longest}: the limit is no tighter than it needs to be");
+    }
+
     #[test]
     fn emitted_windows_without_a_feature_topic_name_the_spec_field() {
         let mut tm = example("fraud-detection.yaml");

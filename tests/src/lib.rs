@@ -194,6 +194,17 @@ pub fn spawn_operator(
     worker_image: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_operator_with_policy(client, ns, worker_image, Default::default(), cancel)
+}
+
+/// [`spawn_operator`] with the platform team's tenant policy (image allowlist, digests).
+pub fn spawn_operator_with_policy(
+    client: &kube::Client,
+    ns: &str,
+    worker_image: &str,
+    policy: streamscore_operator::policy::TenantPolicy,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     use std::sync::Arc;
     use streamscore_operator::build::BuildContext;
     use streamscore_operator::metrics::OperatorMetrics;
@@ -206,6 +217,7 @@ pub fn spawn_operator(
             client.clone(),
             kube::runtime::events::Reporter { controller: "streamscore-operator".into(), instance: None },
         ),
+        policy,
     });
     let (ns, c) = (ns.to_owned(), cancel.clone());
     tokio::spawn(async move { streamscore_operator::run_controllers(ctx, &[ns], c).await })

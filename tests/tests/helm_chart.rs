@@ -26,6 +26,28 @@ fn chart_lints_and_manifests_are_in_sync() {
         .output()
         .unwrap();
     assert!(!bad.status.success(), "values.schema.json must reject replicaCount=0");
+    // The tenant policy reaches the operator's flags; a wildcard that is not after `/`, `:` or
+    // `@` is refused before it reaches the operator.
+    let out = run(
+        "helm",
+        &[
+            "template",
+            "x",
+            "charts/streamscore",
+            "--set",
+            "tenantPolicy.allowedImages={registry.example.com/streamscore/*,reg.example.com/w@*}",
+            "--set",
+            "tenantPolicy.requireImageDigest=true",
+        ],
+    );
+    assert!(out.contains("--allowed-images=registry.example.com/streamscore/*,reg.example.com/w@*"), "{out}");
+    assert!(out.contains("--require-image-digest=true"), "{out}");
+    let bad = Command::new("helm")
+        .args(["template", "x", "charts/streamscore", "--set", "tenantPolicy.allowedImages={registry.example.com/w*}"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success(), "values.schema.json must reject a wildcard inside a name");
 }
 
 #[tokio::test]

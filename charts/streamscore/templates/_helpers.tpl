@@ -12,24 +12,39 @@ app.kubernetes.io/name: streamscore-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- define "streamscore.rules" -}}
+# Exactly the verbs the operator uses. Server-side apply creates a missing child, which
+# needs `create` besides `patch`; `get` reads children's metadata (ownership checks).
 - apiGroups: [streamscore.io]
   resources: [tenantmodels]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch]
 - apiGroups: [streamscore.io]
   resources: [tenantmodels/status]
-  verbs: [get, patch]
+  verbs: [patch]
+# Watched and pruned children.
 - apiGroups: [""]
-  resources: [configmaps, services, serviceaccounts]
+  resources: [configmaps, services]
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
+# Children with a fixed name per TenantModel (never pruned; garbage-collected with it).
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create, patch]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, create, patch]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, create, patch]
+# Metadata of the Secrets a TenantModel names, for the opt-in label (values are never read).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+# Workers' pod IPs, to ask a not-ready worker why (status).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

@@ -1,0 +1,198 @@
+//! What a TenantModel may reference beyond its own spec, as the platform team configured it
+//! (Helm values `tenantPolicy.*` → operator flags). Pure checks; the reconcile fetches what
+//! they need (the Secrets' metadata) and reports a refusal as `Degraded` with the reason.
+//!
+//! ```text
+//!  spec.image ──────────► check_image (allowlist, optional digest pin)  ─► ImageNotAllowed
+//!  spec.kafkaSecrets[] ─► Secret metadata ─► check_secret (opt-in label) ─► KafkaSecretNotPermitted
+//! ```
+//! A TenantModel author can create TenantModels but not necessarily read Secrets or run pods:
+//! without these checks a TenantModel would mount any Secret of its namespace into a pod
+//! running any image, i.e. read every Secret of the namespace.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// Label a Secret must carry (with value `"true"`) before a TenantModel may mount it.
+/// Set by the platform team, who may read and label the namespace's Secrets.
+pub const SECRET_OPT_IN_LABEL: &str = "streamscore.io/tenant-access";
+
+/// One entry of the image allowlist: an exact image reference, or a prefix followed by `*`
+/// right after `/` (any image under that path), `:` (any tag of that repository) or `@` (any
+/// digest of that repository). Images are compared as written, without normalisation
+/// (`streamscore-worker:1` does not match `docker.io/library/streamscore-worker:*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImagePattern {
+    text: String,
+}
+
+impl FromStr for ImagePattern {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("image pattern {s:?}: must be a non-empty image reference without spaces"));
+        }
+        if let Some(pos) = s.find('*') {
+            let prefix = &s[..pos];
+            if pos != s.len() - 1 || !(prefix.ends_with('/') || prefix.ends_with(':') || prefix.ends_with('@')) {
+                return Err(format!(
+                    "image pattern {s:?}: `*` may only end the pattern, right after `/`, `:` or `@` \
+                     (e.g. `registry.example.com/streamscore/*`)"
+                ));
+            }
+            if prefix.len() == 1 {
+                return Err(format!("image pattern {s:?}: needs a registry or repository before the `*`"));
+            }
+        }
+        Ok(Self { text: s.to_owned() })
+    }
+}
+
+impl fmt::Display for ImagePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl ImagePattern {
+    /// Whether `image` matches. A tag or digest wildcard (`…:*`, `…@*`) never matches a `/`:
+    /// `worker:5000/evil/image` names the registry `worker:5000`, not a tag of `worker`.
+    pub fn matches(&self, image: &str) -> bool {
+        match self.text.strip_suffix('*') {
+            None => self.text == image,
+            Some(prefix) => image.strip_prefix(prefix).is_some_and(|rest| {
+                !rest.is_empty()
+                    && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+                    && (prefix.ends_with('/') || !rest.contains('/'))
+            }),
+        }
+    }
+}
+
+/// The platform team's rules for TenantModels.
+#[derive(Clone, Debug, Default)]
+pub struct TenantPolicy {
+    /// Images a TenantModel may name in `spec.image` (besides the operator's default worker
+    /// image). Empty: only the default.
+    pub allowed_images: Vec<ImagePattern>,
+    /// `spec.image` must be pinned by digest (`…@sha256:<64 hex>`).
+    pub require_image_digest: bool,
+}
+
+/// Whether `image` ends in `@sha256:<64 lowercase hex>`.
+pub fn is_digest_pinned(image: &str) -> bool {
+    image.rsplit_once("@sha256:").is_some_and(|(repo, hex)| {
+        !repo.is_empty() && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+impl TenantPolicy {
+    /// Checks `spec.image`. No image, or the operator's own default image, is always allowed.
+    pub fn check_image(&self, image: Option<&str>, default_image: &str) -> Result<(), String> {
+        let Some(image) = image else { return Ok(()) };
+        if image == default_image {
+            return Ok(());
+        }
+        if self.require_image_digest && !is_digest_pinned(image) {
+            return Err(format!(
+                "spec.image: {image:?} must be pinned by digest (`<repository>@sha256:<64 hex digits>`): the operator \
+                 requires digests"
+            ));
+        }
+        if self.allowed_images.iter().any(|p| p.matches(image)) {
+            return Ok(());
+        }
+        let allowed = if self.allowed_images.is_empty() {
+            format!("only the default worker image {default_image:?} is allowed")
+        } else {
+            let list: Vec<String> = self.allowed_images.iter().map(ToString::to_string).collect();
+            format!("allowed: {default_image:?} and {}", list.join(", "))
+        };
+        Err(format!("spec.image: {image:?} is not in the operator's image allowlist ({allowed})"))
+    }
+}
+
+/// Checks the labels of a Secret named in `spec.kafkaSecrets[index]`.
+pub fn check_secret(index: usize, name: &str, labels: Option<&BTreeMap<String, String>>) -> Result<(), String> {
+    if labels.and_then(|l| l.get(SECRET_OPT_IN_LABEL)).map(String::as_str) == Some("true") {
+        Ok(())
+    } else {
+        Err(format!(
+            "spec.kafkaSecrets[{index}]: Secret {name:?} is not open to TenantModels: the platform team must label it \
+             {SECRET_OPT_IN_LABEL}=true"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(patterns: &[&str], digest: bool) -> TenantPolicy {
+        TenantPolicy {
+            allowed_images: patterns.iter().map(|p| p.parse().unwrap()).collect(),
+            require_image_digest: digest,
+        }
+    }
+
+    const DIGEST: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn patterns_must_end_in_a_wildcard_after_a_separator() {
+        for ok in ["reg.example.com/team/*", "reg.example.com/worker:*", "reg.example.com/worker@*", "worker:1.2"] {
+            assert!(ok.parse::<ImagePattern>().is_ok(), "{ok}");
+        }
+        for bad in ["*", "/*", "reg.example.com/team*", "reg/*/worker", "reg/a b:1", ""] {
+            assert!(bad.parse::<ImagePattern>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn wildcards_match_only_what_they_name() {
+        let p: ImagePattern = "reg.example.com/team/*".parse().unwrap();
+        assert!(p.matches("reg.example.com/team/worker:1"));
+        assert!(p.matches("reg.example.com/team/sub/worker@sha256:abc"));
+        assert!(!p.matches("reg.example.com/team-evil/worker:1"));
+        assert!(!p.matches("reg.example.com/team/"));
+        assert!(!p.matches("reg.example.com:5000/team/worker:1"));
+        let tag: ImagePattern = "worker:*".parse().unwrap();
+        assert!(tag.matches("worker:1.0"));
+        assert!(!tag.matches("worker:5000/evil/image:1"), "a registry host, not a tag");
+        assert!(!tag.matches("worker-evil:1"));
+        let exact: ImagePattern = "reg/worker:1".parse().unwrap();
+        assert!(exact.matches("reg/worker:1") && !exact.matches("reg/worker:10"));
+    }
+
+    #[test]
+    fn image_check() {
+        let p = policy(&["reg.example.com/team/*"], false);
+        assert_eq!(p.check_image(None, "streamscore-worker:0.1.0"), Ok(()));
+        assert_eq!(p.check_image(Some("streamscore-worker:0.1.0"), "streamscore-worker:0.1.0"), Ok(()));
+        assert_eq!(p.check_image(Some("reg.example.com/team/w:2"), "d"), Ok(()));
+        let err = p.check_image(Some("evil.example.com/miner:1"), "d").unwrap_err();
+        assert!(
+            err.contains("not in the operator's image allowlist") && err.contains("reg.example.com/team/*"),
+            "{err}"
+        );
+        let err = policy(&[], false).check_image(Some("x:1"), "d").unwrap_err();
+        assert!(err.contains("only the default worker image"), "{err}");
+        let pinned = policy(&["reg.example.com/team/*"], true);
+        let err = pinned.check_image(Some("reg.example.com/team/w:2"), "d").unwrap_err();
+        assert!(err.contains("pinned by digest"), "{err}");
+        assert_eq!(pinned.check_image(Some(&format!("reg.example.com/team/w@sha256:{DIGEST}")), "d"), Ok(()));
+        assert!(pinned.check_image(Some("reg.example.com/team/w@sha256:abc"), "d").is_err());
+    }
+
+    #[test]
+    fn secrets_need_the_opt_in_label() {
+        let yes = BTreeMap::from([(SECRET_OPT_IN_LABEL.to_owned(), "true".to_owned())]);
+        let no = BTreeMap::from([(SECRET_OPT_IN_LABEL.to_owned(), "yes".to_owned())]);
+        assert_eq!(check_secret(0, "kafka", Some(&yes)), Ok(()));
+        let err = check_secret(1, "db", Some(&no)).unwrap_err();
+        assert!(err.starts_with("spec.kafkaSecrets[1]: Secret \"db\"") && err.contains(SECRET_OPT_IN_LABEL), "{err}");
+        assert!(check_secret(0, "db", None).is_err());
+    }
+}
