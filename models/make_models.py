@@ -4,6 +4,9 @@
 Models (input: float32 [N, 4] = [tx_1h, amount_24h, rides_1h, amount]):
   fraud-logreg.onnx  logistic regression  -> output "score" [N, 1] (probability of fraud)
   fraud-mlp.onnx     MLP 4 -> 16 (ReLU) -> 1 (sigmoid) -> output "score" [N, 1]
+  nan-score.onnx     sqrt(-amount) -> output "score" [N, 1]: finite for amount <= 0 (so the
+                     worker's probe on zeros passes), NaN for any positive amount; not trained,
+                     it exists to test what the worker does with a NaN score
 
 The graphs use only standard ONNX operators (MatMul, Add, Relu, Sigmoid) so every
 runtime loads them. Each model comes with `<name>.reference.json`: fixed inputs and
@@ -82,6 +85,26 @@ def forward(layers, x):
     return h
 
 
+def nan_score_model():
+    """score = sqrt(-amount): NaN for amount > 0."""
+    pick = numpy_helper.from_array(np.array([[0], [0], [0], [1]], dtype=np.float32), "pick")
+    nodes = [
+        helper.make_node("MatMul", ["input", "pick"], ["amount"]),
+        helper.make_node("Neg", ["amount"], ["neg"]),
+        helper.make_node("Sqrt", ["neg"], ["score"]),
+    ]
+    g = helper.make_graph(
+        nodes, "nan-score",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", len(FEATURES)])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N", 1])],
+        [pick],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], producer_name="streamscore-make-models")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
 def main(out):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +138,20 @@ def main(out):
         }
         (out / f"{name}.reference.json").write_text(json.dumps(ref, indent=2) + "\n")
         print(f"{name}: {len(data)} bytes sha256={ref['sha256']} scores={np.round(scores, 4).tolist()}")
+    # The reference holds only inputs with a finite score (JSON has no NaN).
+    data = nan_score_model().SerializeToString()
+    (out / "nan-score.onnx").write_bytes(data)
+    inputs = np.array([[0, 0, 0, 0], [1, 50, 0, -4], [3, 300, 1, -0.25]], dtype=np.float32)
+    scores = np.sqrt(-inputs[:, 3])
+    ref = {
+        "model": "nan-score.onnx",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "features": FEATURES,
+        "inputs": inputs.tolist(),
+        "scores": [float(s) for s in scores],
+    }
+    (out / "nan-score.reference.json").write_text(json.dumps(ref, indent=2) + "\n")
+    print(f"nan-score: {len(data)} bytes sha256={ref['sha256']} scores={scores.tolist()}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@
 //!   when its event time is below watermark − `allowedLateness`; late events go to the
 //!   dead-letter topic with reason `late` (or are dropped, per `lateEvents`) and never change
 //!   state.
+//! - An event whose event time is more than `maxFutureSkew` ahead of the worker's clock goes to
+//!   the dead-letter topic with reason `future_event_time` and changes neither state nor the
+//!   watermark.
 //! - Per key, values never depend on which other keys share the partition.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -110,11 +113,23 @@ pub struct SourceConfig {
     /// What to do with late events: `deadLetter` (default) or `drop`. Either way they never change state.
     #[serde(default)]
     pub late_events: LatePolicy,
-    /// Records larger than this many bytes are dead-lettered with reason `oversized` (at most
-    /// 16 MiB).
+    /// Records larger than this many bytes are dead-lettered with reason `oversized`. At most
+    /// the producer's `message.max.bytes` (`sink.properties`, default 1000000) minus 16384 bytes
+    /// kept for the dead-letter key and headers, and at most 16 MiB. Default 983040 (960 KiB).
     #[serde(default = "default_max_record_bytes")]
     #[schemars(range(min = 1, max = MAX_RECORD_BYTES))]
     pub max_record_bytes: u32,
+    /// Events whose event time is more than this ahead of the worker's clock are dead-lettered
+    /// with reason `future_event_time` and change neither state nor the watermark (one event
+    /// dated years ahead would otherwise make every later event of its partition late).
+    /// Default 1h.
+    #[serde(default = "default_max_future_skew")]
+    pub max_future_skew: Duration,
+    /// Entity keys (the text of `keyField`) longer than this many bytes are dead-lettered with
+    /// reason `invalid`. 1-4096, default 1024.
+    #[serde(default = "default_max_key_bytes")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_key_bytes: u32,
     /// Extra librdkafka consumer properties (e.g. `security.protocol`). Secrets come from
     /// files or environment variables (`${env:NAME}`, `${file:/path}`), never inline. They
     /// override streamscore's defaults, e.g. `fetch.wait.max.ms: "1"` for the lowest latency at
@@ -127,8 +142,27 @@ fn default_out_of_orderness() -> Duration {
     Duration::from_secs(5)
 }
 
+/// librdkafka's default producer `message.max.bytes`: the largest record the worker writes
+/// unless `sink.properties` sets another value.
+pub const DEFAULT_MESSAGE_MAX_BYTES: u32 = 1_000_000;
+
+/// Bytes of every produced record kept for the key, headers and framing: an input record of at
+/// most `message.max.bytes` minus this is dead-lettered whole.
+pub const RECORD_OVERHEAD_RESERVE: u32 = 16 * 1024;
+
+/// Largest `source.maxKeyBytes`.
+pub const MAX_KEY_BYTES: u32 = 4096;
+
 fn default_max_record_bytes() -> u32 {
-    1024 * 1024
+    960 * 1024
+}
+
+fn default_max_future_skew() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_max_key_bytes() -> u32 {
+    1024
 }
 
 /// Where a consumer group without committed offsets starts.
@@ -506,7 +540,10 @@ pub struct SinkConfig {
     /// Bootstrap servers for the producer; the source's when empty.
     #[serde(default)]
     pub bootstrap_servers: String,
-    /// Extra librdkafka producer properties.
+    /// Extra librdkafka producer properties. `message.max.bytes` (default 1000000) is the
+    /// largest record written: a dead letter that would be larger is truncated (header
+    /// `streamscore.truncated.value`), an output that would be larger is dead-lettered with reason
+    /// `output_too_large`. It must not exceed the output topics' `max.message.bytes`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
     /// Topic for the windows of `features.emitted` (keyed by the entity key). Required when
@@ -514,6 +551,22 @@ pub struct SinkConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub feature_topic: Option<String>,
+}
+
+impl SinkConfig {
+    /// The largest record the producer writes (key, value, headers and framing, as librdkafka
+    /// counts them): `message.max.bytes` from `properties`, librdkafka's default otherwise.
+    pub fn message_max_bytes(&self) -> Result<u32, String> {
+        match self.properties.get("message.max.bytes") {
+            None => Ok(DEFAULT_MESSAGE_MAX_BYTES),
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1_000..=1_000_000_000).contains(n))
+                .ok_or_else(|| format!("{v:?} is not an integer between 1000 and 1000000000")),
+        }
+    }
 }
 
 /// Process-local settings.
@@ -707,6 +760,7 @@ impl PipelineConfig {
             errs.push(cerr("sink.topic", "an output topic must not also be an input topic"));
         }
         validate_feature_topic(self, &mut errs);
+        validate_record_sizes(self, &mut errs);
         if self.runtime.http_listen.parse::<std::net::SocketAddr>().is_err() {
             errs.push(cerr("runtime.httpListen", "must be an address like 0.0.0.0:8080"));
         }
@@ -760,10 +814,39 @@ pub(crate) fn validate_source(s: &SourceConfig, errs: &mut Vec<ConfigError>) {
     if s.max_record_bytes == 0 {
         errs.push(cerr("source.maxRecordBytes", "must be positive"));
     }
+    if s.max_future_skew.is_zero() {
+        errs.push(cerr("source.maxFutureSkew", "must be positive"));
+    }
+    if s.max_key_bytes == 0 || s.max_key_bytes > MAX_KEY_BYTES {
+        errs.push(cerr("source.maxKeyBytes", format!("must be between 1 and {MAX_KEY_BYTES}")));
+    }
     for k in s.properties.keys() {
         if matches!(k.as_str(), "enable.auto.commit" | "group.id" | "bootstrap.servers" | "enable.auto.offset.store") {
             errs.push(cerr(format!("source.properties.{k}"), "is managed by streamscore and cannot be set"));
         }
+    }
+}
+
+/// Every record the worker reads must fit, whole and with the dead-letter headers, into a record
+/// the producer may write: `maxRecordBytes` + [`RECORD_OVERHEAD_RESERVE`] ≤ `message.max.bytes`.
+fn validate_record_sizes(c: &PipelineConfig, errs: &mut Vec<ConfigError>) {
+    let limit = match c.sink.message_max_bytes() {
+        Ok(l) => l,
+        Err(e) => {
+            errs.push(cerr("sink.properties.message.max.bytes", e));
+            return;
+        }
+    };
+    let most = limit.saturating_sub(RECORD_OVERHEAD_RESERVE);
+    if c.source.max_record_bytes > most {
+        errs.push(cerr(
+            "source.maxRecordBytes",
+            format!(
+                "must be at most {most}: the producer writes records of at most {limit} bytes \
+                 (sink.properties message.max.bytes) and a dead letter needs {RECORD_OVERHEAD_RESERVE} \
+                 more for its key and headers"
+            ),
+        ));
     }
 }
 
@@ -1119,6 +1202,58 @@ sink:
         let c = PipelineConfig::from_yaml(SAMPLE).unwrap();
         let y = serde_yaml::to_string(&c).unwrap();
         assert!(!y.contains("emitted") && !y.contains("featureTopic"), "{y}");
+    }
+
+    #[test]
+    fn hostile_input_limits_have_safe_defaults() {
+        let c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        assert_eq!(c.source.max_future_skew.as_millis(), 3_600_000);
+        assert_eq!(c.source.max_key_bytes, 1024);
+        assert_eq!(c.sink.message_max_bytes(), Ok(1_000_000));
+        // The default record limit leaves room for a whole dead letter under librdkafka's default.
+        assert_eq!(c.source.max_record_bytes, 983_040);
+        assert!(c.source.max_record_bytes + 16_384 <= 1_000_000);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn max_record_bytes_must_fit_the_producer_limit() {
+        let mut c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        // The old default (1 MiB) is above librdkafka's 1000000: a dead letter could never be written.
+        c.source.max_record_bytes = 1_048_576;
+        let errs = c.validate().unwrap_err();
+        let e = errs.iter().find(|e| e.field == "source.maxRecordBytes").expect("maxRecordBytes refused");
+        assert!(e.message.contains("at most 983616"), "{e}");
+        c.source.max_record_bytes = 983_616;
+        c.validate().unwrap();
+        // Raising the producer's limit allows larger records.
+        c.source.max_record_bytes = 1_048_576;
+        c.sink.properties.insert("message.max.bytes".into(), "2000000".into());
+        c.validate().unwrap();
+        // Lowering it requires smaller ones.
+        c.sink.properties.insert("message.max.bytes".into(), "100000".into());
+        c.source.max_record_bytes = 100_000 - 16_384 + 1;
+        assert_eq!(fields(&c), ["source.maxRecordBytes"]);
+        for bad in ["lots", "999", "1000000001", "-1"] {
+            c.sink.properties.insert("message.max.bytes".into(), bad.into());
+            assert_eq!(fields(&c), ["sink.properties.message.max.bytes"], "{bad}");
+        }
+    }
+
+    #[test]
+    fn future_skew_and_key_length_bounds_are_checked() {
+        let mut c = PipelineConfig::from_yaml(
+            &SAMPLE.replace("maxOutOfOrderness: 5s", "maxOutOfOrderness: 5s\n  maxFutureSkew: 10m\n  maxKeyBytes: 64"),
+        )
+        .unwrap();
+        assert_eq!(c.source.max_future_skew.as_millis(), 600_000);
+        assert_eq!(c.source.max_key_bytes, 64);
+        c.validate().unwrap();
+        c.source.max_future_skew = Duration::from_millis(0);
+        c.source.max_key_bytes = 4097;
+        assert_eq!(fields(&c), ["source.maxFutureSkew", "source.maxKeyBytes"]);
+        c.source.max_key_bytes = 0;
+        assert_eq!(fields(&c), ["source.maxFutureSkew", "source.maxKeyBytes"]);
     }
 
     #[test]

@@ -340,7 +340,7 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
     running(2).await;
 
     // 9,000 events over 4,500 keys at a steady pace while the TenantModel is scaled.
-    let all = stream(0, 9_000, 4_500, 1_796_200_000_000);
+    let all = stream(0, 9_000, 4_500, 1_795_200_000_000); // in the past: see maxFutureSkew
     let want = oracle(&all);
     let producing = tokio::spawn({
         let (input, all) = (input.clone(), all.clone());

@@ -125,7 +125,7 @@ async fn a_partition_moved_after_a_kill_restores_its_state_from_a_checkpoint() {
     std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
     let worker = |name: &str| Proc::spawn(&file, &dir.path().join(name), dir.path().join(format!("{name}.log")));
 
-    let all = events(0, 30_000, 10_000, 1_796_000_000_000);
+    let all = events(0, 30_000, 10_000, 1_795_000_000_000); // in the past: see maxFutureSkew
     let want = oracle(&all);
     let a = worker("a");
     let mut b = worker("b");
@@ -190,7 +190,7 @@ async fn a_stale_or_missing_local_store_is_caught_up_or_rebuilt_never_used_as_is
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let mut cfg = pipeline(&input, &out, &dlq, &unique("s-group"), state.to_str().unwrap(), None);
-    let base = 1_796_100_000_000;
+    let base = 1_795_100_000_000; // in the past: see maxFutureSkew
     let batches: Vec<Vec<Ev>> = (0..4).map(|i| events(i * 1_500, 1_500, 150, base)).collect();
     let mut sent: Vec<Ev> = Vec::new();
 

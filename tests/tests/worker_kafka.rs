@@ -337,7 +337,12 @@ async fn worker_emits_closed_windows_to_the_feature_topic_once_per_value_across_
 
     // 8 users, one event per user every 4 minutes for 4 hours, produced in nominal-time order
     // but with event times up to 5 minutes earlier (within maxOutOfOrderness: all accepted).
-    let base = 1_796_000_000_000i64 - 1_796_000_000_000i64 % HOUR + 7 * MIN; // not on a boundary
+    // They start 11 days ago, so that even the closing events (10 days later) are not ahead
+    // of the worker's clock (maxFutureSkew).
+    let now =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap();
+    let start = now - 11 * 24 * HOUR;
+    let base = start - start % HOUR + 7 * MIN; // not on a boundary
     let mut evs: Vec<(String, i64, f64, &str)> = Vec::new();
     for i in 0..60i64 {
         for u in 0..8i64 {
@@ -468,4 +473,189 @@ async fn start_from_timestamp_skips_records_before_it() {
     times.sort_unstable();
     let want: Vec<i64> = (15..30).map(|i| base + i * 1_000).collect();
     assert_eq!(times, want, "exactly the records at or after startTimestampMs are scored");
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
+/// Issue 11, item 1: one event dated 2199 used to move its partition's watermark 173 years
+/// ahead (and the watermark is stored): every later event was dead-lettered as `late`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_dated_2199_is_dead_lettered_and_the_events_after_it_are_scored() {
+    let (input, out, dlq) = (unique("f-in"), unique("f-out"), unique("f-dlq"));
+    // One partition: every event shares the watermark the far-future one would move.
+    create_topics(&[&input, &out, &dlq], 1).await;
+    let state = tempfile::tempdir().unwrap();
+    let cfg = pipeline(&input, &out, &dlq, &unique("f-group"), state.path().to_str().unwrap());
+    let base = now_ms() - 3_600_000;
+    let future = event("user-0", 7_226_582_400_000, 1.0, "view"); // 2199-01-01T00:00:00Z
+    let mut records = vec![future.clone()];
+    records.extend((0..200i64).map(|i| event(&format!("user-{}", i % 10), base + i * 1_000, 1.0, "view")));
+    let p = producer();
+    produce(&p, &input, &records).await;
+
+    let w = start(&cfg);
+    let scored = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 200, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let dead = tokio::task::spawn_blocking({
+        let dlq = dlq.clone();
+        move || consume(&dlq, 1, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert_eq!(scored.len(), 200, "every normal event after the 2199 one is scored");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].header("streamscore.reason"), Some("future_event_time"));
+    assert_eq!(dead[0].value, future.1, "original bytes");
+    // Each user has 20 events within 200 s: its last one counts all 20, and the 2199 event of
+    // user-0 counted nowhere.
+    let mut most: BTreeMap<String, f64> = BTreeMap::new();
+    for s in &scored {
+        let tx = s.json()["features"]["tx_1h"].as_f64().unwrap();
+        let m = most.entry(s.key.clone()).or_default();
+        *m = m.max(tx);
+    }
+    assert_eq!(most.len(), 10);
+    assert!(most.values().all(|&m| m == 20.0), "{most:?}");
+
+    // After a restart (watermark restored from the state) a new event is still on time.
+    tokio::task::spawn_blocking(move || w.stop()).await.unwrap();
+    produce(&p, &input, &[event("user-3", base + 200_000, 1.0, "view")]).await;
+    let w = start(&cfg);
+    let scored = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 201, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert_eq!(scored.len(), 201, "the event after the restart is scored, not late");
+    tokio::task::spawn_blocking(move || w.stop()).await.unwrap();
+}
+
+/// Issue 11, item 2: a 1.2 MB record used to stop the worker (`MessageSizeTooLarge` while
+/// dead-lettering it, fatal), and a restart read it again: a crash loop. Now it is one dead
+/// letter cut to the producer's limit; an output that would exceed the limit is a dead letter
+/// with reason `output_too_large`; the worker keeps scoring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_2_mb_record_is_one_dead_letter_and_the_worker_keeps_running() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    let (input, out, dlq) = (unique("big-in"), unique("big-out"), unique("big-dlq"));
+    create_topics(&[&out, &dlq], 1).await;
+    // The input topic accepts records up to 2 MB, as a topic another system writes may.
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let topic = NewTopic::new(&input, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "2000000");
+    for r in admin.create_topics(&[topic], &AdminOptions::new()).await.unwrap() {
+        r.expect("input topic created");
+    }
+    let state = tempfile::tempdir().unwrap();
+    let cfg = pipeline(&input, &out, &dlq, &unique("big-group"), state.path().to_str().unwrap());
+    assert_eq!(cfg.source.max_record_bytes, 983_040, "the default");
+
+    let base = now_ms() - 3_600_000;
+    let mut big = json!({"user_id": "user-big", "ts": base, "amount": 1.0, "action": "view", "merchant": "m1"});
+    let pad = 1_200_000 - big.to_string().len() - r#","blob":"""#.len();
+    big["blob"] = json!("x".repeat(pad));
+    let big = ("user-big".to_owned(), big.to_string().into_bytes());
+    assert_eq!(big.1.len(), 1_200_000);
+    // 400 kB actions: each output repeats the user's last 4, so the third output is 1.2 MB
+    // although each record is within maxRecordBytes.
+    let seq: Vec<_> =
+        (1..=3i64).map(|i| event("user-seq", base + i * 1_000, 1.0, &format!("{i}{}", "a".repeat(400_000)))).collect();
+    let mut records = vec![event("user-0", base, 1.0, "view"), big.clone()];
+    records.extend(seq.iter().cloned());
+    records.push(event("user-0", base + 5_000, 1.0, "view"));
+    let p: rdkafka::producer::FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap()).set("message.max.bytes", "2000000").create().unwrap();
+    produce(&p, &input, &records).await;
+
+    let w = start(&cfg);
+    let dead = tokio::task::spawn_blocking({
+        let dlq = dlq.clone();
+        move || consume(&dlq, 2, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let scored = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 4, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert!(!w.thread.is_finished(), "the worker is still running");
+    let mut reasons: Vec<&str> = dead.iter().map(|d| d.header("streamscore.reason").unwrap()).collect();
+    reasons.sort_unstable();
+    assert_eq!(reasons, ["output_too_large", "oversized"]);
+    let oversized = dead.iter().find(|d| d.header("streamscore.reason") == Some("oversized")).unwrap();
+    assert_eq!(oversized.header("streamscore.truncated.value"), Some("1200000"));
+    assert_eq!(oversized.header("streamscore.source.offset"), Some("1"));
+    assert_eq!(oversized.key, "user-big");
+    assert!(oversized.value.len() < 1_000_000 && oversized.value.len() > 990_000, "{}", oversized.value.len());
+    assert!(big.1.starts_with(&oversized.value), "a prefix of the original bytes");
+    let too_large = dead.iter().find(|d| d.header("streamscore.reason") == Some("output_too_large")).unwrap();
+    assert_eq!(too_large.value, seq[2].1, "the input whose output did not fit, whole");
+    assert_eq!(too_large.header("streamscore.truncated.value"), None);
+    let mut keys: Vec<&str> = scored.iter().map(|s| s.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["user-0", "user-0", "user-seq", "user-seq"]);
+    tokio::task::spawn_blocking(move || w.stop()).await.unwrap();
+}
+
+/// Issue 11, item 3: `amount: 1e400` used to be scored with an infinite amount, `ts: "NaN"`
+/// read as time 0, and a NaN score written as `null` without a label. The model here
+/// (`models/nan-score.onnx`) scores sqrt(−amount): NaN for any positive amount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_amounts_times_and_scores_are_dead_lettered() {
+    let (input, out, dlq) = (unique("nf-in"), unique("nf-out"), unique("nf-dlq"));
+    create_topics(&[&input, &out, &dlq], 1).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = pipeline(&input, &out, &dlq, &unique("nf-group"), state.path().to_str().unwrap());
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo_root().join("models/nan-score.reference.json")).unwrap()).unwrap();
+    cfg.model.path = repo_root().join("models/nan-score.onnx").display().to_string();
+    cfg.model.sha256 = reference["sha256"].as_str().unwrap().to_owned();
+    let base = now_ms() - 3_600_000;
+    let raw = |ts: &str, amount: &str| {
+        let v = format!(r#"{{"user_id":"u","ts":{ts},"amount":{amount},"action":"view","merchant":"m1"}}"#);
+        ("u".to_owned(), v.into_bytes())
+    };
+    let records = [
+        raw(&base.to_string(), "-4"),
+        raw(&(base + 1_000).to_string(), "1e400"),
+        raw(r#""NaN""#, "-1"),
+        raw(&(base + 2_000).to_string(), "5"),
+        raw(&(base + 3_000).to_string(), "-1"),
+    ];
+    produce(&producer(), &input, &records).await;
+
+    let w = start(&cfg);
+    let dead = tokio::task::spawn_blocking({
+        let dlq = dlq.clone();
+        move || consume(&dlq, 3, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    // One partition, processed in order: the last record is scored by now, or soon.
+    let scored = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 3, Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    tokio::task::spawn_blocking(move || w.stop()).await.unwrap();
+    let by_offset: BTreeMap<&str, &str> = dead
+        .iter()
+        .map(|d| (d.header("streamscore.source.offset").unwrap(), d.header("streamscore.reason").unwrap()))
+        .collect();
+    assert_eq!(by_offset, BTreeMap::from([("1", "invalid"), ("2", "bad_event_time"), ("3", "scoring_failed")]));
+    let scores: Vec<serde_json::Value> = scored.iter().map(|s| s.json()["scores"]["fraud"].clone()).collect();
+    assert_eq!(scores, [json!(2.0), json!(1.0)], "sqrt(4) and sqrt(1); nothing else");
+    assert!(scored.iter().all(|s| s.json()["label"] == json!("block")));
 }

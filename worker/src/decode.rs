@@ -250,27 +250,34 @@ pub enum Reason {
     Oversized,
     /// Key field missing or not a string/number.
     MissingKey,
-    /// Event-time field missing, unparsable or absurd.
+    /// Event-time field missing, unparsable, not finite or absurd.
     BadEventTime,
-    /// A validation rule failed.
+    /// Event time more than `source.maxFutureSkew` ahead of the worker's clock.
+    FutureEventTime,
+    /// A validation rule failed, a number read is not finite, or the key is longer than
+    /// `source.maxKeyBytes`.
     Invalid,
     /// Older than watermark − allowed lateness.
     Late,
-    /// The model failed on this event.
+    /// The model failed on this event or gave it a score that is not a finite number.
     ScoringFailed,
+    /// The output record would exceed the producer's `message.max.bytes`.
+    OutputTooLarge,
 }
 
 impl Reason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 10] = [
         Reason::NotUtf8,
         Reason::Malformed,
         Reason::Oversized,
         Reason::MissingKey,
         Reason::BadEventTime,
+        Reason::FutureEventTime,
         Reason::Invalid,
         Reason::Late,
         Reason::ScoringFailed,
+        Reason::OutputTooLarge,
     ];
 
     /// Stable text used in dead-letter headers and metric labels.
@@ -281,9 +288,11 @@ impl Reason {
             Reason::Oversized => "oversized",
             Reason::MissingKey => "missing_key",
             Reason::BadEventTime => "bad_event_time",
+            Reason::FutureEventTime => "future_event_time",
             Reason::Invalid => "invalid",
             Reason::Late => "late",
             Reason::ScoringFailed => "scoring_failed",
+            Reason::OutputTooLarge => "output_too_large",
         }
     }
 }
@@ -327,6 +336,12 @@ pub fn decode<'a>(cfg: &PipelineConfig, schema: &Schema, payload: Option<&'a [u8
         Some(_) => return Err(reject(Reason::MissingKey, format!("{key_field} is not a string or number"))),
         None => return Err(reject(Reason::MissingKey, format!("{key_field} is missing"))),
     };
+    if key.len() > cfg.source.max_key_bytes as usize {
+        return Err(reject(
+            Reason::Invalid,
+            format!("{key_field} is {} bytes, longer than maxKeyBytes {}", key.len(), cfg.source.max_key_bytes),
+        ));
+    }
     let et = &cfg.source.event_time;
     let time = match fields.get(schema.time) {
         None => return Err(reject(Reason::BadEventTime, format!("{} is missing", et.field))),
@@ -334,6 +349,14 @@ pub fn decode<'a>(cfg: &PipelineConfig, schema: &Schema, payload: Option<&'a [u8
     };
     if !(0..MAX_EVENT_TIME_MS).contains(&time) {
         return Err(reject(Reason::BadEventTime, format!("{}: {time} ms is outside 1970..2200", et.field)));
+    }
+    // A number beyond f64 (`1e400`) reads as ±infinity: it would poison sums and scores.
+    for (id, f) in fields.0.iter().enumerate() {
+        if let Some(Field { val: Val::Num { value, .. }, raw }) = f {
+            if !value.is_finite() && id != schema.key && id != schema.time {
+                return Err(reject(Reason::Invalid, format!("{}: {raw} is not a finite number", schema.name(id))));
+            }
+        }
     }
     for (id, rule) in &schema.rules {
         match fields.get(*id).map(|f| &f.val) {
@@ -358,20 +381,41 @@ pub fn decode<'a>(cfg: &PipelineConfig, schema: &Schema, payload: Option<&'a [u8
 }
 
 fn parse_time(f: &Field<'_>, format: TimeFormat) -> Result<i64, String> {
+    // `1e400`, or `"NaN"` / `"inf"` in a string: `as i64` would make them 0 or i64::MAX.
+    let finite = |v: f64| if v.is_finite() { Ok(v) } else { Err(format!("{} is not a finite number", f.raw)) };
     match (format, &f.val) {
         (TimeFormat::EpochMillis, Val::Num { value, int }) => {
-            Ok(if *int { f.raw.parse::<i64>().unwrap_or(*value as i64) } else { *value as i64 })
+            let value = finite(*value)?;
+            Ok(if *int { f.raw.parse::<i64>().unwrap_or(value as i64) } else { value as i64 })
         }
-        (TimeFormat::EpochSeconds, Val::Num { value, .. }) => Ok((value * 1000.0).round() as i64),
+        (TimeFormat::EpochSeconds, Val::Num { value, .. }) => Ok((finite(*value)? * 1000.0).round() as i64),
         (TimeFormat::Rfc3339, Val::Str(s)) => chrono::DateTime::parse_from_rfc3339(s)
             .map(|d| d.timestamp_millis())
             .map_err(|e| format!("{s:?} is not RFC 3339: {e}")),
         (TimeFormat::EpochMillis | TimeFormat::EpochSeconds, Val::Str(s)) => {
-            let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+            let v = finite(s.parse().map_err(|_| format!("{s:?} is not a number"))?)?;
             Ok(if format == TimeFormat::EpochSeconds { (v * 1000.0).round() as i64 } else { v as i64 })
         }
         _ => Err(format!("unexpected JSON type for {format:?}")),
     }
+}
+
+/// Rejects an event time more than `max_skew` ms ahead of `now` (the worker's clock, epoch ms):
+/// accepted, it would move the partition's watermark that far ahead, and every later event of
+/// the partition would be late.
+pub fn check_not_future(time: i64, now: i64, max_skew: i64) -> Result<(), Rejected> {
+    let limit = now.saturating_add(max_skew);
+    if time <= limit {
+        return Ok(());
+    }
+    Err(reject(
+        Reason::FutureEventTime,
+        format!(
+            "event time {time} ({}) is {} ms ahead of the worker clock {now}; maxFutureSkew is {max_skew} ms",
+            chrono::DateTime::from_timestamp_millis(time).map_or_else(String::new, |d| d.to_rfc3339()),
+            time - now
+        ),
+    ))
 }
 
 /// Per-partition watermark: max event time seen − max out-of-orderness.
@@ -412,6 +456,18 @@ impl Watermark {
     /// Largest event time seen.
     pub fn max_time(&self) -> Option<i64> {
         (self.max_time != i64::MIN).then_some(self.max_time)
+    }
+
+    /// Forgets the max event time when it is beyond `limit` (returns whether it was): a
+    /// watermark restored from state written before `maxFutureSkew` existed may have been moved
+    /// far ahead by one event dated in the future, and then says nothing about the real stream;
+    /// the next accepted event starts it again.
+    pub fn forget_beyond(&mut self, limit: i64) -> bool {
+        let beyond = self.max_time > limit;
+        if beyond {
+            self.max_time = i64::MIN;
+        }
+        beyond
     }
 
     /// Restores from a stored max event time.
@@ -487,6 +543,77 @@ sink: {topic: out, deadLetterTopic: dlq}
     }
 
     #[test]
+    fn non_finite_numbers_are_invalid_and_non_finite_times_bad() {
+        // `amount` is validated, `note` is optional: both are read, both must be finite.
+        assert_eq!(reason(br#"{"user":"u","ts":"2026-11-24T10:00:00Z","amount":1e400}"#), Reason::Invalid);
+        assert_eq!(reason(br#"{"user":"u","ts":"2026-11-24T10:00:00Z","amount":-1e400}"#), Reason::Invalid);
+        let cfg = cfg();
+        let schema = Schema::new(&cfg);
+        let rej =
+            decode(&cfg, &schema, Some(br#"{"user":"u","ts":"2026-11-24T10:00:00Z","amount":1e400}"#)).unwrap_err();
+        assert!(rej.detail.contains("amount: 1e400"), "{rej:?}");
+        // Large but finite numbers and tiny ones that round to 0 are fine.
+        let e = decode(&cfg, &schema, Some(br#"{"user":"u","ts":"2026-11-24T10:00:00Z","amount":1e300}"#)).unwrap();
+        assert_eq!(e.fields.get(schema.id("amount").unwrap()).unwrap().as_f64(), Some(1e300));
+        decode(&cfg, &schema, Some(br#"{"user":"u","ts":"2026-11-24T10:00:00Z","amount":1e-400}"#)).unwrap();
+        // A key written as a huge number is still just its text.
+        let e = decode(&cfg, &schema, Some(br#"{"user":1e400,"ts":"2026-11-24T10:00:00Z","amount":1}"#)).unwrap();
+        assert_eq!(e.key, "1e400");
+
+        // Numeric event times: "NaN" used to become t = 0, 1e400 an absurd time.
+        let mut millis = cfg.clone();
+        millis.source.event_time.format = TimeFormat::EpochMillis;
+        let mut secs = cfg.clone();
+        secs.source.event_time.format = TimeFormat::EpochSeconds;
+        for c in [&millis, &secs] {
+            let schema = Schema::new(c);
+            for ts in [r#""NaN""#, r#""nan""#, r#""inf""#, r#""-infinity""#, "1e400", "-1e400"] {
+                let payload = format!(r#"{{"user":"u","ts":{ts},"amount":1}}"#);
+                let rej = decode(c, &schema, Some(payload.as_bytes())).unwrap_err();
+                assert_eq!(rej.reason, Reason::BadEventTime, "{ts} ({:?}): {rej:?}", c.source.event_time.format);
+            }
+            let ok =
+                if c.source.event_time.format == TimeFormat::EpochSeconds { "1795514400" } else { "1795514400000" };
+            let payload = format!(r#"{{"user":"u","ts":"{ok}","amount":1}}"#);
+            assert_eq!(decode(c, &schema, Some(payload.as_bytes())).unwrap().time, 1_795_514_400_000);
+        }
+    }
+
+    #[test]
+    fn keys_longer_than_max_key_bytes_are_invalid() {
+        let mut cfg = cfg();
+        cfg.source.max_key_bytes = 8;
+        let schema = Schema::new(&cfg);
+        let at = |key: &str| {
+            let payload = serde_json::json!({"user": key, "ts": "2026-11-24T10:00:00Z", "amount": 1}).to_string();
+            decode(&cfg, &schema, Some(payload.as_bytes())).map(|e| e.key.into_owned())
+        };
+        assert_eq!(at("12345678").unwrap(), "12345678");
+        let rej = at("123456789").unwrap_err();
+        assert_eq!(rej.reason, Reason::Invalid);
+        assert!(rej.detail.contains("9 bytes"), "{rej:?}");
+        // Bytes, not characters: 3 × 3-byte characters.
+        assert_eq!(at("€€€").unwrap_err().reason, Reason::Invalid);
+        assert_eq!(at("€€").unwrap(), "€€");
+    }
+
+    #[test]
+    fn event_times_beyond_the_future_skew_are_rejected() {
+        let now = 1_796_000_000_000;
+        let hour = 3_600_000;
+        assert_eq!(check_not_future(now, now, hour), Ok(()));
+        assert_eq!(check_not_future(now + hour, now, hour), Ok(()));
+        assert_eq!(check_not_future(now - 365 * 24 * hour, now, hour), Ok(()));
+        let rej = check_not_future(now + hour + 1, now, hour).unwrap_err();
+        assert_eq!(rej.reason, Reason::FutureEventTime);
+        assert_eq!(rej.reason.as_str(), "future_event_time");
+        // 2199-01-01T00:00:00Z
+        let rej = check_not_future(7_226_582_400_000, now, hour).unwrap_err();
+        assert!(rej.detail.contains("2199-01-01T00:00:00+00:00"), "{rej:?}");
+        assert_eq!(check_not_future(i64::MAX, i64::MAX - 1, hour), Ok(()));
+    }
+
+    #[test]
     fn watermark_marks_late_events() {
         let mut w = Watermark::new(1_000, 500);
         assert!(!w.is_late(0));
@@ -495,5 +622,15 @@ sink: {topic: out, deadLetterTopic: dlq}
         assert!(!w.is_late(8_500));
         assert!(w.is_late(8_499));
         assert_eq!(w.horizon(), 8_500);
+        assert!(!w.forget_beyond(10_000));
+        assert_eq!(w.current(), 9_000);
+        assert!(w.forget_beyond(9_999));
+        assert_eq!(w.max_time(), None);
+        assert!(!w.is_late(0));
+        w.observe(2_000);
+        assert_eq!(w.current(), 1_000);
+        let mut fresh = Watermark::new(1_000, 0);
+        assert!(!fresh.forget_beyond(0));
+        assert_eq!(fresh.max_time(), None);
     }
 }

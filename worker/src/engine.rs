@@ -5,12 +5,17 @@
 //!  InRecord ─► skip if below the store's offset (already applied before a restart)
 //!            ─► below the committed offset after a restore: processed, outputs not written
 //!            ─► decode + validate ──────────────────────────► DeadLetter(reason)
+//!            ─► event time > clock + maxFutureSkew? ────────► DeadLetter(future_event_time)
 //!            ─► watermark: late? ───────────────────────────► DeadLetter(late) | drop
 //!            ─► features (state of the key, as of its event time)
 //!            ─► model (one micro-batch for the whole input batch) ─► postprocess ─► Scored
+//!               (a score that is not finite ─► DeadLetter(scoring_failed),
+//!                an output over message.max.bytes ─► DeadLetter(output_too_large))
 //!            ─► emitted windows of the key (+ timers)
 //!  end of batch: per partition whose horizon advanced, windows ending at or before it ─► Feature
 //! ```
+//! Every record returned fits the producer's `message.max.bytes`: a dead letter's value (and,
+//! if it must, its key) is cut to fit, with `streamscore.truncated.*` headers saying so.
 //! No Kafka types here: the Kafka loop (`crate::kafka`) feeds records and sends outputs, so the
 //! engine is tested with RocksDB in a temp dir and real models, without a broker.
 
@@ -20,11 +25,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use serde_json::{Map, Value};
-use streamscore_crds::pipeline::{LatePolicy, MissingCheckpoint, PipelineConfig};
+use streamscore_crds::pipeline::{LatePolicy, MissingCheckpoint, PipelineConfig, DEFAULT_MESSAGE_MAX_BYTES};
 use tracing::warn;
 
 use crate::checkpoint::{CheckpointError, Checkpointer};
-use crate::decode::{decode, Event, FieldId, Reason, Schema, Watermark};
+use crate::decode::{check_not_future, decode, Event, FieldId, Reason, Schema, Watermark};
 use crate::emitted::{Emitted, EmittedSet};
 use crate::features::{aggregation_input, FeatureSet, FeatureValue, Input, LastScore, Scalar};
 use crate::metrics::{Metrics, SourceLabel};
@@ -263,6 +268,12 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     ooo: i64,
     lateness: i64,
+    /// `source.maxFutureSkew`, ms.
+    max_future_skew: i64,
+    /// The producer's `message.max.bytes`: no returned record is larger.
+    max_message_bytes: usize,
+    /// Wall clock, epoch ms (replaceable for tests).
+    clock: Box<dyn Fn() -> i64 + Send>,
     last_size: Instant,
     /// The running checkpoint's offsets to commit.
     snapshot: Option<Vec<(String, i32, i64)>>,
@@ -339,6 +350,9 @@ impl Engine {
             version_json,
             ooo: cfg.source.max_out_of_orderness.as_millis_i64(),
             lateness: cfg.source.allowed_lateness.as_millis_i64(),
+            max_future_skew: cfg.source.max_future_skew.as_millis_i64(),
+            max_message_bytes: cfg.sink.message_max_bytes().unwrap_or(DEFAULT_MESSAGE_MAX_BYTES) as usize,
+            clock: Box::new(|| chrono::Utc::now().timestamp_millis()),
             cfg,
             features,
             model,
@@ -392,6 +406,12 @@ impl Engine {
     /// Uses `readers` (shared with the query API) for the owned partitions' flushed state.
     pub fn with_readers(mut self, readers: Readers) -> Self {
         self.readers = readers;
+        self
+    }
+
+    /// Uses `clock` (epoch milliseconds) instead of the wall clock, e.g. in tests.
+    pub fn with_clock(mut self, clock: impl Fn() -> i64 + Send + 'static) -> Self {
+        self.clock = Box::new(clock);
         self
     }
 
@@ -601,6 +621,8 @@ impl Engine {
     pub fn process<'a>(&mut self, batch: &'a [InRecord<'a>]) -> Result<Vec<OutRecord>, EngineError> {
         let mut out = Vec::with_capacity(batch.len());
         let mut pending: Vec<Pending<'a>> = Vec::with_capacity(batch.len());
+        let limit = self.max_message_bytes;
+        let now = (self.clock)();
         for rec in batch {
             // A record of a partition revoked while it was in flight: the new owner processes it.
             let Some(ctx) = self.partitions.get_mut(&rec.partition) else { continue };
@@ -619,16 +641,25 @@ impl Engine {
                     ctx.next_offsets.insert(rec.topic.to_owned(), rec.offset + 1);
                 }
             }
-            let event = match decode(&self.cfg, &self.schema, rec.payload) {
+            let decoded = decode(&self.cfg, &self.schema, rec.payload)
+                .and_then(|e| check_not_future(e.time, now, self.max_future_skew).map(|()| e));
+            let event = match decoded {
                 Ok(e) => e,
                 Err(rej) => {
                     if !replay {
-                        out.push(dead_letter(rec, rej.reason, &rej.detail));
+                        out.push(dead_letter(rec, rej.reason, &rej.detail, limit));
                         self.metrics.dead_letter(rej.reason);
                     }
                     continue;
                 }
             };
+            if ctx.watermark.forget_beyond(now.saturating_add(self.max_future_skew)) {
+                tracing::warn!(
+                    partition = rec.partition,
+                    "the restored watermark was beyond the clock + maxFutureSkew (an event dated in the future, \
+                     accepted before that check existed); it starts again from this event"
+                );
+            }
             if ctx.watermark.is_late(event.time) {
                 match self.cfg.source.late_events {
                     LatePolicy::DeadLetter if replay => {}
@@ -639,7 +670,7 @@ impl Engine {
                             ctx.watermark.current(),
                             self.lateness
                         );
-                        out.push(dead_letter(rec, Reason::Late, &detail));
+                        out.push(dead_letter(rec, Reason::Late, &detail, limit));
                         self.metrics.dead_letter(Reason::Late);
                     }
                     LatePolicy::Drop => {
@@ -689,7 +720,7 @@ impl Engine {
             Err(e) => {
                 // The model failed on this batch: dead-letter its records rather than stop.
                 for p in pending.iter().filter(|p| !p.replay) {
-                    out.push(dead_letter(p.rec, Reason::ScoringFailed, &e.to_string()));
+                    out.push(dead_letter(p.rec, Reason::ScoringFailed, &e.to_string(), limit));
                     self.metrics.dead_letter(Reason::ScoringFailed);
                 }
                 return Ok(out);
@@ -697,8 +728,28 @@ impl Engine {
         };
         let cfg = Arc::clone(&self.cfg);
         for (p, s) in pending.into_iter().zip(scores) {
+            // NaN or ±inf (e.g. from inputs beyond f32) would be written as null and get no label.
+            if let Some((name, x)) = self.model.score_names().zip(&s).find(|(_, x)| !x.is_finite()) {
+                if !p.replay {
+                    let detail = format!("the model gave score {name} = {x}, not a finite number");
+                    out.push(dead_letter(p.rec, Reason::ScoringFailed, &detail, limit));
+                    self.metrics.dead_letter(Reason::ScoringFailed);
+                }
+                continue;
+            }
             let label = self.label(&s).map(|i| cfg.postprocess.labels[i].label.as_str());
             let value = self.output_json(&p, &s, label);
+            let size = wire_size(p.event.key.len(), value.len(), &[]);
+            if size > limit {
+                // Replayed: dead-lettered the first time; state as it was then (no last score).
+                if !p.replay {
+                    let detail =
+                        format!("the output record would be {size} bytes; the producer's message.max.bytes is {limit}");
+                    out.push(dead_letter(p.rec, Reason::OutputTooLarge, &detail, limit));
+                    self.metrics.dead_letter(Reason::OutputTooLarge);
+                }
+                continue;
+            }
             let ctx = self.partitions.get_mut(&p.partition).ok_or(EngineError::Unassigned(p.partition))?;
             let state = ctx.store.get_mut(&p.event.key)?;
             let names = self.model.score_names();
@@ -758,7 +809,24 @@ impl Engine {
                     if replay {
                         continue;
                     }
-                    let value = feature_record(&key, &self.emitted.names()[e.feature], &e);
+                    let feature = &self.emitted.names()[e.feature];
+                    let value = feature_record(&key, feature, &e);
+                    let size = wire_size(key.len(), value.len(), &[]);
+                    if size > self.max_message_bytes {
+                        // Not expected (keys and input records are bounded), but never fatal.
+                        let detail = format!(
+                            "window {feature} [{}, {}) would be a {size}-byte record; the producer's \
+                             message.max.bytes is {}",
+                            e.start, e.end, self.max_message_bytes
+                        );
+                        let headers = vec![
+                            ("streamscore.reason", Reason::OutputTooLarge.as_str().to_owned()),
+                            ("streamscore.detail", detail),
+                        ];
+                        out.push(fit_dead_letter(Some(key.as_bytes()), &value, headers, self.max_message_bytes));
+                        self.metrics.dead_letter(Reason::OutputTooLarge);
+                        continue;
+                    }
                     out.push(OutRecord::Feature { key: key.clone(), value });
                     self.metrics.windows_emitted.inc();
                 }
@@ -967,10 +1035,52 @@ fn headers(topic: &str, partition: i32, offset: i64, reason: Reason, detail: &st
     ]
 }
 
-fn dead_letter(rec: &InRecord<'_>, reason: Reason, detail: &str) -> OutRecord {
-    OutRecord::DeadLetter {
-        key: rec.key.map(<[u8]>::to_vec),
-        value: rec.payload.map(<[u8]>::to_vec).unwrap_or_default(),
-        headers: headers(rec.topic, rec.partition, rec.offset, reason, detail),
-    }
+fn dead_letter(rec: &InRecord<'_>, reason: Reason, detail: &str, limit: usize) -> OutRecord {
+    let headers = headers(rec.topic, rec.partition, rec.offset, reason, detail);
+    fit_dead_letter(rec.key, rec.payload.unwrap_or_default(), headers, limit)
 }
+
+/// Framing librdkafka adds to a record when it checks `message.max.bytes` at produce time
+/// (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: length, attributes, timestamp and offset deltas, key and
+/// value lengths, header count), and to each header (its two length varints).
+const RECORD_FRAMING: usize = 36;
+const HEADER_FRAMING: usize = 10;
+
+/// A dead letter's key is cut to this many bytes when the record would not fit otherwise.
+const DEAD_LETTER_KEY_MAX: usize = 1024;
+
+/// The size librdkafka's producer compares with `message.max.bytes` (an upper bound of it).
+pub fn wire_size(key: usize, value: usize, headers: &[(&str, String)]) -> usize {
+    RECORD_FRAMING + key + value + headers.iter().map(|(k, v)| HEADER_FRAMING + k.len() + v.len()).sum::<usize>()
+}
+
+/// A dead letter of at most `limit` bytes ([`wire_size`]): whole when it fits; otherwise the
+/// key is cut to [`DEAD_LETTER_KEY_MAX`] bytes (header `streamscore.truncated.key`: its original
+/// size) and, if still needed, the value to what is left (header `streamscore.truncated.value`:
+/// its original size). A prefix of the bytes, not necessarily valid UTF-8 or JSON.
+pub fn fit_dead_letter(
+    key: Option<&[u8]>,
+    value: &[u8],
+    mut headers: Vec<(&'static str, String)>,
+    limit: usize,
+) -> OutRecord {
+    let mut key = key;
+    let key_len = |k: Option<&[u8]>| k.map_or(0, <[u8]>::len);
+    if let Some(k) = key.filter(|k| k.len() > DEAD_LETTER_KEY_MAX) {
+        if wire_size(k.len(), value.len(), &headers) > limit {
+            headers.push(("streamscore.truncated.key", k.len().to_string()));
+            key = Some(&k[..DEAD_LETTER_KEY_MAX]);
+        }
+    }
+    let mut value = value;
+    if wire_size(key_len(key), value.len(), &headers) > limit {
+        headers.push(("streamscore.truncated.value", value.len().to_string()));
+        let room = limit.saturating_sub(wire_size(key_len(key), 0, &headers));
+        value = &value[..value.len().min(room)];
+    }
+    OutRecord::DeadLetter { key: key.map(<[u8]>::to_vec), value: value.to_vec(), headers }
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

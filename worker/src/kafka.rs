@@ -714,7 +714,13 @@ fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), S
         .set("message.timeout.ms", "0")
         .set("linger.ms", "1")
         .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "500000");
+        .set("queue.buffering.max.messages", "500000")
+        // Explicit, because the engine sizes every record (dead letters truncated, outputs too
+        // large dead-lettered) to this limit; `sink.properties` may set another (validated) one.
+        .set(
+            "message.max.bytes",
+            cfg.sink.message_max_bytes().map_err(|e| format!("sink.properties.message.max.bytes: {e}"))?.to_string(),
+        );
     for (k, v) in &cfg.sink.properties {
         p.set(k, resolve_property(v).map_err(|e| format!("sink.properties.{k}: {e}"))?);
     }
@@ -987,6 +993,23 @@ mod tests {
         assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
         assert_eq!(murmur2(b"abc"), 479_470_107);
         assert_eq!(murmur2(b"user-1"), 1_404_122_828);
+    }
+
+    #[test]
+    fn the_producer_limit_is_the_one_the_engine_sizes_records_for() {
+        let yaml = r#"
+source: {bootstrapServers: "k:9092", topics: [in], keyField: user, eventTime: {field: ts}}
+model: {path: m, sha256: "0000000000000000000000000000000000000000000000000000000000000000", version: v, features: [event.amount], outputs: [{name: s}]}
+sink: {topic: out, deadLetterTopic: dlq}
+"#;
+        let mut cfg = PipelineConfig::from_yaml(yaml).unwrap();
+        let (_, p) = client_config(&cfg).unwrap();
+        assert_eq!(p.get("message.max.bytes"), Some("1000000"));
+        cfg.sink.properties.insert("message.max.bytes".into(), "2000000".into());
+        let (_, p) = client_config(&cfg).unwrap();
+        assert_eq!(p.get("message.max.bytes"), Some("2000000"));
+        cfg.sink.properties.insert("message.max.bytes".into(), "big".into());
+        assert!(client_config(&cfg).unwrap_err().contains("message.max.bytes"));
     }
 
     #[test]

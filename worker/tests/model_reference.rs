@@ -25,7 +25,7 @@ fn config(name: &str, sha: &str, batch: u32) -> ModelConfig {
 
 #[test]
 fn scores_match_the_training_scripts_reference() {
-    for name in ["fraud-logreg", "fraud-mlp"] {
+    for name in ["fraud-logreg", "fraud-mlp", "nan-score"] {
         let reference: serde_json::Value =
             serde_json::from_slice(&std::fs::read(models_dir().join(format!("{name}.reference.json"))).unwrap())
                 .unwrap();

@@ -1,0 +1,306 @@
+//! Engine tests with the real RocksDB store (temp dir) and the real models of `models/`: what
+//! hostile records turn into. Every expectation is written out here, not derived from the code.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use super::*;
+use crate::state::StoreEnv;
+
+/// The engine's clock in these tests: 2026-11-30T00:53:20Z.
+const NOW: i64 = 1_796_000_000_000;
+const MIN: i64 = 60_000;
+/// 2199-01-01T00:00:00Z.
+const YEAR_2199: i64 = 7_226_582_400_000;
+
+fn models() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+fn config(model: &str) -> PipelineConfig {
+    let reference: Value =
+        serde_json::from_slice(&std::fs::read(models().join(format!("{model}.reference.json"))).unwrap()).unwrap();
+    let yaml = format!(
+        r#"
+source:
+  bootstrapServers: "k:9092"
+  topics: [in]
+  keyField: user_id
+  eventTime: {{field: ts, format: epochMillis}}
+  maxOutOfOrderness: 5s
+validation:
+  fields: [{{name: amount, type: number}}, {{name: action, type: string}}]
+features:
+  windows:
+    - {{name: tx_1h, aggregation: count, window: 1h}}
+    - {{name: amount_24h, aggregation: sum, field: amount, window: 24h}}
+    - {{name: rides_1h, aggregation: count, window: 1h, filter: {{field: action, oneOf: [ride_requested]}}}}
+  sequences:
+    - {{name: last_actions, field: action, length: 4, lookback: 90d}}
+model:
+  path: "{path}"
+  sha256: "{sha}"
+  version: v1
+  features: [tx_1h, amount_24h, rides_1h, event.amount]
+  outputs: [{{name: fraud}}]
+postprocess:
+  labels: [{{label: review, minScore: 0.5}}, {{label: block, minScore: 0.9}}]
+  passthrough: [merchant]
+sink: {{topic: out, deadLetterTopic: dlq}}
+"#,
+        path = models().join(format!("{model}.onnx")).display(),
+        sha = reference["sha256"].as_str().unwrap(),
+    );
+    let cfg = PipelineConfig::from_yaml(&yaml).unwrap();
+    cfg.validate().unwrap();
+    cfg
+}
+
+struct Harness {
+    engine: Engine,
+    offset: i64,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new(cfg: PipelineConfig) -> Self {
+        Self::open(cfg, tempfile::tempdir().unwrap(), 0, NOW)
+    }
+
+    fn open(cfg: PipelineConfig, dir: tempfile::TempDir, offset: i64, now: i64) -> Self {
+        let model = Arc::new(Model::load(&cfg.model).unwrap());
+        let mut engine =
+            Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), Arc::new(Metrics::new()))
+                .with_clock(move || now);
+        engine.assign(0).unwrap();
+        Self { engine, offset, _dir: dir }
+    }
+
+    /// Makes the state durable, stops, starts again on the same state with clock `now`.
+    fn restart(mut self, cfg: PipelineConfig, now: i64) -> Self {
+        self.engine.flush().unwrap();
+        let Self { engine, offset, _dir: dir } = self;
+        drop(engine);
+        Self::open(cfg, dir, offset, now)
+    }
+
+    /// Processes one batch of (Kafka key, value) records of partition 0.
+    fn run(&mut self, records: &[(&[u8], Vec<u8>)]) -> Vec<OutRecord> {
+        let batch: Vec<InRecord<'_>> = records
+            .iter()
+            .map(|(key, payload)| {
+                self.offset += 1;
+                InRecord {
+                    topic: "in",
+                    partition: 0,
+                    offset: self.offset,
+                    key: Some(key),
+                    payload: Some(payload),
+                    received: Instant::now(),
+                    timestamp: None,
+                }
+            })
+            .collect();
+        self.engine.process(&batch).unwrap()
+    }
+
+    /// `run` of events of user `u`.
+    fn events(&mut self, events: &[Value]) -> Vec<OutRecord> {
+        let records: Vec<(&[u8], Vec<u8>)> = events.iter().map(|e| (&b"u"[..], e.to_string().into_bytes())).collect();
+        self.run(&records)
+    }
+}
+
+fn event(ts: i64, amount: f64, action: &str) -> Value {
+    json!({"user_id": "u", "ts": ts, "amount": amount, "action": action, "merchant": "m1"})
+}
+
+fn header<'h>(headers: &'h [(&'static str, String)], name: &str) -> Option<&'h str> {
+    headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+}
+
+/// The input offset an output belongs to (dead letters of a batch come before its scored
+/// records, so tests compare in offset order).
+fn offset(o: &OutRecord) -> i64 {
+    match o {
+        OutRecord::Scored { value, .. } => serde_json::from_slice::<Value>(value).unwrap()["offset"].as_i64().unwrap(),
+        OutRecord::DeadLetter { headers, .. } => header(headers, "streamscore.source.offset").unwrap().parse().unwrap(),
+        OutRecord::Feature { .. } => i64::MAX,
+    }
+}
+
+/// The outputs in input order.
+fn sorted(mut out: Vec<OutRecord>) -> Vec<OutRecord> {
+    out.sort_by_key(offset);
+    out
+}
+
+/// `scored` or `dead:<reason>` per output, in input order.
+fn outcomes(out: &[OutRecord]) -> Vec<String> {
+    let mut out: Vec<&OutRecord> = out.iter().collect();
+    out.sort_by_key(|o| offset(o));
+    out.into_iter()
+        .map(|o| match o {
+            OutRecord::Scored { .. } => "scored".to_owned(),
+            OutRecord::DeadLetter { headers, .. } => format!("dead:{}", header(headers, "streamscore.reason").unwrap()),
+            OutRecord::Feature { .. } => "feature".to_owned(),
+        })
+        .collect()
+}
+
+fn scored_json(o: &OutRecord) -> Value {
+    match o {
+        OutRecord::Scored { value, .. } => serde_json::from_slice(value).unwrap(),
+        other => panic!("not scored: {other:?}"),
+    }
+}
+
+fn record_size(o: &OutRecord) -> usize {
+    match o {
+        OutRecord::Scored { key, value, .. } | OutRecord::Feature { key, value } => {
+            wire_size(key.len(), value.len(), &[])
+        }
+        OutRecord::DeadLetter { key, value, headers } => {
+            wire_size(key.as_ref().map_or(0, Vec::len), value.len(), headers)
+        }
+    }
+}
+
+#[test]
+fn an_event_dated_2199_is_dead_lettered_and_leaves_the_watermark_alone() {
+    let mut h = Harness::new(config("fraud-logreg"));
+    let future = event(YEAR_2199, 5.0, "view");
+    let out = sorted(h.events(&[
+        event(NOW - 10 * MIN, 5.0, "view"),
+        future.clone(),
+        event(NOW - 9 * MIN, 5.0, "view"),
+        // Within maxFutureSkew (1h) of the clock: accepted.
+        event(NOW + 59 * MIN, 5.0, "view"),
+        // Just beyond it.
+        event(NOW + 61 * MIN, 5.0, "view"),
+    ]));
+    assert_eq!(outcomes(&out), ["scored", "dead:future_event_time", "scored", "scored", "dead:future_event_time"]);
+    let OutRecord::DeadLetter { value, headers, .. } = &out[1] else { unreachable!() };
+    assert_eq!(*value, future.to_string().into_bytes(), "original bytes");
+    assert!(header(headers, "streamscore.detail").unwrap().contains("2199-01-01"), "{headers:?}");
+    // The 2199 event counted nowhere: the second event sees itself and the first one only.
+    assert_eq!(scored_json(&out[2])["features"]["tx_1h"], json!(2.0));
+    assert_eq!(scored_json(&out[3])["features"]["tx_1h"], json!(1.0), "69 minutes later: only itself");
+    // The watermark is NOW + 59 min − 5 s (maxOutOfOrderness), not anywhere near 2199.
+    let out = h.events(&[event(NOW + 59 * MIN - 4_000, 1.0, "view"), event(NOW + 59 * MIN - 6_000, 1.0, "view")]);
+    assert_eq!(outcomes(&out), ["scored", "dead:late"]);
+}
+
+#[test]
+fn a_record_over_the_producer_limit_becomes_one_dead_letter_that_fits() {
+    let mut h = Harness::new(config("fraud-logreg"));
+    // 1.2 MB, valid JSON: over maxRecordBytes (960 KiB) and over message.max.bytes (1000000).
+    let mut big = event(NOW - MIN, 5.0, "view");
+    big["blob"] = json!("x".repeat(1_200_000 - big.to_string().len() - 10));
+    let big = big.to_string().into_bytes();
+    assert_eq!(big.len(), 1_200_000);
+    let out = sorted(h.run(&[(b"u", big.clone()), (b"u", event(NOW, 5.0, "view").to_string().into_bytes())]));
+    assert_eq!(outcomes(&out), ["dead:oversized", "scored"]);
+    let OutRecord::DeadLetter { key, value, headers } = &out[0] else { unreachable!() };
+    assert_eq!(key.as_deref(), Some(&b"u"[..]));
+    assert_eq!(header(headers, "streamscore.truncated.value"), Some("1200000"));
+    assert_eq!(header(headers, "streamscore.truncated.key"), None);
+    assert!(big.starts_with(value), "a prefix of the original bytes");
+    // Cut to exactly what librdkafka accepts: 36 bytes of record framing, 10 per header.
+    let headers_bytes: usize = headers.iter().map(|(k, v)| 10 + k.len() + v.len()).sum();
+    assert_eq!(value.len(), 1_000_000 - 36 - 1 - headers_bytes);
+    assert_eq!(record_size(&out[0]), 1_000_000);
+}
+
+#[test]
+fn dead_letters_are_cut_only_when_they_would_not_fit() {
+    let headers = || vec![("streamscore.reason", "oversized".to_owned())];
+    // Fits: untouched, no truncation header; an empty key stays an empty key.
+    let small = fit_dead_letter(Some(b""), b"hello", headers(), 1_000);
+    assert_eq!(small, OutRecord::DeadLetter { key: Some(vec![]), value: b"hello".to_vec(), headers: headers() });
+    let exact = fit_dead_letter(None, &[b'v'; 1_000 - 36 - 10 - 18 - 9], headers(), 1_000);
+    assert!(matches!(&exact, OutRecord::DeadLetter { headers, .. } if headers.len() == 1), "{exact:?}");
+    // A 5000-byte key and a 2 MB value: the key is cut to 1024 bytes, the value to the rest.
+    let key = vec![b'k'; 5_000];
+    let value = vec![b'v'; 2_000_000];
+    let OutRecord::DeadLetter { key: k, value: v, headers: hs } =
+        fit_dead_letter(Some(&key), &value, headers(), 100_000)
+    else {
+        unreachable!()
+    };
+    assert_eq!(k.as_deref(), Some(&key[..1024]));
+    assert_eq!(header(&hs, "streamscore.truncated.key"), Some("5000"));
+    assert_eq!(header(&hs, "streamscore.truncated.value"), Some("2000000"));
+    // framing 36 + key 1024 + headers (10+18+9, 10+25+4, 10+27+7) = 1180
+    assert_eq!(v.len(), 100_000 - 1_180);
+    // A long key alone is kept when the record fits.
+    let OutRecord::DeadLetter { key: k, headers: hs, .. } = fit_dead_letter(Some(&key), b"v", headers(), 100_000)
+    else {
+        unreachable!()
+    };
+    assert_eq!(k.map(|k| k.len()), Some(5_000));
+    assert_eq!(hs.len(), 1);
+}
+
+#[test]
+fn an_output_over_the_limit_is_dead_lettered_as_output_too_large() {
+    let mut cfg = config("fraud-logreg");
+    cfg.sink.properties.insert("message.max.bytes".into(), "100000".into());
+    cfg.source.max_record_bytes = 80_000;
+    cfg.validate().unwrap();
+    let mut h = Harness::new(cfg);
+    // Each output repeats the last 4 actions: 30 kB each, so the fourth output is > 120 kB.
+    let big = |i: i64| event(NOW - 10 * MIN + i, 1.0, &format!("{i}{}", "a".repeat(30_000)));
+    let events: Vec<Value> = (0..4).map(big).chain([event(NOW, 1.0, "view")]).collect();
+    let out = sorted(h.events(&events));
+    // The fifth output holds three 30 kB actions again: it fits.
+    assert_eq!(outcomes(&out), ["scored", "scored", "scored", "dead:output_too_large", "scored"]);
+    let OutRecord::DeadLetter { value, headers, .. } = &out[3] else { unreachable!() };
+    assert_eq!(*value, events[3].to_string().into_bytes(), "the input, whole");
+    assert!(header(headers, "streamscore.detail").unwrap().contains("message.max.bytes is 100000"), "{headers:?}");
+    assert_eq!(header(headers, "streamscore.source.offset"), Some("4"));
+    for o in &out {
+        assert!(record_size(o) <= 100_000, "{}", record_size(o));
+    }
+    assert_eq!(scored_json(&out[4])["features"]["tx_1h"], json!(5.0), "the dead-lettered event still counted");
+}
+
+#[test]
+fn non_finite_numbers_and_times_are_dead_lettered() {
+    let mut h = Harness::new(config("fraud-logreg"));
+    let raw = |s: &str| (&b"u"[..], s.as_bytes().to_vec());
+    let out = h.run(&[
+        raw(r#"{"user_id":"u","ts":1795999000000,"amount":1e400,"action":"view"}"#),
+        raw(r#"{"user_id":"u","ts":"NaN","amount":1,"action":"view"}"#),
+        raw(r#"{"user_id":"u","ts":1795999000000,"amount":1e30,"action":"view"}"#),
+    ]);
+    assert_eq!(outcomes(&out), ["dead:invalid", "dead:bad_event_time", "scored"]);
+}
+
+#[test]
+fn a_nan_score_is_a_dead_letter_not_an_unlabelled_output() {
+    // nan-score.onnx scores sqrt(-amount): NaN for a positive amount.
+    let mut h = Harness::new(config("nan-score"));
+    let out =
+        sorted(h.events(&[event(NOW - 3, -4.0, "view"), event(NOW - 2, 5.0, "view"), event(NOW - 1, -0.25, "view")]));
+    assert_eq!(outcomes(&out), ["scored", "dead:scoring_failed", "scored"]);
+    assert_eq!(scored_json(&out[0])["scores"]["fraud"], json!(2.0));
+    assert_eq!(scored_json(&out[0])["label"], json!("block"));
+    assert_eq!(scored_json(&out[2])["scores"]["fraud"], json!(0.5));
+    let OutRecord::DeadLetter { headers, .. } = &out[1] else { unreachable!() };
+    assert!(header(headers, "streamscore.detail").unwrap().contains("fraud = NaN"), "{headers:?}");
+}
+
+#[test]
+fn a_watermark_stored_far_in_the_future_is_forgotten_after_a_restart() {
+    // State written by a worker whose clock let a 2199 event in (as before maxFutureSkew).
+    let mut h = Harness::open(config("fraud-logreg"), tempfile::tempdir().unwrap(), 0, YEAR_2199);
+    assert_eq!(outcomes(&h.events(&[event(YEAR_2199, 1.0, "view")])), ["scored"]);
+    assert_eq!(outcomes(&h.events(&[event(NOW - MIN, 1.0, "view")])), ["dead:late"], "poisoned");
+    // Restarted with the right clock: the restored 2199 watermark is beyond NOW + 1h, forgotten.
+    let mut h = h.restart(config("fraud-logreg"), NOW);
+    let out = sorted(h.events(&[event(NOW - MIN, 1.0, "view"), event(NOW, 1.0, "view")]));
+    assert_eq!(outcomes(&out), ["scored", "scored"]);
+    assert_eq!(scored_json(&out[1])["features"]["tx_1h"], json!(2.0), "the 2199 event is not in (NOW − 1h, NOW]");
+}
