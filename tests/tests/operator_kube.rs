@@ -123,7 +123,18 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     }
     assert!(text.contains("Pending") && text.contains("v1"), "{text}");
 
-    // An unchanged object: a reconcile makes no write.
+    // An unchanged object: a reconcile makes no write. First let the status settle (the
+    // controller-manager is still creating the ReplicaSet and Pods, whose progress the status
+    // reports), so that only the poke below can trigger a reconcile.
+    let mut last = tms.get("fraud").await.unwrap().metadata.resource_version;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = tms.get("fraud").await.unwrap().metadata.resource_version;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
     let rv = |d: &Deployment| d.metadata.resource_version.clone().unwrap();
     let before = rv(&deps.get("fraud-blue").await.unwrap());
     let cm_before = cms.get("fraud-pipeline").await.unwrap().metadata.resource_version;
