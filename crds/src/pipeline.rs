@@ -579,6 +579,11 @@ pub struct RuntimeConfig {
     /// HTTP listen address for health, metrics and the query API.
     #[serde(default = "default_listen")]
     pub http_listen: String,
+    /// Listen address of the admin API (`/v1/admin/drain`, `/v1/admin/resume`,
+    /// `/v1/admin/status`), which the operator uses to rescale. Unset: no admin API. Kept off
+    /// the query port so that a NetworkPolicy can admit only the operator to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
     /// How often offsets are committed (after outputs are acknowledged and state is flushed).
     #[serde(default = "default_commit_interval")]
     pub commit_interval: Duration,
@@ -589,6 +594,7 @@ impl Default for RuntimeConfig {
         Self {
             state_dir: default_state_dir(),
             http_listen: default_listen(),
+            admin_listen: None,
             commit_interval: default_commit_interval(),
         }
     }
@@ -763,6 +769,13 @@ impl PipelineConfig {
         validate_record_sizes(self, &mut errs);
         if self.runtime.http_listen.parse::<std::net::SocketAddr>().is_err() {
             errs.push(cerr("runtime.httpListen", "must be an address like 0.0.0.0:8080"));
+        }
+        if let Some(a) = &self.runtime.admin_listen {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                errs.push(cerr("runtime.adminListen", "must be an address like 0.0.0.0:8081"));
+            } else if *a == self.runtime.http_listen && !a.ends_with(":0") {
+                errs.push(cerr("runtime.adminListen", "must differ from runtime.httpListen"));
+            }
         }
         if self.runtime.commit_interval.is_zero() {
             errs.push(cerr("runtime.commitInterval", "must be positive"));

@@ -34,6 +34,7 @@ use crate::pipeline::{
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.modelVersion"}"#,
     printcolumn = r#"{"name":"Parallelism","type":"integer","jsonPath":".status.parallelism"}"#,
+    printcolumn = r#"{"name":"Operation","type":"string","jsonPath":".status.operation.message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
         "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter), \
@@ -59,10 +60,14 @@ use crate::pipeline::{
 #[serde(rename_all = "camelCase")]
 pub struct TenantModelSpec {
     /// Number of worker pods. At most the input topic's partition count is useful
-    /// (the partition is the unit of work). Changing it (or `kubectl scale tm`) changes the
-    /// worker Deployment's replicas; partitions then move between workers, each checkpointed
-    /// by its old owner and restored by its new one (`checkpointStore`), or rebuilt from the
-    /// input when no checkpoint exists (`state.missingCheckpoint`).
+    /// (the partition is the unit of work). A change (or `kubectl scale tm`) on a running
+    /// TenantModel is a rescale by checkpoint-and-restart, recorded step by step in
+    /// `status.operation`: every worker stops consuming, commits and checkpoints its partitions
+    /// (`Draining`); the worker Deployment gets the new replica count (`Scaling`); the operator
+    /// waits until every partition is owned again, restored from its checkpoint
+    /// (`checkpointStore`, or rebuilt from the input: `state.missingCheckpoint`) and caught up
+    /// (`Restoring`). A step that does not finish within `state.rescaleTimeout` rolls back to the
+    /// previous count (`RollingBack`); the outcome is in `status.lastRescale` and an Event.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1024))]
     pub parallelism: i32,
@@ -196,6 +201,10 @@ pub struct StateVolume {
     /// only from the committed offset on, not ready until caught up) or `fail`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_checkpoint: Option<MissingCheckpoint>,
+    /// How long each step of a rescale (draining and checkpointing, restoring) may take before
+    /// the rescale is rolled back to the previous parallelism. Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rescale_timeout: Option<Duration>,
 }
 
 /// Upgrade strategy. Not implemented yet: these settings are accepted and not read; today a
@@ -275,13 +284,97 @@ pub struct TenantModelStatus {
     /// Model version served by the live colour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_version: Option<String>,
-    /// The step of the long operation in progress (rescale, upgrade); empty when none.
+    /// The long operation in progress (a rescale), recorded before each of its actions so
+    /// that a restarted operator resumes it; absent when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operation: Option<String>,
+    pub operation: Option<Operation>,
+    /// How the latest rescale ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rescale: Option<RescaleOutcome>,
     /// The latest complete checkpoint. Not reported yet: the workers' metrics
     /// (`streamscore_worker_checkpoints_total`) and logs say when checkpoints complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<String>,
+}
+
+/// A rescale in progress.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    /// `Rescale`.
+    #[serde(rename = "type")]
+    pub kind: OperationKind,
+    /// `Draining` (workers stop consuming, commit and checkpoint every partition), `Scaling`
+    /// (the new replica count is applied), `Restoring` (waiting until every partition is owned,
+    /// restored and caught up), `RollingBack` (a step failed: back to `from` workers).
+    pub step: OperationStep,
+    /// Workers before.
+    pub from: i32,
+    /// Workers asked for (`spec.parallelism`).
+    pub to: i32,
+    /// What is happening, e.g. `Rescaling 3→6: waiting for checkpoints 4/6`.
+    pub message: String,
+    /// When the rescale started (RFC 3339).
+    pub started_at: String,
+    /// When the current step started (RFC 3339); `state.rescaleTimeout` counts from here.
+    pub step_started_at: String,
+    /// When the first worker stopped consuming (RFC 3339, milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<String>,
+    /// Partitions checkpointed by the drain, of how many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointed: Option<String>,
+    /// Why the rescale is rolling back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// Kinds of long operations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum OperationKind {
+    /// A change of the worker count.
+    #[default]
+    Rescale,
+}
+
+/// Steps of a rescale.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum OperationStep {
+    /// Workers stop consuming, commit, and checkpoint every owned partition.
+    #[default]
+    Draining,
+    /// The new replica count is being applied.
+    Scaling,
+    /// Waiting until every partition is owned by a worker, restored and caught up.
+    Restoring,
+    /// A step failed or timed out: back to the previous worker count.
+    RollingBack,
+}
+
+/// How a rescale ended.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RescaleOutcome {
+    /// Workers before.
+    pub from: i32,
+    /// Workers asked for.
+    pub to: i32,
+    /// `Succeeded` or `RolledBack`.
+    pub result: String,
+    /// Detail (for a rollback: the reason).
+    pub message: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it ended (RFC 3339).
+    pub finished_at: String,
+    /// Seconds during which input was not consumed: from the first worker's drain until the
+    /// operator saw every partition owned, restored and caught up (resolution ~1 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_seconds: Option<f64>,
+    /// The `metadata.generation` the rescale was for (a rolled-back rescale is retried after
+    /// the spec changes or a while later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
 }
 
 /// Lifecycle phase.

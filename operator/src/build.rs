@@ -30,8 +30,11 @@ use sha2::{Digest, Sha256};
 use streamscore_crds::pipeline::{ModelConfig, PipelineConfig, RuntimeConfig, StateConfig};
 use streamscore_crds::tenantmodel::{child_labels, TenantModel};
 
-/// Worker HTTP port (health, metrics, query API, admin API).
+/// Worker HTTP port (health, metrics, query API).
 pub const WORKER_PORT: i32 = 8080;
+/// Worker admin port (drain, resume, status: the operator's rescale); the NetworkPolicy admits
+/// only the operator to it.
+pub const ADMIN_PORT: i32 = 8081;
 /// Where the pipeline ConfigMap is mounted.
 pub const PIPELINE_DIR: &str = "/etc/streamscore/pipeline";
 /// Where a model from a ConfigMap is mounted.
@@ -112,6 +115,7 @@ pub fn render_pipeline(tm: &TenantModel) -> PipelineConfig {
         runtime: RuntimeConfig {
             state_dir: STATE_DIR.into(),
             http_listen: format!("0.0.0.0:{WORKER_PORT}"),
+            admin_listen: Some(format!("0.0.0.0:{ADMIN_PORT}")),
             ..RuntimeConfig::default()
         },
         state: render_state(tm),
@@ -238,6 +242,7 @@ pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
         protocol: Some("TCP".into()),
         ..NetworkPolicyPort::default()
     };
+    let admin_port = NetworkPolicyPort { port: Some(IntOrString::Int(ADMIN_PORT)), ..http_port.clone() };
     let network_policy = NetworkPolicy {
         metadata: meta(tm, name.clone(), &[]),
         spec: Some(NetworkPolicySpec {
@@ -259,7 +264,7 @@ pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
                             "streamscore-operator".to_owned(),
                         )])),
                     )]),
-                    ports: Some(vec![http_port]),
+                    ports: Some(vec![http_port, admin_port]),
                 },
             ]),
             ..NetworkPolicySpec::default()
@@ -345,12 +350,20 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
             EnvVar { name: "STREAMSCORE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() },
             EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: WORKER_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: WORKER_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                container_port: ADMIN_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         readiness_probe: Some(probe("/readyz", 5, 3)),
         liveness_probe: Some(probe("/healthz", 10, 6)),
         resources: s.resources.clone(),

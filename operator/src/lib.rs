@@ -4,6 +4,8 @@
 //!  watch TenantModel (+ owned children) ─► reconcile::reconcile
 //!     validate::validate + policy (pure) ─► observe ─► build::build (pure) ─► ownership ─► SSA apply
 //!     ─► prune ─► status::compute
+//!  a change of spec.parallelism on a running TenantModel: rescale (drain + checkpoint via the
+//!  workers' admin API ─► new replica count ─► restored), step by step in status.operation
 //! ```
 //! [`lease`] keeps two replicas safe; [`metrics`] is the Prometheus registry.
 
@@ -13,6 +15,7 @@ pub mod metrics;
 pub mod ownership;
 pub mod policy;
 pub mod reconcile;
+pub mod rescale;
 pub mod status;
 pub mod validate;
 

@@ -27,13 +27,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use streamscore_crds::tenantmodel::{TenantModel, TenantModelStatus};
+use streamscore_crds::tenantmodel::{Operation, OperationStep, RescaleOutcome, TenantModel, TenantModelStatus};
 use tracing::{info, instrument, warn};
 
 use crate::build::{build, selector_string, BuildContext, Children, COLOR};
 use crate::metrics::OperatorMetrics;
 use crate::ownership::{conflict, is_controlled_by};
 use crate::policy::{check_secret, TenantPolicy};
+use crate::rescale::{self, Decision, Workers};
 use crate::status::{compute, Observed};
 use crate::validate::validate;
 
@@ -79,6 +80,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// What TenantModels may reference (images, Secrets), from the platform team.
     pub policy: TenantPolicy,
+    /// The workers' admin API (rescale).
+    pub workers: Workers,
 }
 
 impl std::fmt::Debug for Context {
@@ -231,8 +234,21 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     if !blocked.is_empty() {
         return report_blocked(ctx, tm, &tms, &blocked).await;
     }
-    let old_hash =
-        live_dep.and_then(|d| d.spec?.template.metadata?.annotations?.get("streamscore.io/config-hash").cloned());
+    let old_hash = live_dep.as_ref().and_then(|d| {
+        d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("streamscore.io/config-hash").cloned()
+    });
+
+    // rescale (checkpoint-and-restart): the step decides the replica count to apply
+    let mut written = tm.status.clone();
+    let mut rescale = Rescale {
+        op: tm.status.as_ref().and_then(|s| s.operation.clone()),
+        last: tm.status.as_ref().and_then(|s| s.last_rescale.clone()),
+    };
+    let replicas = drive_rescale(ctx, tm, &tms, &mut written, &mut rescale, live_dep.as_ref()).await?;
+    let mut children = children;
+    if let Some(spec) = children.deployment.spec.as_mut() {
+        spec.replicas = Some(replicas);
+    }
 
     // apply
     let live = match apply_children(&client, &ns, &children).await {
@@ -272,14 +288,214 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         selector: selector_string(tm, COLOR),
         worker_problem: worker_problem.clone(),
     };
-    let status = compute(tm.status.as_ref(), generation, &version, &observed, &now());
+    if rescale.op.as_ref().is_some_and(|o| o.step == OperationStep::Scaling) {
+        // The new replica count is applied: from here on, wait for the partitions to settle.
+        if let Some(op) = rescale.op.as_mut() {
+            let msg = format!(
+                "Rescaling {}→{}: {} workers applied; waiting for partitions to be restored",
+                op.from, op.to, op.to
+            );
+            rescale::advance(op, OperationStep::Restoring, msg, &now());
+        }
+    }
+    let mut status = compute(tm.status.as_ref(), generation, &version, &observed, &now());
+    status.operation = rescale.op.clone();
+    status.last_rescale = rescale.last.clone();
+    crate::status::with_operation(&mut status, &now(), generation);
     let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
     let ready = status.phase == Some(streamscore_crds::tenantmodel::Phase::Running);
-    if patch_status(&tms, tm, status).await? && ready && !was_ready {
+    if patch_status_from(&tms, &tm.name_any(), &mut written, status).await? && ready && !was_ready {
         publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {version}")).await;
+    }
+    if rescale.op.is_some() {
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     // Not all workers available: look again soon (pods' readiness does not wake the controller).
     Ok(Action::requeue(Duration::from_secs(if available < tm.spec.parallelism { 10 } else { 300 })))
+}
+
+/// The rescale in progress and the last one's outcome, as they go into status.
+#[derive(Debug)]
+struct Rescale {
+    op: Option<Operation>,
+    last: Option<RescaleOutcome>,
+}
+
+/// Writes `status` unless it equals `written` (the status as last written), and remembers it.
+async fn patch_status_from(
+    api: &Api<TenantModel>,
+    name: &str,
+    written: &mut Option<TenantModelStatus>,
+    status: TenantModelStatus,
+) -> Result<bool, Error> {
+    if written.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "streamscore.io/v1alpha1",
+        "kind": "TenantModel",
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    *written = Some(status);
+    Ok(true)
+}
+
+/// Records the rescale's step in status before its action (so a restarted operator resumes it).
+async fn record_step(
+    tms: &Api<TenantModel>,
+    tm: &TenantModel,
+    written: &mut Option<TenantModelStatus>,
+    rescale: &Rescale,
+) -> Result<(), Error> {
+    let mut st = written.clone().unwrap_or_default();
+    st.operation = rescale.op.clone();
+    st.last_rescale = rescale.last.clone();
+    crate::status::with_operation(&mut st, &now(), tm.metadata.generation);
+    patch_status_from(tms, &tm.name_any(), written, st).await.map(|_| ())
+}
+
+/// Running worker pods of `selector` (name, IP), not being deleted.
+async fn worker_pods(client: &Client, ns: &str, selector: &str) -> Result<Vec<(String, String)>, Error> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut out = Vec::new();
+    for p in pods.list(&ListParams::default().labels(selector)).await?.items {
+        if p.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let Some(st) = p.status else { continue };
+        if let (Some(ip), Some("Running")) = (st.pod_ip, st.phase.as_deref()) {
+            out.push((p.metadata.name.unwrap_or_default(), ip));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Drives the rescale state machine (`crate::rescale`) one step and returns the worker count
+/// to apply. Without a rescale in progress: `spec.parallelism`, except that a change on a
+/// running TenantModel starts one (and keeps the current count until its checkpoints are done).
+async fn drive_rescale(
+    ctx: &Context,
+    tm: &TenantModel,
+    tms: &Api<TenantModel>,
+    written: &mut Option<TenantModelStatus>,
+    rescale: &mut Rescale,
+    live_dep: Option<&Deployment>,
+) -> Result<i32, Error> {
+    let want = tm.spec.parallelism;
+    let live = live_dep.and_then(|d| d.spec.as_ref()?.replicas);
+    let available = live_dep.and_then(|d| d.status.as_ref()?.available_replicas).unwrap_or(0);
+    let now_t = chrono::Utc::now();
+    let timeout = rescale::timeout(tm);
+    if rescale.op.is_none() {
+        let Some(live) = live else { return Ok(want) };
+        if live == want || live == 0 || available == 0 {
+            return Ok(want);
+        }
+        if !rescale::should_start(tm, live, available, now_t) {
+            // Rolled back a moment ago: keep the running count until the retry is due.
+            return Ok(live);
+        }
+        let op = rescale::start(live, want, &now());
+        info!(from = live, to = want, "rescale started");
+        publish(
+            ctx,
+            tm,
+            EventType::Normal,
+            "RescaleStarted",
+            format!("rescaling {live}→{want} workers: draining and checkpointing"),
+        )
+        .await;
+        rescale.op = Some(op);
+        record_step(tms, tm, written, rescale).await?;
+    }
+    let ns = tm.namespace().ok_or(Error::NoNamespace)?;
+    let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, COLOR)).await?;
+    let Some(op) = rescale.op.as_mut() else { return Ok(want) };
+    match op.step {
+        OperationStep::Draining => {
+            match rescale::drain_decision(op, &ctx.workers.drain(op, &pods).await, now_t, timeout) {
+                Decision::Wait(msg) => {
+                    op.message = msg;
+                    Ok(op.from)
+                }
+                Decision::Done { paused_at_ms, checkpointed } => {
+                    op.paused_at = paused_at_ms.map(rescale::millis_rfc3339);
+                    op.checkpointed = checkpointed.clone();
+                    let msg = format!(
+                        "Rescaling {}→{}: checkpoints {} complete; applying {} workers",
+                        op.from,
+                        op.to,
+                        checkpointed.unwrap_or_default(),
+                        op.to
+                    );
+                    rescale::advance(op, OperationStep::Scaling, msg.clone(), &now());
+                    let to = op.to;
+                    publish(ctx, tm, EventType::Normal, "RescaleCheckpointed", msg).await;
+                    record_step(tms, tm, written, rescale).await?;
+                    Ok(to)
+                }
+                Decision::Fail(why) => {
+                    // Nothing was changed: resume the workers and record the rollback.
+                    ctx.workers.resume_and_status(&pods).await;
+                    let from = op.from;
+                    let msg = format!("rescale {}→{} rolled back: {why}", op.from, op.to);
+                    warn!(%msg, "rescale failed while draining");
+                    rescale.last = Some(rescale::outcome(op, "RolledBack", why, now_t, tm.metadata.generation));
+                    rescale.op = None;
+                    publish(ctx, tm, EventType::Warning, "RescaleRolledBack", msg).await;
+                    Ok(from)
+                }
+            }
+        }
+        OperationStep::Scaling => Ok(op.to),
+        OperationStep::Restoring | OperationStep::RollingBack => {
+            let rolling_back = op.step == OperationStep::RollingBack;
+            let target = if rolling_back { op.from } else { op.to };
+            let answers = ctx.workers.resume_and_status(&pods).await;
+            match rescale::restore_decision(op, target, &answers, now_t, timeout) {
+                Decision::Wait(msg) => {
+                    op.message = msg;
+                    Ok(target)
+                }
+                Decision::Done { .. } if !rolling_back => {
+                    let r = rescale::outcome(op, "Succeeded", String::new(), now_t, tm.metadata.generation);
+                    let msg = format!(
+                        "rescaled {}→{} workers; every partition restored; input paused {:.1}s",
+                        op.from,
+                        op.to,
+                        r.paused_seconds.unwrap_or(0.0)
+                    );
+                    info!(%msg, "rescale complete");
+                    rescale.last = Some(RescaleOutcome { message: msg.clone(), ..r });
+                    rescale.op = None;
+                    publish(ctx, tm, EventType::Normal, "RescaleCompleted", msg).await;
+                    Ok(target)
+                }
+                Decision::Fail(why) if !rolling_back => {
+                    let msg = format!("Rescaling {}→{}: rolling back to {} workers: {why}", op.from, op.to, op.from);
+                    warn!(%msg, "rescale failed while restoring");
+                    op.failure = Some(why);
+                    rescale::advance(op, OperationStep::RollingBack, msg.clone(), &now());
+                    let from = op.from;
+                    publish(ctx, tm, EventType::Warning, "RescaleRollingBack", msg).await;
+                    record_step(tms, tm, written, rescale).await?;
+                    Ok(from)
+                }
+                // Rolled back (or the rollback itself timed out: the conditions say why).
+                Decision::Done { .. } | Decision::Fail(_) => {
+                    let why = op.failure.clone().unwrap_or_default();
+                    let msg = format!("rescale {}→{} rolled back to {} workers: {why}", op.from, op.to, op.from);
+                    rescale.last = Some(rescale::outcome(op, "RolledBack", msg.clone(), now_t, tm.metadata.generation));
+                    rescale.op = None;
+                    publish(ctx, tm, EventType::Warning, "RescaleRolledBack", msg).await;
+                    Ok(target)
+                }
+            }
+        }
+    }
 }
 
 /// The pure checks: the platform's image policy, then the spec itself.

@@ -116,6 +116,16 @@ pub fn compute(
     st
 }
 
+/// A rescale in progress shows as `Progressing` (unless something is wrong: `Degraded` wins),
+/// with the step in the Progressing condition, as `kubectl describe tm` prints it.
+pub fn with_operation(st: &mut TenantModelStatus, now: &str, generation: Option<i64>) {
+    let Some(op) = st.operation.clone() else { return };
+    if st.phase != Some(Phase::Degraded) {
+        st.phase = Some(Phase::Progressing);
+    }
+    set_condition(&mut st.conditions, "Progressing", true, "Rescaling", &op.message, now, generation);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

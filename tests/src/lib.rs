@@ -218,6 +218,7 @@ pub fn spawn_operator_with_policy(
             kube::runtime::events::Reporter { controller: "streamscore-operator".into(), instance: None },
         ),
         policy,
+        workers: Default::default(),
     });
     let (ns, c) = (ns.to_owned(), cancel.clone());
     tokio::spawn(async move { streamscore_operator::run_controllers(ctx, &[ns], c).await })

@@ -481,6 +481,8 @@ struct PartitionsKnown {
     lineages: HashMap<i32, Lineage>,
     /// Offsets of the newest checkpoint per partition (written or restored by this process).
     offsets: HashMap<i32, BTreeMap<String, i64>>,
+    /// Its manifest id.
+    ids: HashMap<i32, String>,
 }
 
 impl Checkpointer {
@@ -560,6 +562,7 @@ impl Checkpointer {
             let mut k = self.known();
             k.lineages.insert(partition, lineage);
             k.offsets.insert(partition, manifest.offsets.clone());
+            k.ids.insert(partition, up.id.clone());
         }
         if &manifest.offsets != offsets {
             warn!(partition, stored = ?manifest.offsets, expected = ?offsets, "checkpoint offsets differ from the commit's");
@@ -637,6 +640,12 @@ impl Checkpointer {
         let mut k = self.known();
         k.lineages.remove(&partition);
         k.offsets.remove(&partition);
+        k.ids.remove(&partition);
+    }
+
+    /// The manifest id of `partition`'s newest checkpoint this process wrote or restored.
+    pub fn latest(&self, partition: i32) -> Option<String> {
+        self.known().ids.get(&partition).cloned()
     }
 
     /// Restores into `into` the newest complete checkpoint of `partition` computed with
@@ -675,6 +684,7 @@ impl Checkpointer {
                     let mut k = self.known();
                     k.lineages.insert(partition, Lineage::from_manifest(&id, &m));
                     k.offsets.insert(partition, m.offsets.clone());
+                    k.ids.insert(partition, id.clone());
                     info!(partition, manifest = %id, bytes, offsets = ?m.offsets, took = ?started.elapsed(), "state restored from checkpoint");
                     return Ok(Some(Restored { id, offsets: m.offsets, bytes }));
                 }

@@ -87,12 +87,18 @@ pub enum OutRecord {
     },
 }
 
+/// (topic, partition, next offset) of every owned partition.
+pub type Offsets = Vec<(String, i32, i64)>;
+
 /// The state changes up to some input offsets, serialised; durable once written.
 #[derive(Debug)]
 pub struct Checkpoint {
     batches: Vec<FlushBatch>,
-    /// (topic, partition, next offset) to commit to Kafka once the batches are written.
+    /// (topic, partition, next offset) to commit to Kafka once the batches are written (while a
+    /// partition replays: the group's committed offset, never below it).
     pub commits: Vec<(String, i32, i64)>,
+    /// (topic, partition, next offset) the written state holds.
+    pub stored: Vec<(String, i32, i64)>,
 }
 
 impl Checkpoint {
@@ -276,7 +282,8 @@ pub struct Engine {
     clock: Box<dyn Fn() -> i64 + Send>,
     last_size: Instant,
     /// The running checkpoint's offsets to commit.
-    snapshot: Option<Vec<(String, i32, i64)>>,
+    /// The running checkpoint's (commits, stored offsets).
+    snapshot: Option<(Offsets, Offsets)>,
     /// See [`state_fingerprint`].
     fingerprint: String,
     /// Object-store checkpoints (restore on assignment), when configured.
@@ -947,14 +954,15 @@ impl Engine {
     /// changes first is serialised before the change). `trim_allowed`: no earlier checkpoint
     /// is still unwritten.
     pub fn begin_checkpoint(&mut self, trim_allowed: bool) {
-        let mut commits = Vec::new();
+        let (mut commits, mut stored) = (Vec::new(), Vec::new());
         for (p, ctx) in &mut self.partitions {
             ctx.in_snapshot = ctx.store.begin_snapshot(&ctx.next_offsets, ctx.watermark.max_time(), trim_allowed);
             for (t, o) in &ctx.next_offsets {
-                commits.push((t.clone(), *p, *o));
+                commits.push((t.clone(), *p, commit_offset(ctx, t, *o)));
+                stored.push((t.clone(), *p, *o));
             }
         }
-        self.snapshot = Some(commits);
+        self.snapshot = Some((commits, stored));
     }
 
     /// Whether a checkpoint is being serialised.
@@ -983,7 +991,8 @@ impl Engine {
             let bytes: u64 = self.partitions.values().map(|c| c.store.size_bytes()).sum();
             self.metrics.state_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
-        Ok(Some(Checkpoint { batches, commits: self.snapshot.take().unwrap_or_default() }))
+        let (commits, stored) = self.snapshot.take().unwrap_or_default();
+        Ok(Some(Checkpoint { batches, commits, stored }))
     }
 
     /// Next offset to process per (topic, partition), for lag.
@@ -991,11 +1000,18 @@ impl Engine {
         let mut v = Vec::new();
         for (p, ctx) in &self.partitions {
             for (t, o) in &ctx.next_offsets {
-                v.push((t.clone(), *p, *o));
+                v.push((t.clone(), *p, commit_offset(ctx, t, *o)));
             }
         }
         v
     }
+}
+
+/// The offset to commit for `topic` of a partition whose state is at `next`: while the
+/// partition replays, the group's committed offset (the replay's end), never below it, so a
+/// commit during a replay does not make the next owner write those outputs again.
+fn commit_offset(ctx: &PartitionCtx, topic: &str, next: i64) -> i64 {
+    ctx.replay_until.get(topic).map_or(next, |until| next.max(*until))
 }
 
 fn feature_record(key: &str, feature: &str, e: &Emitted) -> Vec<u8> {

@@ -7,11 +7,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::engine::Readers;
@@ -46,6 +47,58 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/entities/{key}", get(entity))
         .with_state(state)
+}
+
+/// The admin API, on its own listener (`runtime.adminListen`) so that a NetworkPolicy can
+/// admit only the operator: `POST /v1/admin/drain?id=..&holdSeconds=..`,
+/// `POST /v1/admin/resume`, `GET /v1/admin/status` (see [`crate::admin`]).
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/admin/drain", post(drain))
+        .route("/v1/admin/resume", post(resume))
+        .route("/v1/admin/status", get(admin_status))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DrainParams {
+    id: String,
+    #[serde(default = "default_hold")]
+    hold_seconds: u64,
+}
+
+fn default_hold() -> u64 {
+    60
+}
+
+async fn drain(State(s): State<AppState>, Query(q): Query<DrainParams>) -> Response {
+    if q.id.is_empty() || q.id.len() > 128 {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "id must be 1-128 characters"}))).into_response();
+    }
+    let hold = std::time::Duration::from_secs(q.hold_seconds.clamp(1, 3600));
+    Json(s.health.admin.request_drain(&q.id, hold)).into_response()
+}
+
+async fn resume(State(s): State<AppState>) -> Response {
+    Json(s.health.admin.resume()).into_response()
+}
+
+async fn admin_status(State(s): State<AppState>) -> Response {
+    let (ready, not_ready) = match s.health.readiness() {
+        Ok(()) => (true, Vec::new()),
+        Err(why) => (false, why),
+    };
+    Json(json!({
+        "drain": s.health.admin.view(),
+        "ready": ready,
+        "notReady": not_ready,
+        "partitions": *s.health.partitions.read().unwrap_or_else(|e| e.into_inner()),
+        "replaying": s.health.replaying.read().unwrap_or_else(|e| e.into_inner()).len(),
+        "inputPartitions": s.health.input_partitions.load(Ordering::Relaxed),
+    }))
+    .into_response()
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

@@ -42,6 +42,7 @@ use streamscore_crds::pipeline::{PipelineConfig, StartPosition};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::{DrainReport, DrainedPartition};
 use crate::checkpoint::Checkpointer;
 use crate::engine::{Checkpoint, Engine, InRecord, OutRecord, StartAt};
 use crate::metrics::{Metrics, PartitionLabel, PhaseLabel, StageLabel};
@@ -58,6 +59,10 @@ pub struct Health {
     pub broker_ok: AtomicBool,
     /// Owned partitions.
     pub assigned: AtomicUsize,
+    /// Their numbers.
+    pub partitions: RwLock<Vec<i32>>,
+    /// Drain requests from the admin API (the operator's rescale).
+    pub admin: crate::admin::Admin,
     /// Partition count of the first input topic (0 until known).
     pub input_partitions: AtomicUsize,
     /// Partitions whose state is being brought up to the committed offsets (not ready until
@@ -66,6 +71,12 @@ pub struct Health {
 }
 
 impl Health {
+    /// Records the owned partitions.
+    pub fn set_partitions(&self, partitions: Vec<i32>) {
+        self.assigned.store(partitions.len(), Ordering::Relaxed);
+        *self.partitions.write().unwrap_or_else(|e| e.into_inner()) = partitions;
+    }
+
     /// Ready to serve, or the reasons why not.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut why = Vec::new();
@@ -402,7 +413,7 @@ impl ConsumerContext for ConsumerCtx {
                 engine.revoke(p);
             }
             *self.shared.health.replaying.write().unwrap_or_else(|e| e.into_inner()) = engine.replaying();
-            self.shared.health.assigned.store(engine.assigned().len(), Ordering::Relaxed);
+            self.shared.health.set_partitions(engine.assigned());
         }
     }
 
@@ -420,8 +431,9 @@ impl ConsumerContext for ConsumerCtx {
                     Err(e) => self.shared.fail(format!("opening state of partition {p}: {e}")),
                 }
             }
-            self.shared.health.assigned.store(engine.assigned().len(), Ordering::Relaxed);
+            self.shared.health.set_partitions(engine.assigned());
             self.shared.health.joined.store(true, Ordering::Relaxed);
+            self.shared.health.admin.assigned();
         }
     }
 }
@@ -639,13 +651,14 @@ fn committer_loop(
             }
             let written = Instant::now();
             let commits = job.checkpoint.commits.clone();
+            let stored = job.checkpoint.stored.clone();
             job.checkpoint.write().map_err(|e| e.to_string())?;
             phase("state", written);
             // The stores now hold exactly the state as of `commits`: checkpoint them.
             if let Some(cp) = &shared.checkpoints {
                 for (p, handle) in &job.uploads {
                     let offsets: BTreeMap<String, i64> =
-                        commits.iter().filter(|c| c.1 == *p).map(|(t, _, o)| (t.clone(), *o)).collect();
+                        stored.iter().filter(|c| c.1 == *p).map(|(t, _, o)| (t.clone(), *o)).collect();
                     if let Err(e) = cp.submit(*p, handle, offsets) {
                         shared.metrics.checkpoint_failures.inc();
                         warn!(partition = p, error = %e, "cannot take a checkpoint; the next one retries");
@@ -816,6 +829,34 @@ fn checkpoint_now(shared: &Shared, engine: &Engine, partitions: &BTreeSet<i32>) 
     }
 }
 
+/// Pauses every owned partition, commits synchronously (outputs acknowledged, state written,
+/// offsets committed) and checkpoints each partition to the object store, waiting for the
+/// uploads. The admin API's drain (see [`crate::admin`]).
+fn drain(shared: &Shared, consumer: &BaseConsumer<ConsumerCtx>, id: &str) -> Result<DrainReport, String> {
+    let assignment = consumer.assignment().map_err(|e| format!("reading the assignment: {e}"))?;
+    consumer.pause(&assignment).map_err(|e| format!("pausing the partitions: {e}"))?;
+    let paused_at_ms = chrono::Utc::now().timestamp_millis();
+    let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+    commit_sync(shared, &mut engine, consumer)?;
+    let mut partitions = Vec::new();
+    for p in engine.assigned() {
+        let Some((handle, offsets)) = engine.durable_store(p) else { continue };
+        let manifest = match &shared.checkpoints {
+            Some(cp) => match cp.checkpoint_now(p, &handle, offsets.clone()) {
+                Ok(Some(id)) => Some(id),
+                Ok(None) => cp.latest(p),
+                Err(e) => {
+                    shared.metrics.checkpoint_failures.inc();
+                    return Err(format!("checkpoint of partition {p}: {e}"));
+                }
+            },
+            None => None,
+        };
+        partitions.push(DrainedPartition { partition: p, offsets, manifest });
+    }
+    Ok(DrainReport { id: id.to_owned(), paused_at_ms, checkpoint_store: shared.checkpoints.is_some(), partitions })
+}
+
 /// The processing loop (see the module docs).
 fn consume(
     cfg: &PipelineConfig,
@@ -856,6 +897,27 @@ fn consume(
     while !cancel.is_cancelled() {
         if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Err(why);
+        }
+        if let Some(id) = health.admin.pending() {
+            let result = drain(shared, consumer, &id);
+            match &result {
+                Ok(r) => info!(
+                    id,
+                    partitions = r.partitions.len(),
+                    "drained: consumption paused, state committed and checkpointed"
+                ),
+                Err(e) => warn!(id, error = %e, "drain failed; consuming again"),
+            }
+            health.admin.finish(&id, result);
+        }
+        if health.admin.take_resume() {
+            match consumer.assignment() {
+                Ok(a) => match consumer.resume(&a) {
+                    Ok(()) => info!(partitions = a.count(), "drain over: consuming again"),
+                    Err(e) => shared.fail(format!("resuming the partitions after a drain: {e}")),
+                },
+                Err(e) => shared.fail(format!("reading the assignment to resume after a drain: {e}")),
+            }
         }
         let mut first_at: Option<Instant> = None;
         while batch.len() < max_batch {

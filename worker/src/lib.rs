@@ -7,11 +7,13 @@
 //!  state stores ─► checkpoint ─► object store (s3://, gs://, az://, file://) ─► restore on assignment
 //!  Kafka output / dead-letter / feature topic ◄── kafka (produce, commit after acks + durable state)
 //!  HTTP (http): /healthz /readyz /metrics /v1/entities/{key}
+//!  admin HTTP (http, admin): /v1/admin/drain /v1/admin/resume /v1/admin/status (the operator's rescale)
 //! ```
 //! Modules: [`config`] (load + validate), [`decode`], [`features`], [`emitted`], [`state`],
 //! [`checkpoint`] (object-store checkpoints, restore), [`model`], [`engine`], [`kafka`], [`http`],
-//! [`metrics`].
+//! [`admin`] (drain control), [`metrics`].
 
+pub mod admin;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;

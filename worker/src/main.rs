@@ -11,7 +11,7 @@ use clap::Parser;
 use streamscore_worker::decode::Schema;
 use streamscore_worker::engine::Engine;
 use streamscore_worker::features::FeatureSet;
-use streamscore_worker::http::{router, AppState};
+use streamscore_worker::http::{admin_router, router, AppState};
 use streamscore_worker::kafka::{self, Health};
 use streamscore_worker::metrics::Metrics;
 use streamscore_worker::model::Model;
@@ -77,7 +77,21 @@ fn run(args: Args) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let features = Arc::new(FeatureSet::new(&cfg.features, &Schema::new(&cfg)));
     let readers: engine::Readers = Arc::default();
-    let app = router(AppState { health: health.clone(), metrics: metrics.clone(), readers: readers.clone(), features });
+    let state = AppState { health: health.clone(), metrics: metrics.clone(), readers: readers.clone(), features };
+    if let Some(listen) = cfg.runtime.admin_listen.clone() {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(&listen))
+            .map_err(|e| format!("cannot listen on {listen} (runtime.adminListen): {e}"))?;
+        info!(%listen, "admin API listening");
+        let (admin, admin_cancel) = (admin_router(state.clone()), cancel.clone());
+        rt.spawn(async move {
+            let shutdown = async move { admin_cancel.cancelled().await };
+            if let Err(e) = axum::serve(listener, admin).with_graceful_shutdown(shutdown).await {
+                error!(error = %e, "admin HTTP server failed");
+            }
+        });
+    }
+    let app = router(state);
     let listen = cfg.runtime.http_listen.clone();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(&listen))
