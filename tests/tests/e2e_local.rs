@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
-use streamscore_crds::tenantmodel::{Phase, TenantModel};
+use streamscore_crds::tenantmodel::{OperationStep, Phase, TenantModel};
 use streamscore_tests::{
     bootstrap, built_binary, consume, create_topics, eventually, install_crd, kube_client, namespace, produce,
     producer, repo_root, unique,
@@ -252,10 +252,70 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }
 
-/// `kubectl scale tm` 2 → 4 → 1 while events flow, with checkpoints in the S3 server: pods are
-/// added and removed, partitions move between them (each checkpointed by its old owner on the
-/// way out, restored by its new one), no input is left without an output, and every output's
-/// features equal those recomputed from the raw input.
+/// The operator running in this process, stoppable (a restart loses everything it held in
+/// memory; what it must resume is in status.operation).
+struct Operator {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    fn start(client: &kube::Client, ns: &str) -> Self {
+        let cancel = CancellationToken::new();
+        let task = streamscore_tests::spawn_operator(client, ns, "streamscore-worker:e2e", &cancel);
+        Self { cancel, task }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// Follows status.operation until the rescale to `to` ends; with an operator, restarts it the
+/// first time each step is seen. Returns the steps seen and the number of restarts.
+async fn watch_rescale(
+    tms: &Api<TenantModel>,
+    name: &str,
+    to: i32,
+    mut restart: Option<(&mut Operator, &kube::Client, &str)>,
+) -> (Vec<OperationStep>, usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let mut seen: Vec<OperationStep> = Vec::new();
+    let mut restarts = 0;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "rescale to {to} did not finish; steps seen {seen:?}");
+        let st = tms.get(name).await.ok().and_then(|t| t.status).unwrap_or_default();
+        match &st.operation {
+            Some(op) => {
+                assert_eq!(op.to, to, "{op:?}");
+                if !seen.contains(&op.step) {
+                    seen.push(op.step);
+                    eprintln!("rescale step {:?}: {}", op.step, op.message);
+                    if let Some((operator, client, ns)) = restart.as_mut() {
+                        let old = std::mem::replace(*operator, Operator::start(client, ns));
+                        old.stop().await;
+                        restarts += 1;
+                    }
+                }
+            }
+            None if st.last_rescale.as_ref().is_some_and(|l| l.to == to) => {
+                let last = st.last_rescale.unwrap();
+                assert_eq!(last.result, "Succeeded", "{last:?}");
+                return (seen, restarts);
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `kubectl scale tm` 2 → 4 → 1 while events flow, with checkpoints in the S3 server: each
+/// rescale passes through its steps in status.operation (Draining: workers paused and
+/// checkpointed through their admin API; Restoring), the operator restarted at every step of
+/// the first one resumes it, pods are added and removed, partitions move between them and are
+/// restored from checkpoints, no input is left without an output, every output's features equal
+/// those recomputed from the raw input, and Events and status.lastRescale report the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
     use kube::api::{Patch, PatchParams};
@@ -296,8 +356,7 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
             .spawn()
             .expect("node agent starts"),
     );
-    let cancel = CancellationToken::new();
-    let op = streamscore_tests::spawn_operator(&client, &ns, "streamscore-worker:e2e", &cancel);
+    let mut operator = Operator::start(&client, &ns);
     let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let tm: TenantModel = serde_json::from_value(json!({
@@ -363,10 +422,17 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
         }
     };
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // 2 → 4 with the operator restarted at every step it is seen in: each restart resumes the
+    // step recorded in status.operation.
     scale(4).await;
+    let (steps, restarts) = watch_rescale(&tms, "scaled", 4, Some((&mut operator, &client, &ns))).await;
+    assert!(steps.contains(&OperationStep::Draining) && steps.contains(&OperationStep::Restoring), "{steps:?}");
+    assert!(restarts >= 2, "the operator was restarted during the rescale ({restarts} times, steps {steps:?})");
     running(4).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     scale(1).await;
+    let (steps, _) = watch_rescale(&tms, "scaled", 1, None).await;
+    assert!(steps.contains(&OperationStep::Draining), "{steps:?}");
     running(1).await;
     producing.await.unwrap();
     let got = tokio::task::spawn_blocking({
@@ -396,13 +462,24 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
         metric(&m, "streamscore_worker_partition_assignments_total{source=\"checkpoint\"}") >= 1.0,
         "a moved partition was restored from a checkpoint:\n{m}"
     );
+    // Each rescale said what it did: Events and status.lastRescale.
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> =
+        evs.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    for r in ["RescaleStarted", "RescaleCheckpointed", "RescaleCompleted"] {
+        assert!(reasons.iter().any(|x| x == r), "Event {r} published: {reasons:?}");
+    }
+    let last = tms.get("scaled").await.unwrap().status.unwrap().last_rescale.expect("status.lastRescale");
+    assert_eq!((last.from, last.to, last.result.as_str()), (4, 1, "Succeeded"), "{last:?}");
+    let paused = last.paused_seconds.expect("pausedSeconds");
+    assert!(paused > 0.0 && paused < 120.0, "{last:?}");
+    eprintln!("rescale 4→1: input paused {paused}s ({})", last.message);
     tms.delete("scaled", &DeleteParams::foreground()).await.unwrap();
     eventually(Duration::from_secs(90), "worker pods gone", || async {
         pods.list(&lp).await.ok()?.items.is_empty().then_some(())
     })
     .await;
-    cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
+    operator.stop().await;
     let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }

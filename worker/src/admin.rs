@@ -58,7 +58,7 @@ enum Drain {
 
 /// The drain state as the admin API shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase", tag = "state")]
+#[serde(tag = "state")]
 pub enum DrainView {
     /// Consuming.
     Idle,

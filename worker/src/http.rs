@@ -86,19 +86,24 @@ async fn resume(State(s): State<AppState>) -> Response {
 }
 
 async fn admin_status(State(s): State<AppState>) -> Response {
-    let (ready, not_ready) = match s.health.readiness() {
+    Json(admin_status_body(&s.health)).into_response()
+}
+
+/// The body of `GET /v1/admin/status`: drain state, readiness, owned partitions, how many
+/// replay, and the input topic's partition count.
+pub fn admin_status_body(health: &Health) -> Value {
+    let (ready, not_ready) = match health.readiness() {
         Ok(()) => (true, Vec::new()),
         Err(why) => (false, why),
     };
-    Json(json!({
-        "drain": s.health.admin.view(),
+    json!({
+        "drain": health.admin.view(),
         "ready": ready,
         "notReady": not_ready,
-        "partitions": *s.health.partitions.read().unwrap_or_else(|e| e.into_inner()),
-        "replaying": s.health.replaying.read().unwrap_or_else(|e| e.into_inner()).len(),
-        "inputPartitions": s.health.input_partitions.load(Ordering::Relaxed),
-    }))
-    .into_response()
+        "partitions": *health.partitions.read().unwrap_or_else(|e| e.into_inner()),
+        "replaying": health.replaying.read().unwrap_or_else(|e| e.into_inner()).len(),
+        "inputPartitions": health.input_partitions.load(Ordering::Relaxed),
+    })
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
