@@ -304,3 +304,39 @@ fn a_watermark_stored_far_in_the_future_is_forgotten_after_a_restart() {
     assert_eq!(outcomes(&out), ["scored", "scored"]);
     assert_eq!(scored_json(&out[1])["features"]["tx_1h"], json!(2.0), "the 2199 event is not in (NOW − 1h, NOW]");
 }
+
+#[test]
+fn a_commit_during_a_replay_never_moves_the_group_offset_back() {
+    // A new owner without state for partition 0, whose group committed offset 11: the state is
+    // rebuilt from offset 0, outputs suppressed below 11.
+    let cfg = config("fraud-logreg");
+    let dir = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&cfg.model).unwrap());
+    let mut engine =
+        Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), Arc::new(Metrics::new()))
+            .with_clock(|| NOW);
+    let committed = BTreeMap::from([("in".to_owned(), 11)]);
+    let assigned = engine.open_partition(0, &committed).unwrap();
+    assert_eq!(assigned.replay_until, committed);
+    engine.assign(0).unwrap();
+    let mut h = Harness { engine, offset: -1, _dir: dir };
+    let evs: Vec<Value> = (0..5).map(|i| event(NOW - 10 * MIN + i * 1_000, 1.0, "view")).collect();
+    assert!(h.events(&evs).is_empty(), "replayed records write nothing");
+    assert!(!h.engine.replaying().is_empty());
+    let cp = h.engine.checkpoint(true).unwrap();
+    assert_eq!(cp.commits, [("in".to_owned(), 0, 11)], "the commit stays at the group's offset");
+    assert_eq!(cp.stored, [("in".to_owned(), 0, 5)], "the state says what it holds");
+    assert_eq!(h.engine.positions(), [("in".to_owned(), 0, 11)]);
+    cp.write().unwrap();
+    // Offsets 5..=10 end the replay; 11 is scored with every earlier event in its features.
+    let evs: Vec<Value> = (5..12).map(|i| event(NOW - 10 * MIN + i * 1_000, 1.0, "view")).collect();
+    let out = h.events(&evs);
+    assert_eq!(outcomes(&out), ["scored"]);
+    assert_eq!(scored_json(&out[0])["features"]["tx_1h"], json!(12.0));
+    assert!(h.engine.replaying().is_empty());
+    let cp = h.engine.checkpoint(true).unwrap();
+    assert_eq!(
+        (cp.commits.clone(), cp.stored.clone()),
+        (vec![("in".to_owned(), 0, 12)], vec![("in".to_owned(), 0, 12)])
+    );
+}

@@ -41,7 +41,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
-# Workers' pod IPs, to ask a not-ready worker why (status).
+# Workers' pod IPs: to ask a not-ready worker why (status), and for the rescale (drain,
+# resume and status on each worker's admin port 8081).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
