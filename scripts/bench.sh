@@ -2,14 +2,15 @@
 # `make bench`: data-plane benchmarks (see BENCHMARKS.md for figures and method).
 #   1. engine only: decode → features (RocksDB) → tract → JSON, no broker;
 #   2. end to end against the local broker: pre-loaded topic → worker → acknowledged outputs;
-#   3. checkpoint (full, incremental) and restore of one partition's state via the S3 gateway.
+#   3. checkpoint (full, incremental) and restore of one partition's state via the S3 gateway;
+#   4. rescale gap: worker processes drained through the admin API, new ones restore.
 . "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 export STREAMSCORE_DEV_DIR="$ROOT/.dev/bench" STREAMSCORE_PORT_BASE=29000
 COUNT="${BENCH_COUNT:-1000000}"; USERS="${BENCH_USERS:-100000}"
 cd "$ROOT"
 bash "$ROOT/scripts/install-deps.sh"
-cargo build -q --bin streamscore-loadgen --bin streamscore-operator
+cargo build -q --bin streamscore-loadgen --bin streamscore-operator --bin streamscore-worker
 trap 'bash "$ROOT/scripts/env.sh" down' EXIT
 # A fresh environment every run: state left by an earlier run (e.g. the operator benchmark's 500
 # TenantModels and their children) would keep the control plane busy and skew every figure.
@@ -37,4 +38,12 @@ sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic2|g; s|@ROOT@|$
 # Checkpoint and restore of one partition's state (1M keys by default) through the S3 gateway.
 "$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-checkpoint --pipeline "$cfg" \
   --keys "${BENCH_CKPT_KEYS:-1000000}" --store "s3://$STREAMSCORE_S3_BUCKET"
+# Rescale gap: 2 → 4 worker processes drained through the admin API, 1M keys of state.
+topic3="$topic-rescale"
+java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFKA_LOG4J" org.apache.kafka.tools.TopicCommand \
+  --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" --create --topic "$topic3" --partitions 6 --replication-factor 1 >/dev/null
+cfg3="$STREAMSCORE_DEV_DIR/bench-pipeline-rescale.yaml"
+sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic3|g; s|@ROOT@|$ROOT|" bench/pipeline.yaml > "$cfg3"
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-rescale --pipeline "$cfg3" \
+  --keys "${BENCH_RESCALE_KEYS:-1000000}" --from 2 --to 4 --store "s3://$STREAMSCORE_S3_BUCKET"
 bash "$ROOT/scripts/bench-operator.sh"

@@ -10,6 +10,10 @@
 //! - `bench-checkpoint`: one partition's state of `--keys` keys checkpointed to an object store
 //!   (full, then after `--changed` keys changed: incremental), then restored: durations, bytes
 //!   uploaded and downloaded, restore rate.
+//! - `bench-rescale`: `--from` worker processes hold `--keys` keys of state; while events flow
+//!   at `--rate`, every worker is drained through its admin API (as the operator's rescale
+//!   does), `--to` − `--from` workers join, and the partitions move and are restored: drain
+//!   time, restore time, and the gap in the output topic.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,6 +103,27 @@ enum Cmd {
         /// latency figures then describe a steady input rate.
         #[arg(long, default_value_t = 0)]
         rate: u64,
+    },
+    /// A rescale of worker processes by drain, checkpoint and restore (needs the broker and an
+    /// object store).
+    BenchRescale {
+        #[arg(long)]
+        pipeline: String,
+        /// Keys of state (one event each, produced before the workers start).
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Workers before.
+        #[arg(long, default_value_t = 2)]
+        from: usize,
+        /// Workers after (more than `from`).
+        #[arg(long, default_value_t = 4)]
+        to: usize,
+        /// Events per second flowing during the rescale.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        /// Object-store URI for the checkpoints (`s3://bucket/prefix`, `file:///path`).
+        #[arg(long)]
+        store: String,
     },
 }
 
@@ -220,6 +245,9 @@ fn main() -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(&dir);
         }
         Cmd::BenchCheckpoint { pipeline, keys, changed, store } => bench_checkpoint(&pipeline, keys, changed, &store)?,
+        Cmd::BenchRescale { pipeline, keys, from, to, rate, store } => {
+            bench_rescale(&pipeline, keys, from, to, rate, &store)?;
+        }
         Cmd::BenchKafka { pipeline, count, users, rate } => {
             let cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(&pipeline)?)?;
             let bootstrap = cfg.source.bootstrap_servers.clone();
@@ -499,6 +527,223 @@ fn bench_checkpoint(pipeline: &str, keys: u64, changed: u64, store: &str) -> any
     );
     cp.shutdown();
     drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A plain HTTP/1.0 request to a worker (metrics, admin API); returns the body.
+fn http(method: &str, addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    Ok(buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One worker process of the rescale benchmark.
+struct BenchWorker {
+    child: std::process::Child,
+    http: String,
+    admin: String,
+}
+
+impl BenchWorker {
+    fn start(cfg: &PipelineConfig, dir: &std::path::Path, n: usize) -> anyhow::Result<Self> {
+        let mut cfg = cfg.clone();
+        let (http, admin) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+        cfg.runtime.http_listen.clone_from(&http);
+        cfg.runtime.admin_listen = Some(admin.clone());
+        cfg.runtime.state_dir = dir.join(format!("worker-{n}")).display().to_string();
+        let file = dir.join(format!("worker-{n}.yaml"));
+        std::fs::write(&file, serde_yaml::to_string(&cfg)?)?;
+        let exe = std::env::current_exe()?.with_file_name("streamscore-worker");
+        let child = std::process::Command::new(exe)
+            .arg("--pipeline")
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(dir.join(format!("worker-{n}.log")))?)
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?;
+        Ok(Self { child, http, admin })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        http("GET", &self.admin, "/v1/admin/status")
+            .ok()
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        http("GET", &self.http, "/metrics").map(|t| metric(&t, name)).unwrap_or(0.0)
+    }
+}
+
+impl Drop for BenchWorker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    while !done() {
+        anyhow::ensure!(t.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(t.elapsed())
+}
+
+/// `bench-rescale` (see the module docs). Output gap: the longest interval between two
+/// consecutive output records (producer timestamps) from the drain on.
+fn bench_rescale(pipeline: &str, keys: u64, from: usize, to: usize, rate: u64, store: &str) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    anyhow::ensure!(to > from && from > 0, "--to must be larger than --from");
+    let mut cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(pipeline)?)?;
+    let dir = tempfile_dir()?;
+    let stamp = chrono::Utc::now().timestamp_millis();
+    cfg.state.checkpoint_store = Some(format!("{}/rescale-{stamp}", store.trim_end_matches('/')));
+    cfg.source.group_id = format!("{}-rescale", cfg.source.group_id);
+    let (bootstrap, topic, out) =
+        (cfg.source.bootstrap_servers.clone(), cfg.source.topics[0].clone(), cfg.sink.topic.clone());
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "2000000")
+        .create()?;
+    let t = Instant::now();
+    for u in 0..keys {
+        // Before the times `gen` starts at (minus its 2 s disorder), so none of the events
+        // flowing later is late.
+        let ts = 1_795_500_000_000 - 10_000 - keys as i64 + u as i64;
+        let v = format!(r#"{{"user_id":"user-{u}","ts":{ts},"amount":12.5,"action":"view","merchant":"m1"}}"#);
+        send_paced(&p, &topic, &format!("user-{u}"), v.as_bytes(), u, 0, t);
+    }
+    p.flush(Duration::from_secs(120))?;
+    println!(
+        "bench-rescale: {keys} keys produced in {:.2?}; {from} → {to} workers, {rate} events/s during the rescale",
+        t.elapsed()
+    );
+
+    let mut workers: Vec<BenchWorker> =
+        (0..from).map(|n| BenchWorker::start(&cfg, &dir, n)).collect::<Result<_, _>>()?;
+    let outputs = |ws: &[BenchWorker]| -> f64 {
+        ws.iter()
+            .map(|w| {
+                w.metric("streamscore_worker_records_out_total") + w.metric("streamscore_worker_dead_letters_total")
+            })
+            .sum()
+    };
+    let took = wait_for("the state to be loaded", Duration::from_secs(900), || outputs(&workers) >= keys as f64)?;
+    println!("  state loaded by {from} workers in {:.1}s", took.as_secs_f64());
+
+    // Events flow at a steady rate from here on (a niced process, as in bench-kafka).
+    let flowing = 40u64;
+    let mut producer = std::process::Command::new("nice")
+        .args(["-n", "10"])
+        .arg(std::env::current_exe()?)
+        .args(["gen", "--bootstrap", &bootstrap, "--topic", &topic, "--seed", "5", "--users", &keys.to_string()])
+        .args(["--count", &(rate * flowing).to_string(), "--rate", &rate.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(8));
+
+    // Drain: pause, commit, checkpoint every partition (what the operator's Draining step asks).
+    let drain_at = chrono::Utc::now().timestamp_millis();
+    let t = Instant::now();
+    for w in &workers {
+        http("POST", &w.admin, "/v1/admin/drain?id=bench&holdSeconds=120")?;
+    }
+    wait_for("the drain", Duration::from_secs(300), || {
+        workers.iter().all(|w| w.status()["drain"]["state"] == "Drained")
+    })?;
+    let drained = t.elapsed();
+    let uploaded: f64 = workers.iter().map(|w| w.metric("streamscore_worker_checkpoint_uploaded_bytes_total")).sum();
+    let drain_done = chrono::Utc::now().timestamp_millis();
+    // Scale: new workers join; the rebalance moves partitions, new owners restore them.
+    for n in from..to {
+        workers.push(BenchWorker::start(&cfg, &dir, n)?);
+    }
+    let partitions = workers[0].status()["inputPartitions"].as_u64().unwrap_or(0);
+    let restored = wait_for("every partition restored", Duration::from_secs(300), || {
+        let st: Vec<serde_json::Value> = workers.iter().map(BenchWorker::status).collect();
+        let mut owned: Vec<u64> = st
+            .iter()
+            .flat_map(|s| s["partitions"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p.as_u64())
+            .collect();
+        owned.sort_unstable();
+        owned.dedup();
+        st.iter().all(|s| s["ready"] == true && s["replaying"] == 0 && s["drain"]["state"] != "Drained")
+            && owned.len() as u64 == partitions
+            && partitions > 0
+    })?;
+    let moved: f64 = workers[from..]
+        .iter()
+        .map(|w| w.metric("streamscore_worker_partition_assignments_total{source=\"checkpoint\"}"))
+        .sum();
+    let downloaded: f64 = workers.iter().map(|w| w.metric("streamscore_worker_restore_downloaded_bytes_total")).sum();
+    anyhow::ensure!(producer.wait()?.success(), "the paced producer failed");
+    let total = keys + rate * flowing;
+    wait_for("every output", Duration::from_secs(300), || outputs(&workers) >= total as f64)?;
+
+    // The gap: consecutive outputs' producer timestamps from the drain on.
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("bench-rescale-reader-{stamp}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let md = c.fetch_metadata(Some(&out), Duration::from_secs(10))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for part in md.topics().first().map(|t| t.partitions()).unwrap_or_default() {
+        tpl.add_partition_offset(&out, part.id(), rdkafka::Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let mut times = Vec::new();
+    let mut read = 0u64;
+    let mut idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(10) {
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m?;
+            read += 1;
+            idle = Instant::now();
+            if let Some(ts) = m.timestamp().to_millis().filter(|ts| *ts >= drain_at - 2_000) {
+                times.push(ts);
+            }
+        }
+    }
+    times.sort_unstable();
+    println!("  read {read} outputs, {} from the drain on", times.len());
+    let gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let first_after = times.iter().find(|t| **t > drain_done).map_or(0, |t| t - drain_done);
+    println!(
+        "  drain of {from} workers (pause, commit, checkpoint {partitions} partitions): {:.2}s, {:.1} MB uploaded in all",
+        drained.as_secs_f64(),
+        uploaded / 1e6
+    );
+    println!(
+        "  {} workers joined → every partition owned, restored and caught up: {:.2}s ({moved} partitions restored from checkpoints, {:.1} MB downloaded)",
+        to - from,
+        restored.as_secs_f64(),
+        downloaded / 1e6
+    );
+    println!(
+        "  output gap: longest interval between consecutive outputs {:.2}s; first output {:.2}s after the drain completed (new processes' start-up included)",
+        gap as f64 / 1e3,
+        first_after as f64 / 1e3
+    );
+    drop(workers);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
