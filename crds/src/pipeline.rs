@@ -624,10 +624,18 @@ pub struct StateConfig {
     /// Object-store URI under which checkpoints are kept: `s3://bucket/prefix`,
     /// `gs://bucket/prefix`, `az://container/prefix` or `file:///path` (a volume every worker
     /// mounts). Credentials and endpoints come from the worker's environment (`AWS_*`,
-    /// `GOOGLE_*`, `AZURE_*` variables, or the pod's cloud identity). Unset: no checkpoints;
-    /// state then moves only by rebuilding it from the input topic.
+    /// `GOOGLE_*`, `AZURE_*` variables, or the pod's cloud identity), then from
+    /// `credentialsDir`. Unset: no checkpoints; state then moves only by rebuilding it from the
+    /// input topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_store: Option<String>,
+    /// A directory of files, each named like one of the object store's environment settings
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT`, `AWS_REGION`,
+    /// `GOOGLE_SERVICE_ACCOUNT_KEY`, `AZURE_STORAGE_ACCOUNT_KEY`, …) and holding its value:
+    /// read when the worker starts, over the environment. A mounted Secret, so credentials
+    /// never appear in the pod spec. Files with other names are ignored with a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_dir: Option<String>,
     /// How often the store of each partition whose state changed is checkpointed. A
     /// checkpoint is also taken when a partition is revoked and when the worker shuts down.
     #[serde(default = "default_checkpoint_interval")]
@@ -650,6 +658,7 @@ impl Default for StateConfig {
     fn default() -> Self {
         Self {
             checkpoint_store: None,
+            credentials_dir: None,
             checkpoint_interval: default_checkpoint_interval(),
             retain_checkpoints: default_retain_checkpoints(),
             missing_checkpoint: MissingCheckpoint::default(),

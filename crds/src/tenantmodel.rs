@@ -92,6 +92,15 @@ pub struct TenantModelSpec {
     /// `state.missingCheckpoint`). Object-store credentials come from the worker's environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_store: Option<String>,
+    /// Object-store credentials for `checkpointStore`: a Secret in the TenantModel's namespace
+    /// whose keys are named like the store's settings (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, and for an S3-compatible server `AWS_ENDPOINT`, `AWS_REGION`,
+    /// `AWS_ALLOW_HTTP`; `GOOGLE_SERVICE_ACCOUNT_KEY`; `AZURE_STORAGE_ACCOUNT_NAME`,
+    /// `AZURE_STORAGE_ACCOUNT_KEY`). Mounted into the workers as files, never as environment
+    /// variables. Like `kafkaSecrets`, it must carry the label
+    /// `streamscore.io/tenant-access: "true"`. Unset: the workers use their cloud identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_secret: Option<SecretRef>,
     /// Kafka credentials, from Secrets in the TenantModel's namespace (at most 8). Each Secret
     /// must carry the label `streamscore.io/tenant-access: "true"`, which the platform team sets;
     /// otherwise the TenantModel is `Degraded` (`KafkaSecretNotPermitted`) and nothing mounts it.
@@ -169,6 +178,18 @@ pub struct ConfigMapKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSecretRef {
     /// Secret name in the TenantModel's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+}
+
+/// A Secret in the TenantModel's namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Secret name.
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -43,6 +43,8 @@ pub const MODEL_DIR: &str = "/etc/streamscore/model";
 pub const STATE_DIR: &str = "/var/lib/streamscore/state";
 /// Where Kafka Secrets are mounted (one directory per Secret).
 pub const SECRETS_DIR: &str = "/var/run/secrets/streamscore/kafka";
+/// Where the checkpoint store's credentials Secret is mounted (`state.credentialsDir`).
+pub const CHECKPOINT_SECRET_DIR: &str = "/var/run/secrets/streamscore/checkpoint";
 
 /// Settings of the operator that shape children.
 #[derive(Clone, Debug)]
@@ -133,6 +135,7 @@ fn render_state(tm: &TenantModel) -> StateConfig {
             .checkpoint_store
             .as_ref()
             .map(|u| format!("{}/{}/{}", u.trim_end_matches('/'), tm.namespace().unwrap_or_default(), tm.name_any())),
+        credentials_dir: tm.spec.checkpoint_secret.as_ref().map(|_| CHECKPOINT_SECRET_DIR.to_owned()),
         checkpoint_interval: st.checkpoint_interval.unwrap_or(d.checkpoint_interval),
         retain_checkpoints: st.retain_checkpoints.unwrap_or(d.retain_checkpoints),
         missing_checkpoint: st.missing_checkpoint.unwrap_or(d.missing_checkpoint),
@@ -327,6 +330,19 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
         mounts.push(VolumeMount {
             name: vname,
             mount_path: format!("{SECRETS_DIR}/{}", sec.name),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    if let Some(sec) = &s.checkpoint_secret {
+        volumes.push(Volume {
+            name: "checkpoint-secret".into(),
+            secret: Some(SecretVolumeSource { secret_name: Some(sec.name.clone()), ..SecretVolumeSource::default() }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "checkpoint-secret".into(),
+            mount_path: CHECKPOINT_SECRET_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });

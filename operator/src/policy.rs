@@ -5,6 +5,7 @@
 //! ```text
 //!  spec.image ──────────► check_image (allowlist, optional digest pin)  ─► ImageNotAllowed
 //!  spec.kafkaSecrets[] ─► Secret metadata ─► check_secret (opt-in label) ─► KafkaSecretNotPermitted
+//!  spec.checkpointSecret ─► the same ─► CheckpointSecretNotFound / CheckpointSecretNotPermitted
 //! ```
 //! A TenantModel author can create TenantModels but not necessarily read Secrets or run pods:
 //! without these checks a TenantModel would mount any Secret of its namespace into a pod
@@ -116,12 +117,12 @@ impl TenantPolicy {
 }
 
 /// Checks the labels of a Secret named in `spec.kafkaSecrets[index]`.
-pub fn check_secret(index: usize, name: &str, labels: Option<&BTreeMap<String, String>>) -> Result<(), String> {
+pub fn check_secret(field: &str, name: &str, labels: Option<&BTreeMap<String, String>>) -> Result<(), String> {
     if labels.and_then(|l| l.get(SECRET_OPT_IN_LABEL)).map(String::as_str) == Some("true") {
         Ok(())
     } else {
         Err(format!(
-            "spec.kafkaSecrets[{index}]: Secret {name:?} is not open to TenantModels: the platform team must label it \
+            "{field}: Secret {name:?} is not open to TenantModels: the platform team must label it \
              {SECRET_OPT_IN_LABEL}=true"
         ))
     }
@@ -190,9 +191,9 @@ mod tests {
     fn secrets_need_the_opt_in_label() {
         let yes = BTreeMap::from([(SECRET_OPT_IN_LABEL.to_owned(), "true".to_owned())]);
         let no = BTreeMap::from([(SECRET_OPT_IN_LABEL.to_owned(), "yes".to_owned())]);
-        assert_eq!(check_secret(0, "kafka", Some(&yes)), Ok(()));
-        let err = check_secret(1, "db", Some(&no)).unwrap_err();
+        assert_eq!(check_secret("spec.kafkaSecrets[0]", "kafka", Some(&yes)), Ok(()));
+        let err = check_secret("spec.kafkaSecrets[1]", "db", Some(&no)).unwrap_err();
         assert!(err.starts_with("spec.kafkaSecrets[1]: Secret \"db\"") && err.contains(SECRET_OPT_IN_LABEL), "{err}");
-        assert!(check_secret(0, "db", None).is_err());
+        assert!(check_secret("spec.checkpointSecret", "db", None).is_err());
     }
 }

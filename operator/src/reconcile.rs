@@ -302,6 +302,27 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     status.operation = rescale.op.clone();
     status.last_rescale = rescale.last.clone();
     crate::status::with_operation(&mut status, &now(), generation);
+    if let Some(last) = rescale.last.as_ref().filter(|l| {
+        rescale.op.is_none()
+            && replicas != tm.spec.parallelism
+            && l.result == "RolledBack"
+            && l.to == tm.spec.parallelism
+    }) {
+        let msg = format!(
+            "spec.parallelism {} is not applied ({replicas} workers run): {}; tried again 5 minutes after {} or when the \
+             spec changes",
+            tm.spec.parallelism, last.message, last.finished_at
+        );
+        crate::status::set_condition(
+            &mut status.conditions,
+            "Progressing",
+            false,
+            "RescaleRolledBack",
+            &msg,
+            &now(),
+            generation,
+        );
+    }
     let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
     let ready = status.phase == Some(streamscore_crds::tenantmodel::Phase::Running);
     if patch_status_from(&tms, &tm.name_any(), &mut written, status).await? && ready && !was_ready {
@@ -559,8 +580,23 @@ async fn observe_references(tm: &TenantModel, client: &Client, ns: &str) -> Resu
                 format!("spec.kafkaSecrets[{i}]: Secret {:?} not found in namespace {ns}", s.name),
             )),
             Some(found) => {
-                if let Err(e) = check_secret(i, &s.name, found.metadata.labels.as_ref()) {
+                if let Err(e) =
+                    check_secret(&format!("spec.kafkaSecrets[{i}]"), &s.name, found.metadata.labels.as_ref())
+                {
                     blocked.push(Blocked::external("KafkaSecretNotPermitted", e));
+                }
+            }
+        }
+    }
+    if let Some(s) = &tm.spec.checkpoint_secret {
+        match secrets.get_metadata_opt(&s.name).await? {
+            None => blocked.push(Blocked::external(
+                "CheckpointSecretNotFound",
+                format!("spec.checkpointSecret: Secret {:?} not found in namespace {ns}", s.name),
+            )),
+            Some(found) => {
+                if let Err(e) = check_secret("spec.checkpointSecret", &s.name, found.metadata.labels.as_ref()) {
+                    blocked.push(Blocked::external("CheckpointSecretNotPermitted", e));
                 }
             }
         }

@@ -310,6 +310,74 @@ async fn watch_rescale(
     }
 }
 
+/// What the checkpointing end-to-end tests share: a namespace with the model ConfigMap and the
+/// S3 server's credentials in an opted-in Secret (`s3-credentials`), topics, and a node agent
+/// whose pods get no AWS_* variables (only the Secret can take them to the S3 server).
+struct CheckpointedEnv {
+    client: kube::Client,
+    ns: String,
+    input: String,
+    out: String,
+    dlq: String,
+    sha: String,
+    _agent: Agent,
+}
+
+impl CheckpointedEnv {
+    async fn start(prefix: &str, subnet: &str, partitions: i32) -> Self {
+        let client = kube_client().await;
+        install_crd(&client).await;
+        let ns = namespace(&client, prefix).await;
+        let (input, out, dlq) =
+            (unique(&format!("{prefix}-in")), unique(&format!("{prefix}-out")), unique(&format!("{prefix}-dlq")));
+        create_topics(&[&input, &out, &dlq], partitions).await;
+        let model = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
+        let sha = streamscore_worker::model::sha256_hex(&model);
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": "model"}, "binaryData": {"model.onnx": k8s_openapi::ByteString(model)}
+        }))
+        .unwrap();
+        Api::<ConfigMap>::namespaced(client.clone(), &ns).create(&PostParams::default(), &cm).await.unwrap();
+        let work = tempfile::Builder::new()
+            .prefix(&format!("e2e-{prefix}-"))
+            .tempdir_in(
+                std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
+            )
+            .unwrap()
+            .keep();
+        let mut creds = serde_json::Map::new();
+        for var in ["AWS_ENDPOINT", "AWS_ALLOW_HTTP", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            let v = std::env::var(var)
+                .unwrap_or_else(|_| panic!("{var} is not set: run `make test` (it starts the S3 server)"));
+            creds.insert(var.to_owned(), json!(v));
+        }
+        let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+            "metadata": {"name": "s3-credentials", "labels": {"streamscore.io/tenant-access": "true"}},
+            "stringData": creds,
+        }))
+        .unwrap();
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+        let mut agent = Command::new(built_binary("streamscore-node-agent"));
+        agent
+            .args(["--node-name", &unique("node"), "--work-dir", work.as_path().to_str().unwrap(), "--subnet", subnet])
+            .arg(format!("--image=streamscore-worker={}", built_binary("streamscore-worker").display()));
+        for var in creds.keys() {
+            agent.env_remove(var);
+        }
+        let agent = Agent(
+            agent
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(work.as_path().join("agent.log")).unwrap())
+                .spawn()
+                .expect("node agent starts"),
+        );
+        Self { client, ns, input, out, dlq, sha, _agent: agent }
+    }
+}
+
 /// `kubectl scale tm` 2 → 4 → 1 while events flow, with checkpoints in the S3 server: each
 /// rescale passes through its steps in status.operation (Draining: workers paused and
 /// checkpointed through their admin API; Restoring), the operator restarted at every step of
@@ -321,41 +389,10 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
     use kube::api::{Patch, PatchParams};
     use streamscore_tests::oracle::{check, events as stream, metric, oracle, outputs, Ev};
 
-    let client = kube_client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, "scale").await;
-    let (input, out, dlq) = (unique("sc-in"), unique("sc-out"), unique("sc-dlq"));
-    create_topics(&[&input, &out, &dlq], 4).await;
-    let model = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
-    let sha = streamscore_worker::model::sha256_hex(&model);
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let cm: ConfigMap = serde_json::from_value(json!({
-        "metadata": {"name": "model"}, "binaryData": {"model.onnx": k8s_openapi::ByteString(model)}
-    }))
-    .unwrap();
-    cms.create(&PostParams::default(), &cm).await.unwrap();
-    let work = tempfile::Builder::new()
-        .prefix("e2e-scale-")
-        .tempdir_in(std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
-        .unwrap()
-        .keep();
-    // The pods reach the S3 server with the environment's endpoint and (any) credentials.
-    let mut agent = Command::new(built_binary("streamscore-node-agent"));
-    agent
-        .args(["--node-name", &unique("node"), "--work-dir", work.as_path().to_str().unwrap(), "--subnet", "79"])
-        .arg(format!("--image=streamscore-worker={}", built_binary("streamscore-worker").display()));
-    for var in ["AWS_ENDPOINT", "AWS_ALLOW_HTTP", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
-        let v = std::env::var(var)
-            .unwrap_or_else(|_| panic!("{var} is not set: run `make test` (it starts the S3 server)"));
-        agent.arg(format!("--env={var}={v}"));
-    }
-    let _agent = Agent(
-        agent
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(work.as_path().join("agent.log")).unwrap())
-            .spawn()
-            .expect("node agent starts"),
-    );
+    let env = CheckpointedEnv::start("scale", "79", 4).await;
+    let (client, ns, input, out, sha) =
+        (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.sha.clone());
+    let dlq = env.dlq.clone();
     let mut operator = Operator::start(&client, &ns);
     let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
@@ -365,6 +402,7 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
         "spec": {
             "parallelism": 2,
             "checkpointStore": format!("s3://{bucket}/{}", unique("e2e")),
+            "checkpointSecret": {"name": "s3-credentials"},
             "state": {"checkpointInterval": "2s"},
             "source": {"bootstrapServers": bootstrap(), "topics": [input], "keyField": "user_id",
                        "eventTime": {"field": "ts"}, "maxOutOfOrderness": "5s"},
@@ -482,4 +520,79 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
     operator.stop().await;
     let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+}
+
+/// A rescale whose checkpoints cannot be written (the store's bucket does not exist) rolls
+/// back: the Deployment never changes, the drained worker resumes and scores what arrives
+/// next, and the reason is in status.lastRescale, the Progressing condition and a Warning Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescale_whose_checkpoints_fail_rolls_back_and_loses_nothing() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Patch, PatchParams};
+
+    let env = CheckpointedEnv::start("rollback", "78", 2).await;
+    let operator = Operator::start(&env.client, &env.ns);
+    let tms: Api<TenantModel> = Api::namespaced(env.client.clone(), &env.ns);
+    let tm: TenantModel = serde_json::from_value(json!({
+        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+        "metadata": {"name": "stuck"},
+        "spec": {
+            "parallelism": 1,
+            "checkpointStore": format!("s3://{}/x", unique("no-such-bucket")),
+            "checkpointSecret": {"name": "s3-credentials"},
+            "source": {"bootstrapServers": bootstrap(), "topics": [env.input], "keyField": "user_id",
+                       "eventTime": {"field": "ts"}},
+            "model": {"configMap": {"name": "model", "key": "model.onnx"}, "sha256": env.sha, "version": "v1",
+                      "features": ["event.amount", "event.amount", "event.amount", "event.amount"],
+                      "outputs": [{"name": "fraud"}]},
+            "sink": {"topic": env.out, "deadLetterTopic": env.dlq}
+        }
+    }))
+    .unwrap();
+    tms.create(&PostParams::default(), &tm).await.unwrap();
+    eventually(Duration::from_secs(120), "TenantModel Running", || async {
+        (tms.get("stuck").await.ok()?.status?.phase == Some(Phase::Running)).then_some(())
+    })
+    .await;
+    let p = producer();
+    produce(&p, &env.input, &events(10, 5, 0)).await;
+    let out = env.out.clone();
+    let first = tokio::task::spawn_blocking(move || consume(&out, 50, Duration::from_secs(60))).await.unwrap();
+    assert_eq!(first.len(), 50);
+
+    tms.patch_scale("stuck", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 2}}))).await.unwrap();
+    let last = eventually(Duration::from_secs(90), "the rescale rolled back", || async {
+        let st = tms.get("stuck").await.ok()?.status?;
+        st.last_rescale.filter(|l| l.result == "RolledBack" && st.operation.is_none())
+    })
+    .await;
+    assert_eq!((last.from, last.to), (1, 2));
+    assert!(last.message.contains("could not drain") && last.message.contains("checkpoint of partition"), "{last:?}");
+    let deps: Api<Deployment> = Api::namespaced(env.client.clone(), &env.ns);
+    let replicas = deps.get("stuck-blue").await.unwrap().spec.unwrap().replicas;
+    assert_eq!(replicas, Some(1), "the Deployment was never scaled");
+    let st = tms.get("stuck").await.unwrap().status.unwrap();
+    let progressing = st.conditions.iter().find(|c| c.kind == "Progressing").unwrap();
+    assert_eq!(progressing.reason, "RescaleRolledBack", "{progressing:?}");
+    assert!(progressing.message.contains("spec.parallelism 2 is not applied"), "{}", progressing.message);
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let rolled: Vec<_> = evs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("RescaleRolledBack"))
+        .collect();
+    assert!(rolled.iter().any(|e| e.type_.as_deref() == Some("Warning")), "{rolled:?}");
+
+    // The worker was drained and resumed: what arrives now is scored, nothing before was lost.
+    produce(&p, &env.input, &events(10, 5, 5)).await;
+    let out = env.out.clone();
+    let all = tokio::task::spawn_blocking(move || consume(&out, 100, Duration::from_secs(60))).await.unwrap();
+    assert_eq!(ids(&all), input_ids(&[events(10, 5, 0), events(10, 5, 5)].concat()));
+    operator.stop().await;
+    let _ = tms.delete("stuck", &DeleteParams::foreground()).await;
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
+    let _ = nsapi.delete(&env.ns, &DeleteParams::default()).await;
 }

@@ -139,9 +139,39 @@ async fn kafka_secrets_need_the_platform_teams_opt_in_label() {
     let cond = degraded(&tms, "ghost", "KafkaSecretNotFound").await;
     assert!(cond.message.contains("no-such-secret"), "{}", cond.message);
 
+    // The checkpoint store's credentials follow the same rule.
+    let mut tm = tenant_model("ckpt", &sha);
+    tm["spec"]["checkpointStore"] = json!("s3://checkpoints/tenants");
+    tm["spec"]["checkpointSecret"] = json!({"name": "db-password"});
+    create(&tms, tm).await.unwrap();
+    let cond = degraded(&tms, "ckpt", "CheckpointSecretNotPermitted").await;
+    assert!(cond.message.starts_with("spec.checkpointSecret: Secret \"db-password\""), "{}", cond.message);
+    assert!(deps.get_opt("ckpt-blue").await.unwrap().is_none());
+
     // The platform team opts the Secret in: the workers get it.
     let label = json!({"metadata": {"labels": {"streamscore.io/tenant-access": "true"}}});
     secrets.patch("db-password", &PatchParams::default(), &Patch::Merge(label)).await.unwrap();
+    poke(&tms, "ckpt", 1).await;
+    let d = eventually(Duration::from_secs(30), "checkpoint Deployment after the opt-in", || async {
+        deps.get_opt("ckpt-blue").await.ok().flatten()
+    })
+    .await;
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert!(pod
+        .volumes
+        .unwrap()
+        .iter()
+        .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("db-password")));
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+    assert!(
+        mounts.iter().any(|m| m.mount_path == "/var/run/secrets/streamscore/checkpoint" && m.read_only == Some(true)),
+        "{mounts:?}"
+    );
+    let env: Vec<String> = pod.containers[0].env.clone().unwrap_or_default().into_iter().map(|e| e.name).collect();
+    assert!(!env.iter().any(|e| e.starts_with("AWS_")), "credentials are files, not variables: {env:?}");
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns).get("ckpt-pipeline").await.unwrap();
+    let pipeline = &cm.data.unwrap()["pipeline.yaml"];
+    assert!(pipeline.contains("credentialsDir: /var/run/secrets/streamscore/checkpoint"), "{pipeline}");
     poke(&tms, "fraud", 1).await;
     let d = eventually(Duration::from_secs(30), "Deployment after the opt-in", || async {
         deps.get_opt("fraud-blue").await.ok().flatten()

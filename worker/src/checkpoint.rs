@@ -199,6 +199,13 @@ impl ObjectCheckpoints {
     /// Connects to the store at `uri`. Credentials and endpoints come from the environment
     /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn open(uri: &str) -> Result<Self, CheckpointError> {
+        Self::open_with(uri, &[])
+    }
+
+    /// [`ObjectCheckpoints::open`] with settings over the environment's: (name, value) pairs
+    /// named like the environment variables (see [`read_credentials`]). A name that is not a
+    /// setting of the store is skipped with a warning.
+    pub fn open_with(uri: &str, settings: &[(String, String)]) -> Result<Self, CheckpointError> {
         let cfg_err = |detail: String| CheckpointError::Config { uri: uri.to_owned(), detail };
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| cfg_err("not a URI".into()))?;
         let (store, root): (Arc<dyn ObjectStore>, Path) = match scheme {
@@ -212,25 +219,44 @@ impl ObjectCheckpoints {
             "s3" | "gs" | "az" => {
                 let prefix = rest.split_once('/').map_or("", |(_, p)| p);
                 let root = Path::parse(prefix.trim_matches('/')).map_err(|e| cfg_err(e.to_string()))?;
+                let skipped = |name: &str| {
+                    warn!(
+                        setting = name,
+                        store = uri,
+                        "credentials file is not a setting of this object store; ignored"
+                    );
+                };
                 let store: Arc<dyn ObjectStore> = match scheme {
-                    "s3" => Arc::new(
-                        object_store::aws::AmazonS3Builder::from_env()
-                            .with_url(uri)
-                            .build()
-                            .map_err(|e| cfg_err(e.to_string()))?,
-                    ),
-                    "gs" => Arc::new(
-                        object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                            .with_url(uri)
-                            .build()
-                            .map_err(|e| cfg_err(e.to_string()))?,
-                    ),
-                    _ => Arc::new(
-                        object_store::azure::MicrosoftAzureBuilder::from_env()
-                            .with_url(uri)
-                            .build()
-                            .map_err(|e| cfg_err(e.to_string()))?,
-                    ),
+                    "s3" => {
+                        let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(uri);
+                        for (name, value) in settings {
+                            match name.to_ascii_lowercase().parse::<object_store::aws::AmazonS3ConfigKey>() {
+                                Ok(key) => b = b.with_config(key, value),
+                                Err(_) => skipped(name),
+                            }
+                        }
+                        Arc::new(b.build().map_err(|e| cfg_err(e.to_string()))?)
+                    }
+                    "gs" => {
+                        let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(uri);
+                        for (name, value) in settings {
+                            match name.to_ascii_lowercase().parse::<object_store::gcp::GoogleConfigKey>() {
+                                Ok(key) => b = b.with_config(key, value),
+                                Err(_) => skipped(name),
+                            }
+                        }
+                        Arc::new(b.build().map_err(|e| cfg_err(e.to_string()))?)
+                    }
+                    _ => {
+                        let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(uri);
+                        for (name, value) in settings {
+                            match name.to_ascii_lowercase().parse::<object_store::azure::AzureConfigKey>() {
+                                Ok(key) => b = b.with_config(key, value),
+                                Err(_) => skipped(name),
+                            }
+                        }
+                        Arc::new(b.build().map_err(|e| cfg_err(e.to_string()))?)
+                    }
                 };
                 (store, root)
             }
@@ -494,7 +520,11 @@ impl Checkpointer {
         metrics: Arc<Metrics>,
     ) -> Result<Option<Arc<Self>>, CheckpointError> {
         let Some(uri) = &cfg.checkpoint_store else { return Ok(None) };
-        let store = Arc::new(ObjectCheckpoints::open(uri)?);
+        let settings = match &cfg.credentials_dir {
+            Some(dir) => read_credentials(FsPath::new(dir))?,
+            None => Vec::new(),
+        };
+        let store = Arc::new(ObjectCheckpoints::open_with(uri, &settings)?);
         let scratch = state_dir.join(".checkpoints");
         if scratch.exists() {
             std::fs::remove_dir_all(&scratch).map_err(local(&scratch))?;
@@ -706,6 +736,25 @@ impl Checkpointer {
     }
 }
 
+/// The object-store settings in `dir` (`state.credentialsDir`, a mounted Secret): one file per
+/// setting, named like its environment variable, holding its value (trailing newlines
+/// dropped). Hidden entries (a Secret volume's `..data` links) are skipped.
+pub fn read_credentials(dir: &FsPath) -> Result<Vec<(String, String)>, CheckpointError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(local(dir))? {
+        let entry = entry.map_err(local(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let value = std::fs::read_to_string(&path).map_err(local(&path))?;
+        out.push((name, value.trim_end_matches(['\n', '\r']).to_owned()));
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Whether `a` holds records that `b` does not: some topic's offset is larger.
 fn ahead(a: &BTreeMap<String, i64>, b: &BTreeMap<String, i64>) -> bool {
     a.iter().any(|(t, o)| b.get(t).is_none_or(|x| o > x))
@@ -733,6 +782,54 @@ mod tests {
     fn checkpoint_dir(env: &StoreEnv, dir: &FsPath) {
         let s = env.open(0).unwrap();
         s.handle().create_checkpoint(dir).unwrap();
+    }
+
+    #[test]
+    fn credentials_are_read_from_a_secret_volume_and_applied_over_the_environment() {
+        // A Secret volume: files behind `..data` links, which are skipped.
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("..2026_11_30");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("AWS_ACCESS_KEY_ID"), "key-id\n").unwrap();
+        std::fs::write(data.join("AWS_REGION"), "eu-central-1").unwrap();
+        // An S3 endpoint that records the request head and answers an empty listing.
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", server.local_addr().unwrap());
+        let seen = std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let (mut conn, _) = server.accept().unwrap();
+            let mut head = String::new();
+            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+            while r.read_line(&mut head).unwrap() > 2 && !head.ends_with("\r\n\r\n") {}
+            let body = r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>bucket</Name><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>"#;
+            write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+            head
+        });
+        std::fs::write(data.join("AWS_ENDPOINT"), &endpoint).unwrap();
+        std::fs::write(data.join("AWS_SECRET_ACCESS_KEY"), "secret").unwrap();
+        std::fs::write(data.join("AWS_ALLOW_HTTP"), "true").unwrap();
+        std::fs::write(data.join("README"), "not a setting").unwrap();
+        std::os::unix::fs::symlink("..2026_11_30", tmp.path().join("..data")).unwrap();
+        for name in
+            ["AWS_ACCESS_KEY_ID", "AWS_REGION", "AWS_ENDPOINT", "AWS_SECRET_ACCESS_KEY", "AWS_ALLOW_HTTP", "README"]
+        {
+            std::os::unix::fs::symlink(format!("..data/{name}"), tmp.path().join(name)).unwrap();
+        }
+        let settings = read_credentials(tmp.path()).unwrap();
+        let names: Vec<&str> = settings.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["AWS_ACCESS_KEY_ID", "AWS_ALLOW_HTTP", "AWS_ENDPOINT", "AWS_REGION", "AWS_SECRET_ACCESS_KEY", "README"]
+        );
+        assert_eq!(settings[0].1, "key-id", "trailing newline dropped");
+        // Unknown names are skipped; known ones reach the client: the request goes to the
+        // endpoint of the file, signed with its key for its region.
+        let store = ObjectCheckpoints::open_with("s3://bucket/prefix", &settings).unwrap();
+        assert!(store.manifests(0).unwrap().is_empty());
+        let head = seen.join().unwrap();
+        assert!(head.starts_with("GET /bucket"), "{head}");
+        assert!(head.contains("Credential=key-id/") && head.contains("/eu-central-1/s3/"), "{head}");
+        assert!(matches!(read_credentials(&tmp.path().join("missing")), Err(CheckpointError::Local { .. })));
     }
 
     #[test]
