@@ -43,9 +43,7 @@ topic() { kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KA
 log "starting the node agent (pods run as local processes on 127.0.77.x)"
 "$BIN/streamscore-node-agent" --node-name streamscore-demo --work-dir "$DEMO/node" --subnet 77 \
   --image "streamscore-worker=$BIN/streamscore-worker" --image "streamscore-operator=$BIN/streamscore-operator" \
-  --env "KUBECONFIG=$KUBECONFIG" --env "AWS_ENDPOINT=$AWS_ENDPOINT" --env "AWS_ALLOW_HTTP=true" \
-  --env "AWS_REGION=$AWS_REGION" --env "AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID" \
-  --env "AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY" > "$DEMO/node-agent.log" 2>&1 &
+  --env "KUBECONFIG=$KUBECONFIG" > "$DEMO/node-agent.log" 2>&1 &
 agent_pid=$!
 
 log "helm install streamscore (CRD, RBAC, operator)"
@@ -73,6 +71,12 @@ for ns in payments recs; do
   kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   kubectl -n "$ns" create configmap "${CM[$ns]}" --from-file=model.onnx="models/${MODEL[$ns]}.onnx" \
     --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null
+  # The S3 gateway's endpoint and keys for spec.checkpointSecret, opted in by the platform team.
+  kubectl -n "$ns" create secret generic checkpoint-credentials --from-literal=AWS_ENDPOINT="$AWS_ENDPOINT" \
+    --from-literal=AWS_ALLOW_HTTP=true --from-literal=AWS_REGION="$AWS_REGION" \
+    --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" \
+    --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null
+  kubectl -n "$ns" label secret checkpoint-credentials streamscore.io/tenant-access=true --overwrite >/dev/null
   sed -e "s|kafka.kafka.svc:9092|$KAFKA_BOOTSTRAP_SERVERS|" -e "s|s3://streamscore/|s3://$STREAMSCORE_S3_BUCKET/|" \
     "examples/${EX[$ns]}.yaml" | kubectl -n "$ns" apply -f - >/dev/null
 done

@@ -133,8 +133,15 @@ pub struct SourceConfig {
     /// Extra librdkafka consumer properties (e.g. `security.protocol`). Secrets come from
     /// files or environment variables (`${env:NAME}`, `${file:/path}`), never inline. They
     /// override streamscore's defaults, e.g. `fetch.wait.max.ms: "1"` for the lowest latency at
-    /// low rates (default 5, with `fetch.min.bytes` 65536).
+    /// low rates (default 5, with `fetch.min.bytes` 65536). At most 64.
     #[serde(default)]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "x-kubernetes-validations" = [{
+            "rule": "self.all(k, !(k in ['sasl.password', 'sasl.oauthbearer.client.secret', 'sasl.oauthbearer.config', 'ssl.key.password', 'ssl.keystore.password', 'ssl.key.pem']) || self[k].startsWith('${file:') || self[k].startsWith('${env:'))",
+            "message": "secret Kafka properties (sasl.password, sasl.oauthbearer.client.secret, sasl.oauthbearer.config, ssl.key.password, ssl.keystore.password, ssl.key.pem) must be ${file:/path} or ${env:NAME} references, never inline values"
+        }]
+    ))]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -543,8 +550,17 @@ pub struct SinkConfig {
     /// Extra librdkafka producer properties. `message.max.bytes` (default 1000000) is the
     /// largest record written: a dead letter that would be larger is truncated (header
     /// `streamscore.truncated.value`), an output that would be larger is dead-lettered with reason
-    /// `output_too_large`. It must not exceed the output topics' `max.message.bytes`.
+    /// `output_too_large`. It must not exceed the output topics' `max.message.bytes`. Secrets
+    /// come from files or environment variables (`${file:/path}`, `${env:NAME}`), never inline.
+    /// At most 64.
     #[serde(default)]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "x-kubernetes-validations" = [{
+            "rule": "self.all(k, !(k in ['sasl.password', 'sasl.oauthbearer.client.secret', 'sasl.oauthbearer.config', 'ssl.key.password', 'ssl.keystore.password', 'ssl.key.pem']) || self[k].startsWith('${file:') || self[k].startsWith('${env:'))",
+            "message": "secret Kafka properties (sasl.password, sasl.oauthbearer.client.secret, sasl.oauthbearer.config, ssl.key.password, ssl.keystore.password, ssl.key.pem) must be ${file:/path} or ${env:NAME} references, never inline values"
+        }]
+    ))]
     pub properties: BTreeMap<String, String>,
     /// Topic for the windows of `features.emitted` (keyed by the entity key). Required when
     /// emitted windows are declared; must differ from the output, dead-letter and input topics.
@@ -776,6 +792,8 @@ impl PipelineConfig {
         }
         validate_feature_topic(self, &mut errs);
         validate_record_sizes(self, &mut errs);
+        validate_secret_properties("source.properties", &self.source.properties, &mut errs);
+        validate_secret_properties("sink.properties", &self.sink.properties, &mut errs);
         if self.runtime.http_listen.parse::<std::net::SocketAddr>().is_err() {
             errs.push(cerr("runtime.httpListen", "must be an address like 0.0.0.0:8080"));
         }
@@ -851,6 +869,30 @@ pub(crate) fn validate_source(s: &SourceConfig, errs: &mut Vec<ConfigError>) {
 
 /// Every record the worker reads must fit, whole and with the dead-letter headers, into a record
 /// the producer may write: `maxRecordBytes` + [`RECORD_OVERHEAD_RESERVE`] ≤ `message.max.bytes`.
+/// librdkafka properties that hold secrets: accepted only as `${file:…}` or `${env:…}`
+/// references, so that no secret is stored in a TenantModel, a ConfigMap or a log line.
+pub const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.config",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "ssl.key.pem",
+];
+
+/// Inline values of [`SECRET_PROPERTIES`] (the message names the property, never the value).
+fn validate_secret_properties(field: &str, props: &BTreeMap<String, String>, errs: &mut Vec<ConfigError>) {
+    for (k, v) in props {
+        if SECRET_PROPERTIES.contains(&k.as_str()) && !(v.starts_with("${file:") || v.starts_with("${env:")) {
+            errs.push(cerr(
+                format!("{field}.{k}"),
+                "a secret: must be a ${file:/path} or ${env:NAME} reference (e.g. to a mounted kafkaSecrets key), \
+                 never an inline value",
+            ));
+        }
+    }
+}
+
 fn validate_record_sizes(c: &PipelineConfig, errs: &mut Vec<ConfigError>) {
     let limit = match c.sink.message_max_bytes() {
         Ok(l) => l,
@@ -1276,6 +1318,21 @@ sink:
         assert_eq!(fields(&c), ["source.maxFutureSkew", "source.maxKeyBytes"]);
         c.source.max_key_bytes = 0;
         assert_eq!(fields(&c), ["source.maxFutureSkew", "source.maxKeyBytes"]);
+    }
+
+    #[test]
+    fn secret_kafka_properties_must_be_references() {
+        let mut c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        c.source.properties.insert("sasl.password".into(), "hunter2".into());
+        c.sink.properties.insert("ssl.key.password".into(), "hunter2".into());
+        c.source.properties.insert("sasl.username".into(), "alice".into());
+        let errs = c.validate().unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["source.properties.sasl.password", "sink.properties.ssl.key.password"]);
+        assert!(errs.iter().all(|e| !e.to_string().contains("hunter2")), "the value is never echoed: {errs:?}");
+        c.source.properties.insert("sasl.password".into(), "${file:/var/run/secrets/streamscore/kafka/k/pw}".into());
+        c.sink.properties.insert("ssl.key.password".into(), "${env:KEY_PASSWORD}".into());
+        c.validate().unwrap();
     }
 
     #[test]

@@ -277,16 +277,17 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
 
     // status
     let available = live.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
-    let worker_problem = if available < tm.spec.parallelism {
+    let (worker_problem, worker_restoring) = if available < replicas {
         worker_readiness_problem(&client, &ns, &selector_string(tm, COLOR)).await
     } else {
-        None
+        (None, None)
     };
     let observed = Observed::Applied {
         deployment: &live,
         color: COLOR,
         selector: selector_string(tm, COLOR),
         worker_problem: worker_problem.clone(),
+        worker_restoring,
     };
     if rescale.op.as_ref().is_some_and(|o| o.step == OperationStep::Scaling) {
         // The new replica count is applied: from here on, wait for the partitions to settle.
@@ -672,12 +673,14 @@ async fn report_blocked(
 }
 
 /// Asks the running, not-ready worker pods why (`/readyz` on the worker port; the
-/// NetworkPolicy admits the operator there). Returns the first reason a worker gives.
-async fn worker_readiness_problem(client: &Client, ns: &str, selector: &str) -> Option<String> {
+/// NetworkPolicy admits the operator there). Returns the first problem a user must fix (a model
+/// that does not load) and the first partition being restored by replaying its input.
+async fn worker_readiness_problem(client: &Client, ns: &str, selector: &str) -> (Option<String>, Option<String>) {
     use k8s_openapi::api::core::v1::Pod;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let list = pods.list(&ListParams::default().labels(selector)).await.ok()?;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().ok()?;
+    let Ok(list) = pods.list(&ListParams::default().labels(selector)).await else { return (None, None) };
+    let Ok(http) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return (None, None) };
+    let mut restoring = None;
     for pod in list.items {
         let Some(status) = pod.status else { continue };
         let (Some(ip), Some("Running")) = (status.pod_ip, status.phase.as_deref()) else { continue };
@@ -688,13 +691,17 @@ async fn worker_readiness_problem(client: &Client, ns: &str, selector: &str) -> 
             continue;
         }
         let body = resp.text().await.unwrap_or_default();
-        // Only problems a user must fix; start-up states (joining the group) are not.
+        let msg: String = body.trim().trim_start_matches("not ready: ").chars().take(500).collect();
+        let pod = pod.metadata.name.unwrap_or_default();
+        // Problems a user must fix; start-up states (joining the group) are not.
         if body.contains("model not loaded") {
-            let msg: String = body.trim().trim_start_matches("not ready: ").chars().take(500).collect();
-            return Some(format!("worker {}: {msg}", pod.metadata.name.unwrap_or_default()));
+            return (Some(format!("worker {pod}: {msg}")), restoring);
+        }
+        if restoring.is_none() && body.contains("replaying its input") {
+            restoring = Some(format!("worker {pod}: {msg}"));
         }
     }
-    None
+    (None, restoring)
 }
 
 /// Requeue with backoff on transient errors; counts them by kind.

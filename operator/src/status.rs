@@ -27,6 +27,9 @@ pub enum Observed<'a> {
         /// Why workers are not ready, as they report it on `/readyz` (e.g. a model that does
         /// not load); None when every worker is ready or none could be asked.
         worker_problem: Option<String>,
+        /// A worker not ready because it restores a partition's state by replaying its input
+        /// (no usable local store or checkpoint, or a checkpoint behind the committed offsets).
+        worker_restoring: Option<String>,
     },
 }
 
@@ -79,7 +82,7 @@ pub fn compute(
             set_condition(conds, "Progressing", false, reason, "blocked: see the Degraded condition", now, generation);
             set_condition(conds, "Degraded", true, reason, message, now, generation);
         }
-        Observed::Applied { deployment, color, selector, worker_problem } => {
+        Observed::Applied { deployment, color, selector, worker_problem, worker_restoring } => {
             let want = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
             let ds = deployment.status.clone().unwrap_or_default();
             let dep_gen = deployment.metadata.generation;
@@ -102,6 +105,11 @@ pub fn compute(
                 st.phase = Some(Phase::Degraded);
                 set_condition(conds, "Ready", false, "WorkersNotReady", &msg, now, generation);
                 set_condition(conds, "Progressing", false, "WorkersNotReady", &msg, now, generation);
+            } else if let Some(restoring) = worker_restoring {
+                st.phase = Some(Phase::Progressing);
+                let msg = format!("{msg}; {restoring}");
+                set_condition(conds, "Ready", false, "RestoringState", &msg, now, generation);
+                set_condition(conds, "Progressing", true, "RestoringState", &msg, now, generation);
             } else {
                 st.phase = Some(if available > 0 { Phase::Progressing } else { Phase::Pending });
                 set_condition(conds, "Ready", false, "WorkersNotAvailable", &msg, now, generation);
@@ -149,13 +157,25 @@ mod tests {
     #[test]
     fn transition_time_changes_only_with_status() {
         let d = dep(2, 0);
-        let obs = Observed::Applied { deployment: &d, color: "blue", selector: "a=b".into(), worker_problem: None };
+        let obs = Observed::Applied {
+            deployment: &d,
+            color: "blue",
+            selector: "a=b".into(),
+            worker_problem: None,
+            worker_restoring: None,
+        };
         let s1 = compute(None, Some(1), "v1", &obs, "t1");
         assert_eq!(s1.phase, Some(Phase::Pending));
         let s2 = compute(Some(&s1), Some(1), "v1", &obs, "t2");
         assert_eq!(s1, s2, "same observation, same status (no write)");
         let d = dep(2, 2);
-        let obs = Observed::Applied { deployment: &d, color: "blue", selector: "a=b".into(), worker_problem: None };
+        let obs = Observed::Applied {
+            deployment: &d,
+            color: "blue",
+            selector: "a=b".into(),
+            worker_problem: None,
+            worker_restoring: None,
+        };
         let s3 = compute(Some(&s2), Some(1), "v1", &obs, "t3");
         let ready = s3.conditions.iter().find(|c| c.kind == "Ready").unwrap();
         assert_eq!((ready.status.as_str(), ready.last_transition_time.as_str()), ("True", "t3"));
@@ -163,6 +183,26 @@ mod tests {
         assert_eq!(degraded.last_transition_time, "t1");
         assert_eq!(s3.phase, Some(Phase::Running));
         assert_eq!(s3.parallelism, Some(2));
+    }
+
+    #[test]
+    fn a_worker_restoring_state_by_replay_is_said_in_the_conditions() {
+        let d = dep(2, 1);
+        let why = "worker w-1: partition 3 replaying its input to restore state (in at 5 of 11)".to_owned();
+        let obs = Observed::Applied {
+            deployment: &d,
+            color: "blue",
+            selector: "a=b".into(),
+            worker_problem: None,
+            worker_restoring: Some(why.clone()),
+        };
+        let s = compute(None, Some(1), "v1", &obs, "t1");
+        assert_eq!(s.phase, Some(Phase::Progressing));
+        for kind in ["Ready", "Progressing"] {
+            let c = s.conditions.iter().find(|c| c.kind == kind).unwrap();
+            assert_eq!(c.reason, "RestoringState");
+            assert!(c.message.ends_with(&why), "{}", c.message);
+        }
     }
 
     #[test]

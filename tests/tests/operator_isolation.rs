@@ -361,6 +361,22 @@ async fn the_crd_bounds_names_lists_and_sizes() {
         ("sink.topic", Box::new(|tm| tm["spec"]["sink"]["topic"] = json!("scores out"))),
         ("kafkaSecrets[0].name", Box::new(|tm| tm["spec"]["kafkaSecrets"] = json!([{"name": "../../etc"}]))),
         ("image", Box::new(|tm| tm["spec"]["image"] = json!("worker:1 --privileged"))),
+        // A secret Kafka property inline (the message names the rule, not the value).
+        (
+            "source.properties.never inline values",
+            Box::new(|tm| tm["spec"]["source"]["properties"] = json!({"sasl.password": "hunter2"})),
+        ),
+        (
+            "sink.properties.never inline values",
+            Box::new(|tm| tm["spec"]["sink"]["properties"] = json!({"ssl.key.password": "hunter2"})),
+        ),
+        (
+            "source.properties.at most 64",
+            Box::new(|tm| {
+                tm["spec"]["source"]["properties"] =
+                    json!((0..65).map(|i| (format!("p{i}"), json!("v"))).collect::<serde_json::Map<_, _>>())
+            }),
+        ),
     ];
     for (i, (field, f)) in cases.iter().enumerate() {
         let tm = refused(&format!("bad{i}"), f.as_ref());
