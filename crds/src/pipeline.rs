@@ -799,7 +799,7 @@ impl PipelineConfig {
         }
         if let Some(a) = &self.runtime.admin_listen {
             if a.parse::<std::net::SocketAddr>().is_err() {
-                errs.push(cerr("runtime.adminListen", "must be an address like 0.0.0.0:8081"));
+                errs.push(cerr("runtime.adminListen", "must be an address like 0.0.0.0:8090"));
             } else if *a == self.runtime.http_listen && !a.ends_with(":0") {
                 errs.push(cerr("runtime.adminListen", "must differ from runtime.httpListen"));
             }

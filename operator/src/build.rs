@@ -34,7 +34,7 @@ use streamscore_crds::tenantmodel::{child_labels, TenantModel};
 pub const WORKER_PORT: i32 = 8080;
 /// Worker admin port (drain, resume, status: the operator's rescale); the NetworkPolicy admits
 /// only the operator to it.
-pub const ADMIN_PORT: i32 = 8081;
+pub const ADMIN_PORT: i32 = 8090;
 /// Where the pipeline ConfigMap is mounted.
 pub const PIPELINE_DIR: &str = "/etc/streamscore/pipeline";
 /// Where a model from a ConfigMap is mounted.
@@ -53,6 +53,9 @@ pub struct BuildContext {
     pub default_image: String,
     /// Namespace the operator runs in (NetworkPolicy admits it to the admin port).
     pub operator_namespace: String,
+    /// Kafka prefix of the TenantModel's namespace (`TenantPolicy::kafka_prefix_for`): the
+    /// default consumer group starts with it.
+    pub kafka_prefix: Option<String>,
 }
 
 /// Everything the operator applies for one TenantModel.
@@ -81,9 +84,13 @@ pub struct Children {
 /// The live colour. Blue/green alternation is driven by the upgrade state machine.
 pub const COLOR: &str = "blue";
 
-/// Name of the consumer group of a TenantModel when the spec leaves it empty.
-pub fn default_group_id(tm: &TenantModel) -> String {
-    format!("streamscore.{}.{}", tm.namespace().unwrap_or_default(), tm.name_any())
+/// Name of the consumer group of a TenantModel when the spec leaves it empty:
+/// `streamscore.<namespace>.<name>`, or `<prefix>streamscore.<name>` under a Kafka prefix.
+pub fn default_group_id(tm: &TenantModel, kafka_prefix: Option<&str>) -> String {
+    match kafka_prefix {
+        Some(p) => format!("{p}streamscore.{}", tm.name_any()),
+        None => format!("streamscore.{}.{}", tm.namespace().unwrap_or_default(), tm.name_any()),
+    }
 }
 
 /// Path of the model file inside the worker.
@@ -96,11 +103,11 @@ pub fn model_path(tm: &TenantModel) -> String {
 }
 
 /// The worker pipeline configuration a TenantModel renders to.
-pub fn render_pipeline(tm: &TenantModel) -> PipelineConfig {
+pub fn render_pipeline(tm: &TenantModel, kafka_prefix: Option<&str>) -> PipelineConfig {
     let s = &tm.spec;
     let mut source = s.source.clone();
     if source.group_id.is_empty() {
-        source.group_id = default_group_id(tm);
+        source.group_id = default_group_id(tm, kafka_prefix);
     }
     PipelineConfig {
         source,
@@ -175,7 +182,7 @@ pub fn selector_string(tm: &TenantModel, color: &str) -> String {
 /// Builds every child. `tm` must come from the API server (it needs a uid).
 pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
     let name = tm.name_any();
-    let pipeline = render_pipeline(tm);
+    let pipeline = render_pipeline(tm, ctx.kafka_prefix.as_deref());
     let pipeline_yaml = serde_yaml::to_string(&pipeline).expect("pipeline serializes");
     let config_hash = {
         let mut h = Sha256::new();

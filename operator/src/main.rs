@@ -38,6 +38,10 @@ struct Args {
     /// Require `spec.image` to be pinned by digest (`…@sha256:<hex>`).
     #[arg(long, env = "STREAMSCORE_REQUIRE_IMAGE_DIGEST", default_value_t = false, action = clap::ArgAction::Set)]
     require_image_digest: bool,
+    /// Prefix every Kafka topic and consumer group of a TenantModel must start with;
+    /// `{namespace}` stands for its namespace (e.g. `{namespace}.`). Empty: no restriction.
+    #[arg(long, env = "STREAMSCORE_KAFKA_PREFIX", default_value = "")]
+    kafka_prefix: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "STREAMSCORE_LISTEN", default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
@@ -75,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|p| p.parse::<ImagePattern>().map_err(anyhow::Error::msg))
             .collect::<anyhow::Result<_>>()?,
         require_image_digest: args.require_image_digest,
+        kafka_prefix: Some(args.kafka_prefix.clone()).filter(|p| !p.is_empty()),
     };
     info!(?policy, "tenant policy");
     let client = Client::try_default().await?;
@@ -168,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
         build: BuildContext {
             default_image: args.worker_image.clone(),
             operator_namespace: args.operator_namespace.clone(),
+            kafka_prefix: None,
         },
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),

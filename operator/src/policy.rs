@@ -6,6 +6,7 @@
 //!  spec.image ──────────► check_image (allowlist, optional digest pin)  ─► ImageNotAllowed
 //!  spec.kafkaSecrets[] ─► Secret metadata ─► check_secret (opt-in label) ─► KafkaSecretNotPermitted
 //!  spec.checkpointSecret ─► the same ─► CheckpointSecretNotFound / CheckpointSecretNotPermitted
+//!  topics, groupId ─────► check_kafka_names (per-namespace prefix)     ─► KafkaNameNotAllowed
 //! ```
 //! A TenantModel author can create TenantModels but not necessarily read Secrets or run pods:
 //! without these checks a TenantModel would mount any Secret of its namespace into a pod
@@ -81,6 +82,11 @@ pub struct TenantPolicy {
     pub allowed_images: Vec<ImagePattern>,
     /// `spec.image` must be pinned by digest (`…@sha256:<64 hex>`).
     pub require_image_digest: bool,
+    /// Prefix every Kafka topic and consumer group of a TenantModel must start with; `{namespace}`
+    /// stands for the TenantModel's namespace (e.g. `{namespace}.`). None: no restriction. On a
+    /// shared cluster without ACLs this keeps one tenant from joining another's group or writing
+    /// to its topics.
+    pub kafka_prefix: Option<String>,
 }
 
 /// Whether `image` ends in `@sha256:<64 lowercase hex>`.
@@ -90,7 +96,43 @@ pub fn is_digest_pinned(image: &str) -> bool {
     })
 }
 
+/// The Kafka names of a TenantModel: (field, name), the consumer group only when set.
+fn kafka_names(tm: &streamscore_crds::tenantmodel::TenantModel) -> Vec<(String, &str)> {
+    let s = &tm.spec;
+    let mut names: Vec<(String, &str)> =
+        s.source.topics.iter().enumerate().map(|(i, t)| (format!("spec.source.topics[{i}]"), t.as_str())).collect();
+    if !s.source.group_id.is_empty() {
+        names.push(("spec.source.groupId".into(), &s.source.group_id));
+    }
+    names.push(("spec.sink.topic".into(), &s.sink.topic));
+    names.push(("spec.sink.deadLetterTopic".into(), &s.sink.dead_letter_topic));
+    if let Some(t) = &s.sink.feature_topic {
+        names.push(("spec.sink.featureTopic".into(), t));
+    }
+    names
+}
+
 impl TenantPolicy {
+    /// The Kafka prefix for namespace `ns`, if one is configured.
+    pub fn kafka_prefix_for(&self, ns: &str) -> Option<String> {
+        self.kafka_prefix.as_ref().filter(|p| !p.is_empty()).map(|p| p.replace("{namespace}", ns))
+    }
+
+    /// Checks that every topic and the consumer group of `tm` (in namespace `ns`) start with
+    /// the namespace's prefix. The default group (`<prefix>streamscore.<name>`) always does.
+    pub fn check_kafka_names(&self, tm: &streamscore_crds::tenantmodel::TenantModel, ns: &str) -> Vec<String> {
+        let Some(prefix) = self.kafka_prefix_for(ns) else { return Vec::new() };
+        kafka_names(tm)
+            .into_iter()
+            .filter(|(_, name)| !name.starts_with(&prefix))
+            .map(|(field, name)| {
+                format!(
+                    "{field}: {name:?} must start with {prefix:?}: the platform team gives each namespace its own Kafka \
+                     topics and consumer groups"
+                )
+            })
+            .collect()
+    }
     /// Checks `spec.image`. No image, or the operator's own default image, is always allowed.
     pub fn check_image(&self, image: Option<&str>, default_image: &str) -> Result<(), String> {
         let Some(image) = image else { return Ok(()) };
@@ -136,6 +178,7 @@ mod tests {
         TenantPolicy {
             allowed_images: patterns.iter().map(|p| p.parse().unwrap()).collect(),
             require_image_digest: digest,
+            kafka_prefix: None,
         }
     }
 
@@ -195,5 +238,36 @@ mod tests {
         let err = check_secret("spec.kafkaSecrets[1]", "db", Some(&no)).unwrap_err();
         assert!(err.starts_with("spec.kafkaSecrets[1]: Secret \"db\"") && err.contains(SECRET_OPT_IN_LABEL), "{err}");
         assert!(check_secret("spec.checkpointSecret", "db", None).is_err());
+    }
+
+    #[test]
+    fn kafka_names_must_carry_the_namespace_prefix() {
+        let tm: streamscore_crds::tenantmodel::TenantModel = serde_json::from_value(serde_json::json!({
+            "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+            "metadata": {"name": "fraud", "namespace": "payments"},
+            "spec": {
+                "source": {"bootstrapServers": "k:9092", "topics": ["payments.in", "billing.in"], "keyField": "u",
+                           "eventTime": {"field": "ts"}},
+                "model": {"uri": "file:///m", "sha256": "00", "version": "v", "features": [], "outputs": [{"name": "s"}]},
+                "sink": {"topic": "payments.out", "deadLetterTopic": "dlq"}
+            }
+        }))
+        .unwrap();
+        assert!(policy(&[], false).check_kafka_names(&tm, "payments").is_empty(), "no prefix: no restriction");
+        let p = TenantPolicy { kafka_prefix: Some("{namespace}.".into()), ..policy(&[], false) };
+        assert_eq!(p.kafka_prefix_for("payments").as_deref(), Some("payments."));
+        let errs = p.check_kafka_names(&tm, "payments");
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("spec.source.topics[1]: \"billing.in\" must start with \"payments.\""), "{errs:?}");
+        assert!(errs[1].starts_with("spec.sink.deadLetterTopic: \"dlq\""), "{errs:?}");
+        // An explicit group of another namespace is refused; the default one is the prefix's.
+        let mut other = tm.clone();
+        other.spec.source.topics = vec!["payments.in".into()];
+        other.spec.sink.dead_letter_topic = "payments.dlq".into();
+        assert!(p.check_kafka_names(&other, "payments").is_empty());
+        other.spec.source.group_id = "billing.streamscore.invoices".into();
+        assert!(p.check_kafka_names(&other, "payments")[0].starts_with("spec.source.groupId"));
+        assert_eq!(crate::build::default_group_id(&tm, Some("payments.")), "payments.streamscore.fraud");
+        assert_eq!(crate::build::default_group_id(&tm, None), "streamscore.payments.fraud");
     }
 }

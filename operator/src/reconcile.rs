@@ -227,7 +227,8 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
 
     // build (pure); every child name must be free or already ours
-    let children = build(tm, &ctx.build);
+    let build_ctx = BuildContext { kafka_prefix: ctx.policy.kafka_prefix_for(&ns), ..ctx.build.clone() };
+    let children = build(tm, &build_ctx);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let live_dep = deps.get_opt(&children.deployment.name_any()).await?;
     let blocked = name_conflicts(&client, &ns, &uid, &children, live_dep.as_ref()).await?;
@@ -529,6 +530,8 @@ fn check_spec(tm: &TenantModel, ctx: &Context) -> Vec<Blocked> {
     if let Err(errs) = validate(tm) {
         blocked.extend(errs.into_iter().map(|e| Blocked::spec("InvalidSpec", e)));
     }
+    let ns = tm.namespace().unwrap_or_default();
+    blocked.extend(ctx.policy.check_kafka_names(tm, &ns).into_iter().map(|e| Blocked::spec("KafkaNameNotAllowed", e)));
     blocked
 }
 

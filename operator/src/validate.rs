@@ -28,7 +28,7 @@ pub fn validate(tm: &TenantModel) -> Result<(), Vec<String>> {
             errs.push(format!("spec.checkpointStore: {store:?} must start with s3://, gs://, az:// or file:///"));
         }
     }
-    if let Err(pipeline_errs) = render_pipeline(tm).validate() {
+    if let Err(pipeline_errs) = render_pipeline(tm, None).validate() {
         for e in pipeline_errs {
             // model.path is rendered by the operator, and spec.checkpointStore is checked above:
             // report the spec fields the user wrote.
@@ -75,6 +75,7 @@ mod tests {
         let ctx = crate::build::BuildContext {
             default_image: "streamscore-worker:0.1.0".into(),
             operator_namespace: "streamscore-system".into(),
+            kafka_prefix: None,
         };
         let c = crate::build::build(&tm, &ctx);
         let names = [

@@ -211,7 +211,11 @@ pub fn spawn_operator_with_policy(
     use streamscore_operator::reconcile::Context;
     let ctx = Arc::new(Context {
         client: client.clone(),
-        build: BuildContext { default_image: worker_image.into(), operator_namespace: "streamscore-system".into() },
+        build: BuildContext {
+            default_image: worker_image.into(),
+            operator_namespace: "streamscore-system".into(),
+            kafka_prefix: None,
+        },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: kube::runtime::events::Recorder::new(
             client.clone(),

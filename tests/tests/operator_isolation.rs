@@ -193,6 +193,7 @@ async fn images_must_match_the_operators_allowlist() {
     let policy = TenantPolicy {
         allowed_images: vec!["registry.example.com/streamscore/*".parse().unwrap()],
         require_image_digest: false,
+        kafka_prefix: None,
     };
     let op = streamscore_tests::spawn_operator_with_policy(&client, &ns, WORKER_IMAGE, policy, &cancel);
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
@@ -519,4 +520,39 @@ async fn the_operator_works_under_the_charts_rbac() {
     .await;
 
     cleanup(admin, &ns, cancel, op).await;
+}
+
+/// With a per-namespace Kafka prefix, a TenantModel naming another namespace's topic is
+/// refused with the field and the prefix; one within its prefix runs, in a consumer group that
+/// starts with the prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_names_are_confined_to_the_namespaces_prefix() {
+    let client = kube_client().await;
+    let (ns, sha) = setup(&client, "iso-prefix").await;
+    let cancel = CancellationToken::new();
+    let policy = TenantPolicy { kafka_prefix: Some("{namespace}.".into()), ..TenantPolicy::default() };
+    let op = streamscore_tests::spawn_operator_with_policy(&client, &ns, WORKER_IMAGE, policy, &cancel);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let mut tm = tenant_model("fraud", &sha);
+    tm["spec"]["source"]["topics"] = json!(["someone-else.payments"]);
+    tm["spec"]["sink"] = json!({"topic": format!("{ns}.scores"), "deadLetterTopic": format!("{ns}.dlq")});
+    create(&tms, tm).await.unwrap();
+    let cond = degraded(&tms, "fraud", "KafkaNameNotAllowed").await;
+    assert!(
+        cond.message
+            .starts_with(&format!("spec.source.topics[0]: \"someone-else.payments\" must start with \"{ns}.\"")),
+        "{}",
+        cond.message
+    );
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    assert!(deps.get_opt("fraud-blue").await.unwrap().is_none());
+    let patch = json!({"spec": {"source": {"topics": [format!("{ns}.payments")]}}});
+    tms.patch("fraud", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    let cm = eventually(Duration::from_secs(30), "pipeline ConfigMap within the prefix", || async {
+        Api::<ConfigMap>::namespaced(client.clone(), &ns).get_opt("fraud-pipeline").await.ok().flatten()
+    })
+    .await;
+    let pipeline = &cm.data.unwrap()["pipeline.yaml"];
+    assert!(pipeline.contains(&format!("groupId: {ns}.streamscore.fraud")), "{pipeline}");
+    cleanup(client, &ns, cancel, op).await;
 }

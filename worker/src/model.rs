@@ -21,6 +21,14 @@ use tract_onnx::prelude::*;
 /// Why a model cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The file is larger than [`MAX_MODEL_BYTES`].
+    #[error("model file {path} has {bytes} bytes, more than the limit of {MAX_MODEL_BYTES}")]
+    TooLarge {
+        /// Path.
+        path: String,
+        /// Its size.
+        bytes: u64,
+    },
     /// The file could not be read.
     #[error("cannot read model file {path}: {source}")]
     Read {
@@ -53,6 +61,7 @@ impl ModelError {
     pub fn kind(&self) -> &'static str {
         match self {
             ModelError::Read { .. } => "ModelUnreadable",
+            ModelError::TooLarge { .. } => "ModelTooLarge",
             ModelError::DigestMismatch { .. } => "ModelDigestMismatch",
             ModelError::Load(_) => "ModelInvalid",
             ModelError::Probe(_) => "ModelProbeFailed",
@@ -74,6 +83,18 @@ pub struct Model {
     version: String,
 }
 
+/// The largest model file a worker reads (1 GiB): a bigger one is refused before it is read.
+pub const MAX_MODEL_BYTES: u64 = 1 << 30;
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -83,12 +104,24 @@ impl Model {
     /// Reads, verifies and loads the model described by `cfg`.
     pub fn load(cfg: &ModelConfig) -> Result<Self, ModelError> {
         let path = cfg.path.strip_prefix("file://").unwrap_or(&cfg.path);
-        let bytes = std::fs::read(Path::new(path)).map_err(|source| ModelError::Read { path: path.into(), source })?;
+        let read_err = |source| ModelError::Read { path: path.into(), source };
+        let len = std::fs::metadata(Path::new(path)).map_err(read_err)?.len();
+        if len > MAX_MODEL_BYTES {
+            return Err(ModelError::TooLarge { path: path.into(), bytes: len });
+        }
+        let bytes = std::fs::read(Path::new(path)).map_err(read_err)?;
         Self::from_bytes(&bytes, cfg)
     }
 
-    /// Verifies and loads a model from its bytes.
+    /// Verifies and loads a model from its bytes. A panic inside tract (a model that trips an
+    /// internal assertion) is a [`ModelError::Load`] like any other unusable model: the worker
+    /// stays not ready with the reason instead of crash-looping.
     pub fn from_bytes(bytes: &[u8], cfg: &ModelConfig) -> Result<Self, ModelError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::build(bytes, cfg)))
+            .unwrap_or_else(|p| Err(ModelError::Load(format!("the ONNX runtime panicked: {}", panic_message(&*p)))))
+    }
+
+    fn build(bytes: &[u8], cfg: &ModelConfig) -> Result<Self, ModelError> {
         let actual = sha256_hex(bytes);
         if actual != cfg.sha256 {
             return Err(ModelError::DigestMismatch { expected: cfg.sha256.clone(), actual });
@@ -171,7 +204,11 @@ impl Model {
             }
             let input =
                 Tensor::from_shape(&[*size, self.width], &data).map_err(|e| ModelError::Inference(e.to_string()))?;
-            let result = plan.run(tvec!(input.into())).map_err(|e| ModelError::Inference(format!("{e:#}")))?;
+            // A panic inside tract on some input fails this batch (its records are dead-lettered
+            // with reason scoring_failed), not the worker.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(tvec!(input.into()))))
+                .map_err(|p| ModelError::Inference(format!("the ONNX runtime panicked: {}", panic_message(&*p))))?
+                .map_err(|e| ModelError::Inference(format!("{e:#}")))?;
             // Each mapped output as (row-major values, columns per row).
             let views: Vec<(Vec<f32>, usize)> = self
                 .outputs

@@ -60,3 +60,16 @@ fn wrong_digest_and_corrupt_files_are_refused_with_a_reason() {
     let err = Model::load(&config("does-not-exist", &sha, 8)).unwrap_err();
     assert_eq!(err.kind(), "ModelUnreadable", "{err}");
 }
+
+#[test]
+fn a_model_file_over_the_limit_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.onnx");
+    // Sparse: 1 GiB + 1 byte on the file system's books, nothing on disk.
+    std::fs::File::create(&path).unwrap().set_len(streamscore_worker::model::MAX_MODEL_BYTES + 1).unwrap();
+    let mut cfg = config("fraud-logreg", &"0".repeat(64), 4);
+    cfg.path = path.display().to_string();
+    let err = Model::load(&cfg).unwrap_err();
+    assert!(matches!(err, ModelError::TooLarge { bytes, .. } if bytes == (1 << 30) + 1), "{err}");
+    assert_eq!(err.kind(), "ModelTooLarge");
+}

@@ -42,7 +42,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [secrets]
   verbs: [get]
 # Workers' pod IPs: to ask a not-ready worker why (status), and for the rescale (drain,
-# resume and status on each worker's admin port 8081).
+# resume and status on each worker's admin port 8090).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
