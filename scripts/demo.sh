@@ -10,7 +10,8 @@
 #     creates their worker Deployments, whose pods the agent runs;
 #  5. produces a realistic event stream (users, actions, amounts, fraud-like bursts, malformed
 #     records) and shows `kubectl get tm`, scored records, dead letters with reasons, a query
-#     API answer and worker metrics.
+#     API answer and worker metrics;
+#  6. scales the fraud TenantModel 2 → 3 and follows the rescale's steps (status.operation).
 #
 # DEMO_KEEP=1 keeps everything running until Ctrl-C; otherwise it stops what it started.
 . "$(dirname "$0")/lib.sh"
@@ -118,6 +119,17 @@ echo; echo "== worker metrics (payments)"
 for ip in $(pod_ips payments fraud); do
   curl -s "$ip:8080/metrics" | grep -E '^streamscore_worker_(records_(in|out)_total|dead_letters_total\{reason="malformed"|commits_total)'
 done
+echo; echo "== kubectl scale tm fraud --replicas 3 (payments): drain + checkpoint, new count, restore"
+kubectl -n payments scale tm fraud --replicas 3 >/dev/null
+for _ in $(seq 1 240); do
+  step=$(kubectl -n payments get tm fraud -o jsonpath='{.status.operation.message}')
+  [[ -n $step && $step != "${last_step:-}" ]] && echo "  $step" && last_step=$step
+  [[ $(kubectl -n payments get tm fraud -o jsonpath='{.status.lastRescale.to}') == 3 ]] && break
+  sleep 0.5
+done
+kubectl -n payments get tm fraud -o jsonpath='  lastRescale: {.status.lastRescale}{"\n"}'
+kubectl -n payments wait --for=condition=Ready tm/fraud --timeout=60s >/dev/null
+kubectl -n payments get tm fraud -o wide
 log "demo finished in $((SECONDS - t0))s"
 if [[ -n ${DEMO_KEEP:-} ]]; then
   log "DEMO_KEEP set: everything keeps running (. $DEV/env.sh); Ctrl-C stops it"

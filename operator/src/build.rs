@@ -39,6 +39,10 @@ pub const ADMIN_PORT: i32 = 8090;
 pub const PIPELINE_DIR: &str = "/etc/streamscore/pipeline";
 /// Where a model from a ConfigMap is mounted.
 pub const MODEL_DIR: &str = "/etc/streamscore/model";
+/// Size limit of the worker's `/tmp` (an emptyDir: nothing large is written there).
+pub const TMP_SIZE_LIMIT: &str = "1Gi";
+/// Size of the state volume when `spec.state.size` is not set.
+pub const DEFAULT_STATE_SIZE: &str = "10Gi";
 /// Where state lives.
 pub const STATE_DIR: &str = "/var/lib/streamscore/state";
 /// Where Kafka Secrets are mounted (one directory per Secret).
@@ -56,6 +60,9 @@ pub struct BuildContext {
     /// Kafka prefix of the TenantModel's namespace (`TenantPolicy::kafka_prefix_for`): the
     /// default consumer group starts with it.
     pub kafka_prefix: Option<String>,
+    /// Requests and limits of a worker container when the TenantModel sets none (Helm
+    /// `workerResources`).
+    pub default_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
 /// Everything the operator applies for one TenantModel.
@@ -297,7 +304,14 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
             }),
             ..Volume::default()
         },
-        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(TMP_SIZE_LIMIT.into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
         state_volume(tm),
     ];
     let mut mounts = vec![
@@ -389,7 +403,7 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
         ]),
         readiness_probe: Some(probe("/readyz", 5, 3)),
         liveness_probe: Some(probe("/healthz", 10, 6)),
-        resources: s.resources.clone(),
+        resources: s.resources.clone().or_else(|| ctx.default_resources.clone()),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -459,7 +473,7 @@ fn state_volume(tm: &TenantModel) -> Volume {
                         resources: Some(VolumeResourceRequirements {
                             requests: Some(BTreeMap::from([(
                                 "storage".to_owned(),
-                                Quantity(st.size.clone().unwrap_or_else(|| "10Gi".into())),
+                                Quantity(st.size.clone().unwrap_or_else(|| DEFAULT_STATE_SIZE.into())),
                             )])),
                             ..VolumeResourceRequirements::default()
                         }),
@@ -472,7 +486,7 @@ fn state_volume(tm: &TenantModel) -> Volume {
         None => Volume {
             name: "state".into(),
             empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: st.size.clone().map(Quantity),
+                size_limit: Some(Quantity(st.size.clone().unwrap_or_else(|| DEFAULT_STATE_SIZE.into()))),
                 ..EmptyDirVolumeSource::default()
             }),
             ..Volume::default()

@@ -42,6 +42,14 @@ struct Args {
     /// `{namespace}` stands for its namespace (e.g. `{namespace}.`). Empty: no restriction.
     #[arg(long, env = "STREAMSCORE_KAFKA_PREFIX", default_value = "")]
     kafka_prefix: String,
+    /// Requests and limits of a worker container whose TenantModel sets none (JSON of a
+    /// Kubernetes ResourceRequirements, e.g. `{"requests":{"cpu":"500m"}}`). Empty: none.
+    #[arg(long, env = "STREAMSCORE_WORKER_RESOURCES", default_value = "")]
+    worker_resources: String,
+    /// The most a worker may request or be limited to, per resource (JSON map, e.g.
+    /// `{"cpu":"8","memory":"32Gi"}`). Empty: no maximum.
+    #[arg(long, env = "STREAMSCORE_MAX_WORKER_RESOURCES", default_value = "")]
+    max_worker_resources: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "STREAMSCORE_LISTEN", default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
@@ -80,6 +88,27 @@ async fn main() -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?,
         require_image_digest: args.require_image_digest,
         kafka_prefix: Some(args.kafka_prefix.clone()).filter(|p| !p.is_empty()),
+        max_resources: if args.max_worker_resources.trim().is_empty() {
+            Default::default()
+        } else {
+            // Values may be JSON strings or numbers (`cpu: 8` in Helm values).
+            serde_json::from_str::<std::collections::BTreeMap<String, serde_json::Value>>(&args.max_worker_resources)
+                .map_err(|e| anyhow::anyhow!("--max-worker-resources: {e}"))?
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .collect()
+        },
+    };
+    for (name, q) in &policy.max_resources {
+        anyhow::ensure!(
+            streamscore_operator::policy::parse_quantity(q).is_some(),
+            "--max-worker-resources: {name}: {q:?} is not a quantity"
+        );
+    }
+    let default_resources = if args.worker_resources.trim().is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str(&args.worker_resources).map_err(|e| anyhow::anyhow!("--worker-resources: {e}"))?)
     };
     info!(?policy, "tenant policy");
     let client = Client::try_default().await?;
@@ -174,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
             default_image: args.worker_image.clone(),
             operator_namespace: args.operator_namespace.clone(),
             kafka_prefix: None,
+            default_resources,
         },
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),

@@ -7,6 +7,7 @@
 //!  spec.kafkaSecrets[] ─► Secret metadata ─► check_secret (opt-in label) ─► KafkaSecretNotPermitted
 //!  spec.checkpointSecret ─► the same ─► CheckpointSecretNotFound / CheckpointSecretNotPermitted
 //!  topics, groupId ─────► check_kafka_names (per-namespace prefix)     ─► KafkaNameNotAllowed
+//!  spec.resources ──────► check_resources (platform maximum per worker)  ─► ResourcesNotAllowed
 //! ```
 //! A TenantModel author can create TenantModels but not necessarily read Secrets or run pods:
 //! without these checks a TenantModel would mount any Secret of its namespace into a pod
@@ -87,6 +88,32 @@ pub struct TenantPolicy {
     /// shared cluster without ACLs this keeps one tenant from joining another's group or writing
     /// to its topics.
     pub kafka_prefix: Option<String>,
+    /// The most a worker container may request or be limited to, per resource (`cpu`,
+    /// `memory`, `ephemeral-storage`). Empty: no maximum.
+    pub max_resources: BTreeMap<String, String>,
+}
+
+/// A Kubernetes quantity (`500m`, `2`, `1.5`, `512Mi`, `1G`, `1e3`) in base units.
+pub fn parse_quantity(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let suffixes: [(&str, f64); 13] = [
+        ("Ki", 1024f64),
+        ("Mi", 1024f64.powi(2)),
+        ("Gi", 1024f64.powi(3)),
+        ("Ti", 1024f64.powi(4)),
+        ("Pi", 1024f64.powi(5)),
+        ("Ei", 1024f64.powi(6)),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (num, factor) = suffixes.iter().find_map(|(s, f)| q.strip_suffix(s).map(|n| (n, *f))).unwrap_or((q, 1.0));
+    let v: f64 = num.parse().ok()?;
+    (v.is_finite() && v >= 0.0).then_some(v * factor)
 }
 
 /// Whether `image` ends in `@sha256:<64 lowercase hex>`.
@@ -116,6 +143,27 @@ impl TenantPolicy {
     /// The Kafka prefix for namespace `ns`, if one is configured.
     pub fn kafka_prefix_for(&self, ns: &str) -> Option<String> {
         self.kafka_prefix.as_ref().filter(|p| !p.is_empty()).map(|p| p.replace("{namespace}", ns))
+    }
+
+    /// Checks the worker's requests and limits (`spec.resources`, when set) against the
+    /// platform's maximum.
+    pub fn check_resources(&self, tm: &streamscore_crds::tenantmodel::TenantModel) -> Vec<String> {
+        let Some(r) = &tm.spec.resources else { return Vec::new() };
+        let mut errs = Vec::new();
+        for (kind, values) in [("requests", &r.requests), ("limits", &r.limits)] {
+            for (name, q) in values.iter().flatten() {
+                let Some(max) = self.max_resources.get(name) else { continue };
+                match (parse_quantity(&q.0), parse_quantity(max)) {
+                    (Some(v), Some(m)) if v > m => errs.push(format!(
+                        "spec.resources.{kind}.{name}: {} is above the platform's maximum per worker ({max})",
+                        q.0
+                    )),
+                    (None, _) => errs.push(format!("spec.resources.{kind}.{name}: {:?} is not a quantity", q.0)),
+                    _ => {}
+                }
+            }
+        }
+        errs
     }
 
     /// Checks that every topic and the consumer group of `tm` (in namespace `ns`) start with
@@ -179,6 +227,7 @@ mod tests {
             allowed_images: patterns.iter().map(|p| p.parse().unwrap()).collect(),
             require_image_digest: digest,
             kafka_prefix: None,
+            max_resources: BTreeMap::new(),
         }
     }
 
@@ -269,5 +318,33 @@ mod tests {
         assert!(p.check_kafka_names(&other, "payments")[0].starts_with("spec.source.groupId"));
         assert_eq!(crate::build::default_group_id(&tm, Some("payments.")), "payments.streamscore.fraud");
         assert_eq!(crate::build::default_group_id(&tm, None), "streamscore.payments.fraud");
+    }
+
+    #[test]
+    fn quantities_and_the_resource_maximum() {
+        assert_eq!(parse_quantity("500m"), Some(0.5));
+        assert_eq!(parse_quantity("2"), Some(2.0));
+        assert_eq!(parse_quantity("1Gi"), Some(1073741824.0));
+        assert_eq!(parse_quantity("1G"), Some(1e9));
+        assert_eq!(parse_quantity("lots"), None);
+        let mut tm: streamscore_crds::tenantmodel::TenantModel = serde_json::from_value(serde_json::json!({
+            "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+            "metadata": {"name": "fraud", "namespace": "payments"},
+            "spec": {
+                "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "64Gi"}},
+                "source": {"bootstrapServers": "k:9092", "topics": ["in"], "keyField": "u", "eventTime": {"field": "ts"}},
+                "model": {"uri": "file:///m", "sha256": "00", "version": "v", "features": [], "outputs": [{"name": "s"}]},
+                "sink": {"topic": "out", "deadLetterTopic": "dlq"}
+            }
+        }))
+        .unwrap();
+        let p = TenantPolicy {
+            max_resources: BTreeMap::from([("cpu".into(), "4".into()), ("memory".into(), "16Gi".into())]),
+            ..policy(&[], false)
+        };
+        let errs = p.check_resources(&tm);
+        assert_eq!(errs, ["spec.resources.limits.memory: 64Gi is above the platform's maximum per worker (16Gi)"]);
+        tm.spec.resources = None;
+        assert!(p.check_resources(&tm).is_empty(), "the platform's defaults apply");
     }
 }

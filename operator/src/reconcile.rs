@@ -478,7 +478,7 @@ async fn drive_rescale(
             let rolling_back = op.step == OperationStep::RollingBack;
             let target = if rolling_back { op.from } else { op.to };
             let answers = ctx.workers.resume_and_status(&pods).await;
-            match rescale::restore_decision(op, target, &answers, now_t, timeout) {
+            match rescale::restore_decision(op, target, available, &answers, now_t, timeout) {
                 Decision::Wait(msg) => {
                     op.message = msg;
                     Ok(target)
@@ -532,6 +532,7 @@ fn check_spec(tm: &TenantModel, ctx: &Context) -> Vec<Blocked> {
     }
     let ns = tm.namespace().unwrap_or_default();
     blocked.extend(ctx.policy.check_kafka_names(tm, &ns).into_iter().map(|e| Blocked::spec("KafkaNameNotAllowed", e)));
+    blocked.extend(ctx.policy.check_resources(tm).into_iter().map(|e| Blocked::spec("ResourcesNotAllowed", e)));
     blocked
 }
 

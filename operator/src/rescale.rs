@@ -235,11 +235,13 @@ pub fn drain_decision(op: &Operation, answers: &[Answer], now: DateTime<Utc>, ti
 }
 
 /// Restoring (and RollingBack, with `want` = `op.from`): done when exactly `want` workers
-/// answer, every one ready and consuming (not drained), none replaying, and together they own
-/// every input partition; failed when the step timed out.
+/// answer, every one ready and consuming (not drained), none replaying, together they own
+/// every input partition, and the Deployment counts `want` available pods; failed when the
+/// step timed out.
 pub fn restore_decision(
     op: &Operation,
     want: i32,
+    available: i32,
     answers: &[Answer],
     now: DateTime<Utc>,
     timeout: Duration,
@@ -247,6 +249,9 @@ pub fn restore_decision(
     let mut owned = BTreeSet::new();
     let mut total = 0usize;
     let mut problems = Vec::new();
+    if available < want {
+        problems.push(format!("Deployment: {available}/{want} available"));
+    }
     let mut replaying = 0;
     for (pod, answer) in answers {
         match answer {
@@ -466,19 +471,25 @@ mod tests {
             ("b".to_owned(), running(&[2, 3], 6)),
             ("c".to_owned(), running(&[4, 5], 6)),
         ];
-        assert!(matches!(restore_decision(&o, 4, &three, now(), T), Decision::Wait(m) if m.contains("3/4 workers")));
+        assert!(matches!(restore_decision(&o, 4, 4, &three, now(), T), Decision::Wait(m) if m.contains("3/4 workers")));
         let mut four = three.clone();
         four.push(("d".to_owned(), running(&[], 6)));
-        assert!(matches!(restore_decision(&o, 4, &four, now(), T), Decision::Done { .. }));
+        assert!(matches!(restore_decision(&o, 4, 4, &four, now(), T), Decision::Done { .. }));
+        assert!(
+            matches!(restore_decision(&o, 4, 3, &four, now(), T), Decision::Wait(m) if m.contains("Deployment: 3/4 available")),
+            "the Deployment's own count must agree"
+        );
         let mut replaying = four.clone();
         replaying[0].1.as_mut().unwrap().replaying = 1;
         assert!(
-            matches!(restore_decision(&o, 4, &replaying, now(), T), Decision::Wait(m) if m.contains("1 replaying"))
+            matches!(restore_decision(&o, 4, 4, &replaying, now(), T), Decision::Wait(m) if m.contains("1 replaying"))
         );
         let mut held = four.clone();
         held[3] = ("d".to_owned(), drained(&o, &[], 1, 6));
-        assert!(matches!(restore_decision(&o, 4, &held, now(), T), Decision::Wait(m) if m.contains("d still drained")));
-        assert!(matches!(restore_decision(&o, 4, &three, now(), Duration::from_secs(1)), Decision::Fail(_)));
+        assert!(
+            matches!(restore_decision(&o, 4, 4, &held, now(), T), Decision::Wait(m) if m.contains("d still drained"))
+        );
+        assert!(matches!(restore_decision(&o, 4, 4, &three, now(), Duration::from_secs(1)), Decision::Fail(_)));
     }
 
     #[test]

@@ -76,6 +76,7 @@ mod tests {
             default_image: "streamscore-worker:0.1.0".into(),
             operator_namespace: "streamscore-system".into(),
             kafka_prefix: None,
+            default_resources: None,
         };
         let c = crate::build::build(&tm, &ctx);
         let names = [

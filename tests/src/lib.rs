@@ -215,6 +215,7 @@ pub fn spawn_operator_with_policy(
             default_image: worker_image.into(),
             operator_namespace: "streamscore-system".into(),
             kafka_prefix: None,
+            default_resources: None,
         },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: kube::runtime::events::Recorder::new(

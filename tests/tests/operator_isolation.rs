@@ -194,6 +194,7 @@ async fn images_must_match_the_operators_allowlist() {
         allowed_images: vec!["registry.example.com/streamscore/*".parse().unwrap()],
         require_image_digest: false,
         kafka_prefix: None,
+        max_resources: Default::default(),
     };
     let op = streamscore_tests::spawn_operator_with_policy(&client, &ns, WORKER_IMAGE, policy, &cancel);
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
@@ -554,5 +555,73 @@ async fn kafka_names_are_confined_to_the_namespaces_prefix() {
     .await;
     let pipeline = &cm.data.unwrap()["pipeline.yaml"];
     assert!(pipeline.contains(&format!("groupId: {ns}.streamscore.fraud")), "{pipeline}");
+    cleanup(client, &ns, cancel, op).await;
+}
+
+/// The platform's maximum per worker refuses a TenantModel asking for more; one that sets no
+/// resources gets the platform's defaults, and every emptyDir has a size limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_resources_have_platform_defaults_and_a_maximum() {
+    use std::sync::Arc;
+    use streamscore_operator::build::BuildContext;
+    use streamscore_operator::metrics::OperatorMetrics;
+    use streamscore_operator::reconcile::Context;
+    let client = kube_client().await;
+    let (ns, sha) = setup(&client, "iso-res").await;
+    let policy = TenantPolicy {
+        max_resources: [("cpu".to_owned(), "2".to_owned()), ("memory".to_owned(), "4Gi".to_owned())].into(),
+        ..TenantPolicy::default()
+    };
+    let defaults: k8s_openapi::api::core::v1::ResourceRequirements =
+        serde_json::from_value(json!({"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}))
+            .unwrap();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        build: BuildContext {
+            default_image: WORKER_IMAGE.into(),
+            operator_namespace: "streamscore-system".into(),
+            kafka_prefix: None,
+            default_resources: Some(defaults.clone()),
+        },
+        metrics: Arc::new(OperatorMetrics::new()),
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter { controller: "streamscore-operator".into(), instance: None },
+        ),
+        policy,
+        workers: Default::default(),
+    });
+    let cancel = CancellationToken::new();
+    let op = tokio::spawn({
+        let (ns, c) = (ns.clone(), cancel.clone());
+        async move { streamscore_operator::run_controllers(ctx, &[ns], c).await }
+    });
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+
+    let mut tm = tenant_model("greedy", &sha);
+    tm["spec"]["resources"] = json!({"requests": {"cpu": "16"}, "limits": {"memory": "64Gi"}});
+    create(&tms, tm).await.unwrap();
+    let cond = degraded(&tms, "greedy", "ResourcesNotAllowed").await;
+    assert!(
+        cond.message.contains("spec.resources.requests.cpu: 16 is above the platform's maximum per worker (2)"),
+        "{}",
+        cond.message
+    );
+    assert!(cond.message.contains("spec.resources.limits.memory: 64Gi"), "{}", cond.message);
+    assert!(deps.get_opt("greedy-blue").await.unwrap().is_none());
+
+    create(&tms, tenant_model("modest", &sha)).await.unwrap();
+    let d = eventually(Duration::from_secs(30), "Deployment with the default resources", || async {
+        deps.get_opt("modest-blue").await.ok().flatten()
+    })
+    .await;
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.containers[0].resources.as_ref(), Some(&defaults));
+    for v in pod.volumes.unwrap() {
+        if let Some(e) = v.empty_dir {
+            assert!(e.size_limit.is_some(), "emptyDir {} has no size limit", v.name);
+        }
+    }
     cleanup(client, &ns, cancel, op).await;
 }
