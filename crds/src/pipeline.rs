@@ -603,6 +603,12 @@ pub struct RuntimeConfig {
     /// How often offsets are committed (after outputs are acknowledged and state is flushed).
     #[serde(default = "default_commit_interval")]
     pub commit_interval: Duration,
+    /// How long a stopping worker (SIGTERM) waits for its outputs to be acknowledged. When the
+    /// brokers do not acknowledge them in time, it exits without committing (status 1): the
+    /// next owner processes those inputs again; nothing is lost. Keep it below the pod's
+    /// termination grace period (60 s). Default 40s.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -612,6 +618,7 @@ impl Default for RuntimeConfig {
             http_listen: default_listen(),
             admin_listen: None,
             commit_interval: default_commit_interval(),
+            shutdown_timeout: default_shutdown_timeout(),
         }
     }
 }
@@ -622,6 +629,10 @@ fn default_state_dir() -> String {
 
 fn default_listen() -> String {
     "0.0.0.0:8080".into()
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(40)
 }
 
 fn default_commit_interval() -> Duration {
@@ -806,6 +817,9 @@ impl PipelineConfig {
         }
         if self.runtime.commit_interval.is_zero() {
             errs.push(cerr("runtime.commitInterval", "must be positive"));
+        }
+        if self.runtime.shutdown_timeout.is_zero() {
+            errs.push(cerr("runtime.shutdownTimeout", "must be positive"));
         }
         validate_state(&self.state, &mut errs);
         if errs.is_empty() {

@@ -659,3 +659,44 @@ async fn non_finite_amounts_times_and_scores_are_dead_lettered() {
     assert_eq!(scores, [json!(2.0), json!(1.0)], "sqrt(4) and sqrt(1); nothing else");
     assert!(scored.iter().all(|s| s.json()["label"] == json!("block")));
 }
+
+/// Issue 11, item 5: a worker whose outputs the brokers never acknowledge (its sink points at
+/// a port nothing listens on) still stops within `runtime.shutdownTimeout` of the stop signal,
+/// without committing; a worker with a working sink then scores every one of those inputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_outputs_are_never_acknowledged_stops_in_time_and_loses_nothing() {
+    let (input, out, dlq) = (unique("sd-in"), unique("sd-out"), unique("sd-dlq"));
+    create_topics(&[&input, &out, &dlq], 2).await;
+    let group = unique("sd-group");
+    let p = producer();
+    let events: Vec<(String, Vec<u8>)> =
+        (0..20i64).map(|i| event(&format!("u{}", i % 4), now_ms() - 60_000 + i, 1.0, "view")).collect();
+    produce(&p, &input, &events).await;
+
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = pipeline(&input, &out, &dlq, &group, &state.path().display().to_string());
+    cfg.sink.bootstrap_servers = "127.0.0.1:9".into();
+    cfg.runtime.shutdown_timeout = streamscore_crds::duration::Duration::from_secs(3);
+    cfg.validate().unwrap();
+    let w = start(&cfg);
+    let metrics = w.metrics.clone();
+    let t = std::time::Instant::now();
+    while streamscore_tests::oracle::metric(&metrics.encode(), "streamscore_worker_records_in_total") < 20.0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the worker did not consume the inputs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || w.join()).await.unwrap();
+    let took = stopped.elapsed();
+    let err = result.expect_err("the worker reports that it could not deliver");
+    assert!(err.contains("shutdownTimeout") || err.contains("producer queue is full"), "{err}");
+    assert!(took < Duration::from_secs(15), "stopped {took:?} after the signal");
+
+    // Nothing was committed: a worker with a working sink scores all 20.
+    let state = tempfile::tempdir().unwrap();
+    let cfg = pipeline(&input, &out, &dlq, &group, &state.path().display().to_string());
+    let w = start(&cfg);
+    let got = tokio::task::spawn_blocking(move || consume(&out, 20, Duration::from_secs(60))).await.unwrap();
+    w.stop();
+    assert_eq!(got.len(), 20);
+}

@@ -307,6 +307,10 @@ struct Shared {
     /// Object-store checkpoints, when configured, and how often.
     checkpoints: Option<Arc<Checkpointer>>,
     checkpoint_every: Duration,
+    /// Fires on SIGTERM; from then on the committer waits at most `shutdown_timeout` for
+    /// acknowledgements.
+    cancel: CancellationToken,
+    shutdown_timeout: Duration,
 }
 
 impl ClientContext for ConsumerCtx {
@@ -475,6 +479,13 @@ impl Shared {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) if self.cancel.is_cancelled() => {
+                    // Stopping with a full queue (brokers unreachable): give up without
+                    // committing; the inputs are processed again after restart.
+                    self.acks.done[Acks::slot(epoch)].fetch_add(1, Ordering::AcqRel);
+                    self.fail("stopping while the producer queue is full (brokers unreachable?)".into());
+                    return;
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
@@ -625,6 +636,7 @@ fn committer_loop(
 ) {
     let phase = |name: &'static str, since: Instant| shared.observe_phase(name, since);
     let mut last_lag = Instant::now() - Duration::from_secs(60);
+    let mut stopping_since: Option<Instant> = None;
     while let Ok(job) = jobs.recv() {
         let started = Instant::now();
         let mut warned = Instant::now();
@@ -634,6 +646,15 @@ fn committer_loop(
             }
             if shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                 break Err("stopping".to_owned());
+            }
+            if shared.cancel.is_cancelled()
+                && stopping_since.get_or_insert_with(Instant::now).elapsed() >= shared.shutdown_timeout
+            {
+                break Err(format!(
+                    "outputs not acknowledged within runtime.shutdownTimeout ({:?}) after the stop signal (brokers \
+                     unreachable?): exiting without committing them; their inputs are processed again after restart",
+                    shared.shutdown_timeout
+                ));
             }
             if warned.elapsed() >= Duration::from_secs(5) {
                 warned = Instant::now();
@@ -728,6 +749,9 @@ fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), S
         .set("linger.ms", "1")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", "500000")
+        // Bounded memory while the brokers are unreachable: at 256 MiB of unsent records the
+        // engine waits (QueueFull) instead of buffering more (librdkafka's default is 1 GiB).
+        .set("queue.buffering.max.kbytes", "262144")
         // Explicit, because the engine sizes every record (dead letters truncated, outputs too
         // large dead-lettered) to this limit; `sink.properties` may set another (validated) one.
         .set(
@@ -773,6 +797,8 @@ pub fn run(
         fatal: Mutex::new(None),
         checkpoints,
         checkpoint_every: Duration::from_millis(cfg.state.checkpoint_interval.as_millis()),
+        cancel: cancel.clone(),
+        shutdown_timeout: Duration::from_millis(cfg.runtime.shutdown_timeout.as_millis()),
     });
     let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
         cc.create_with_context(ConsumerCtx {
