@@ -312,8 +312,10 @@ pub struct TenantModelStatus {
     /// How the latest rescale ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rescale: Option<RescaleOutcome>,
-    /// The latest complete checkpoint. Not reported yet: the workers' metrics
-    /// (`streamscore_worker_checkpoints_total`) and logs say when checkpoints complete.
+    /// How recent the checkpoints are, as the workers report them (refreshed about every minute
+    /// with `checkpointStore`): the time of the oldest partition's newest complete checkpoint,
+    /// so every partition's state is checkpointed at least this recently, with the count, e.g.
+    /// `2026-11-30T04:12:17.120Z (6/6 partitions)`; or how many partitions have none yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<String>,
 }

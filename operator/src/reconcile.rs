@@ -301,6 +301,13 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         }
     }
     let mut status = compute(tm.status.as_ref(), generation, &version, &observed, &now());
+    if tm.spec.checkpoint_store.is_some() && rescale.op.is_none() && available > 0 {
+        // The workers say what their newest checkpoints are (admin API).
+        let pods = worker_pods(&client, &ns, &selector_string(tm, COLOR)).await?;
+        if let Some(lc) = rescale::last_checkpoint(&ctx.workers.status(&pods).await) {
+            status.last_checkpoint = Some(lc);
+        }
+    }
     status.operation = rescale.op.clone();
     status.last_rescale = rescale.last.clone();
     crate::status::with_operation(&mut status, &now(), generation);
@@ -333,8 +340,16 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     if rescale.op.is_some() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    // Not all workers available: look again soon (pods' readiness does not wake the controller).
-    Ok(Action::requeue(Duration::from_secs(if available < tm.spec.parallelism { 10 } else { 300 })))
+    // Not all workers available: look again soon (pods' readiness does not wake the controller);
+    // with checkpoints, every minute for status.lastCheckpoint.
+    let every = if available < tm.spec.parallelism {
+        10
+    } else if tm.spec.checkpoint_store.is_some() {
+        60
+    } else {
+        300
+    };
+    Ok(Action::requeue(Duration::from_secs(every)))
 }
 
 /// The rescale in progress and the last one's outcome, as they go into status.

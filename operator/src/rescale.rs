@@ -54,6 +54,46 @@ pub struct WorkerStatus {
     /// Partitions of the input topic.
     #[serde(default)]
     pub input_partitions: usize,
+    /// The newest checkpoint of each owned partition.
+    #[serde(default)]
+    pub checkpoints: Vec<PartitionCheckpoint>,
+}
+
+/// A partition's newest checkpoint, as a worker reports it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionCheckpoint {
+    /// Input partition.
+    pub partition: i32,
+    /// Manifest id.
+    pub manifest: String,
+    /// When it was written (Unix ms).
+    pub at_ms: i64,
+}
+
+/// `status.lastCheckpoint`: when every input partition has a checkpoint, the time of the
+/// oldest partition's newest one (every partition's state is checkpointed at least as recently
+/// as this) with the count, e.g. `2026-11-30T04:12:17.120Z (6/6 partitions)`; otherwise the
+/// count of partitions without one.
+pub fn last_checkpoint(answers: &[Answer]) -> Option<String> {
+    let mut newest: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    let mut total = 0usize;
+    for w in answers.iter().filter_map(|(_, a)| a.as_ref().ok()) {
+        total = total.max(w.input_partitions);
+        for c in &w.checkpoints {
+            let e = newest.entry(c.partition).or_insert(c.at_ms);
+            *e = (*e).max(c.at_ms);
+        }
+    }
+    if total == 0 {
+        return None;
+    }
+    let covered = (0..total as i32).filter(|p| newest.contains_key(p)).count();
+    if covered < total {
+        return Some(format!("none yet for {} of {total} partitions", total - covered));
+    }
+    let oldest = (0..total as i32).filter_map(|p| newest.get(&p)).min().copied()?;
+    Some(format!("{} ({total}/{total} partitions)", millis_rfc3339(oldest)))
 }
 
 /// The worker's drain state (`streamscore_worker::admin::DrainView`).
@@ -353,6 +393,15 @@ impl Workers {
         out
     }
 
+    /// The status of every pod.
+    pub async fn status(&self, pods: &[(String, String)]) -> Vec<Answer> {
+        let mut out = Vec::new();
+        for (name, ip) in pods {
+            out.push((name.clone(), self.status_of(&format!("http://{ip}:{}", crate::build::ADMIN_PORT)).await));
+        }
+        out
+    }
+
     /// Ends any drain on every pod, then returns their status.
     pub async fn resume_and_status(&self, pods: &[(String, String)]) -> Vec<Answer> {
         let mut out = Vec::new();
@@ -523,5 +572,25 @@ mod tests {
         let r = outcome(&o, "Succeeded", String::new(), now(), Some(1));
         assert_eq!(r.paused_seconds, Some(8.3));
         assert_eq!((r.from, r.to, r.result.as_str()), (2, 4, "Succeeded"));
+    }
+
+    #[test]
+    fn last_checkpoint_is_the_oldest_partitions_newest() {
+        let w = |parts: &[(i32, i64)]| -> Result<WorkerStatus, String> {
+            Ok(WorkerStatus {
+                input_partitions: 3,
+                checkpoints: parts
+                    .iter()
+                    .map(|(p, at)| PartitionCheckpoint { partition: *p, manifest: format!("m{p}"), at_ms: *at })
+                    .collect(),
+                ..WorkerStatus::default()
+            })
+        };
+        let t = now().timestamp_millis();
+        let partial = vec![("a".to_owned(), w(&[(0, t), (1, t)]))];
+        assert_eq!(last_checkpoint(&partial).as_deref(), Some("none yet for 1 of 3 partitions"));
+        let all = vec![("a".to_owned(), w(&[(0, t), (1, t - 5_000)])), ("b".to_owned(), w(&[(2, t - 1_000)]))];
+        assert_eq!(last_checkpoint(&all), Some(format!("{} (3/3 partitions)", millis_rfc3339(t - 5_000))));
+        assert_eq!(last_checkpoint(&[]), None);
     }
 }

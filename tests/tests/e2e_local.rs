@@ -17,12 +17,20 @@ use streamscore_tests::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// One test at a time runs a node agent: the scheduler places a TenantModel's pods on any Ready
+/// node, so tests running side by side would run each other's pods, and a test that ends would
+/// take the other's pods down with its agent. Held for a whole test (declared first, dropped
+/// last, after the agent has stopped its pods and deleted its Node).
+static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Agent(Child);
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // SIGTERM: the agent stops its pods (each worker drains and commits) and deletes its
+        // Node; SIGKILL only if that takes more than a minute.
         let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        for _ in 0..100 {
+        for _ in 0..600 {
             if matches!(self.0.try_wait(), Ok(Some(_))) {
                 return;
             }
@@ -66,6 +74,7 @@ fn input_ids(evs: &[(String, Vec<u8>)]) -> BTreeSet<(String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenantmodel_runs_end_to_end_on_the_local_node() {
+    let _node = NODE.lock().await;
     let client = kube_client().await;
     install_crd(&client).await;
     let ns = namespace(&client, "e2e").await;
@@ -386,6 +395,7 @@ impl CheckpointedEnv {
 /// those recomputed from the raw input, and Events and status.lastRescale report the outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
+    let _node = NODE.lock().await;
     use kube::api::{Patch, PatchParams};
     use streamscore_tests::oracle::{check, events as stream, metric, oracle, outputs, Ev};
 
@@ -512,6 +522,12 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
     let paused = last.paused_seconds.expect("pausedSeconds");
     assert!(paused > 0.0 && paused < 120.0, "{last:?}");
     eprintln!("rescale 4→1: input paused {paused}s ({})", last.message);
+    // status.lastCheckpoint: every partition has a checkpoint, as the workers report them.
+    let lc = eventually(Duration::from_secs(90), "status.lastCheckpoint for every partition", || async {
+        tms.get("scaled").await.ok()?.status?.last_checkpoint.filter(|l| l.ends_with("(4/4 partitions)"))
+    })
+    .await;
+    eprintln!("lastCheckpoint: {lc}");
     tms.delete("scaled", &DeleteParams::foreground()).await.unwrap();
     eventually(Duration::from_secs(90), "worker pods gone", || async {
         pods.list(&lp).await.ok()?.items.is_empty().then_some(())
@@ -527,10 +543,11 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
 /// next, and the reason is in status.lastRescale, the Progressing condition and a Warning Event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescale_whose_checkpoints_fail_rolls_back_and_loses_nothing() {
+    let _node = NODE.lock().await;
     use k8s_openapi::api::apps::v1::Deployment;
     use kube::api::{Patch, PatchParams};
 
-    let env = CheckpointedEnv::start("rollback", "78", 2).await;
+    let env = CheckpointedEnv::start("rollback", "80", 2).await;
     let operator = Operator::start(&env.client, &env.ns);
     let tms: Api<TenantModel> = Api::namespaced(env.client.clone(), &env.ns);
     let tm: TenantModel = serde_json::from_value(json!({

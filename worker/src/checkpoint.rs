@@ -509,6 +509,8 @@ struct PartitionsKnown {
     offsets: HashMap<i32, BTreeMap<String, i64>>,
     /// Its manifest id.
     ids: HashMap<i32, String>,
+    /// When it was written (Unix ms: completed by this process, or the manifest's time).
+    at: HashMap<i32, i64>,
 }
 
 impl Checkpointer {
@@ -593,6 +595,7 @@ impl Checkpointer {
             k.lineages.insert(partition, lineage);
             k.offsets.insert(partition, manifest.offsets.clone());
             k.ids.insert(partition, up.id.clone());
+            k.at.insert(partition, chrono::Utc::now().timestamp_millis());
         }
         if &manifest.offsets != offsets {
             warn!(partition, stored = ?manifest.offsets, expected = ?offsets, "checkpoint offsets differ from the commit's");
@@ -671,6 +674,14 @@ impl Checkpointer {
         k.lineages.remove(&partition);
         k.offsets.remove(&partition);
         k.ids.remove(&partition);
+        k.at.remove(&partition);
+    }
+
+    /// The newest checkpoint this process wrote or restored for `partition`: manifest id and
+    /// when it was written (Unix ms).
+    pub fn newest(&self, partition: i32) -> Option<(String, i64)> {
+        let k = self.known();
+        Some((k.ids.get(&partition)?.clone(), *k.at.get(&partition)?))
     }
 
     /// The manifest id of `partition`'s newest checkpoint this process wrote or restored.
@@ -715,6 +726,7 @@ impl Checkpointer {
                     k.lineages.insert(partition, Lineage::from_manifest(&id, &m));
                     k.offsets.insert(partition, m.offsets.clone());
                     k.ids.insert(partition, id.clone());
+                    k.at.insert(partition, meta.last_modified.timestamp_millis());
                     info!(partition, manifest = %id, bytes, offsets = ?m.offsets, took = ?started.elapsed(), "state restored from checkpoint");
                     return Ok(Some(Restored { id, offsets: m.offsets, bytes }));
                 }

@@ -96,11 +96,23 @@ pub fn admin_status_body(health: &Health) -> Value {
         Ok(()) => (true, Vec::new()),
         Err(why) => (false, why),
     };
+    let partitions = health.partitions.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let checkpoints: Vec<Value> = health
+        .checkpointer
+        .get()
+        .map(|cp| {
+            partitions
+                .iter()
+                .filter_map(|p| cp.newest(*p).map(|(id, at)| json!({"partition": p, "manifest": id, "atMs": at})))
+                .collect()
+        })
+        .unwrap_or_default();
     json!({
         "drain": health.admin.view(),
+        "checkpoints": checkpoints,
         "ready": ready,
         "notReady": not_ready,
-        "partitions": *health.partitions.read().unwrap_or_else(|e| e.into_inner()),
+        "partitions": partitions,
         "replaying": health.replaying.read().unwrap_or_else(|e| e.into_inner()).len(),
         "inputPartitions": health.input_partitions.load(Ordering::Relaxed),
     })

@@ -63,6 +63,8 @@ pub struct Health {
     pub partitions: RwLock<Vec<i32>>,
     /// Drain requests from the admin API (the operator's rescale).
     pub admin: crate::admin::Admin,
+    /// The checkpointer, once the Kafka loop runs with a checkpoint store (admin status).
+    pub checkpointer: std::sync::OnceLock<Arc<Checkpointer>>,
     /// Partition count of the first input topic (0 until known).
     pub input_partitions: AtomicUsize,
     /// Partitions whose state is being brought up to the committed offsets (not ready until
@@ -775,6 +777,9 @@ pub fn run(
     let (cc, pc) = client_config(&cfg)?;
     let acks = Arc::new(Acks::default());
     let checkpoints = engine.checkpointer().cloned();
+    if let Some(cp) = &checkpoints {
+        let _ = health.checkpointer.set(cp.clone());
+    }
     let producer: ThreadedProducer<ProducerCtx> = pc
         .create_with_context(ProducerCtx {
             metrics: metrics.clone(),
