@@ -408,12 +408,18 @@ impl ConsumerContext for ConsumerCtx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: BTreeSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            info!(?revoked, "partitions revoked: committing before handing them over");
             let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = commit_sync(&self.shared, &mut engine, consumer) {
-                self.shared.fail(format!("commit on revoke failed: {e}"));
+            let closing = self.shared.committer.lock().unwrap_or_else(|e| e.into_inner()).is_none();
+            if closing {
+                // The consumer closes after the shutdown: everything was committed and
+                // checkpointed then, and the committer has stopped.
+                debug!(?revoked, "partitions revoked at close (committed at shutdown)");
             } else {
-                checkpoint_now(&self.shared, &engine, &revoked);
+                info!(?revoked, "partitions revoked: committing before handing them over");
+                match commit_sync(&self.shared, &mut engine, consumer) {
+                    Ok(()) => checkpoint_now(&self.shared, &engine, &revoked),
+                    Err(e) => self.shared.fail(format!("commit on revoke failed: {e}")),
+                }
             }
             for p in revoked {
                 engine.revoke(p);
