@@ -73,6 +73,39 @@ pub struct PipelineConfig {
     /// a partition whose state it does not hold.
     #[serde(default)]
     pub state: StateConfig,
+    /// Shadow mode, for the candidate of a blue/green upgrade (set by the operator): outputs
+    /// go to the shadow topics, and after the cut-over, per input partition, from the live-from
+    /// offset on to the `sink` topics. Absent: every output goes to `sink`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// Where a blue/green candidate writes, and from which input offsets on it writes live.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowConfig {
+    /// Topic for scored records while in shadow.
+    pub topic: String,
+    /// Topic for dead letters while in shadow.
+    pub dead_letter_topic: String,
+    /// Topic for emitted windows while in shadow (when `sink.featureTopic` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_topic: Option<String>,
+    /// The cut-over barrier: per input topic and partition, the first input offset whose
+    /// outputs go to the `sink` topics (earlier offsets' outputs go to the shadow topics; a
+    /// partition not listed is live from offset 0). Absent: still in shadow, nothing is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_from: Option<BTreeMap<String, BTreeMap<i32, i64>>>,
+}
+
+impl ShadowConfig {
+    /// Whether the output of input `offset` of `topic`/`partition` is live.
+    pub fn is_live(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        match &self.live_from {
+            None => false,
+            Some(b) => offset >= b.get(topic).and_then(|p| p.get(&partition)).copied().unwrap_or(0),
+        }
+    }
 }
 
 /// Kafka input.
@@ -679,12 +712,20 @@ pub struct StateConfig {
     /// with the reason.
     #[serde(default)]
     pub missing_checkpoint: MissingCheckpoint,
+    /// Checkpoints of another pipeline run to start from, read only (a blue/green candidate
+    /// starts from the live run's state). Used for a partition the consumer group has never
+    /// committed and that has neither local state nor a checkpoint in `checkpointStore`: the
+    /// newest checkpoint here with this pipeline's feature fingerprint is restored and
+    /// consumption starts at its offsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_store: Option<String>,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
             checkpoint_store: None,
+            seed_store: None,
             credentials_dir: None,
             checkpoint_interval: default_checkpoint_interval(),
             retain_checkpoints: default_retain_checkpoints(),
@@ -718,20 +759,23 @@ pub enum MissingCheckpoint {
 pub const CHECKPOINT_SCHEMES: [&str; 4] = ["s3", "gs", "az", "file"];
 
 fn validate_state(s: &StateConfig, errs: &mut Vec<ConfigError>) {
-    if let Some(uri) = &s.checkpoint_store {
+    if s.seed_store.is_some() && s.checkpoint_store.is_none() {
+        errs.push(cerr("state.seedStore", "needs state.checkpointStore (the credentials and scheme are shared)"));
+    }
+    for (field, uri) in [("state.checkpointStore", &s.checkpoint_store), ("state.seedStore", &s.seed_store)] {
+        let Some(uri) = uri else { continue };
         let scheme = uri.split_once("://").map(|(s, _)| s);
         match scheme {
             Some(sch) if CHECKPOINT_SCHEMES.contains(&sch) => {
                 let rest = &uri[sch.len() + 3..];
                 if rest.trim_matches('/').is_empty() {
-                    errs.push(cerr("state.checkpointStore", "needs a bucket (or a path for file://)"));
+                    errs.push(cerr(field, "needs a bucket (or a path for file://)"));
                 }
                 if sch == "file" && !rest.starts_with('/') {
-                    errs.push(cerr("state.checkpointStore", "a file:// URI needs an absolute path (file:///…)"));
+                    errs.push(cerr(field, "a file:// URI needs an absolute path (file:///…)"));
                 }
             }
-            _ => errs
-                .push(cerr("state.checkpointStore", format!("{uri:?} is not an s3://, gs://, az:// or file:/// URI"))),
+            _ => errs.push(cerr(field, format!("{uri:?} is not an s3://, gs://, az:// or file:/// URI"))),
         }
     }
     if s.checkpoint_interval.is_zero() {

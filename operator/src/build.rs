@@ -135,6 +135,7 @@ pub fn render_pipeline(tm: &TenantModel, kafka_prefix: Option<&str>) -> Pipeline
             ..RuntimeConfig::default()
         },
         state: render_state(tm),
+        shadow: None,
     }
 }
 
@@ -149,6 +150,7 @@ fn render_state(tm: &TenantModel) -> StateConfig {
             .checkpoint_store
             .as_ref()
             .map(|u| format!("{}/{}/{}", u.trim_end_matches('/'), tm.namespace().unwrap_or_default(), tm.name_any())),
+        seed_store: None,
         credentials_dir: tm.spec.checkpoint_secret.as_ref().map(|_| CHECKPOINT_SECRET_DIR.to_owned()),
         checkpoint_interval: st.checkpoint_interval.unwrap_or(d.checkpoint_interval),
         retain_checkpoints: st.retain_checkpoints.unwrap_or(d.retain_checkpoints),

@@ -9,6 +9,14 @@
 //!  Drained ─► Idle (consuming again) when: POST /v1/admin/resume, the hold expires (the
 //!             operator stopped asking), or a new assignment arrives (the rescale happened).
 //! ```
+//! A drain asked with `fence=true` (the live run at a blue/green cut-over) is not ended by a new
+//! assignment: newly assigned partitions stay paused too, until resumed or the hold expires.
+//! `checkpoint=false` skips the object-store checkpoints (the cut-over needs only the commit).
+//!
+//! Shadow mode (a blue/green candidate, [`ShadowConfig`]): outputs go to the shadow topics until
+//! `POST /v1/admin/golive` sets the barrier (first live input offset per partition); the same
+//! barrier asked again is accepted, a different one refused.
+//!
 //! Repeating a drain with the same id while drained only extends the hold, so a restarted
 //! operator can ask again. Correctness never depends on the drain: a partition handed over
 //! without one is checkpointed on revoke. The drain makes the hand-over a precondition the
@@ -20,6 +28,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use streamscore_crds::pipeline::ShadowConfig;
+
+/// A cut-over barrier: per input topic and partition, the first input offset whose outputs are live.
+pub type Barrier = BTreeMap<String, BTreeMap<i32, i64>>;
 
 /// One partition as the drain left it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -51,8 +63,8 @@ pub struct DrainReport {
 #[derive(Clone, Debug)]
 enum Drain {
     Idle,
-    Requested { id: String, hold_until: Instant },
-    Drained { report: DrainReport, hold_until: Instant, assignment: u64 },
+    Requested { id: String, hold_until: Instant, opts: DrainOptions },
+    Drained { report: DrainReport, hold_until: Instant, assignment: u64, fence: bool },
     Failed { id: String, error: String },
 }
 
@@ -81,10 +93,27 @@ pub enum DrainView {
     },
 }
 
+/// How a drain is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainOptions {
+    /// Checkpoint every partition to the object store (besides the commit).
+    pub checkpoint: bool,
+    /// Stay paused across new assignments (until resumed or the hold expires).
+    pub fence: bool,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        Self { checkpoint: true, fence: false }
+    }
+}
+
 /// Shared by the admin API and the Kafka loop.
 #[derive(Debug)]
 pub struct Admin {
     drain: Mutex<Drain>,
+    /// Shadow mode (None: every output is live), with the barrier once set.
+    shadow: Mutex<Option<ShadowConfig>>,
     /// Assignments received (the rebalance callback counts them).
     assignments: AtomicU64,
     /// Partitions to resume at the loop's next turn.
@@ -93,7 +122,12 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Self { drain: Mutex::new(Drain::Idle), assignments: AtomicU64::new(0), resume: Mutex::new(false) }
+        Self {
+            drain: Mutex::new(Drain::Idle),
+            shadow: Mutex::new(None),
+            assignments: AtomicU64::new(0),
+            resume: Mutex::new(false),
+        }
     }
 }
 
@@ -102,20 +136,51 @@ impl Admin {
         self.drain.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// An admin state for a worker started with `shadow` (the pipeline's `shadow` section).
+    pub fn with_shadow(shadow: Option<ShadowConfig>) -> Self {
+        Self { shadow: Mutex::new(shadow), ..Self::default() }
+    }
+
+    /// The shadow configuration, locked (the Kafka loop routes a batch's outputs with it).
+    pub fn shadow(&self) -> std::sync::MutexGuard<'_, Option<ShadowConfig>> {
+        self.shadow.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the cut-over barrier of a worker in shadow mode. The same barrier again is accepted
+    /// (a restarted operator asks again); another barrier, or a worker not in shadow mode, is
+    /// refused with the reason.
+    pub fn go_live(&self, barrier: &Barrier) -> Result<(), String> {
+        let mut s = self.shadow();
+        let Some(shadow) = s.as_mut() else { return Err("this worker is not in shadow mode".into()) };
+        match &shadow.live_from {
+            Some(b) if b == barrier => Ok(()),
+            Some(b) => Err(format!("already live from another barrier: {b:?}")),
+            None => {
+                shadow.live_from = Some(barrier.clone());
+                Ok(())
+            }
+        }
+    }
+
     /// Asks for a drain named `id` held for `hold` (extended when asked again with the same
     /// id). Returns the state after the request.
     pub fn request_drain(&self, id: &str, hold: Duration) -> DrainView {
+        self.request_drain_with(id, hold, DrainOptions::default())
+    }
+
+    /// [`Admin::request_drain`] with options.
+    pub fn request_drain_with(&self, id: &str, hold: Duration, opts: DrainOptions) -> DrainView {
         let until = Instant::now() + hold;
         let mut d = self.lock();
         match &mut *d {
-            Drain::Requested { id: cur, hold_until }
+            Drain::Requested { id: cur, hold_until, .. }
             | Drain::Drained { report: DrainReport { id: cur, .. }, hold_until, .. }
                 if cur == id =>
             {
                 *hold_until = until;
             }
             Drain::Failed { id: cur, .. } if cur == id => {}
-            _ => *d = Drain::Requested { id: id.to_owned(), hold_until: until },
+            _ => *d = Drain::Requested { id: id.to_owned(), hold_until: until, opts },
         }
         view(&d)
     }
@@ -143,22 +208,32 @@ impl Admin {
 
     /// Loop side: the id of a drain to perform now, if one is asked and not expired.
     pub fn pending(&self) -> Option<String> {
+        self.pending_with().map(|(id, _)| id)
+    }
+
+    /// Loop side: the id and options of a drain to perform now.
+    pub fn pending_with(&self) -> Option<(String, DrainOptions)> {
         let mut d = self.lock();
         match &*d {
             Drain::Requested { hold_until, .. } if *hold_until <= Instant::now() => {
                 *d = Drain::Idle;
                 None
             }
-            Drain::Requested { id, .. } => Some(id.clone()),
+            Drain::Requested { id, opts, .. } => Some((id.clone(), *opts)),
             _ => None,
         }
+    }
+
+    /// Whether a fenced drain holds the worker: newly assigned partitions must stay paused.
+    pub fn fenced(&self) -> bool {
+        matches!(*self.lock(), Drain::Drained { fence: true, .. } | Drain::Requested { opts: DrainOptions { fence: true, .. }, .. })
     }
 
     /// Loop side: the drain `id` is done (or failed; then the loop resumes at once).
     pub fn finish(&self, id: &str, result: Result<DrainReport, String>) {
         let mut d = self.lock();
-        let hold_until = match &*d {
-            Drain::Requested { id: cur, hold_until } if cur == id => *hold_until,
+        let (hold_until, fence) = match &*d {
+            Drain::Requested { id: cur, hold_until, opts } if cur == id => (*hold_until, opts.fence),
             // Resumed (or asked again with another id) meanwhile.
             _ => {
                 *self.resume.lock().unwrap_or_else(|e| e.into_inner()) = true;
@@ -166,7 +241,9 @@ impl Admin {
             }
         };
         *d = match result {
-            Ok(report) => Drain::Drained { report, hold_until, assignment: self.assignments.load(Ordering::Acquire) },
+            Ok(report) => {
+                Drain::Drained { report, hold_until, assignment: self.assignments.load(Ordering::Acquire), fence }
+            }
             Err(error) => {
                 *self.resume.lock().unwrap_or_else(|e| e.into_inner()) = true;
                 Drain::Failed { id: id.to_owned(), error }
@@ -183,8 +260,9 @@ impl Admin {
     /// assignment arrived since the drain); the drain is then over.
     pub fn take_resume(&self) -> bool {
         let mut d = self.lock();
-        if let Drain::Drained { hold_until, assignment, .. } = &*d {
-            if *hold_until <= Instant::now() || *assignment != self.assignments.load(Ordering::Acquire) {
+        if let Drain::Drained { hold_until, assignment, fence, .. } = &*d {
+            let reassigned = !*fence && *assignment != self.assignments.load(Ordering::Acquire);
+            if *hold_until <= Instant::now() || reassigned {
                 *d = Drain::Idle;
                 return true;
             }
@@ -247,6 +325,44 @@ mod tests {
         a.request_drain("op3", Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(a.pending(), None, "an expired request is not performed");
+    }
+
+    #[test]
+    fn a_fenced_drain_outlasts_new_assignments() {
+        let a = Admin::default();
+        let opts = DrainOptions { checkpoint: false, fence: true };
+        a.request_drain_with("cut", Duration::from_secs(60), opts);
+        assert!(a.fenced(), "fenced from the request on: an assignment before the drain stays paused");
+        assert_eq!(a.pending_with(), Some(("cut".into(), opts)));
+        a.finish("cut", Ok(report("cut")));
+        a.assigned();
+        assert!(!a.take_resume(), "a rebalance does not end a fenced drain");
+        assert!(a.fenced());
+        a.resume();
+        assert!(a.take_resume());
+        assert!(!a.fenced());
+    }
+
+    #[test]
+    fn the_barrier_is_set_once() {
+        let shadow = ShadowConfig {
+            topic: "s".into(),
+            dead_letter_topic: "d".into(),
+            feature_topic: None,
+            live_from: None,
+        };
+        assert!(Admin::default().go_live(&Barrier::new()).is_err(), "not in shadow mode");
+        let a = Admin::with_shadow(Some(shadow));
+        let b: Barrier = BTreeMap::from([("in".to_owned(), BTreeMap::from([(0, 10), (1, 7)]))]);
+        assert!(!a.shadow().as_ref().unwrap().is_live("in", 0, 1_000));
+        a.go_live(&b).unwrap();
+        a.go_live(&b).expect("the same barrier again is accepted");
+        let other: Barrier = BTreeMap::from([("in".to_owned(), BTreeMap::from([(0, 11)]))]);
+        assert!(a.go_live(&other).unwrap_err().contains("another barrier"));
+        let s = a.shadow();
+        let s = s.as_ref().unwrap();
+        assert!(!s.is_live("in", 0, 9) && s.is_live("in", 0, 10) && s.is_live("in", 1, 7) && !s.is_live("in", 1, 6));
+        assert!(s.is_live("in", 2, 0), "a partition without a barrier entry is live");
     }
 
     #[test]

@@ -486,6 +486,8 @@ struct Request {
 /// loop (periodic, revoke and shutdown checkpoints).
 pub struct Checkpointer {
     store: Arc<ObjectCheckpoints>,
+    /// `state.seedStore`: another run's checkpoints, read only.
+    seed: Option<Arc<ObjectCheckpoints>>,
     scratch: PathBuf,
     model_version: String,
     retain: usize,
@@ -527,6 +529,10 @@ impl Checkpointer {
             None => Vec::new(),
         };
         let store = Arc::new(ObjectCheckpoints::open_with(uri, &settings)?);
+        let seed = match &cfg.seed_store {
+            Some(uri) => Some(Arc::new(ObjectCheckpoints::open_with(uri, &settings)?)),
+            None => None,
+        };
         let scratch = state_dir.join(".checkpoints");
         if scratch.exists() {
             std::fs::remove_dir_all(&scratch).map_err(local(&scratch))?;
@@ -535,6 +541,7 @@ impl Checkpointer {
         let (tx, rx) = channel::<Request>();
         let cp = Arc::new(Self {
             store,
+            seed,
             scratch,
             model_version: model_version.to_owned(),
             retain: cfg.retain_checkpoints.max(1) as usize,
@@ -700,10 +707,40 @@ impl Checkpointer {
         local: Option<&BTreeMap<String, i64>>,
         into: &FsPath,
     ) -> Result<Option<Restored>, CheckpointError> {
+        self.restore_from(&self.store.clone(), true, partition, fingerprint, local, into)
+    }
+
+    /// Whether a seed store (`state.seedStore`) is configured.
+    pub fn has_seed(&self) -> bool {
+        self.seed.is_some()
+    }
+
+    /// Restores into `into` the newest complete checkpoint of `partition` in the seed store
+    /// (`state.seedStore`) computed with `fingerprint`. Its files are not known to this
+    /// process's store: the partition's first own checkpoint uploads them all.
+    pub fn restore_seed(
+        &self,
+        partition: i32,
+        fingerprint: &str,
+        into: &FsPath,
+    ) -> Result<Option<Restored>, CheckpointError> {
+        let Some(seed) = self.seed.clone() else { return Ok(None) };
+        self.restore_from(&seed, false, partition, fingerprint, None, into)
+    }
+
+    fn restore_from(
+        &self,
+        store: &ObjectCheckpoints,
+        own: bool,
+        partition: i32,
+        fingerprint: &str,
+        local: Option<&BTreeMap<String, i64>>,
+        into: &FsPath,
+    ) -> Result<Option<Restored>, CheckpointError> {
         let started = Instant::now();
-        for meta in self.store.manifests(partition)? {
+        for meta in store.manifests(partition)? {
             let id = meta.location.filename().unwrap_or_default().to_owned();
-            let m = match self.store.read_manifest(partition, &id) {
+            let m = match store.read_manifest(partition, &id) {
                 Ok(m) => m,
                 Err(e) => {
                     self.metrics.checkpoint_fallbacks.inc();
@@ -718,10 +755,14 @@ impl Checkpointer {
             if local.is_some_and(|l| !ahead(&m.offsets, l)) {
                 return Ok(None);
             }
-            match self.store.download(&id, &m, into) {
+            match store.download(&id, &m, into) {
                 Ok(bytes) => {
                     self.metrics.restore_downloaded_bytes.inc_by(bytes);
                     self.metrics.restore_seconds.observe(started.elapsed().as_secs_f64());
+                    if !own {
+                        info!(partition, manifest = %id, bytes, offsets = ?m.offsets, took = ?started.elapsed(), store = %store.uri(), "state seeded from another run's checkpoint");
+                        return Ok(Some(Restored { id, offsets: m.offsets, bytes }));
+                    }
                     let mut k = self.known();
                     k.lineages.insert(partition, Lineage::from_manifest(&id, &m));
                     k.offsets.insert(partition, m.offsets.clone());

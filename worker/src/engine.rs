@@ -55,11 +55,28 @@ pub struct InRecord<'a> {
     pub timestamp: Option<i64>,
 }
 
+/// The input an output comes from: index of its topic in `source.topics`, partition and
+/// offset (for an emitted window: the offset of the record that closed it). A blue/green
+/// candidate routes each output by it (shadow or live, see [`ShadowConfig::is_live`]).
+///
+/// [`ShadowConfig::is_live`]: streamscore_crds::pipeline::ShadowConfig::is_live
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Index of the input topic in `source.topics`.
+    pub topic: usize,
+    /// Input partition.
+    pub partition: i32,
+    /// Input offset.
+    pub offset: i64,
+}
+
 /// A record to write.
 #[derive(Debug, PartialEq)]
 pub enum OutRecord {
     /// A scored event for the output topic.
     Scored {
+        /// The input it comes from.
+        origin: Origin,
         /// Entity key.
         key: String,
         /// JSON value.
@@ -71,6 +88,8 @@ pub enum OutRecord {
     },
     /// An event that could not be processed, for the dead-letter topic.
     DeadLetter {
+        /// The input it comes from.
+        origin: Origin,
         /// Original key bytes.
         key: Option<Vec<u8>>,
         /// Original value bytes.
@@ -80,6 +99,8 @@ pub enum OutRecord {
     },
     /// A closed emitted window, for the feature topic.
     Feature {
+        /// The input whose event time closed it.
+        origin: Origin,
         /// Entity key.
         key: String,
         /// JSON value `{"key", "feature", "windowStart", "windowEnd", "value", "count"}`.
@@ -164,6 +185,9 @@ pub enum StateSource {
     LocalBehind,
     /// A checkpoint (manifest id).
     Checkpoint(String),
+    /// A checkpoint of another run (`state.seedStore`, manifest id): a new consumer group
+    /// starts from it.
+    Seed(String),
     /// Nothing usable: rebuilt from the earliest retained input record.
     Rebuild,
     /// No state and nothing committed: a new partition.
@@ -176,6 +200,7 @@ impl StateSource {
         match self {
             Self::Local | Self::LocalBehind => "local",
             Self::Checkpoint(_) => "checkpoint",
+            Self::Seed(_) => "seed",
             Self::Rebuild => "rebuild",
             Self::Empty => "empty",
         }
@@ -290,6 +315,8 @@ pub struct Engine {
     checkpoints: Option<Arc<Checkpointer>>,
     /// See [`Engine::replaying_changed`].
     replay_changed: bool,
+    /// Index of the main score (`postprocess.score`) among the model's outputs.
+    primary_score: Option<usize>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -347,7 +374,13 @@ impl Engine {
         let emitted_inputs =
             cfg.features.emitted.iter().map(|d| Input::new(&schema, d.field.as_deref(), d.filter.as_ref())).collect();
         let fingerprint = state_fingerprint(&cfg);
+        let primary_score = if cfg.postprocess.score.is_empty() {
+            (model.score_names().count() > 0).then_some(0)
+        } else {
+            model.score_names().position(|n| n == cfg.postprocess.score)
+        };
         Self {
+            primary_score,
             emitted: EmittedSet::new(&cfg.features.emitted),
             emitted_inputs,
             schema,
@@ -497,6 +530,19 @@ impl Engine {
                 }
             }
         }
+        // A new consumer group (a blue/green candidate) with nothing local: the seed store's
+        // newest checkpoint, and consumption from its offsets.
+        if committed.is_empty() && source == StateSource::Empty {
+            if let Some(cp) = self.checkpoints.clone().filter(|c| c.has_seed()) {
+                let into = self.stores.partition_path(partition);
+                if let Some(r) = cp
+                    .restore_seed(partition, &self.fingerprint, &into)
+                    .map_err(|source| EngineError::Checkpoint { partition, source })?
+                {
+                    source = StateSource::Seed(r.id);
+                }
+            }
+        }
         // 4. Nothing usable.
         if needs_state && source == StateSource::Empty {
             let why = unusable.clone().unwrap_or_else(|| "this worker has no local state for it".into());
@@ -515,7 +561,7 @@ impl Engine {
                 }
             }
         }
-        if unusable.is_some() && !matches!(source, StateSource::Checkpoint(_)) {
+        if unusable.is_some() && !matches!(source, StateSource::Checkpoint(_) | StateSource::Seed(_)) {
             drop(local.take());
             self.stores.wipe(partition).map_err(|source| EngineError::Wipe { partition, source })?;
         }
@@ -534,6 +580,11 @@ impl Engine {
         let stored = store.stored_offsets().clone();
         let mut start = BTreeMap::new();
         let mut replay_until = BTreeMap::new();
+        if matches!(source, StateSource::Seed(_)) {
+            for (t, &o) in &stored {
+                start.insert(t.clone(), StartAt::Offset(o));
+            }
+        }
         for (t, &c) in committed {
             match stored.get(t) {
                 Some(&s) => {
@@ -654,7 +705,7 @@ impl Engine {
                 Ok(e) => e,
                 Err(rej) => {
                     if !replay {
-                        out.push(dead_letter(rec, rej.reason, &rej.detail, limit));
+                        out.push(dead_letter(rec, self.topic_index(rec.topic), rej.reason, &rej.detail, limit));
                         self.metrics.dead_letter(rej.reason);
                     }
                     continue;
@@ -677,7 +728,7 @@ impl Engine {
                             ctx.watermark.current(),
                             self.lateness
                         );
-                        out.push(dead_letter(rec, Reason::Late, &detail, limit));
+                        out.push(dead_letter(rec, self.topic_index(rec.topic), Reason::Late, &detail, limit));
                         self.metrics.dead_letter(Reason::Late);
                     }
                     LatePolicy::Drop => {
@@ -727,7 +778,7 @@ impl Engine {
             Err(e) => {
                 // The model failed on this batch: dead-letter its records rather than stop.
                 for p in pending.iter().filter(|p| !p.replay) {
-                    out.push(dead_letter(p.rec, Reason::ScoringFailed, &e.to_string(), limit));
+                    out.push(dead_letter(p.rec, self.topic_index(p.rec.topic), Reason::ScoringFailed, &e.to_string(), limit));
                     self.metrics.dead_letter(Reason::ScoringFailed);
                 }
                 return Ok(out);
@@ -739,7 +790,7 @@ impl Engine {
             if let Some((name, x)) = self.model.score_names().zip(&s).find(|(_, x)| !x.is_finite()) {
                 if !p.replay {
                     let detail = format!("the model gave score {name} = {x}, not a finite number");
-                    out.push(dead_letter(p.rec, Reason::ScoringFailed, &detail, limit));
+                    out.push(dead_letter(p.rec, self.topic_index(p.rec.topic), Reason::ScoringFailed, &detail, limit));
                     self.metrics.dead_letter(Reason::ScoringFailed);
                 }
                 continue;
@@ -752,7 +803,7 @@ impl Engine {
                 if !p.replay {
                     let detail =
                         format!("the output record would be {size} bytes; the producer's message.max.bytes is {limit}");
-                    out.push(dead_letter(p.rec, Reason::OutputTooLarge, &detail, limit));
+                    out.push(dead_letter(p.rec, self.topic_index(p.rec.topic), Reason::OutputTooLarge, &detail, limit));
                     self.metrics.dead_letter(Reason::OutputTooLarge);
                 }
                 continue;
@@ -786,7 +837,11 @@ impl Engine {
             if p.replay {
                 continue;
             }
+            if let Some(primary) = self.primary_score {
+                self.metrics.score.observe(s[primary]);
+            }
             out.push(OutRecord::Scored {
+                origin: self.origin(p.rec),
                 key: p.event.key.into_owned(),
                 value,
                 received: p.rec.received,
@@ -802,9 +857,15 @@ impl Engine {
         if self.emitted.is_empty() {
             return Ok(());
         }
-        for ctx in self.partitions.values_mut() {
+        let first_topic = self.cfg.source.topics.first().cloned().unwrap_or_default();
+        for (&partition, ctx) in self.partitions.iter_mut() {
             // Still below the committed offsets: these windows were written before.
             let replay = !ctx.replay_until.is_empty();
+            let origin = Origin {
+                topic: 0,
+                partition,
+                offset: ctx.next_offsets.get(&first_topic).map_or(0, |o| o - 1),
+            };
             let horizon = ctx.watermark.horizon();
             if ctx.watermark.max_time().is_none() || horizon <= ctx.closed_through {
                 continue;
@@ -830,11 +891,14 @@ impl Engine {
                             ("streamscore.reason", Reason::OutputTooLarge.as_str().to_owned()),
                             ("streamscore.detail", detail),
                         ];
-                        out.push(fit_dead_letter(Some(key.as_bytes()), &value, headers, self.max_message_bytes));
+                        out.push(
+                            fit_dead_letter(Some(key.as_bytes()), &value, headers, self.max_message_bytes)
+                                .with_origin(origin),
+                        );
                         self.metrics.dead_letter(Reason::OutputTooLarge);
                         continue;
                     }
-                    out.push(OutRecord::Feature { key: key.clone(), value });
+                    out.push(OutRecord::Feature { origin, key: key.clone(), value });
                     self.metrics.windows_emitted.inc();
                 }
             }
@@ -859,6 +923,15 @@ impl Engine {
         if changed {
             self.update_replaying();
         }
+    }
+
+    /// Index of `topic` in `source.topics` (0 when not found).
+    fn topic_index(&self, topic: &str) -> usize {
+        self.cfg.source.topics.iter().position(|t| t == topic).unwrap_or(0)
+    }
+
+    fn origin(&self, rec: &InRecord<'_>) -> Origin {
+        Origin { topic: self.topic_index(rec.topic), partition: rec.partition, offset: rec.offset }
     }
 
     /// The index of the label of the highest threshold the main score reaches.
@@ -1051,9 +1124,34 @@ fn headers(topic: &str, partition: i32, offset: i64, reason: Reason, detail: &st
     ]
 }
 
-fn dead_letter(rec: &InRecord<'_>, reason: Reason, detail: &str, limit: usize) -> OutRecord {
+impl OutRecord {
+    /// The same record, coming from `origin`.
+    pub fn with_origin(mut self, o: Origin) -> Self {
+        match &mut self {
+            OutRecord::Scored { origin, .. } | OutRecord::DeadLetter { origin, .. } | OutRecord::Feature { origin, .. } => {
+                *origin = o;
+            }
+        }
+        self
+    }
+
+    /// The input it comes from.
+    pub fn origin(&self) -> Origin {
+        match self {
+            OutRecord::Scored { origin, .. } | OutRecord::DeadLetter { origin, .. } | OutRecord::Feature { origin, .. } => {
+                *origin
+            }
+        }
+    }
+}
+
+fn dead_letter(rec: &InRecord<'_>, topic: usize, reason: Reason, detail: &str, limit: usize) -> OutRecord {
     let headers = headers(rec.topic, rec.partition, rec.offset, reason, detail);
-    fit_dead_letter(rec.key, rec.payload.unwrap_or_default(), headers, limit)
+    fit_dead_letter(rec.key, rec.payload.unwrap_or_default(), headers, limit).with_origin(Origin {
+        topic,
+        partition: rec.partition,
+        offset: rec.offset,
+    })
 }
 
 /// Framing librdkafka adds to a record when it checks `message.max.bytes` at produce time
@@ -1094,7 +1192,7 @@ pub fn fit_dead_letter(
         let room = limit.saturating_sub(wire_size(key_len(key), 0, &headers));
         value = &value[..value.len().min(room)];
     }
-    OutRecord::DeadLetter { key: key.map(<[u8]>::to_vec), value: value.to_vec(), headers }
+    OutRecord::DeadLetter { origin: Origin::default(), key: key.map(<[u8]>::to_vec), value: value.to_vec(), headers }
 }
 
 #[cfg(test)]

@@ -158,10 +158,10 @@ fn scored_json(o: &OutRecord) -> Value {
 
 fn record_size(o: &OutRecord) -> usize {
     match o {
-        OutRecord::Scored { key, value, .. } | OutRecord::Feature { key, value } => {
+        OutRecord::Scored { key, value, .. } | OutRecord::Feature { key, value, .. } => {
             wire_size(key.len(), value.len(), &[])
         }
-        OutRecord::DeadLetter { key, value, headers } => {
+        OutRecord::DeadLetter { key, value, headers, .. } => {
             wire_size(key.as_ref().map_or(0, Vec::len), value.len(), headers)
         }
     }
@@ -202,8 +202,11 @@ fn a_record_over_the_producer_limit_becomes_one_dead_letter_that_fits() {
     assert_eq!(big.len(), 1_200_000);
     let out = sorted(h.run(&[(b"u", big.clone()), (b"u", event(NOW, 5.0, "view").to_string().into_bytes())]));
     assert_eq!(outcomes(&out), ["dead:oversized", "scored"]);
-    let OutRecord::DeadLetter { key, value, headers } = &out[0] else { unreachable!() };
+    let OutRecord::DeadLetter { key, value, headers, origin } = &out[0] else { unreachable!() };
     assert_eq!(key.as_deref(), Some(&b"u"[..]));
+    let offset: i64 = header(headers, "streamscore.source.offset").unwrap().parse().unwrap();
+    assert_eq!((origin.partition, origin.offset), (0, offset), "a dead letter is routed by its input");
+    assert_eq!(out[1].origin().offset, offset + 1);
     assert_eq!(header(headers, "streamscore.truncated.value"), Some("1200000"));
     assert_eq!(header(headers, "streamscore.truncated.key"), None);
     assert!(big.starts_with(value), "a prefix of the original bytes");
@@ -218,13 +221,13 @@ fn dead_letters_are_cut_only_when_they_would_not_fit() {
     let headers = || vec![("streamscore.reason", "oversized".to_owned())];
     // Fits: untouched, no truncation header; an empty key stays an empty key.
     let small = fit_dead_letter(Some(b""), b"hello", headers(), 1_000);
-    assert_eq!(small, OutRecord::DeadLetter { key: Some(vec![]), value: b"hello".to_vec(), headers: headers() });
+    assert_eq!(small, OutRecord::DeadLetter { origin: Origin::default(), key: Some(vec![]), value: b"hello".to_vec(), headers: headers() });
     let exact = fit_dead_letter(None, &[b'v'; 1_000 - 36 - 10 - 18 - 9], headers(), 1_000);
     assert!(matches!(&exact, OutRecord::DeadLetter { headers, .. } if headers.len() == 1), "{exact:?}");
     // A 5000-byte key and a 2 MB value: the key is cut to 1024 bytes, the value to the rest.
     let key = vec![b'k'; 5_000];
     let value = vec![b'v'; 2_000_000];
-    let OutRecord::DeadLetter { key: k, value: v, headers: hs } =
+    let OutRecord::DeadLetter { key: k, value: v, headers: hs, .. } =
         fit_dead_letter(Some(&key), &value, headers(), 100_000)
     else {
         unreachable!()

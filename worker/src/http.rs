@@ -56,6 +56,7 @@ pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/admin/drain", post(drain))
         .route("/v1/admin/resume", post(resume))
+        .route("/v1/admin/golive", post(go_live))
         .route("/v1/admin/status", get(admin_status))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
@@ -67,6 +68,16 @@ struct DrainParams {
     id: String,
     #[serde(default = "default_hold")]
     hold_seconds: u64,
+    /// Checkpoint every partition to the object store (default true).
+    #[serde(default = "yes")]
+    checkpoint: bool,
+    /// Keep partitions assigned during the drain paused too (a blue/green cut-over).
+    #[serde(default)]
+    fence: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_hold() -> u64 {
@@ -78,7 +89,23 @@ async fn drain(State(s): State<AppState>, Query(q): Query<DrainParams>) -> Respo
         return (StatusCode::BAD_REQUEST, Json(json!({"error": "id must be 1-128 characters"}))).into_response();
     }
     let hold = std::time::Duration::from_secs(q.hold_seconds.clamp(1, 3600));
-    Json(s.health.admin.request_drain(&q.id, hold)).into_response()
+    let opts = crate::admin::DrainOptions { checkpoint: q.checkpoint, fence: q.fence };
+    Json(s.health.admin.request_drain_with(&q.id, hold, opts)).into_response()
+}
+
+/// Body of `POST /v1/admin/golive`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GoLive {
+    live_from: crate::admin::Barrier,
+}
+
+/// Sets the cut-over barrier of a worker in shadow mode (see [`crate::admin`]).
+async fn go_live(State(s): State<AppState>, Json(body): Json<GoLive>) -> Response {
+    match s.health.admin.go_live(&body.live_from) {
+        Ok(()) => Json(json!({"liveFrom": body.live_from})).into_response(),
+        Err(e) => (StatusCode::CONFLICT, Json(json!({"error": e}))).into_response(),
+    }
 }
 
 async fn resume(State(s): State<AppState>) -> Response {
@@ -107,8 +134,10 @@ pub fn admin_status_body(health: &Health) -> Value {
                 .collect()
         })
         .unwrap_or_default();
+    let shadow = health.admin.shadow().as_ref().map(|s| json!({"topic": s.topic, "liveFrom": s.live_from}));
     json!({
         "drain": health.admin.view(),
+        "shadow": shadow,
         "checkpoints": checkpoints,
         "ready": ready,
         "notReady": not_ready,

@@ -38,11 +38,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use streamscore_crds::pipeline::{PipelineConfig, StartPosition};
+use streamscore_crds::pipeline::{PipelineConfig, ShadowConfig, StartPosition};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::admin::{DrainReport, DrainedPartition};
+use crate::admin::{DrainOptions, DrainReport, DrainedPartition};
 use crate::checkpoint::Checkpointer;
 use crate::engine::{Checkpoint, Engine, InRecord, OutRecord, StartAt};
 use crate::metrics::{Metrics, PartitionLabel, PhaseLabel, StageLabel};
@@ -204,7 +204,11 @@ impl ConsumerCtx {
         };
         let mut wanted = TopicPartitionList::new();
         for e in committed.elements() {
-            if !matches!(e.offset(), Offset::Offset(_)) {
+            // Placed already (state seeded from another run's checkpoint): keep it.
+            let placed = tpl
+                .find_partition(e.topic(), e.partition())
+                .is_some_and(|x| matches!(x.offset(), Offset::Offset(_)));
+            if !matches!(e.offset(), Offset::Offset(_)) && !placed {
                 let _ = wanted.add_partition_offset(e.topic(), e.partition(), Offset::Offset(ts));
             }
         }
@@ -305,6 +309,8 @@ struct Shared {
     sink_topic: String,
     dlq_topic: String,
     feature_topic: String,
+    /// `source.topics` (an output's origin names its topic by index).
+    input_topics: Vec<String>,
     fatal: Mutex<Option<String>>,
     /// Object-store checkpoints, when configured, and how often.
     checkpoints: Option<Arc<Checkpointer>>,
@@ -429,7 +435,7 @@ impl ConsumerContext for ConsumerCtx {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             if self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                 // A partition whose state could not be opened must not be processed at all.
@@ -446,6 +452,14 @@ impl ConsumerContext for ConsumerCtx {
             self.shared.health.set_partitions(engine.assigned());
             self.shared.health.joined.store(true, Ordering::Relaxed);
             self.shared.health.admin.assigned();
+            if self.shared.health.admin.fenced() {
+                // Stopped at a cut-over barrier: partitions taken over from a stopping peer
+                // must not be processed by this run either.
+                match consumer.pause(tpl) {
+                    Ok(()) => info!(partitions = ?parts, "assigned while fenced: kept paused"),
+                    Err(e) => self.shared.fail(format!("pausing partitions assigned while fenced: {e}")),
+                }
+            }
         }
     }
 }
@@ -457,21 +471,34 @@ impl Shared {
         f.get_or_insert(why);
     }
 
-    fn send(&self, rec: OutRecord) {
+    /// Hands `rec` to the producer: to the `sink` topics, or in shadow mode (a blue/green
+    /// candidate) to the shadow topics unless its input is at or past the cut-over barrier.
+    fn send(&self, rec: OutRecord, shadow: Option<&ShadowConfig>) {
+        let o = rec.origin();
+        let shadow = shadow.filter(|s| {
+            !s.is_live(self.input_topics.get(o.topic).map_or("", String::as_str), o.partition, o.offset)
+        });
+        if shadow.is_some() {
+            self.metrics.shadow_out.inc();
+        }
         let (topic, key, value, headers, received) = match rec {
-            OutRecord::Scored { key, value, received, source_timestamp } => {
-                self.metrics.records_out.inc();
-                (&self.sink_topic, Some(key.into_bytes()), value, None, (Some(received), source_timestamp))
+            OutRecord::Scored { key, value, received, source_timestamp, .. } => {
+                let topic = shadow.map_or(&self.sink_topic, |s| &s.topic);
+                if shadow.is_none() {
+                    self.metrics.records_out.inc();
+                }
+                (topic, Some(key.into_bytes()), value, None, (Some(received), source_timestamp))
             }
-            OutRecord::DeadLetter { key, value, headers } => {
+            OutRecord::DeadLetter { key, value, headers, .. } => {
                 let mut h = OwnedHeaders::new_with_capacity(headers.len());
                 for (k, v) in &headers {
                     h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
                 }
-                (&self.dlq_topic, key, value, Some(h), (None, None))
+                (shadow.map_or(&self.dlq_topic, |s| &s.dead_letter_topic), key, value, Some(h), (None, None))
             }
-            OutRecord::Feature { key, value } => {
-                (&self.feature_topic, Some(key.into_bytes()), value, None, (None, None))
+            OutRecord::Feature { key, value, .. } => {
+                let topic = shadow.and_then(|s| s.feature_topic.as_ref()).unwrap_or(&self.feature_topic);
+                (topic, Some(key.into_bytes()), value, None, (None, None))
             }
         };
         let epoch = self.epoch.load(Ordering::Acquire);
@@ -781,6 +808,7 @@ pub fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let (cc, pc) = client_config(&cfg)?;
+    *health.admin.shadow() = cfg.shadow.clone();
     let acks = Arc::new(Acks::default());
     let checkpoints = engine.checkpointer().cloned();
     if let Some(cp) = &checkpoints {
@@ -802,6 +830,7 @@ pub fn run(
         producer,
         metrics: metrics.clone(),
         health: health.clone(),
+        input_topics: cfg.source.topics.clone(),
         sink_topic: cfg.sink.topic.clone(),
         dlq_topic: cfg.sink.dead_letter_topic.clone(),
         feature_topic: cfg.sink.feature_topic.clone().unwrap_or_default(),
@@ -869,7 +898,12 @@ fn checkpoint_now(shared: &Shared, engine: &Engine, partitions: &BTreeSet<i32>) 
 /// Pauses every owned partition, commits synchronously (outputs acknowledged, state written,
 /// offsets committed) and checkpoints each partition to the object store, waiting for the
 /// uploads. The admin API's drain (see [`crate::admin`]).
-fn drain(shared: &Shared, consumer: &BaseConsumer<ConsumerCtx>, id: &str) -> Result<DrainReport, String> {
+fn drain(
+    shared: &Shared,
+    consumer: &BaseConsumer<ConsumerCtx>,
+    id: &str,
+    opts: DrainOptions,
+) -> Result<DrainReport, String> {
     let assignment = consumer.assignment().map_err(|e| format!("reading the assignment: {e}"))?;
     consumer.pause(&assignment).map_err(|e| format!("pausing the partitions: {e}"))?;
     let paused_at_ms = chrono::Utc::now().timestamp_millis();
@@ -878,7 +912,7 @@ fn drain(shared: &Shared, consumer: &BaseConsumer<ConsumerCtx>, id: &str) -> Res
     let mut partitions = Vec::new();
     for p in engine.assigned() {
         let Some((handle, offsets)) = engine.durable_store(p) else { continue };
-        let manifest = match &shared.checkpoints {
+        let manifest = match shared.checkpoints.as_ref().filter(|_| opts.checkpoint) {
             Some(cp) => match cp.checkpoint_now(p, &handle, offsets.clone()) {
                 Ok(Some(id)) => Some(id),
                 Ok(None) => cp.latest(p),
@@ -935,8 +969,8 @@ fn consume(
         if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Err(why);
         }
-        if let Some(id) = health.admin.pending() {
-            let result = drain(shared, consumer, &id);
+        if let Some((id, opts)) = health.admin.pending_with() {
+            let result = drain(shared, consumer, &id, opts);
             match &result {
                 Ok(r) => info!(
                     id,
@@ -1003,9 +1037,11 @@ fn consume(
             let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
             let outs = engine.process(&records).map_err(|e| e.to_string())?;
             drop(records);
+            let shadow = health.admin.shadow();
             for o in outs {
-                shared.send(o);
+                shared.send(o, shadow.as_ref());
             }
+            drop(shadow);
             if engine.replaying_changed() {
                 *health.replaying.write().unwrap_or_else(|e| e.into_inner()) = engine.replaying();
             }

@@ -90,6 +90,16 @@ pub struct Metrics {
     pub replayed: Counter,
     /// Partitions whose state is still being brought up to the committed offsets.
     pub partitions_replaying: Gauge,
+    /// The main score (`postprocess.score`) of each scored record, in 20 buckets of 0.05 over
+    /// [0, 1]: the operator compares a blue/green candidate's distribution with the live one's.
+    pub score: Histogram,
+    /// Records written to the shadow topics (a blue/green candidate before its cut-over).
+    pub shadow_out: Counter,
+}
+
+/// Upper bounds of the score histogram's buckets: 0.05, 0.10, …, 1.0 (and +Inf).
+pub fn score_buckets() -> impl Iterator<Item = f64> {
+    (1..=20).map(|i| f64::from(i) / 20.0)
 }
 
 /// `source` label: where an assigned partition's state came from.
@@ -147,6 +157,8 @@ impl Metrics {
             restore_downloaded_bytes: Counter::default(),
             replayed: Counter::default(),
             partitions_replaying: Gauge::default(),
+            score: Histogram::new(score_buckets()),
+            shadow_out: Counter::default(),
         };
         r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
         r.register("records_out", "Scored records written to the output topic", m.records_out.clone());
@@ -201,7 +213,7 @@ impl Metrics {
             "Partition assignments by where the state came from",
             m.assignments.clone(),
         );
-        for source in ["local", "checkpoint", "rebuild", "empty"] {
+        for source in ["local", "checkpoint", "seed", "rebuild", "empty"] {
             let _ = m.assignments.get_or_create(&SourceLabel { source });
         }
         r.register("restore_seconds", "Duration of a restore from a checkpoint", m.restore_seconds.clone());
@@ -219,6 +231,12 @@ impl Metrics {
             "partitions_replaying",
             "Partitions whose state is still being brought up to the committed offsets",
             m.partitions_replaying.clone(),
+        );
+        r.register("score", "Main score of each scored record (20 buckets over [0, 1])", m.score.clone());
+        r.register(
+            "shadow_records",
+            "Records written to the shadow topics (a blue/green candidate before its cut-over)",
+            m.shadow_out.clone(),
         );
         r.register("output_stage_seconds", "Where a scored record's time goes, by stage", m.stage_seconds.clone());
         for stage in ["fetch", "process", "produce"] {
