@@ -35,6 +35,7 @@ use crate::pipeline::{
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.modelVersion"}"#,
     printcolumn = r#"{"name":"Parallelism","type":"integer","jsonPath":".status.parallelism"}"#,
     printcolumn = r#"{"name":"Operation","type":"string","jsonPath":".status.operation.message","priority":1}"#,
+    printcolumn = r#"{"name":"Upgrade","type":"string","jsonPath":".status.upgrade.message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
         "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter), \
@@ -228,25 +229,59 @@ pub struct StateVolume {
     pub rescale_timeout: Option<Duration>,
 }
 
-/// Upgrade strategy. Not implemented yet: these settings are accepted and not read; today a
-/// change of the model or the features replaces the workers in place (they restart, restore
-/// their state when the feature definitions are unchanged, and rebuild it otherwise).
+/// How a change of what the workers compute (the model, the features, validation or
+/// post-processing) is rolled out on a running TenantModel. Other pipeline changes (batching,
+/// commit interval, Kafka properties, resources, image) restart the live workers in place.
+///
+/// `BlueGreen`: the operator writes the plan to `status.plan`, starts the new version (the
+/// candidate colour) beside the live one with its own Deployment, ConfigMap and consumer group,
+/// writing to shadow topics (`<topic><shadowSuffix>` for the output, dead-letter and feature
+/// topics; create them, or let the brokers auto-create them). A model-only change starts from
+/// the live version's newest checkpoints (`checkpointStore`); a feature change, or one without a
+/// checkpoint store, rebuilds state by reading the input from the longest window back. The
+/// operator scrapes both versions' `/metrics` and checks the gates (shown in
+/// `status.upgrade.gates`): candidate ready, lag within `maxLag` of the live version's, error
+/// rate at most `maxErrorRate`, and the distribution of the main score within `maxScoreDrift`
+/// (population stability index over 20 buckets of [0, 1], on at least `minScoredEvents` events
+/// scored by each version after the candidate caught up). Then it cuts over at an offset
+/// barrier per partition: the live version stops after offset o, the candidate writes live
+/// outputs from o on, so every input has one live output. A failed gate or the `deadline`
+/// rolls back: the candidate is removed, the live version was never paused, `Degraded` says
+/// why and the same spec is not tried again until it changes or the annotation
+/// `streamscore.io/retry-upgrade` gets a new value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpgradeStrategy {
-    /// `BlueGreen` (planned default): start the new version beside the old one in shadow
-    /// mode, check the gates, cut over, and roll back automatically when gates fail.
+    /// `BlueGreen` (default) or `Recreate` (replace the workers in place: they restart,
+    /// restore their state when the feature definitions are unchanged, and rebuild it otherwise).
     #[serde(default, rename = "type")]
     pub kind: UpgradeType,
-    /// How long the new version has to pass its gates before it is rolled back.
+    /// How long the candidate has to pass its gates before it is rolled back.
     #[serde(default = "default_deadline")]
     pub deadline: Duration,
-    /// Largest consumer lag (records) the new version may have at cut-over.
+    /// Largest consumer lag (records, all partitions) the candidate may have beyond the live
+    /// version's at cut-over.
     #[serde(default = "default_max_lag")]
+    #[schemars(range(min = 0))]
     pub max_lag: i64,
-    /// Largest share of dead-lettered records (0–1) the new version may produce.
+    /// Largest share (0–1) of the candidate's input records that may be dead-lettered.
     #[serde(default = "default_max_error_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub max_error_rate: f64,
+    /// Largest population stability index between the candidate's and the live version's
+    /// main-score distributions (0.1: minor shift, 0.25: major).
+    #[serde(default = "default_max_score_drift")]
+    #[schemars(range(min = 0.0))]
+    pub max_score_drift: f64,
+    /// Events each version must have scored since the candidate caught up before the
+    /// error-rate and drift gates are judged.
+    #[serde(default = "default_min_scored")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub min_scored_events: i64,
+    /// Suffix of the shadow topics the candidate writes to before the cut-over.
+    #[serde(default = "default_shadow_suffix")]
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub shadow_suffix: String,
 }
 
 impl Default for UpgradeStrategy {
@@ -256,8 +291,23 @@ impl Default for UpgradeStrategy {
             deadline: default_deadline(),
             max_lag: default_max_lag(),
             max_error_rate: default_max_error_rate(),
+            max_score_drift: default_max_score_drift(),
+            min_scored_events: default_min_scored(),
+            shadow_suffix: default_shadow_suffix(),
         }
     }
+}
+
+fn default_max_score_drift() -> f64 {
+    0.2
+}
+
+fn default_min_scored() -> i64 {
+    1000
+}
+
+fn default_shadow_suffix() -> String {
+    ".shadow".into()
 }
 
 fn default_deadline() -> Duration {
@@ -278,6 +328,8 @@ pub enum UpgradeType {
     /// Blue/green with health gates and automatic rollback.
     #[default]
     BlueGreen,
+    /// Replace the workers in place.
+    Recreate,
 }
 
 /// Observed state, written by the operator.
@@ -318,6 +370,107 @@ pub struct TenantModelStatus {
     /// `2026-11-30T04:12:17.120Z (6/6 partitions)`; or how many partitions have none yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<String>,
+    /// What the latest change of the spec was classified as and what the operator does about
+    /// it, e.g. `model-only change v1 → v2: blue/green, green starts from blue's checkpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    /// The blue/green upgrade in progress, recorded before each of its actions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<Upgrade>,
+    /// How the latest upgrade ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upgrade: Option<UpgradeOutcome>,
+}
+
+/// A blue/green upgrade in progress.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Upgrade {
+    /// Its id (`u<unix seconds>`): the candidate's consumer group and checkpoint prefix end with it.
+    pub id: String,
+    /// The candidate's colour (`blue` or `green`).
+    pub candidate: String,
+    /// `ModelOnly` (the candidate starts from the live version's checkpoints) or `Features`
+    /// (the candidate rebuilds its state from the input).
+    pub kind: String,
+    /// `Shadow` (candidate on the shadow topics, gates checked), `CuttingOver` (offset barrier:
+    /// candidate paused, live version stopped and fenced, candidate live from the barrier),
+    /// `RollingBack` (candidate removed).
+    pub step: String,
+    /// Model version of the live workers.
+    pub from_version: String,
+    /// Model version of the candidate.
+    pub to_version: String,
+    /// Hash of what the candidate computes (the normalised pipeline, the model digest and the
+    /// `streamscore.io/retry-upgrade` annotation).
+    pub spec_hash: String,
+    /// What is happening.
+    pub message: String,
+    /// When the upgrade started (RFC 3339); `upgrade.deadline` counts from here.
+    pub started_at: String,
+    /// When the current step started (RFC 3339).
+    pub step_started_at: String,
+    /// With a rebuild: the input is read from this time on (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild_from_ms: Option<i64>,
+    /// The gates, as last evaluated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<Gate>,
+    /// Cut-over: where the candidate was paused (next input offset per topic and partition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_at: Option<BTreeMap<String, BTreeMap<i32, i64>>>,
+    /// Cut-over attempts to stop the live version at or past the candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_attempt: Option<u32>,
+    /// The barrier: per input topic and partition, the first input offset whose live output
+    /// the candidate writes (the live version stopped there). Once set, the upgrade only goes
+    /// forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_from: Option<BTreeMap<String, BTreeMap<i32, i64>>>,
+    /// When the live version stopped (RFC 3339, milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_at: Option<String>,
+    /// Why it is rolling back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+/// One gate of an upgrade.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Gate {
+    /// `Ready`, `Lag`, `ErrorRate` or `ScoreDrift`.
+    pub name: String,
+    /// `Passed`, `Waiting` or `Failed`.
+    pub state: String,
+    /// The measured value, e.g. `0.031 (2048 events)`.
+    pub value: String,
+    /// The threshold, e.g. `≤ 0.2`.
+    pub threshold: String,
+}
+
+/// How an upgrade ended.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeOutcome {
+    /// Model version before.
+    pub from_version: String,
+    /// Model version of the candidate.
+    pub to_version: String,
+    /// `Succeeded` or `RolledBack`.
+    pub result: String,
+    /// Detail (for a rollback: the failing gate and its value).
+    pub message: String,
+    /// The candidate's `specHash`: a rolled-back spec is not tried again until it changes.
+    pub spec_hash: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it ended (RFC 3339).
+    pub finished_at: String,
+    /// Seconds from the live version's stop to the candidate's first live output at the
+    /// cut-over, as the operator saw it (an upper bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover_seconds: Option<f64>,
 }
 
 /// A rescale in progress.

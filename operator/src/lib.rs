@@ -18,6 +18,7 @@ pub mod reconcile;
 pub mod rescale;
 pub mod status;
 pub mod validate;
+pub mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;

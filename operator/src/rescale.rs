@@ -57,6 +57,20 @@ pub struct WorkerStatus {
     /// The newest checkpoint of each owned partition.
     #[serde(default)]
     pub checkpoints: Vec<PartitionCheckpoint>,
+    /// Shadow mode (a blue/green candidate): None when every output is live.
+    #[serde(default)]
+    pub shadow: Option<ShadowView>,
+}
+
+/// A worker's shadow mode, as the admin API reports it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowView {
+    /// The shadow output topic.
+    pub topic: String,
+    /// The cut-over barrier, once set.
+    #[serde(default)]
+    pub live_from: Option<crate::upgrade::Barrier>,
 }
 
 /// A partition's newest checkpoint, as a worker reports it.
@@ -146,6 +160,9 @@ pub struct DrainedPartition {
     /// Its checkpoint (None without a store or without records).
     #[serde(default)]
     pub manifest: Option<String>,
+    /// Next input offset per topic (committed).
+    #[serde(default)]
+    pub offsets: std::collections::BTreeMap<String, i64>,
 }
 
 /// A worker pod: its name and what it answered (Err: why it could not be asked).
@@ -361,7 +378,7 @@ pub fn millis_rfc3339(ms: i64) -> String {
 /// Talks to the workers' admin API (`build::ADMIN_PORT`; the NetworkPolicy admits the operator).
 #[derive(Clone, Debug)]
 pub struct Workers {
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Default for Workers {
@@ -413,7 +430,7 @@ impl Workers {
         out
     }
 
-    async fn status_of(&self, base: &str) -> Result<WorkerStatus, String> {
+    pub(crate) async fn status_of(&self, base: &str) -> Result<WorkerStatus, String> {
         let resp = self
             .http
             .get(format!("{base}/v1/admin/status"))
@@ -448,7 +465,7 @@ mod tests {
                     checkpoint_store: true,
                     partitions: parts
                         .iter()
-                        .map(|p| DrainedPartition { partition: *p, manifest: Some(format!("m{p}")) })
+                        .map(|p| DrainedPartition { partition: *p, manifest: Some(format!("m{p}")), ..Default::default() })
                         .collect(),
                 },
             },
