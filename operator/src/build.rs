@@ -1,8 +1,10 @@
 //! Desired children of a TenantModel (pure: no API calls).
 //!
 //! ```text
-//!  TenantModel ──render──► PipelineConfig ──► ConfigMap <name>-pipeline (+ its hash)
-//!              ──────────► Deployment <name>-blue (hardened pod, config hash in the template)
+//!  TenantModel ──render──► PipelineConfig ──► ConfigMap <name>-pipeline (blue) or
+//!                                              <name>-pipeline-green (+ its hash)
+//!              ──────────► Deployment <name>-<colour> (hardened pod, config hash in the template);
+//!                          during a blue/green upgrade one per colour (see `crate::upgrade`)
 //!              ──────────► ServiceAccount, Service <name>, Service <name>-pods (headless),
 //!                          PodDisruptionBudget, NetworkPolicy
 //! ```
@@ -72,7 +74,7 @@ pub struct Children {
     pub pipeline: PipelineConfig,
     /// SHA-256 of the pipeline text and the model digest (in the pod template).
     pub config_hash: String,
-    /// `<name>-pipeline`.
+    /// The live colour's pipeline ConfigMap ([`config_map_name`]).
     pub config_map: ConfigMap,
     /// `<name>-<colour>`.
     pub deployment: Deployment,
@@ -88,8 +90,52 @@ pub struct Children {
     pub network_policy: NetworkPolicy,
 }
 
-/// The live colour. Blue/green alternation is driven by the upgrade state machine.
-pub const COLOR: &str = "blue";
+/// The colour of a TenantModel's first workers; upgrades alternate blue and green.
+pub const FIRST_COLOR: &str = "blue";
+
+/// Name of a colour's pipeline ConfigMap: `<name>-pipeline` (blue), `<name>-pipeline-green`.
+pub fn config_map_name(name: &str, color: &str) -> String {
+    if color == "blue" {
+        format!("{name}-pipeline")
+    } else {
+        format!("{name}-pipeline-{color}")
+    }
+}
+
+/// A colour's pipeline ConfigMap and worker Deployment.
+#[derive(Clone, Debug)]
+pub struct Colour {
+    /// SHA-256 of the pipeline text (without the cut-over barrier) and the model digest.
+    pub config_hash: String,
+    /// The pipeline ConfigMap.
+    pub config_map: ConfigMap,
+    /// The worker Deployment.
+    pub deployment: Deployment,
+}
+
+/// Builds `color`'s ConfigMap and Deployment running `pipeline`.
+pub fn colour(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: &PipelineConfig) -> Colour {
+    let pipeline_yaml = serde_yaml::to_string(pipeline).expect("pipeline serializes");
+    // The cut-over barrier is told to running workers through their admin API: setting it in
+    // the ConfigMap (for restarts) must not restart them.
+    let mut hashed = pipeline.clone();
+    if let Some(sh) = hashed.shadow.as_mut() {
+        sh.live_from = None;
+    }
+    let config_hash = {
+        let mut h = Sha256::new();
+        h.update(serde_yaml::to_string(&hashed).expect("pipeline serializes").as_bytes());
+        h.update(tm.spec.model.sha256.as_bytes());
+        hex::encode(&h.finalize()[..16])
+    };
+    let config_map = ConfigMap {
+        metadata: meta(tm, config_map_name(&tm.name_any(), color), &[("streamscore.io/color", color)]),
+        data: Some(BTreeMap::from([("pipeline.yaml".to_owned(), pipeline_yaml)])),
+        ..ConfigMap::default()
+    };
+    let deployment = deployment(tm, ctx, &config_hash, color, &pipeline.model.version);
+    Colour { config_hash, config_map, deployment }
+}
 
 /// Name of the consumer group of a TenantModel when the spec leaves it empty:
 /// `streamscore.<namespace>.<name>`, or `<prefix>streamscore.<name>` under a Kafka prefix.
@@ -188,23 +234,16 @@ pub fn selector_string(tm: &TenantModel, color: &str) -> String {
     selector(tm, color).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
-/// Builds every child. `tm` must come from the API server (it needs a uid).
+/// Builds every child for a TenantModel whose live workers are `color` running `pipeline`
+/// (the rendered spec for a new TenantModel). `tm` must come from the API server (it needs a uid).
 pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
+    build_live(tm, ctx, FIRST_COLOR, render_pipeline(tm, ctx.kafka_prefix.as_deref()))
+}
+
+/// [`build`] for the live colour `color` running `pipeline`.
+pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: PipelineConfig) -> Children {
     let name = tm.name_any();
-    let pipeline = render_pipeline(tm, ctx.kafka_prefix.as_deref());
-    let pipeline_yaml = serde_yaml::to_string(&pipeline).expect("pipeline serializes");
-    let config_hash = {
-        let mut h = Sha256::new();
-        h.update(pipeline_yaml.as_bytes());
-        h.update(tm.spec.model.sha256.as_bytes());
-        hex::encode(&h.finalize()[..16])
-    };
-    let config_map = ConfigMap {
-        metadata: meta(tm, format!("{name}-pipeline"), &[]),
-        data: Some(BTreeMap::from([("pipeline.yaml".to_owned(), pipeline_yaml)])),
-        ..ConfigMap::default()
-    };
-    let deployment = deployment(tm, ctx, &config_hash, COLOR);
+    let Colour { config_hash, config_map, deployment } = colour(tm, ctx, color, &pipeline);
     let service_account = ServiceAccount {
         metadata: meta(tm, format!("{name}-worker"), &[]),
         automount_service_account_token: Some(false),
@@ -219,7 +258,7 @@ pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
     let service = Service {
         metadata: meta(tm, name.clone(), &[]),
         spec: Some(ServiceSpec {
-            selector: Some(selector(tm, COLOR)),
+            selector: Some(selector(tm, color)),
             ports: Some(vec![port.clone()]),
             ..ServiceSpec::default()
         }),
@@ -292,7 +331,7 @@ pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
     Children { pipeline, config_hash, config_map, deployment, service_account, service, headless, pdb, network_policy }
 }
 
-fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &str) -> Deployment {
+fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &str, version: &str) -> Deployment {
     let name = tm.name_any();
     let s = &tm.spec;
     let mut pod_labels = child_labels(&name);
@@ -301,7 +340,7 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
         Volume {
             name: "pipeline".into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: format!("{name}-pipeline"),
+                name: config_map_name(&name, color),
                 ..ConfigMapVolumeSource::default()
             }),
             ..Volume::default()
@@ -428,7 +467,7 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
                     labels: Some(pod_labels),
                     annotations: Some(BTreeMap::from([
                         ("streamscore.io/config-hash".to_owned(), config_hash.to_owned()),
-                        ("streamscore.io/model-version".to_owned(), s.model.version.clone()),
+                        ("streamscore.io/model-version".to_owned(), version.to_owned()),
                         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
                         ("prometheus.io/port".to_owned(), WORKER_PORT.to_string()),
                         ("prometheus.io/path".to_owned(), "/metrics".to_owned()),

@@ -209,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
         recorder: Recorder::new(client.clone(), reporter),
         policy,
         workers: Default::default(),
+        baselines: Default::default(),
     });
     let namespaces: Vec<String> = args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect();
     run_controllers(ctx, &namespaces, cancel.clone()).await;

@@ -27,15 +27,19 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use streamscore_crds::tenantmodel::{Operation, OperationStep, RescaleOutcome, TenantModel, TenantModelStatus};
+use streamscore_crds::pipeline::PipelineConfig;
+use streamscore_crds::tenantmodel::{
+    Operation, OperationStep, RescaleOutcome, TenantModel, TenantModelStatus, Upgrade, UpgradeOutcome, UpgradeType,
+};
 use tracing::{info, instrument, warn};
 
-use crate::build::{build, selector_string, BuildContext, Children, COLOR};
+use crate::build::{build_live, colour, config_map_name, render_pipeline, selector_string, BuildContext, Children, FIRST_COLOR};
 use crate::metrics::OperatorMetrics;
 use crate::ownership::{conflict, is_controlled_by};
 use crate::policy::{check_secret, TenantPolicy};
 use crate::rescale::{self, Decision, Workers};
 use crate::status::{compute, Observed};
+use crate::upgrade::{self, ChangeKind, Verdict};
 use crate::validate::validate;
 
 /// The one field manager of every apply.
@@ -80,8 +84,11 @@ pub struct Context {
     pub recorder: Recorder,
     /// What TenantModels may reference (images, Secrets), from the platform team.
     pub policy: TenantPolicy,
-    /// The workers' admin API (rescale).
+    /// The workers' admin API (rescale, upgrade).
     pub workers: Workers,
+    /// Gate baselines of the upgrades in progress, by upgrade id (a restarted operator takes
+    /// them again when the candidate is caught up).
+    pub baselines: std::sync::Mutex<std::collections::HashMap<String, upgrade::Baseline>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -226,11 +233,31 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         return report_blocked(ctx, tm, &tms, &blocked).await;
     }
 
-    // build (pure); every child name must be free or already ours
+    // what the live colour runs (its ConfigMap), and what the spec asks for
     let build_ctx = BuildContext { kafka_prefix: ctx.policy.kafka_prefix_for(&ns), ..ctx.build.clone() };
-    let children = build(tm, &build_ctx);
+    let live_color = tm.status.as_ref().and_then(|s| s.active_color.clone()).unwrap_or_else(|| FIRST_COLOR.into());
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let live_pipeline = match cms.get_opt(&config_map_name(&name, &live_color)).await? {
+        Some(cm) if is_controlled_by(&cm.metadata, &uid) => cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get("pipeline.yaml"))
+            .and_then(|t| streamscore_crds::pipeline::PipelineConfig::from_yaml(t).ok()),
+        _ => None,
+    };
+    let desired = render_pipeline(tm, build_ctx.kafka_prefix.as_deref());
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let live_dep = deps.get_opt(&children.deployment.name_any()).await?;
+    let live_dep = deps.get_opt(&format!("{name}-{live_color}")).await?;
+    let mut written = tm.status.clone();
+    let mut up = UpgradeState {
+        current: tm.status.as_ref().and_then(|s| s.upgrade.clone()),
+        last: tm.status.as_ref().and_then(|s| s.last_upgrade.clone()),
+        plan: tm.status.as_ref().and_then(|s| s.plan.clone()),
+        completed_to: None,
+    };
+    let plan = plan_upgrade(ctx, tm, &tms, &mut written, &mut up, &live_color, live_pipeline.as_ref(), &desired, live_dep.as_ref())
+        .await?;
+    let children = build_live(tm, &build_ctx, &live_color, plan.live_pipeline.clone());
     let blocked = name_conflicts(&client, &ns, &uid, &children, live_dep.as_ref()).await?;
     if !blocked.is_empty() {
         return report_blocked(ctx, tm, &tms, &blocked).await;
@@ -240,20 +267,48 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     });
 
     // rescale (checkpoint-and-restart): the step decides the replica count to apply
-    let mut written = tm.status.clone();
     let mut rescale = Rescale {
         op: tm.status.as_ref().and_then(|s| s.operation.clone()),
         last: tm.status.as_ref().and_then(|s| s.last_rescale.clone()),
     };
-    let replicas = drive_rescale(ctx, tm, &tms, &mut written, &mut rescale, live_dep.as_ref()).await?;
+    let replicas = if up.current.is_some() {
+        live_dep.as_ref().and_then(|d| d.spec.as_ref()?.replicas).unwrap_or(tm.spec.parallelism)
+    } else {
+        drive_rescale(ctx, tm, &tms, &mut written, &mut rescale, live_dep.as_ref(), &live_color).await?
+    };
     let mut children = children;
     if let Some(spec) = children.deployment.spec.as_mut() {
         spec.replicas = Some(replicas);
     }
 
+    // the upgrade in progress: the candidate's children, its gates and cut-over
+    let candidate = match up.current.clone() {
+        Some(u) => {
+            let live_p = live_pipeline.clone().unwrap_or_else(|| desired.clone());
+            let pipeline = crate::upgrade::candidate_pipeline(&desired, &live_p, &u, &tm.spec.upgrade);
+            let mut c = colour(tm, &build_ctx, &u.candidate, &pipeline);
+            if let Some(spec) = c.deployment.spec.as_mut() {
+                spec.replicas = Some(replicas);
+            }
+            Some(c)
+        }
+        None => None,
+    };
+
     // apply
-    let live = match apply_children(&client, &ns, &children).await {
-        Ok(live) => live,
+    let applied = apply_children(&client, &ns, &children, plan.apply_live, live_dep.as_ref()).await;
+    let applied = match (applied, &candidate) {
+        (Ok(live), Some(c)) => {
+            let cms_api = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+            match apply(&cms_api, &c.config_map).await {
+                Ok(_) => apply(&deps, &c.deployment).await.map(|cand| (live, Some(cand))),
+                Err(e) => Err(e),
+            }
+        }
+        (r, _) => r.map(|live| (live, None)),
+    };
+    let (live, live_candidate) = match applied {
+        Ok(x) => x,
         Err(failure) if failure.is_permanent() => {
             // The API server refuses the object as built (e.g. requests above limits, or the
             // operator lacks a permission): retrying at once cannot help; say so in status.
@@ -263,30 +318,54 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         }
         Err(failure) => return Err(Error::Apply(failure)),
     };
-    if old_hash.as_deref().is_some_and(|h| h != children.config_hash) {
+    if plan.apply_live && old_hash.as_deref().is_some_and(|h| h != children.config_hash) {
         publish(ctx, tm, EventType::Normal, "RolloutStarted", format!("pipeline or model changed (model {version})"))
             .await;
     }
+    let mut live_color = live_color;
+    let mut live = live;
+    if let (Some(_), Some(cand)) = (up.current.as_ref(), live_candidate.as_ref()) {
+        let barrier_applied = candidate
+            .as_ref()
+            .and_then(|c| c.config_map.data.as_ref()?.get("pipeline.yaml").cloned())
+            .is_some_and(|t| t.contains("liveFrom"));
+        drive_upgrade(ctx, tm, &tms, &mut written, &mut up, &live_color, cand, barrier_applied).await?;
+        if let Some(color) = up.completed_to.clone() {
+            // The candidate is the live colour now.
+            live_color = color;
+            live = cand.clone();
+        }
+    }
 
-    // prune children that are no longer desired (e.g. the other colour after an upgrade)
-    let keep_dep = BTreeSet::from([children.deployment.name_any()]);
+    // prune children that are no longer desired (the other colour after an upgrade)
+    let mut keep_dep = BTreeSet::from([format!("{name}-{live_color}")]);
+    let mut keep_cm = BTreeSet::from([config_map_name(&name, &live_color)]);
+    if let Some(u) = &up.current {
+        keep_dep.insert(format!("{name}-{}", u.candidate));
+        keep_cm.insert(config_map_name(&name, &u.candidate));
+    }
     prune(&deps, &name, &uid, &keep_dep).await?;
-    let keep_cm = BTreeSet::from([children.config_map.name_any()]);
     prune(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &name, &uid, &keep_cm).await?;
     let keep_svc = BTreeSet::from([children.service.name_any(), children.headless.name_any()]);
     prune(&Api::<Service>::namespaced(client.clone(), &ns), &name, &uid, &keep_svc).await?;
+    if up.completed_to.is_some() {
+        // Services select the new live colour.
+        let after = build_live(tm, &build_ctx, &live_color, plan.live_pipeline.clone());
+        apply(&Api::<Service>::namespaced(client.clone(), &ns), &after.service).await.map_err(Error::Apply)?;
+    }
 
     // status
+    let selector = selector_string(tm, &live_color);
     let available = live.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
     let (worker_problem, worker_restoring) = if available < replicas {
-        worker_readiness_problem(&client, &ns, &selector_string(tm, COLOR)).await
+        worker_readiness_problem(&client, &ns, &selector).await
     } else {
         (None, None)
     };
     let observed = Observed::Applied {
         deployment: &live,
-        color: COLOR,
-        selector: selector_string(tm, COLOR),
+        color: &live_color,
+        selector: selector.clone(),
         worker_problem: worker_problem.clone(),
         worker_restoring,
     };
@@ -300,22 +379,33 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
             rescale::advance(op, OperationStep::Restoring, msg, &now());
         }
     }
-    let mut status = compute(tm.status.as_ref(), generation, &version, &observed, &now());
-    if tm.spec.checkpoint_store.is_some() && rescale.op.is_none() && available > 0 {
+    // The model version the live pods run (their template), not the spec's.
+    let running_version = live
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref()?.annotations.as_ref()?.get("streamscore.io/model-version").cloned())
+        .unwrap_or_else(|| version.clone());
+    let mut status = compute(tm.status.as_ref(), generation, &running_version, &observed, &now());
+    if tm.spec.checkpoint_store.is_some() && rescale.op.is_none() && up.current.is_none() && available > 0 {
         // The workers say what their newest checkpoints are (admin API).
-        let pods = worker_pods(&client, &ns, &selector_string(tm, COLOR)).await?;
+        let pods = worker_pods(&client, &ns, &selector).await?;
         if let Some(lc) = rescale::last_checkpoint(&ctx.workers.status(&pods).await) {
             status.last_checkpoint = Some(lc);
         }
     }
     status.operation = rescale.op.clone();
     status.last_rescale = rescale.last.clone();
+    status.upgrade = up.current.clone();
+    status.last_upgrade = up.last.clone();
+    status.plan = up.plan.clone();
     crate::status::with_operation(&mut status, &now(), generation);
+    crate::status::with_upgrade(&mut status, plan.held_back.as_deref(), &now(), generation);
     if let Some(last) = rescale.last.as_ref().filter(|l| {
         rescale.op.is_none()
             && replicas != tm.spec.parallelism
             && l.result == "RolledBack"
             && l.to == tm.spec.parallelism
+            && up.current.is_none()
     }) {
         let msg = format!(
             "spec.parallelism {} is not applied ({replicas} workers run): {}; tried again 5 minutes after {} or when the \
@@ -335,10 +425,13 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
     let ready = status.phase == Some(streamscore_crds::tenantmodel::Phase::Running);
     if patch_status_from(&tms, &tm.name_any(), &mut written, status).await? && ready && !was_ready {
-        publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {version}")).await;
+        publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {running_version}")).await;
     }
     if rescale.op.is_some() {
         return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if up.current.is_some() {
+        return Ok(Action::requeue(Duration::from_secs(2)));
     }
     // Not all workers available: look again soon (pods' readiness does not wake the controller);
     // with checkpoints, every minute for status.lastCheckpoint.
@@ -421,6 +514,7 @@ async fn drive_rescale(
     written: &mut Option<TenantModelStatus>,
     rescale: &mut Rescale,
     live_dep: Option<&Deployment>,
+    color: &str,
 ) -> Result<i32, Error> {
     let want = tm.spec.parallelism;
     let live = live_dep.and_then(|d| d.spec.as_ref()?.replicas);
@@ -450,7 +544,7 @@ async fn drive_rescale(
         record_step(tms, tm, written, rescale).await?;
     }
     let ns = tm.namespace().ok_or(Error::NoNamespace)?;
-    let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, COLOR)).await?;
+    let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, color)).await?;
     let Some(op) = rescale.op.as_mut() else { return Ok(want) };
     match op.step {
         OperationStep::Draining => {
@@ -657,13 +751,23 @@ async fn name_conflicts(
 
 /// Applies every child, the Deployment last: workers never run without their NetworkPolicy,
 /// ServiceAccount, configuration, Services and disruption budget. Returns the live Deployment.
-async fn apply_children(client: &Client, ns: &str, c: &Children) -> Result<Deployment, ApplyFailure> {
+async fn apply_children(
+    client: &Client,
+    ns: &str,
+    c: &Children,
+    apply_live: bool,
+    live_dep: Option<&Deployment>,
+) -> Result<Deployment, ApplyFailure> {
     apply(&Api::<ServiceAccount>::namespaced(client.clone(), ns), &c.service_account).await?;
     apply(&Api::<NetworkPolicy>::namespaced(client.clone(), ns), &c.network_policy).await?;
-    apply(&Api::<ConfigMap>::namespaced(client.clone(), ns), &c.config_map).await?;
     apply(&Api::<Service>::namespaced(client.clone(), ns), &c.service).await?;
     apply(&Api::<Service>::namespaced(client.clone(), ns), &c.headless).await?;
     apply(&Api::<PodDisruptionBudget>::namespaced(client.clone(), ns), &c.pdb).await?;
+    if let (false, Some(live)) = (apply_live, live_dep) {
+        // The live workers keep what they run (an upgrade is in progress, or held back).
+        return Ok(live.clone());
+    }
+    apply(&Api::<ConfigMap>::namespaced(client.clone(), ns), &c.config_map).await?;
     apply(&Api::<Deployment>::namespaced(client.clone(), ns), &c.deployment).await
 }
 
@@ -728,4 +832,300 @@ pub fn error_policy(tm: Arc<TenantModel>, err: &Error, ctx: Arc<Context>) -> Act
     ctx.metrics.errors.get_or_create(&crate::metrics::KindLabel { kind: err.kind().into() }).inc();
     warn!(tm = %tm.name_any(), error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
+}
+
+/// The blue/green upgrade in progress, the last one's outcome and the plan, as they go into status.
+#[derive(Debug)]
+struct UpgradeState {
+    current: Option<Upgrade>,
+    last: Option<UpgradeOutcome>,
+    plan: Option<String>,
+    /// Set when the cut-over completed in this reconcile: the new live colour.
+    completed_to: Option<String>,
+}
+
+/// What the live colour runs after [`plan_upgrade`].
+#[derive(Debug)]
+struct Plan {
+    /// The live colour's pipeline.
+    live_pipeline: PipelineConfig,
+    /// Whether to apply the live colour's ConfigMap and Deployment (not during an upgrade,
+    /// nor while a rolled-back spec stands: the live workers keep what they run).
+    apply_live: bool,
+    /// A rolled-back upgrade's spec still stands: why it is not applied.
+    held_back: Option<String>,
+}
+
+/// Writes the upgrade's state to status before its action (a restarted operator resumes it).
+async fn record_upgrade(
+    tms: &Api<TenantModel>,
+    tm: &TenantModel,
+    written: &mut Option<TenantModelStatus>,
+    up: &UpgradeState,
+) -> Result<(), Error> {
+    let mut st = written.clone().unwrap_or_default();
+    st.upgrade = up.current.clone();
+    st.last_upgrade = up.last.clone();
+    st.plan = up.plan.clone();
+    crate::status::with_upgrade(&mut st, None, &now(), tm.metadata.generation);
+    patch_status_from(tms, &tm.name_any(), written, st).await.map(|_| ())
+}
+
+fn upgrade_outcome(u: &Upgrade, result: &str, message: String, cutover_seconds: Option<f64>) -> UpgradeOutcome {
+    UpgradeOutcome {
+        from_version: u.from_version.clone(),
+        to_version: u.to_version.clone(),
+        result: result.into(),
+        message,
+        spec_hash: u.spec_hash.clone(),
+        started_at: u.started_at.clone(),
+        finished_at: now(),
+        cutover_seconds,
+    }
+}
+
+/// Classifies the spec change against what the live colour runs, and starts, keeps or
+/// abandons a blue/green upgrade (see [`crate::upgrade`]). Returns what the live colour runs.
+#[allow(clippy::too_many_arguments)]
+async fn plan_upgrade(
+    ctx: &Context,
+    tm: &TenantModel,
+    tms: &Api<TenantModel>,
+    written: &mut Option<TenantModelStatus>,
+    up: &mut UpgradeState,
+    live_color: &str,
+    live_pipeline: Option<&PipelineConfig>,
+    desired: &PipelineConfig,
+    live_dep: Option<&Deployment>,
+) -> Result<Plan, Error> {
+    let Some(live_p) = live_pipeline else {
+        return Ok(Plan { live_pipeline: desired.clone(), apply_live: true, held_back: None });
+    };
+    let hash = upgrade::spec_hash(desired, upgrade::retry_token(tm));
+    let keep = Plan { live_pipeline: live_p.clone(), apply_live: false, held_back: None };
+    let ns = tm.namespace().ok_or(Error::NoNamespace)?;
+    if let Some(u) = up.current.clone() {
+        if u.spec_hash == hash || u.live_from.is_some() {
+            return Ok(keep);
+        }
+        // The spec changed again before the cut-over: this candidate is abandoned (the live
+        // colour may be fenced by a cut-over in progress: resume it).
+        let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color)).await?;
+        ctx.workers.resume(&pods).await;
+        let msg = format!("upgrade {}→{} superseded by a newer spec", u.from_version, u.to_version);
+        publish(ctx, tm, EventType::Normal, "UpgradeSuperseded", msg.clone()).await;
+        up.last = Some(upgrade_outcome(&u, "Superseded", msg, None));
+        up.current = None;
+        ctx.baselines.lock().unwrap_or_else(|e| e.into_inner()).remove(&u.id);
+    }
+    let desired_live = upgrade::with_identity(desired, live_p);
+    let kind = upgrade::classify(live_p, &desired_live);
+    let strategy = &tm.spec.upgrade;
+    let available = live_dep.and_then(|d| d.status.as_ref()?.available_replicas).unwrap_or(0);
+    let rescaling = tm.status.as_ref().is_some_and(|s| s.operation.is_some());
+    let bluegreen = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features)
+        && strategy.kind == UpgradeType::BlueGreen
+        && available > 0
+        && !rescaling;
+    if !bluegreen {
+        if kind != ChangeKind::None {
+            let text = upgrade::plan_text(kind, None, live_color, strategy);
+            if up.plan.as_deref() != Some(text.as_str()) {
+                publish(ctx, tm, EventType::Normal, "UpgradePlanned", text.clone()).await;
+            }
+            up.plan = Some(text);
+        }
+        return Ok(Plan { live_pipeline: desired_live, apply_live: true, held_back: None });
+    }
+    if let Some(last) = up.last.as_ref().filter(|l| l.result == "RolledBack" && l.spec_hash == hash) {
+        let why = format!(
+            "the upgrade to model {} was rolled back ({}); the workers run {}; change the spec, or set the annotation \
+             {} to a new value, to try again",
+            last.to_version,
+            last.message,
+            last.from_version,
+            upgrade::RETRY_ANNOTATION
+        );
+        return Ok(Plan { held_back: Some(why), ..keep });
+    }
+    let from_version = live_p.model.version.clone();
+    let u = upgrade::start(
+        live_color,
+        kind,
+        &from_version,
+        desired,
+        hash,
+        live_p.state.checkpoint_store.is_some(),
+        chrono::Utc::now(),
+    );
+    let text = upgrade::plan_text(kind, Some(&u), live_color, strategy);
+    info!(plan = %text, "upgrade started");
+    up.plan = Some(text.clone());
+    up.current = Some(u);
+    record_upgrade(tms, tm, written, up).await?;
+    publish(ctx, tm, EventType::Normal, "UpgradePlanned", text).await;
+    Ok(keep)
+}
+
+/// Drives the upgrade in progress one step (see [`crate::upgrade`]): gates in shadow, the
+/// cut-over at an offset barrier, or the rollback. `cand` is the candidate's Deployment as applied.
+async fn drive_upgrade(
+    ctx: &Context,
+    tm: &TenantModel,
+    tms: &Api<TenantModel>,
+    written: &mut Option<TenantModelStatus>,
+    up: &mut UpgradeState,
+    live_color: &str,
+    cand: &Deployment,
+    barrier_applied: bool,
+) -> Result<(), Error> {
+    #![allow(clippy::too_many_arguments)]
+    let ns = tm.namespace().ok_or(Error::NoNamespace)?;
+    let Some(mut u) = up.current.clone() else { return Ok(()) };
+    let strategy = &tm.spec.upgrade;
+    let now_t = chrono::Utc::now();
+    let started = chrono::DateTime::parse_from_rfc3339(&u.started_at).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now_t);
+    let overdue = (now_t - started).to_std().unwrap_or_default() > Duration::from_millis(strategy.deadline.as_millis());
+    let live_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color)).await?;
+    let cand_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, &u.candidate)).await?;
+    let want = cand.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let title = format!("Upgrading {}→{}", u.from_version, u.to_version);
+    let mut failure: Option<String> = None;
+    if u.step == "Shadow" {
+        let ready = cand.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
+        let cm = if cand_pods.len() as i32 == want { ctx.workers.metrics(&cand_pods).await } else { None };
+        let lm = ctx.workers.metrics(&live_pods).await;
+        let baseline = ctx.baselines.lock().unwrap_or_else(|e| e.into_inner()).get(&u.id).cloned();
+        let (gates, verdict, take) = upgrade::evaluate_gates(&upgrade::GateInput {
+            ready: (ready, want),
+            candidate: cm.as_ref(),
+            live: lm.as_ref(),
+            baseline: baseline.as_ref(),
+            strategy,
+        });
+        if let (true, Some(c), Some(l)) = (take, cm, lm) {
+            info!(upgrade = %u.id, "candidate caught up: gate baseline taken");
+            ctx.baselines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(u.id.clone(), upgrade::Baseline { candidate: c, live: l });
+        }
+        let summary: Vec<String> = gates.iter().map(|g| format!("{} {}: {}", g.name, g.state, g.value)).collect();
+        u.gates = gates;
+        match verdict {
+            Verdict::Fail(why) => failure = Some(why),
+            Verdict::Wait if overdue => {
+                failure = Some(format!("deadline {} passed before every gate passed ({})", strategy.deadline, summary.join("; ")))
+            }
+            Verdict::Wait => u.message = format!("{title}: {} in shadow; {}", u.candidate, summary.join("; ")),
+            Verdict::Pass => {
+                u.step = "CuttingOver".into();
+                u.step_started_at = now();
+                u.message = format!("{title}: gates passed; cutting over");
+                up.current = Some(u.clone());
+                record_upgrade(tms, tm, written, up).await?;
+                publish(ctx, tm, EventType::Normal, "UpgradeGatesPassed", format!("{title}: {}", summary.join("; ")))
+                    .await;
+            }
+        }
+    }
+    if u.step == "CuttingOver" && failure.is_none() {
+        if u.candidate_at.is_none() {
+            let id = format!("{}-candidate", u.id);
+            match upgrade::drained_positions(&ctx.workers.drain_with(&cand_pods, &id, false, false).await, &id) {
+                _ if cand_pods.len() as i32 != want => u.message = format!("{title}: waiting for {want} candidate workers"),
+                Err(e) => failure = Some(format!("pausing the candidate: {e}")),
+                Ok(None) => u.message = format!("{title}: pausing {}", u.candidate),
+                Ok(Some(at)) => {
+                    u.candidate_at = Some(at);
+                    u.message = format!("{title}: {} paused; stopping {live_color} at or past it", u.candidate);
+                    up.current = Some(u.clone());
+                    record_upgrade(tms, tm, written, up).await?;
+                }
+            }
+            if failure.is_none() && u.candidate_at.is_none() && overdue {
+                failure = Some(format!("deadline {} passed while pausing the candidate", strategy.deadline));
+            }
+        }
+        if let (Some(cat), None, None) = (u.candidate_at.clone(), u.live_from.as_ref(), failure.as_ref()) {
+            let n = u.fence_attempt.unwrap_or(1);
+            let id = format!("{}-live-{n}", u.id);
+            match upgrade::drained_positions(&ctx.workers.drain_with(&live_pods, &id, false, true).await, &id) {
+                Err(e) => failure = Some(format!("stopping {live_color}: {e}")),
+                Ok(None) => u.message = format!("{title}: stopping {live_color}"),
+                Ok(Some(at)) if upgrade::fence_covers(&at, &cat) => {
+                    u.live_from = Some(at);
+                    u.fenced_at = Some(rescale::millis_rfc3339(chrono::Utc::now().timestamp_millis()));
+                    u.message = format!("{title}: {live_color} stopped; {} goes live at the barrier", u.candidate);
+                    up.current = Some(u.clone());
+                    // Recorded before anything acts on it: from here on the upgrade only goes forward.
+                    record_upgrade(tms, tm, written, up).await?;
+                    info!(upgrade = %u.id, barrier = ?u.live_from, "cut-over barrier recorded");
+                }
+                Ok(Some(_)) => {
+                    // The live colour had not reached the candidate's position: let it run and ask again.
+                    ctx.workers.resume(&live_pods).await;
+                    u.fence_attempt = Some(n + 1);
+                    u.message = format!("{title}: {live_color} behind {}; stopping it again (attempt {})", u.candidate, n + 1);
+                    up.current = Some(u.clone());
+                    record_upgrade(tms, tm, written, up).await?;
+                }
+            }
+            if failure.is_none() && u.live_from.is_none() && overdue {
+                failure = Some(format!("deadline {} passed while stopping {live_color}", strategy.deadline));
+            }
+        }
+        if let (Some(barrier), true) = (u.live_from.clone(), barrier_applied) {
+            match ctx.workers.go_live(&cand_pods, &barrier).await {
+                Err(e) => u.message = format!("{title}: telling {} the barrier: {e}", u.candidate),
+                Ok(()) => {
+                    ctx.workers.resume(&cand_pods).await;
+                    let answers = ctx.workers.status(&cand_pods).await;
+                    let live_everywhere = cand_pods.len() as i32 == want
+                        && answers.iter().all(|(_, a)| {
+                            a.as_ref().is_ok_and(|s| {
+                                s.drain == rescale::DrainState::Idle
+                                    && s.shadow.as_ref().and_then(|sh| sh.live_from.as_ref()) == Some(&barrier)
+                            })
+                        });
+                    if live_everywhere {
+                        let fenced = u
+                            .fenced_at
+                            .as_deref()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0);
+                        let msg = format!(
+                            "upgraded {}→{}: {} is live from the barrier {}; {live_color} removed",
+                            u.from_version,
+                            u.to_version,
+                            u.candidate,
+                            serde_json::to_string(&barrier).unwrap_or_default()
+                        );
+                        info!(%msg, "upgrade complete");
+                        up.last = Some(upgrade_outcome(&u, "Succeeded", msg.clone(), fenced));
+                        up.completed_to = Some(u.candidate.clone());
+                        up.current = None;
+                        ctx.baselines.lock().unwrap_or_else(|e| e.into_inner()).remove(&u.id);
+                        publish(ctx, tm, EventType::Normal, "UpgradeCompleted", msg).await;
+                        return Ok(());
+                    }
+                    u.message = format!("{title}: waiting for every {} worker to report the barrier", u.candidate);
+                }
+            }
+        }
+    }
+    if let Some(why) = failure {
+        // Roll back: the live colour is resumed (it was paused only if the cut-over had begun)
+        // and the candidate is removed by the prune that follows.
+        ctx.workers.resume(&live_pods).await;
+        let msg = format!("upgrade {}→{} rolled back: {why}", u.from_version, u.to_version);
+        warn!(%msg, "upgrade failed");
+        up.last = Some(upgrade_outcome(&u, "RolledBack", why, None));
+        up.current = None;
+        ctx.baselines.lock().unwrap_or_else(|e| e.into_inner()).remove(&u.id);
+        publish(ctx, tm, EventType::Warning, "UpgradeRolledBack", msg).await;
+        return Ok(());
+    }
+    up.current = Some(u);
+    Ok(())
 }

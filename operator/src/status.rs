@@ -134,6 +134,22 @@ pub fn with_operation(st: &mut TenantModelStatus, now: &str, generation: Option<
     set_condition(&mut st.conditions, "Progressing", true, "Rescaling", &op.message, now, generation);
 }
 
+/// A blue/green upgrade in progress shows as `Progressing` (reason `Upgrading`, its message);
+/// a rolled-back upgrade whose spec still stands (`held_back`: why) as `Degraded`, reason
+/// `RolledBack`: the live workers run the previous version and the spec is not applied.
+pub fn with_upgrade(st: &mut TenantModelStatus, held_back: Option<&str>, now: &str, generation: Option<i64>) {
+    if let Some(up) = st.upgrade.clone() {
+        if st.phase != Some(Phase::Degraded) {
+            st.phase = Some(Phase::Progressing);
+        }
+        set_condition(&mut st.conditions, "Progressing", true, "Upgrading", &up.message, now, generation);
+    }
+    if let Some(why) = held_back {
+        st.phase = Some(Phase::Degraded);
+        set_condition(&mut st.conditions, "Degraded", true, "RolledBack", why, now, generation);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

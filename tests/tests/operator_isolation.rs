@@ -590,6 +590,7 @@ async fn worker_resources_have_platform_defaults_and_a_maximum() {
         ),
         policy,
         workers: Default::default(),
+        baselines: Default::default(),
     });
     let cancel = CancellationToken::new();
     let op = tokio::spawn({
