@@ -416,17 +416,18 @@ pub struct Upgrade {
     /// The gates, as last evaluated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gates: Vec<Gate>,
-    /// Cut-over: where the candidate was paused (next input offset per topic and partition).
+    /// Cut-over: where the candidate was paused, next input offset per topic and partition
+    /// (JSON, e.g. `{"tx":{"0":1830,"1":1795}}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub candidate_at: Option<BTreeMap<String, BTreeMap<i32, i64>>>,
+    pub candidate_at: Option<String>,
     /// Cut-over attempts to stop the live version at or past the candidate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence_attempt: Option<u32>,
     /// The barrier: per input topic and partition, the first input offset whose live output
     /// the candidate writes (the live version stopped there). Once set, the upgrade only goes
-    /// forward.
+    /// forward. JSON, as `candidateAt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub live_from: Option<BTreeMap<String, BTreeMap<i32, i64>>>,
+    pub live_from: Option<String>,
     /// When the live version stopped (RFC 3339, milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced_at: Option<String>,

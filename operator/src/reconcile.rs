@@ -1037,7 +1037,7 @@ async fn drive_upgrade(
                 Err(e) => failure = Some(format!("pausing the candidate: {e}")),
                 Ok(None) => u.message = format!("{title}: pausing {}", u.candidate),
                 Ok(Some(at)) => {
-                    u.candidate_at = Some(at);
+                    u.candidate_at = Some(upgrade::barrier_text(&at));
                     u.message = format!("{title}: {} paused; stopping {live_color} at or past it", u.candidate);
                     up.current = Some(u.clone());
                     record_upgrade(tms, tm, written, up).await?;
@@ -1047,14 +1047,15 @@ async fn drive_upgrade(
                 failure = Some(format!("deadline {} passed while pausing the candidate", strategy.deadline));
             }
         }
-        if let (Some(cat), None, None) = (u.candidate_at.clone(), u.live_from.as_ref(), failure.as_ref()) {
+        let cat = upgrade::parse_barrier(u.candidate_at.as_deref());
+        if let (Some(cat), None, None) = (cat, u.live_from.as_ref(), failure.as_ref()) {
             let n = u.fence_attempt.unwrap_or(1);
             let id = format!("{}-live-{n}", u.id);
             match upgrade::drained_positions(&ctx.workers.drain_with(&live_pods, &id, false, true).await, &id) {
                 Err(e) => failure = Some(format!("stopping {live_color}: {e}")),
                 Ok(None) => u.message = format!("{title}: stopping {live_color}"),
                 Ok(Some(at)) if upgrade::fence_covers(&at, &cat) => {
-                    u.live_from = Some(at);
+                    u.live_from = Some(upgrade::barrier_text(&at));
                     u.fenced_at = Some(rescale::millis_rfc3339(chrono::Utc::now().timestamp_millis()));
                     u.message = format!("{title}: {live_color} stopped; {} goes live at the barrier", u.candidate);
                     up.current = Some(u.clone());
@@ -1075,7 +1076,7 @@ async fn drive_upgrade(
                 failure = Some(format!("deadline {} passed while stopping {live_color}", strategy.deadline));
             }
         }
-        if let (Some(barrier), true) = (u.live_from.clone(), barrier_applied) {
+        if let (Some(barrier), true) = (upgrade::parse_barrier(u.live_from.as_deref()), barrier_applied) {
             match ctx.workers.go_live(&cand_pods, &barrier).await {
                 Err(e) => u.message = format!("{title}: telling {} the barrier: {e}", u.candidate),
                 Ok(()) => {

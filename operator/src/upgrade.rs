@@ -52,6 +52,16 @@ use crate::rescale::{Answer, Workers};
 /// Per input topic and partition, an input offset.
 pub type Barrier = BTreeMap<String, BTreeMap<i32, i64>>;
 
+/// A barrier as status keeps it (JSON).
+pub fn barrier_text(b: &Barrier) -> String {
+    serde_json::to_string(b).unwrap_or_default()
+}
+
+/// A barrier from status (None when absent or unreadable).
+pub fn parse_barrier(t: Option<&str>) -> Option<Barrier> {
+    serde_json::from_str(t?).ok()
+}
+
 /// Annotation whose new value retries a rolled-back upgrade of an unchanged spec.
 pub const RETRY_ANNOTATION: &str = "streamscore.io/retry-upgrade";
 
@@ -245,7 +255,7 @@ pub fn candidate_pipeline(
         topic: format!("{}{suffix}", desired.sink.topic),
         dead_letter_topic: format!("{}{suffix}", desired.sink.dead_letter_topic),
         feature_topic: desired.sink.feature_topic.as_ref().map(|t| format!("{t}{suffix}")),
-        live_from: up.live_from.clone(),
+        live_from: parse_barrier(up.live_from.as_deref()),
     });
     p
 }

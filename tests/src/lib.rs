@@ -224,6 +224,7 @@ pub fn spawn_operator_with_policy(
         ),
         policy,
         workers: Default::default(),
+        baselines: Default::default(),
     });
     let (ns, c) = (ns.to_owned(), cancel.clone());
     tokio::spawn(async move { streamscore_operator::run_controllers(ctx, &[ns], c).await })
