@@ -143,7 +143,11 @@ pub struct ModelSpec {
     /// A ConfigMap key (binaryData) in the TenantModel's namespace holding the `.onnx` file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map: Option<ConfigMapKeyRef>,
-    /// A URI of the `.onnx` file (`file:///…` on the worker's filesystem; object stores later).
+    /// A URI of the `.onnx` file, for models too large for a ConfigMap: `s3://bucket/path`,
+    /// `gs://…`, `az://…` (credentials as for checkpoints: `checkpointSecret`, or the pod's
+    /// cloud identity), or `file:///…` inside the worker image. Each worker downloads the file
+    /// into its state volume and checks `sha256` before it loads it; until then it is not ready
+    /// (`/readyz` and the `Degraded` condition say why, e.g. a digest mismatch). At most 1 GiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
     /// Lowercase hex SHA-256 of the model file. Workers refuse a file that differs.

@@ -17,8 +17,8 @@ pub mod policy;
 pub mod reconcile;
 pub mod rescale;
 pub mod status;
-pub mod validate;
 pub mod upgrade;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;

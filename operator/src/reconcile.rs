@@ -33,7 +33,9 @@ use streamscore_crds::tenantmodel::{
 };
 use tracing::{info, instrument, warn};
 
-use crate::build::{build_live, colour, config_map_name, render_pipeline, selector_string, BuildContext, Children, FIRST_COLOR};
+use crate::build::{
+    build_live, colour, config_map_name, render_pipeline, selector_string, BuildContext, Children, FIRST_COLOR,
+};
 use crate::metrics::OperatorMetrics;
 use crate::ownership::{conflict, is_controlled_by};
 use crate::policy::{check_secret, TenantPolicy};
@@ -255,8 +257,18 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         plan: tm.status.as_ref().and_then(|s| s.plan.clone()),
         completed_to: None,
     };
-    let plan = plan_upgrade(ctx, tm, &tms, &mut written, &mut up, &live_color, live_pipeline.as_ref(), &desired, live_dep.as_ref())
-        .await?;
+    let plan = plan_upgrade(
+        ctx,
+        tm,
+        &tms,
+        &mut written,
+        &mut up,
+        &live_color,
+        live_pipeline.as_ref(),
+        &desired,
+        live_dep.as_ref(),
+    )
+    .await?;
     let children = build_live(tm, &build_ctx, &live_color, plan.live_pipeline.clone());
     let blocked = name_conflicts(&client, &ns, &uid, &children, live_dep.as_ref()).await?;
     if !blocked.is_empty() {
@@ -357,11 +369,8 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     // status
     let selector = selector_string(tm, &live_color);
     let available = live.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
-    let (worker_problem, worker_restoring) = if available < replicas {
-        worker_readiness_problem(&client, &ns, &selector).await
-    } else {
-        (None, None)
-    };
+    let (worker_problem, worker_restoring) =
+        if available < replicas { worker_readiness_problem(&client, &ns, &selector).await } else { (None, None) };
     let observed = Observed::Applied {
         deployment: &live,
         color: &live_color,
@@ -399,7 +408,14 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     status.last_upgrade = up.last.clone();
     status.plan = up.plan.clone();
     crate::status::with_operation(&mut status, &now(), generation);
-    crate::status::with_upgrade(&mut status, plan.held_back.as_deref(), &now(), generation);
+    // Also when the rollback happened in this reconcile.
+    let held = plan.held_back.clone().or_else(|| {
+        if up.current.is_some() {
+            return None;
+        }
+        held_back(up.last.as_ref(), &upgrade::spec_hash(&desired, upgrade::retry_token(tm)))
+    });
+    crate::status::with_upgrade(&mut status, held.as_deref(), &now(), generation);
     if let Some(last) = rescale.last.as_ref().filter(|l| {
         rescale.op.is_none()
             && replicas != tm.spec.parallelism
@@ -884,6 +900,19 @@ fn upgrade_outcome(u: &Upgrade, result: &str, message: String, cutover_seconds: 
     }
 }
 
+/// Why the spec is not applied, when the last upgrade of this very spec (`hash`) rolled back.
+fn held_back(last: Option<&UpgradeOutcome>, hash: &str) -> Option<String> {
+    let last = last.filter(|l| l.result == "RolledBack" && l.spec_hash == hash)?;
+    Some(format!(
+        "the upgrade to model {} was rolled back ({}); the workers run {}; change the spec, or set the annotation {} \
+         to a new value, to try again",
+        last.to_version,
+        last.message,
+        last.from_version,
+        upgrade::RETRY_ANNOTATION
+    ))
+}
+
 /// Classifies the spec change against what the live colour runs, and starts, keeps or
 /// abandons a blue/green upgrade (see [`crate::upgrade`]). Returns what the live colour runs.
 #[allow(clippy::too_many_arguments)]
@@ -937,15 +966,7 @@ async fn plan_upgrade(
         }
         return Ok(Plan { live_pipeline: desired_live, apply_live: true, held_back: None });
     }
-    if let Some(last) = up.last.as_ref().filter(|l| l.result == "RolledBack" && l.spec_hash == hash) {
-        let why = format!(
-            "the upgrade to model {} was rolled back ({}); the workers run {}; change the spec, or set the annotation \
-             {} to a new value, to try again",
-            last.to_version,
-            last.message,
-            last.from_version,
-            upgrade::RETRY_ANNOTATION
-        );
+    if let Some(why) = held_back(up.last.as_ref(), &hash) {
         return Ok(Plan { held_back: Some(why), ..keep });
     }
     let from_version = live_p.model.version.clone();
@@ -984,7 +1005,8 @@ async fn drive_upgrade(
     let Some(mut u) = up.current.clone() else { return Ok(()) };
     let strategy = &tm.spec.upgrade;
     let now_t = chrono::Utc::now();
-    let started = chrono::DateTime::parse_from_rfc3339(&u.started_at).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now_t);
+    let started =
+        chrono::DateTime::parse_from_rfc3339(&u.started_at).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now_t);
     let overdue = (now_t - started).to_std().unwrap_or_default() > Duration::from_millis(strategy.deadline.as_millis());
     let live_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color)).await?;
     let cand_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, &u.candidate)).await?;
@@ -1015,7 +1037,11 @@ async fn drive_upgrade(
         match verdict {
             Verdict::Fail(why) => failure = Some(why),
             Verdict::Wait if overdue => {
-                failure = Some(format!("deadline {} passed before every gate passed ({})", strategy.deadline, summary.join("; ")))
+                failure = Some(format!(
+                    "deadline {} passed before every gate passed ({})",
+                    strategy.deadline,
+                    summary.join("; ")
+                ))
             }
             Verdict::Wait => u.message = format!("{title}: {} in shadow; {}", u.candidate, summary.join("; ")),
             Verdict::Pass => {
@@ -1033,7 +1059,9 @@ async fn drive_upgrade(
         if u.candidate_at.is_none() {
             let id = format!("{}-candidate", u.id);
             match upgrade::drained_positions(&ctx.workers.drain_with(&cand_pods, &id, false, false).await, &id) {
-                _ if cand_pods.len() as i32 != want => u.message = format!("{title}: waiting for {want} candidate workers"),
+                _ if cand_pods.len() as i32 != want => {
+                    u.message = format!("{title}: waiting for {want} candidate workers")
+                }
                 Err(e) => failure = Some(format!("pausing the candidate: {e}")),
                 Ok(None) => u.message = format!("{title}: pausing {}", u.candidate),
                 Ok(Some(at)) => {
@@ -1067,7 +1095,8 @@ async fn drive_upgrade(
                     // The live colour had not reached the candidate's position: let it run and ask again.
                     ctx.workers.resume(&live_pods).await;
                     u.fence_attempt = Some(n + 1);
-                    u.message = format!("{title}: {live_color} behind {}; stopping it again (attempt {})", u.candidate, n + 1);
+                    u.message =
+                        format!("{title}: {live_color} behind {}; stopping it again (attempt {})", u.candidate, n + 1);
                     up.current = Some(u.clone());
                     record_upgrade(tms, tm, written, up).await?;
                 }
@@ -1094,7 +1123,9 @@ async fn drive_upgrade(
                             .fenced_at
                             .as_deref()
                             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                            .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0);
+                            .map(|t| {
+                                (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0
+                            });
                         let msg = format!(
                             "upgraded {}→{}: {} is live from the barrier {}; {live_color} removed",
                             u.from_version,

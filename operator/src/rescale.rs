@@ -465,7 +465,11 @@ mod tests {
                     checkpoint_store: true,
                     partitions: parts
                         .iter()
-                        .map(|p| DrainedPartition { partition: *p, manifest: Some(format!("m{p}")), ..Default::default() })
+                        .map(|p| DrainedPartition {
+                            partition: *p,
+                            manifest: Some(format!("m{p}")),
+                            ..Default::default()
+                        })
                         .collect(),
                 },
             },

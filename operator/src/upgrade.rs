@@ -299,7 +299,12 @@ impl WorkerMetrics {
             records_in: d(self.records_in, base.records_in),
             dead_letters: d(self.dead_letters, base.dead_letters),
             lag: self.lag,
-            score: self.score.iter().enumerate().map(|(i, a)| d(*a, base.score.get(i).copied().unwrap_or(0.0))).collect(),
+            score: self
+                .score
+                .iter()
+                .enumerate()
+                .map(|(i, a)| d(*a, base.score.get(i).copied().unwrap_or(0.0)))
+                .collect(),
         }
     }
 }
@@ -494,9 +499,9 @@ pub fn drained_positions(answers: &[Answer], id: &str) -> Result<Option<Barrier>
 /// Whether the live colour stopped at or past the candidate on every partition the candidate
 /// reported (so the candidate has nothing of its own past the barrier).
 pub fn fence_covers(live: &Barrier, candidate: &Barrier) -> bool {
-    candidate.iter().all(|(t, ps)| {
-        ps.iter().all(|(p, c)| live.get(t).and_then(|l| l.get(p)).copied().unwrap_or(0) >= *c)
-    })
+    candidate
+        .iter()
+        .all(|(t, ps)| ps.iter().all(|(p, c)| live.get(t).and_then(|l| l.get(p)).copied().unwrap_or(0) >= *c))
 }
 
 /// Body of `POST /v1/admin/golive`.
@@ -508,13 +513,7 @@ struct GoLive<'a> {
 
 impl Workers {
     /// Asks every pod to drain (see the worker's admin module) and returns their status.
-    pub async fn drain_with(
-        &self,
-        pods: &[(String, String)],
-        id: &str,
-        checkpoint: bool,
-        fence: bool,
-    ) -> Vec<Answer> {
+    pub async fn drain_with(&self, pods: &[(String, String)], id: &str, checkpoint: bool, fence: bool) -> Vec<Answer> {
         let mut out = Vec::new();
         for (name, ip) in pods {
             let base = format!("http://{ip}:{}", crate::build::ADMIN_PORT);
@@ -548,7 +547,10 @@ impl Workers {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => {
                     let code = r.status();
-                    return Err(format!("worker {name}: golive answered {code}: {}", r.text().await.unwrap_or_default()));
+                    return Err(format!(
+                        "worker {name}: golive answered {code}: {}",
+                        r.text().await.unwrap_or_default()
+                    ));
                 }
                 Err(e) => return Err(format!("worker {name}: admin API unreachable: {e}")),
             }
@@ -675,10 +677,13 @@ state: {checkpointStore: "s3://b/ns/fraud"}
 
     fn hist(per_bucket: &[f64]) -> Vec<f64> {
         let mut c = 0.0;
-        let mut v: Vec<f64> = per_bucket.iter().map(|x| {
-            c += x;
-            c
-        }).collect();
+        let mut v: Vec<f64> = per_bucket
+            .iter()
+            .map(|x| {
+                c += x;
+                c
+            })
+            .collect();
         v.push(c);
         v
     }
@@ -702,7 +707,8 @@ state: {checkpointStore: "s3://b/ns/fraud"}
         let s = UpgradeStrategy { min_scored_events: 100, ..UpgradeStrategy::default() };
         let live = WorkerMetrics { records_in: 1000.0, lag: 3.0, score: hist(&[50.0; 20]), ..Default::default() };
         let cand = WorkerMetrics { records_in: 900.0, lag: 4.0, score: hist(&[45.0; 20]), ..Default::default() };
-        let input = GateInput { ready: (2, 2), candidate: Some(&cand), live: Some(&live), baseline: None, strategy: &s };
+        let input =
+            GateInput { ready: (2, 2), candidate: Some(&cand), live: Some(&live), baseline: None, strategy: &s };
         let (gates, v, take) = evaluate_gates(&input);
         assert_eq!((v, take), (Verdict::Wait, true), "{gates:?}");
         let base = Baseline { candidate: cand.clone(), live: live.clone() };

@@ -17,9 +17,16 @@ pub fn validate(tm: &TenantModel) -> Result<(), Vec<String>> {
         (Some(_), Some(_)) | (None, None) => {
             errs.push("spec.model: exactly one of configMap and uri must be set".to_owned());
         }
-        (None, Some(uri)) if !(uri.starts_with("file:///") || uri.starts_with('/')) => errs.push(format!(
-            "spec.model.uri: {uri:?} is not supported yet: use a ConfigMap or a file:/// path inside the worker image"
-        )),
+        (None, Some(uri))
+            if !(["s3://", "gs://", "az://", "file:///"].iter().any(|p| uri.starts_with(p))
+                || uri.starts_with('/'))
+                || uri.ends_with('/') =>
+        {
+            errs.push(format!(
+                "spec.model.uri: {uri:?} must name a file: s3://bucket/path, gs://…, az://…, or a file:/// path \
+                 inside the worker image"
+            ))
+        }
         _ => {}
     }
     if let Some(store) = &s.checkpoint_store {

@@ -751,8 +751,7 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     eventually(Duration::from_secs(60), "green Running with v2, blue removed", || async {
         let st = tms.get("upgraded").await.ok()?.status?;
         let blue = deps.get_opt("upgraded-blue").await.ok()?;
-        (st.phase == Some(Phase::Running) && st.model_version.as_deref() == Some("v2") && blue.is_none())
-            .then_some(())
+        (st.phase == Some(Phase::Running) && st.model_version.as_deref() == Some("v2") && blue.is_none()).then_some(())
     })
     .await;
     producing.await.unwrap();

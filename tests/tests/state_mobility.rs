@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use streamscore_crds::pipeline::MissingCheckpoint;
 use streamscore_crds::PipelineConfig;
 use streamscore_tests::oracle::{check, events, metric, oracle, outputs, Ev};
-use streamscore_tests::{bootstrap, create_topics, produce, producer, repo_root, start_worker, unique};
+use streamscore_tests::{bootstrap, create_topics, eventually, produce, producer, repo_root, start_worker, unique};
 
 /// The pipeline: count and sum over 1h and 24h, a filtered count, a last-4 sequence; windows at
 /// 1 s resolution (the oracle applies the documented bucket rule).
@@ -343,4 +343,73 @@ fn checkpoints_round_trip_through_the_s3_server() {
     // k519 was written in rounds 2 and 3: the restored state is round 2's.
     assert_eq!(restored.get_mut("k519").unwrap().max_time, Some(2), "the state of the restored checkpoint");
     cp.shutdown();
+}
+
+/// `model.path` in the S3 server: the worker downloads it, checks its digest and scores with
+/// it; a file whose digest differs, or one that is missing, leaves the worker not ready with the
+/// reason (and it loads nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_in_the_object_store_is_downloaded_verified_and_scored() {
+    use object_store::ObjectStore;
+    let (input, out, dlq) = (unique("mu-in"), unique("mu-out"), unique("mu-dlq"));
+    create_topics(&[&input, &out, &dlq], 2).await;
+    let dir = tempfile::Builder::new()
+        .prefix("model-uri-")
+        .tempdir_in(std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+        .unwrap();
+    let prefix = s3_store(&unique("models"));
+    let bytes = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
+    let s3 = object_store::aws::AmazonS3Builder::from_env().with_url(&prefix).build().unwrap();
+    let key = object_store::path::Path::parse(format!("{}/fraud.onnx", prefix.splitn(4, '/').nth(3).unwrap())).unwrap();
+    s3.put(&key, bytes.into()).await.unwrap();
+
+    let start = |name: &str, path: String, sha: Option<&str>| {
+        let mut cfg = pipeline(&input, &out, &dlq, &unique("mu-group"), "/unused", None);
+        cfg.model.path = path;
+        if let Some(s) = sha {
+            cfg.model.sha256 = s.to_owned();
+        }
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+        Proc::spawn(&file, &dir.path().join(name), dir.path().join(format!("{name}.log")))
+    };
+    let readyz = |p: &Proc| {
+        let url = format!("http://127.0.0.1:{}/readyz", p.port);
+        async move {
+            match reqwest::get(&url).await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(_) => (0, String::new()),
+            }
+        }
+    };
+    // Wrong digest, and a missing file: not ready, with the reason.
+    let wrong = start("wrong", format!("{prefix}/fraud.onnx"), Some(&"0".repeat(64)));
+    let missing = start("missing", format!("{prefix}/nope.onnx"), None);
+    for (p, says) in [(&wrong, "does not match model.sha256"), (&missing, "downloading the model")] {
+        let body = eventually(Duration::from_secs(30), "not ready with the reason", || async {
+            let (code, body) = readyz(p).await;
+            (code == 503 && body.contains(says)).then_some(body)
+        })
+        .await;
+        eprintln!("{body}");
+    }
+    drop((wrong, missing));
+    // The right digest: downloaded, verified, scored.
+    let worker = start("good", format!("{prefix}/fraud.onnx"), None);
+    let all = events(0, 400, 50, 1_795_000_000_000);
+    let want = oracle(&all);
+    let p = producer();
+    let recs: Vec<_> = all.iter().map(Ev::record).collect();
+    produce(&p, &input, &recs).await;
+    let got = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || outputs(&out, 400, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    check(&got, &want);
+    let m = worker.metrics().await;
+    assert!(metric(&m, "streamscore_worker_records_out_total") >= 400.0, "{m}");
+    let cached = dir.path().join("good/.model").read_dir().unwrap().count();
+    assert_eq!(cached, 1, "the downloaded model is kept in the state directory");
 }

@@ -226,7 +226,10 @@ impl Admin {
 
     /// Whether a fenced drain holds the worker: newly assigned partitions must stay paused.
     pub fn fenced(&self) -> bool {
-        matches!(*self.lock(), Drain::Drained { fence: true, .. } | Drain::Requested { opts: DrainOptions { fence: true, .. }, .. })
+        matches!(
+            *self.lock(),
+            Drain::Drained { fence: true, .. } | Drain::Requested { opts: DrainOptions { fence: true, .. }, .. }
+        )
     }
 
     /// Loop side: the drain `id` is done (or failed; then the loop resumes at once).
@@ -345,12 +348,8 @@ mod tests {
 
     #[test]
     fn the_barrier_is_set_once() {
-        let shadow = ShadowConfig {
-            topic: "s".into(),
-            dead_letter_topic: "d".into(),
-            feature_topic: None,
-            live_from: None,
-        };
+        let shadow =
+            ShadowConfig { topic: "s".into(), dead_letter_topic: "d".into(), feature_topic: None, live_from: None };
         assert!(Admin::default().go_live(&Barrier::new()).is_err(), "not in shadow mode");
         let a = Admin::with_shadow(Some(shadow));
         let b: Barrier = BTreeMap::from([("in".to_owned(), BTreeMap::from([(0, 10), (1, 7)]))]);

@@ -56,7 +56,7 @@ pub enum CheckpointError {
         detail: String,
     },
     /// The object store answered with an error.
-    #[error("checkpoint store: {op} {path}: {source}")]
+    #[error("object store: {op} {path}: {source}")]
     Store {
         /// Operation.
         op: &'static str,
@@ -269,6 +269,22 @@ impl ObjectCheckpoints {
             .build()
             .map_err(|e| cfg_err(format!("starting the I/O runtime: {e}")))?;
         Ok(Self { store, root, uri: uri.to_owned(), rt })
+    }
+
+    /// The object `name` under the URI, whole, at most `max` bytes (a larger one is refused
+    /// before it is downloaded).
+    pub fn fetch(&self, name: &str, max: u64) -> Result<Vec<u8>, CheckpointError> {
+        let path = self.root.child(name);
+        let meta = self.rt.block_on(self.store.head(&path)).map_err(Self::err("head", &path))?;
+        if meta.size as u64 > max {
+            return Err(CheckpointError::Config {
+                uri: format!("{}/{name}", self.uri.trim_end_matches('/')),
+                detail: format!("{} bytes, more than the limit of {max}", meta.size),
+            });
+        }
+        let got =
+            self.rt.block_on(async { self.store.get(&path).await?.bytes().await }).map_err(Self::err("get", &path))?;
+        Ok(got.to_vec())
     }
 
     /// The URI.

@@ -778,7 +778,13 @@ impl Engine {
             Err(e) => {
                 // The model failed on this batch: dead-letter its records rather than stop.
                 for p in pending.iter().filter(|p| !p.replay) {
-                    out.push(dead_letter(p.rec, self.topic_index(p.rec.topic), Reason::ScoringFailed, &e.to_string(), limit));
+                    out.push(dead_letter(
+                        p.rec,
+                        self.topic_index(p.rec.topic),
+                        Reason::ScoringFailed,
+                        &e.to_string(),
+                        limit,
+                    ));
                     self.metrics.dead_letter(Reason::ScoringFailed);
                 }
                 return Ok(out);
@@ -861,11 +867,8 @@ impl Engine {
         for (&partition, ctx) in self.partitions.iter_mut() {
             // Still below the committed offsets: these windows were written before.
             let replay = !ctx.replay_until.is_empty();
-            let origin = Origin {
-                topic: 0,
-                partition,
-                offset: ctx.next_offsets.get(&first_topic).map_or(0, |o| o - 1),
-            };
+            let origin =
+                Origin { topic: 0, partition, offset: ctx.next_offsets.get(&first_topic).map_or(0, |o| o - 1) };
             let horizon = ctx.watermark.horizon();
             if ctx.watermark.max_time().is_none() || horizon <= ctx.closed_through {
                 continue;
@@ -1128,7 +1131,9 @@ impl OutRecord {
     /// The same record, coming from `origin`.
     pub fn with_origin(mut self, o: Origin) -> Self {
         match &mut self {
-            OutRecord::Scored { origin, .. } | OutRecord::DeadLetter { origin, .. } | OutRecord::Feature { origin, .. } => {
+            OutRecord::Scored { origin, .. }
+            | OutRecord::DeadLetter { origin, .. }
+            | OutRecord::Feature { origin, .. } => {
                 *origin = o;
             }
         }
@@ -1138,9 +1143,9 @@ impl OutRecord {
     /// The input it comes from.
     pub fn origin(&self) -> Origin {
         match self {
-            OutRecord::Scored { origin, .. } | OutRecord::DeadLetter { origin, .. } | OutRecord::Feature { origin, .. } => {
-                *origin
-            }
+            OutRecord::Scored { origin, .. }
+            | OutRecord::DeadLetter { origin, .. }
+            | OutRecord::Feature { origin, .. } => *origin,
         }
     }
 }

@@ -221,7 +221,15 @@ fn dead_letters_are_cut_only_when_they_would_not_fit() {
     let headers = || vec![("streamscore.reason", "oversized".to_owned())];
     // Fits: untouched, no truncation header; an empty key stays an empty key.
     let small = fit_dead_letter(Some(b""), b"hello", headers(), 1_000);
-    assert_eq!(small, OutRecord::DeadLetter { origin: Origin::default(), key: Some(vec![]), value: b"hello".to_vec(), headers: headers() });
+    assert_eq!(
+        small,
+        OutRecord::DeadLetter {
+            origin: Origin::default(),
+            key: Some(vec![]),
+            value: b"hello".to_vec(),
+            headers: headers()
+        }
+    );
     let exact = fit_dead_letter(None, &[b'v'; 1_000 - 36 - 10 - 18 - 9], headers(), 1_000);
     assert!(matches!(&exact, OutRecord::DeadLetter { headers, .. } if headers.len() == 1), "{exact:?}");
     // A 5000-byte key and a 2 MB value: the key is cut to 1024 bytes, the value to the rest.

@@ -205,9 +205,8 @@ impl ConsumerCtx {
         let mut wanted = TopicPartitionList::new();
         for e in committed.elements() {
             // Placed already (state seeded from another run's checkpoint): keep it.
-            let placed = tpl
-                .find_partition(e.topic(), e.partition())
-                .is_some_and(|x| matches!(x.offset(), Offset::Offset(_)));
+            let placed =
+                tpl.find_partition(e.topic(), e.partition()).is_some_and(|x| matches!(x.offset(), Offset::Offset(_)));
             if !matches!(e.offset(), Offset::Offset(_)) && !placed {
                 let _ = wanted.add_partition_offset(e.topic(), e.partition(), Offset::Offset(ts));
             }
@@ -475,9 +474,8 @@ impl Shared {
     /// candidate) to the shadow topics unless its input is at or past the cut-over barrier.
     fn send(&self, rec: OutRecord, shadow: Option<&ShadowConfig>) {
         let o = rec.origin();
-        let shadow = shadow.filter(|s| {
-            !s.is_live(self.input_topics.get(o.topic).map_or("", String::as_str), o.partition, o.offset)
-        });
+        let shadow = shadow
+            .filter(|s| !s.is_live(self.input_topics.get(o.topic).map_or("", String::as_str), o.partition, o.offset));
         if shadow.is_some() {
             self.metrics.shadow_out.inc();
         }

@@ -18,7 +18,7 @@ use streamscore_worker::model::Model;
 use streamscore_worker::state::StoreEnv;
 use streamscore_worker::{config, engine};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 // mimalloc: the data plane allocates many small, short-lived objects per event (keys, feature
 // values, output buffers); glibc malloc spent ~40% of the engine's time on them (perf,
@@ -115,7 +115,35 @@ fn run(args: Args) -> Result<(), String> {
         sig_cancel.cancel();
     });
 
-    let model = match Model::load(&cfg.model) {
+    let mut model_cfg = cfg.model.clone();
+    if streamscore_worker::model::is_remote(&model_cfg.path) {
+        // Not ready ("model loading", then the download's error) until it is here and verified.
+        let dir = std::path::Path::new(&cfg.runtime.state_dir).join(".model");
+        loop {
+            match streamscore_worker::model::fetch(&model_cfg, cfg.state.credentials_dir.as_deref(), &dir) {
+                Ok(p) => {
+                    info!(uri = %model_cfg.path, path = %p.display(), "model downloaded and verified");
+                    model_cfg.path = p.display().to_string();
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot download the model; retrying in 10 s");
+                    *health.model.write().unwrap_or_else(|x| x.into_inner()) =
+                        Some(Err(format!("downloading the model: {e}")));
+                    let wait = rt.block_on(async {
+                        tokio::select! {
+                            _ = cancel.cancelled() => true,
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => false,
+                        }
+                    });
+                    if wait {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    let model = match Model::load(&model_cfg) {
         Ok(m) => {
             info!(version = m.version(), path = %cfg.model.path, "model loaded and probed");
             *health.model.write().unwrap_or_else(|e| e.into_inner()) = Some(Ok(m.version().to_owned()));

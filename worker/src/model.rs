@@ -100,6 +100,39 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Whether `path` (`model.path`) names an object in an object store (`s3://`, `gs://`, `az://`)
+/// rather than a file of the worker.
+pub fn is_remote(path: &str) -> bool {
+    ["s3://", "gs://", "az://"].iter().any(|s| path.starts_with(s))
+}
+
+/// Downloads the model at `cfg.path` (an object-store URI) into `dir` as `model-<sha256>.onnx`
+/// and verifies its digest before anything uses it; returns the local path. A file already
+/// there with the right digest is used as is. Credentials as for checkpoints: the environment,
+/// then the files of `credentials_dir`.
+pub fn fetch(cfg: &ModelConfig, credentials_dir: Option<&str>, dir: &Path) -> Result<std::path::PathBuf, String> {
+    let dest = dir.join(format!("model-{}.onnx", cfg.sha256));
+    if std::fs::read(&dest).is_ok_and(|b| sha256_hex(&b) == cfg.sha256) {
+        return Ok(dest);
+    }
+    let (parent, name) = cfg.path.rsplit_once('/').ok_or_else(|| format!("{}: not an object URI", cfg.path))?;
+    let settings = match credentials_dir {
+        Some(d) => crate::checkpoint::read_credentials(Path::new(d)).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let store = crate::checkpoint::ObjectCheckpoints::open_with(parent, &settings).map_err(|e| e.to_string())?;
+    let bytes = store.fetch(name, MAX_MODEL_BYTES).map_err(|e| e.to_string())?;
+    let actual = sha256_hex(&bytes);
+    if actual != cfg.sha256 {
+        return Err(format!("{}: sha256 {actual} does not match model.sha256 {}", cfg.path, cfg.sha256));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(".model-{}.part", cfg.sha256));
+    std::fs::write(&tmp, &bytes).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &dest).map_err(|e| format!("writing {}: {e}", dest.display()))?;
+    Ok(dest)
+}
+
 impl Model {
     /// Reads, verifies and loads the model described by `cfg`.
     pub fn load(cfg: &ModelConfig) -> Result<Self, ModelError> {
