@@ -336,11 +336,11 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
     let mut live_color = live_color;
     let mut live = live;
+    let barrier_applied = candidate
+        .as_ref()
+        .and_then(|c| c.config_map.data.as_ref()?.get("pipeline.yaml").cloned())
+        .is_some_and(|t| t.contains("liveFrom"));
     if let (Some(_), Some(cand)) = (up.current.as_ref(), live_candidate.as_ref()) {
-        let barrier_applied = candidate
-            .as_ref()
-            .and_then(|c| c.config_map.data.as_ref()?.get("pipeline.yaml").cloned())
-            .is_some_and(|t| t.contains("liveFrom"));
         drive_upgrade(ctx, tm, &tms, &mut written, &mut up, &live_color, cand, barrier_applied).await?;
         if let Some(color) = up.completed_to.clone() {
             // The candidate is the live colour now.
@@ -446,8 +446,11 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     if rescale.op.is_some() {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    if up.current.is_some() {
-        return Ok(Action::requeue(Duration::from_secs(2)));
+    if let Some(u) = &up.current {
+        // The barrier was just recorded: its ConfigMap and the candidate's go-live come next,
+        // at once (input is stopped meanwhile).
+        let barrier_pending = u.live_from.is_some() && !barrier_applied;
+        return Ok(Action::requeue(if barrier_pending { Duration::from_millis(20) } else { Duration::from_secs(2) }));
     }
     // Not all workers available: look again soon (pods' readiness does not wake the controller);
     // with checkpoints, every minute for status.lastCheckpoint.

@@ -71,6 +71,10 @@ pub struct Consumed {
     pub headers: Vec<(String, String)>,
     /// Partition.
     pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Record timestamp (ms).
+    pub timestamp: Option<i64>,
 }
 
 impl Consumed {
@@ -112,6 +116,8 @@ pub fn consume(topic: &str, want: usize, timeout: Duration) -> Vec<Consumed> {
                 value: m.payload().unwrap_or_default().to_vec(),
                 headers,
                 partition: m.partition(),
+                offset: m.offset(),
+                timestamp: m.timestamp().to_millis(),
             });
         }
     }

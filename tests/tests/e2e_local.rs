@@ -618,10 +618,12 @@ async fn a_rescale_whose_checkpoints_fail_rolls_back_and_loses_nothing() {
 /// server. First a model that outputs NaN for most events: the candidate (green) runs in shadow,
 /// its ErrorRate gate fails, it is removed, blue never stops, and the reason is in
 /// status.lastUpgrade, the Degraded condition (RolledBack) and a Warning Event. Then a
-/// model-only change: green starts from blue's checkpoints, its gates pass, and the cut-over at
-/// the offset barrier leaves every input with exactly one live output whose features equal
-/// those recomputed from the raw input; green is then the live colour and reports the new
-/// version.
+/// model-only change with the operator restarted at every step: green starts from blue's
+/// checkpoints, its gates pass, and the cut-over at the offset barrier switches the live
+/// topic. Then a feature change (a new window): the plan says the candidate (blue again)
+/// rebuilds its state from the input, and after its cut-over the new feature's values equal
+/// those recomputed from the raw input. Across all of it every input has exactly one live
+/// output, whose features equal those recomputed from the raw input.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or_rolls_back() {
     let _node = NODE.lock().await;
@@ -641,7 +643,7 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     }))
     .unwrap();
     Api::<ConfigMap>::namespaced(client.clone(), &ns).create(&PostParams::default(), &cm).await.unwrap();
-    let operator = Operator::start(&client, &ns);
+    let mut operator = Operator::start(&client, &ns);
     let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let tm: TenantModel = serde_json::from_value(json!({
@@ -679,8 +681,9 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     })
     .await;
 
-    // 16,000 events over 2,000 keys at a steady pace (~115 s) through both upgrades.
-    let all = stream(0, 16_000, 2_000, 1_795_200_000_000);
+    // 20,000 events over 2,000 keys at a steady pace (~140 s) through the three upgrades.
+    const N: usize = 20_000;
+    let all = stream(0, N as u64, 2_000, 1_795_200_000_000);
     let want = oracle(&all);
     let producing = tokio::spawn({
         let (input, all) = (input.clone(), all.clone());
@@ -734,16 +737,28 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     let dead = consume(&dlq_shadow, usize::MAX, Duration::from_secs(3));
     assert!(!dead.is_empty(), "the candidate's dead letters went to the shadow dead-letter topic");
 
-    // 2. A model-only change (a new version of the same model): shadow, gates, cut-over.
+    // 2. A model-only change (a new version of the same model): shadow, gates, cut-over, with
+    // the operator restarted the first time each step is seen (it resumes from status.upgrade).
     patch(json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "v2"})).await;
-    let st = eventually(Duration::from_secs(150), "the upgrade to v2 completed", || async {
-        let st = tms.get("upgraded").await.ok()?.status?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    let mut steps: Vec<String> = Vec::new();
+    let st = loop {
+        assert!(std::time::Instant::now() < deadline, "the upgrade to v2 did not finish; steps {steps:?}");
+        let st = tms.get("upgraded").await.unwrap().status.unwrap_or_default();
         if let Some(u) = &st.upgrade {
             eprintln!("upgrade {}: {}", u.step, u.message);
+            if !steps.contains(&u.step) {
+                steps.push(u.step.clone());
+                let old = std::mem::replace(&mut operator, Operator::start(&client, &ns));
+                old.stop().await;
+            }
         }
-        st.last_upgrade.as_ref().is_some_and(|l| l.to_version == "v2").then_some(st)
-    })
-    .await;
+        if st.last_upgrade.as_ref().is_some_and(|l| l.to_version == "v2") {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(steps.iter().any(|s| s == "Shadow") && steps.iter().any(|s| s == "CuttingOver"), "{steps:?}");
     let last = st.last_upgrade.clone().unwrap();
     eprintln!("v2: {last:?}");
     assert_eq!(last.result, "Succeeded", "{last:?}");
@@ -754,6 +769,51 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
         (st.phase == Some(Phase::Running) && st.model_version.as_deref() == Some("v2") && blue.is_none()).then_some(())
     })
     .await;
+    let v2_cutover = last.cutover_seconds;
+    // Green started from blue's checkpoints.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let lp = ListParams::default().labels("streamscore.io/tenantmodel=upgraded,streamscore.io/color=green");
+    let mut seeded = 0.0;
+    for p in pods.list(&lp).await.unwrap().items {
+        let ip = p.status.and_then(|s| s.pod_ip).unwrap();
+        let m = reqwest::get(format!("http://{ip}:8080/metrics")).await.unwrap().text().await.unwrap();
+        seeded += metric(&m, "streamscore_worker_partition_assignments_total{source=\"seed\"}");
+    }
+    assert!(seeded >= 1.0, "green's partitions started from blue's checkpoints");
+
+    // 3. A feature change (a new 1 h sum) with model v3: blue is the candidate and rebuilds.
+    tms.patch(
+        "upgraded",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {
+            "model": {"version": "v3"},
+            "features": {"windows": [
+                {"name": "tx_1h", "aggregation": "count", "window": "1h", "resolution": "1s"},
+                {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h", "resolution": "1s"},
+                {"name": "rides_1h", "aggregation": "count", "window": "1h", "resolution": "1s",
+                 "filter": {"field": "action", "oneOf": ["ride_requested"]}},
+                {"name": "amount_1h", "aggregation": "sum", "field": "amount", "window": "1h", "resolution": "1s"}
+            ]}
+        }})),
+    )
+    .await
+    .unwrap();
+    let st = eventually(Duration::from_secs(30), "feature upgrade planned", || async {
+        let st = tms.get("upgraded").await.ok()?.status?;
+        st.upgrade.as_ref().is_some_and(|u| u.to_version == "v3").then_some(st)
+    })
+    .await;
+    let up = st.upgrade.unwrap();
+    assert_eq!((up.candidate.as_str(), up.kind.as_str()), ("blue", "Features"));
+    assert!(st.plan.as_deref().is_some_and(|p| p.contains("rebuilds its state from the input")), "{:?}", st.plan);
+    let st = eventually(Duration::from_secs(150), "the upgrade to v3 completed", || async {
+        let st = tms.get("upgraded").await.ok()?.status?;
+        st.last_upgrade.as_ref().is_some_and(|l| l.to_version == "v3").then_some(st)
+    })
+    .await;
+    let last = st.last_upgrade.clone().unwrap();
+    eprintln!("v3: {last:?}");
+    assert_eq!((last.result.as_str(), st.active_color.as_deref()), ("Succeeded", Some("blue")), "{last:?}");
     producing.await.unwrap();
 
     // Every input has exactly one live output with the features recomputed from the raw input;
@@ -765,7 +825,7 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
             loop {
                 let recs = consume(&out, usize::MAX, Duration::from_secs(4));
                 let ids: BTreeSet<u64> = recs.iter().map(|c| c.json()["fields"]["id"].as_u64().unwrap()).collect();
-                if ids.len() >= 16_000 || std::time::Instant::now() > deadline {
+                if ids.len() >= N || std::time::Instant::now() > deadline {
                     return recs;
                 }
             }
@@ -783,27 +843,52 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
         m
     });
     eprintln!("live outputs by model version: {versions:?}");
-    assert!(versions.get("v1").is_some_and(|n| *n > 0) && versions.get("v2").is_some_and(|n| *n > 0), "{versions:?}");
+    for v in ["v1", "v2", "v3"] {
+        assert!(versions.get(v).is_some_and(|n| *n > 0), "{v} wrote live outputs: {versions:?}");
+    }
     assert!(!versions.contains_key("v2-nan"), "the rolled-back model wrote nothing live: {versions:?}");
-    // Green started from blue's checkpoints and wrote to the shadow topic before the switch.
+    // The new feature, written by the rebuilt candidate, recomputed from the raw input: per key,
+    // the amounts of the events so far with event time in [S, t], S = (floor((t − 1h)/1s) + 1)·1s.
+    let mut by_key: std::collections::HashMap<&str, Vec<&Ev>> = std::collections::HashMap::new();
+    let mut amount_1h = std::collections::HashMap::new();
+    for e in &all {
+        let seen = by_key.entry(e.key.as_str()).or_default();
+        seen.push(e);
+        let start = ((e.ts - 3_600_000).div_euclid(1_000) + 1) * 1_000;
+        amount_1h.insert(e.id, seen.iter().filter(|x| x.ts >= start && x.ts <= e.ts).map(|x| x.amount).sum::<f64>());
+    }
+    let mut checked = 0;
+    for c in got.iter().map(|c| c.json()).filter(|v| v["modelVersion"] == "v3") {
+        let id = c["fields"]["id"].as_u64().unwrap();
+        let v = c["features"]["amount_1h"].as_f64().expect("amount_1h in a v3 output");
+        assert!((v - amount_1h[&id]).abs() < 1e-6, "event {id}: amount_1h {v}, want {}", amount_1h[&id]);
+        checked += 1;
+    }
+    assert!(checked > 0);
+    // The switch on the live topic: per output partition, from the old version's last output to
+    // the new one's first (record timestamps, written by the workers).
+    for (from, to) in [("v1", "v2"), ("v2", "v3")] {
+        let mut gap = 0i64;
+        for p in 0..2 {
+            let in_p: Vec<_> = got.iter().filter(|c| c.partition == p).collect();
+            let last_old = in_p.iter().filter(|c| c.json()["modelVersion"] == from).filter_map(|c| c.timestamp).max();
+            let first_new = in_p.iter().filter(|c| c.json()["modelVersion"] == to).filter_map(|c| c.timestamp).min();
+            if let (Some(a), Some(b)) = (last_old, first_new) {
+                gap = gap.max(b - a);
+            }
+        }
+        eprintln!("live topic switch {from}→{to}: {gap} ms between the last {from} and the first {to} output");
+    }
+    eprintln!("cut-over v1→v2 (operator): {v2_cutover:?} s, v2→v3: {:?} s", last.cutover_seconds);
+    // Green wrote to the shadow topic before the switch.
     let shadow = consume(&out_shadow, usize::MAX, Duration::from_secs(3));
     assert!(shadow.iter().any(|c| c.json()["modelVersion"] == "v2"), "green wrote to the shadow topic first");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let lp = ListParams::default().labels("streamscore.io/tenantmodel=upgraded,streamscore.io/color=green");
-    let mut seeded = 0.0;
-    for p in pods.list(&lp).await.unwrap().items {
-        let ip = p.status.and_then(|s| s.pod_ip).unwrap();
-        let m = reqwest::get(format!("http://{ip}:8080/metrics")).await.unwrap().text().await.unwrap();
-        seeded += metric(&m, "streamscore_worker_partition_assignments_total{source=\"seed\"}");
-    }
-    assert!(seeded >= 1.0, "green's partitions started from blue's checkpoints");
     let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
     let reasons: Vec<String> =
         evs.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
     for r in ["UpgradePlanned", "UpgradeRolledBack", "UpgradeGatesPassed", "UpgradeCompleted"] {
         assert!(reasons.iter().any(|x| x == r), "Event {r} published: {reasons:?}");
     }
-    eprintln!("cut-over: {:?} s", last.cutover_seconds);
     tms.delete("upgraded", &DeleteParams::foreground()).await.unwrap();
     let lp = ListParams::default().labels("streamscore.io/tenantmodel=upgraded");
     eventually(Duration::from_secs(90), "worker pods gone", || async {
