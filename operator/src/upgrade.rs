@@ -117,12 +117,12 @@ pub fn classify(live: &PipelineConfig, desired: &PipelineConfig) -> ChangeKind {
         let s = &p.source;
         (
             s.topics.clone(),
-            s.format.clone(),
+            s.format,
             s.key_field.clone(),
             s.event_time.clone(),
             s.max_out_of_orderness,
             s.allowed_lateness,
-            s.late_events.clone(),
+            s.late_events,
             s.max_record_bytes,
             s.max_future_skew,
             s.max_key_bytes,

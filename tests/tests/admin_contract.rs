@@ -55,3 +55,52 @@ fn the_operator_reads_every_drain_state_the_worker_reports() {
         DrainState::Failed { id: "op-2".into(), error: "checkpoint of partition 1: unreachable".into() }
     );
 }
+
+/// What the upgrade reads: drained offsets, and a candidate's shadow mode with its barrier.
+#[test]
+fn the_operator_reads_offsets_and_the_shadow_barrier() {
+    use streamscore_crds::pipeline::ShadowConfig;
+    use streamscore_worker::admin::{Barrier, DrainOptions};
+    let health = Health::default();
+    let read = |h: &Health| serde_json::from_value::<WorkerStatus>(admin_status_body(h)).expect("operator reads it");
+    assert_eq!(read(&health).shadow, None, "a live worker is not in shadow mode");
+    *health.admin.shadow() = Some(ShadowConfig {
+        topic: "scores.shadow".into(),
+        dead_letter_topic: "dlq.shadow".into(),
+        feature_topic: None,
+        live_from: None,
+    });
+    let st = read(&health);
+    assert_eq!(st.shadow.as_ref().map(|s| s.topic.as_str()), Some("scores.shadow"));
+    assert_eq!(st.shadow.as_ref().and_then(|s| s.live_from.clone()), None);
+    let barrier: Barrier = BTreeMap::from([("in".to_owned(), BTreeMap::from([(0, 17), (1, 4)]))]);
+    health.admin.go_live(&barrier).unwrap();
+    assert_eq!(read(&health).shadow.and_then(|s| s.live_from), Some(barrier.clone()));
+    // The operator's barrier text round-trips.
+    let text = streamscore_operator::upgrade::barrier_text(&barrier);
+    assert_eq!(streamscore_operator::upgrade::parse_barrier(Some(&text)), Some(barrier));
+    // A fenced drain without checkpoints reports the committed offsets the barrier is made of.
+    let admin = &health.admin;
+    admin.request_drain_with(
+        "u1-live-1",
+        std::time::Duration::from_secs(60),
+        DrainOptions { checkpoint: false, fence: true },
+    );
+    let (id, _) = admin.pending_with().unwrap();
+    admin.finish(
+        &id,
+        Ok(DrainReport {
+            id: id.clone(),
+            paused_at_ms: 1,
+            checkpoint_store: true,
+            partitions: vec![DrainedPartition {
+                partition: 0,
+                offsets: BTreeMap::from([("in".to_owned(), 17)]),
+                manifest: None,
+            }],
+        }),
+    );
+    let answers = vec![("w-0".to_owned(), Ok(read(&health)))];
+    let at = streamscore_operator::upgrade::drained_positions(&answers, "u1-live-1").unwrap().unwrap();
+    assert_eq!(at, BTreeMap::from([("in".to_owned(), BTreeMap::from([(0, 17)]))]));
+}

@@ -276,7 +276,7 @@ impl ObjectCheckpoints {
     pub fn fetch(&self, name: &str, max: u64) -> Result<Vec<u8>, CheckpointError> {
         let path = self.root.child(name);
         let meta = self.rt.block_on(self.store.head(&path)).map_err(Self::err("head", &path))?;
-        if meta.size as u64 > max {
+        if meta.size > max {
             return Err(CheckpointError::Config {
                 uri: format!("{}/{name}", self.uri.trim_end_matches('/')),
                 detail: format!("{} bytes, more than the limit of {max}", meta.size),
