@@ -4,6 +4,7 @@
 #   2. end to end against the local broker: pre-loaded topic → worker → acknowledged outputs;
 #   3. checkpoint (full, incremental) and restore of one partition's state via the S3 gateway;
 #   4. rescale gap: worker processes drained through the admin API, new ones restore.
+#   5. blue/green cut-over: green workers seeded from blue's checkpoints, the barrier protocol.
 . "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 export STREAMSCORE_DEV_DIR="$ROOT/.dev/bench" STREAMSCORE_PORT_BASE=29000
@@ -46,4 +47,12 @@ cfg3="$STREAMSCORE_DEV_DIR/bench-pipeline-rescale.yaml"
 sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic3|g; s|@ROOT@|$ROOT|" bench/pipeline.yaml > "$cfg3"
 "$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-rescale --pipeline "$cfg3" \
   --keys "${BENCH_RESCALE_KEYS:-1000000}" --from 2 --to 4 --store "s3://$STREAMSCORE_S3_BUCKET"
+# Blue/green cut-over: green seeded from blue's checkpoints (1M keys), the barrier protocol.
+topic4="$topic-cutover"
+java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFKA_LOG4J" org.apache.kafka.tools.TopicCommand \
+  --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" --create --topic "$topic4" --partitions 6 --replication-factor 1 >/dev/null
+cfg4="$STREAMSCORE_DEV_DIR/bench-pipeline-cutover.yaml"
+sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$topic4|g; s|@ROOT@|$ROOT|" bench/pipeline.yaml > "$cfg4"
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-cutover --pipeline "$cfg4" \
+  --keys "${BENCH_CUTOVER_KEYS:-1000000}" --workers 2 --store "s3://$STREAMSCORE_S3_BUCKET"
 bash "$ROOT/scripts/bench-operator.sh"

@@ -1037,6 +1037,17 @@ async fn drive_upgrade(
         }
         let summary: Vec<String> = gates.iter().map(|g| format!("{} {}: {}", g.name, g.state, g.value)).collect();
         u.gates = gates;
+        // A candidate that cannot load its model will not get ready: roll back at once, with
+        // the workers' reason.
+        let unloadable = if ready < want {
+            worker_readiness_problem(&ctx.client, &ns, &selector_string(tm, &u.candidate)).await.0
+        } else {
+            None
+        };
+        let verdict = match unloadable {
+            Some(problem) => Verdict::Fail(format!("gate Ready failed: {problem}")),
+            None => verdict,
+        };
         match verdict {
             Verdict::Fail(why) => failure = Some(why),
             Verdict::Wait if overdue => {

@@ -737,6 +737,31 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     let dead = consume(&dlq_shadow, usize::MAX, Duration::from_secs(3));
     assert!(!dead.is_empty(), "the candidate's dead letters went to the shadow dead-letter topic");
 
+    // 1b. A file that is not an ONNX model (its digest right): the candidate cannot load it and
+    // the upgrade rolls back at once with the workers' reason.
+    let junk = b"not an onnx model".to_vec();
+    let junk_sha = streamscore_worker::model::sha256_hex(&junk);
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "model-junk"}, "binaryData": {"model.onnx": k8s_openapi::ByteString(junk)}
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), &ns).create(&PostParams::default(), &cm).await.unwrap();
+    patch(json!({"configMap": {"name": "model-junk", "key": "model.onnx"}, "sha256": junk_sha, "version": "v2-junk"}))
+        .await;
+    let st = eventually(Duration::from_secs(120), "the unloadable model rolled back", || async {
+        let st = tms.get("upgraded").await.ok()?.status?;
+        st.last_upgrade.as_ref().is_some_and(|l| l.to_version == "v2-junk").then_some(st)
+    })
+    .await;
+    let last = st.last_upgrade.clone().unwrap();
+    eprintln!("unloadable model: {last:?}");
+    assert_eq!(last.result, "RolledBack", "{last:?}");
+    assert!(last.message.contains("model not loaded"), "{last:?}");
+    eventually(Duration::from_secs(30), "green removed", || async {
+        deps.get_opt("upgraded-green").await.ok()?.is_none().then_some(())
+    })
+    .await;
+
     // 2. A model-only change (a new version of the same model): shadow, gates, cut-over, with
     // the operator restarted the first time each step is seen (it resumes from status.upgrade).
     patch(json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "v2"})).await;
@@ -846,7 +871,10 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     for v in ["v1", "v2", "v3"] {
         assert!(versions.get(v).is_some_and(|n| *n > 0), "{v} wrote live outputs: {versions:?}");
     }
-    assert!(!versions.contains_key("v2-nan"), "the rolled-back model wrote nothing live: {versions:?}");
+    assert!(
+        !versions.contains_key("v2-nan") && !versions.contains_key("v2-junk"),
+        "the rolled-back models wrote nothing live: {versions:?}"
+    );
     // The new feature, written by the rebuilt candidate, recomputed from the raw input: per key,
     // the amounts of the events so far with event time in [S, t], S = (floor((t − 1h)/1s) + 1)·1s.
     let mut by_key: std::collections::HashMap<&str, Vec<&Ev>> = std::collections::HashMap::new();

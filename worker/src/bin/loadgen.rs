@@ -14,6 +14,11 @@
 //!   at `--rate`, every worker is drained through its admin API (as the operator's rescale
 //!   does), `--to` − `--from` workers join, and the partitions move and are restored: drain
 //!   time, restore time, and the gap in the output topic.
+//! - `bench-cutover`: a blue/green cut-over of worker processes, driven through the admin API
+//!   as the operator's upgrade does: `--workers` blue workers hold `--keys` keys of state while
+//!   events flow at `--rate`; green workers start from blue's checkpoints in shadow mode; then
+//!   green is paused, blue stopped and fenced, green told the barrier and resumed: time from
+//!   green's start to ready and caught up, the protocol's duration, and the live topic's gap.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,6 +124,23 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         to: usize,
         /// Events per second flowing during the rescale.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        /// Object-store URI for the checkpoints (`s3://bucket/prefix`, `file:///path`).
+        #[arg(long)]
+        store: String,
+    },
+    /// A blue/green cut-over of worker processes (needs the broker and an object store).
+    BenchCutover {
+        #[arg(long)]
+        pipeline: String,
+        /// Keys of state (one event each, produced before the workers start).
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Workers of each colour.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Events per second flowing during the upgrade.
         #[arg(long, default_value_t = 2_000)]
         rate: u64,
         /// Object-store URI for the checkpoints (`s3://bucket/prefix`, `file:///path`).
@@ -247,6 +269,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::BenchCheckpoint { pipeline, keys, changed, store } => bench_checkpoint(&pipeline, keys, changed, &store)?,
         Cmd::BenchRescale { pipeline, keys, from, to, rate, store } => {
             bench_rescale(&pipeline, keys, from, to, rate, &store)?;
+        }
+        Cmd::BenchCutover { pipeline, keys, workers, rate, store } => {
+            bench_cutover(&pipeline, keys, workers, rate, &store)?;
         }
         Cmd::BenchKafka { pipeline, count, users, rate } => {
             let cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(&pipeline)?)?;
@@ -542,6 +567,23 @@ fn http(method: &str, addr: &str, path: &str) -> anyhow::Result<String> {
     Ok(buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
 
+/// [`http`] with a JSON body.
+fn http_body(method: &str, addr: &str, path: &str, body: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, answer) = buf.split_once("\r\n\r\n").unwrap_or((buf.as_str(), ""));
+    anyhow::ensure!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{path}: {head} {answer}");
+    Ok(answer.to_owned())
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -744,6 +786,194 @@ fn bench_rescale(pipeline: &str, keys: u64, from: usize, to: usize, rate: u64, s
         first_after as f64 / 1e3
     );
     drop(workers);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `bench-cutover` (see the module docs).
+fn bench_cutover(pipeline: &str, keys: u64, workers_n: usize, rate: u64, store: &str) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    use std::collections::BTreeMap;
+    let mut blue_cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(pipeline)?)?;
+    let dir = tempfile_dir()?;
+    let stamp = chrono::Utc::now().timestamp_millis();
+    let prefix = format!("{}/cutover-{stamp}", store.trim_end_matches('/'));
+    blue_cfg.state.checkpoint_store = Some(prefix.clone());
+    blue_cfg.state.checkpoint_interval = streamscore_crds::duration::Duration::from_secs(5);
+    blue_cfg.source.group_id = format!("{}-cutover", blue_cfg.source.group_id);
+    let (bootstrap, topic, out) =
+        (blue_cfg.source.bootstrap_servers.clone(), blue_cfg.source.topics[0].clone(), blue_cfg.sink.topic.clone());
+    // Green as the operator renders a model-only candidate: own group and prefix, seeded from
+    // blue's checkpoints, writing to shadow topics until the barrier.
+    let mut green_cfg = blue_cfg.clone();
+    green_cfg.model.version = format!("{}-green", blue_cfg.model.version);
+    green_cfg.source.group_id = format!("{}.u{stamp}", blue_cfg.source.group_id);
+    green_cfg.state.checkpoint_store = Some(format!("{prefix}/u{stamp}"));
+    green_cfg.state.seed_store = Some(prefix.clone());
+    green_cfg.shadow = Some(streamscore_crds::pipeline::ShadowConfig {
+        topic: format!("{out}.shadow"),
+        dead_letter_topic: format!("{}.shadow", blue_cfg.sink.dead_letter_topic),
+        feature_topic: None,
+        live_from: None,
+    });
+    let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "2000000")
+        .create()?;
+    let t = Instant::now();
+    for u in 0..keys {
+        let ts = 1_795_500_000_000 - 10_000 - keys as i64 + u as i64;
+        let v = format!(r#"{{"user_id":"user-{u}","ts":{ts},"amount":12.5,"action":"view","merchant":"m1"}}"#);
+        send_paced(&p, &topic, &format!("user-{u}"), v.as_bytes(), u, 0, t);
+    }
+    p.flush(Duration::from_secs(120))?;
+    println!("bench-cutover: {keys} keys produced in {:.2?}; {workers_n} blue and {workers_n} green workers, {rate} events/s", t.elapsed());
+    let blue: Vec<BenchWorker> =
+        (0..workers_n).map(|n| BenchWorker::start(&blue_cfg, &dir, n)).collect::<Result<_, _>>()?;
+    let live_out = |ws: &[BenchWorker]| -> f64 {
+        ws.iter()
+            .map(|w| {
+                w.metric("streamscore_worker_records_out_total") + w.metric("streamscore_worker_dead_letters_total")
+            })
+            .sum()
+    };
+    let took = wait_for("the state to be loaded", Duration::from_secs(900), || live_out(&blue) >= keys as f64)?;
+    println!("  state loaded by blue in {:.1}s", took.as_secs_f64());
+    let flowing = 60u64;
+    let mut producer = std::process::Command::new("nice")
+        .args(["-n", "10"])
+        .arg(std::env::current_exe()?)
+        .args(["gen", "--bootstrap", &bootstrap, "--topic", &topic, "--seed", "7", "--users", &keys.to_string()])
+        .args(["--count", &(rate * flowing).to_string(), "--rate", &rate.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    // Blue's checkpoints (interval 5 s) hold the loaded state before green starts.
+    wait_for("blue's checkpoints", Duration::from_secs(300), || {
+        blue.iter().all(|w| w.status()["checkpoints"].as_array().is_some_and(|c| !c.is_empty()))
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The spec change: green starts from blue's checkpoints, in shadow.
+    let green: Vec<BenchWorker> =
+        (0..workers_n).map(|n| BenchWorker::start(&green_cfg, &dir, 100 + n)).collect::<Result<_, _>>()?;
+    let lag = |ws: &[BenchWorker]| -> f64 { ws.iter().map(|w| w.metric("streamscore_worker_consumer_lag")).sum() };
+    let ready = wait_for("green ready and caught up", Duration::from_secs(900), || {
+        green.iter().all(|w| w.status()["ready"] == true) && lag(&green) <= lag(&blue) + 1_000.0
+    })?;
+    let seeded: f64 =
+        green.iter().map(|w| w.metric("streamscore_worker_partition_assignments_total{source=\"seed\"}")).sum();
+    let downloaded: f64 = green.iter().map(|w| w.metric("streamscore_worker_restore_downloaded_bytes_total")).sum();
+    println!(
+        "  green started → ready and within 1,000 records of blue: {:.2}s ({seeded} partitions seeded from blue's checkpoints, {:.1} MB downloaded)",
+        ready.as_secs_f64(),
+        downloaded / 1e6
+    );
+    std::thread::sleep(Duration::from_secs(5));
+
+    // The cut-over protocol, as the operator runs it.
+    let positions = |ws: &[BenchWorker], id: &str| -> Option<BTreeMap<String, BTreeMap<i32, i64>>> {
+        let mut b: BTreeMap<String, BTreeMap<i32, i64>> = BTreeMap::new();
+        for w in ws {
+            let st = w.status();
+            if st["drain"]["state"] != "Drained" || st["drain"]["report"]["id"] != id {
+                return None;
+            }
+            for p in st["drain"]["report"]["partitions"].as_array().cloned().unwrap_or_default() {
+                let part = p["partition"].as_i64().unwrap_or(0) as i32;
+                for (t, o) in p["offsets"].as_object().cloned().unwrap_or_default() {
+                    b.entry(t).or_default().insert(part, o.as_i64().unwrap_or(0));
+                }
+            }
+        }
+        Some(b)
+    };
+    let t0 = Instant::now();
+    for w in &green {
+        http("POST", &w.admin, "/v1/admin/drain?id=cut-green&holdSeconds=300&checkpoint=false")?;
+    }
+    let mut cat = None;
+    wait_for("green paused", Duration::from_secs(60), || {
+        cat = positions(&green, "cut-green");
+        cat.is_some()
+    })?;
+    let cat = cat.unwrap_or_default();
+    let mut attempt = 1;
+    let (barrier, fenced_at) = loop {
+        let id = format!("cut-blue-{attempt}");
+        for w in &blue {
+            http("POST", &w.admin, &format!("/v1/admin/drain?id={id}&holdSeconds=300&checkpoint=false&fence=true"))?;
+        }
+        let mut at = None;
+        wait_for("blue stopped", Duration::from_secs(60), || {
+            at = positions(&blue, &id);
+            at.is_some()
+        })?;
+        let at = at.unwrap_or_default();
+        let covers = cat
+            .iter()
+            .all(|(t, ps)| ps.iter().all(|(p, c)| at.get(t).and_then(|x| x.get(p)).copied().unwrap_or(0) >= *c));
+        if covers {
+            break (at, Instant::now());
+        }
+        for w in &blue {
+            http("POST", &w.admin, "/v1/admin/resume")?;
+        }
+        attempt += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let fence_ms = chrono::Utc::now().timestamp_millis();
+    let body = serde_json::json!({"liveFrom": barrier}).to_string();
+    for w in &green {
+        http_body("POST", &w.admin, "/v1/admin/golive", &body)?;
+        http("POST", &w.admin, "/v1/admin/resume")?;
+    }
+    let protocol = t0.elapsed();
+    let fence_to_live = fenced_at.elapsed();
+    println!(
+        "  cut-over protocol (green paused, blue fenced in {attempt} attempt(s), barrier set, green resumed): {:.3}s; blue stopped → green live {:.3}s",
+        protocol.as_secs_f64(),
+        fence_to_live.as_secs_f64()
+    );
+    anyhow::ensure!(producer.wait()?.success(), "the paced producer failed");
+    drop(blue);
+    let total = keys + rate * flowing;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("bench-cutover-reader-{stamp}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let md = c.fetch_metadata(Some(&out), Duration::from_secs(10))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for part in md.topics().first().map(|t| t.partitions()).unwrap_or_default() {
+        tpl.add_partition_offset(&out, part.id(), rdkafka::Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let mut times = Vec::new();
+    let mut read = 0u64;
+    let mut idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(10) && read < total {
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m?;
+            read += 1;
+            idle = Instant::now();
+            if let Some(ts) = m.timestamp().to_millis().filter(|ts| *ts >= fence_ms - 5_000) {
+                times.push(ts);
+            }
+        }
+    }
+    times.sort_unstable();
+    let gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    println!(
+        "  live topic: {read} outputs for {total} inputs; longest interval between consecutive outputs from 5 s before the switch: {:.3}s (input every {:.3} ms)",
+        gap as f64 / 1e3,
+        1e3 / rate as f64
+    );
+    drop(green);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
