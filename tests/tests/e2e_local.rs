@@ -911,6 +911,20 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     // Green wrote to the shadow topic before the switch.
     let shadow = consume(&out_shadow, usize::MAX, Duration::from_secs(3));
     assert!(shadow.iter().any(|c| c.json()["modelVersion"] == "v2"), "green wrote to the shadow topic first");
+    // Each live pod reports lag only for the partitions it owns (the Lag gate sums it): the
+    // pods started one after the other, so the first one owned every partition for a moment.
+    let lp_blue = ListParams::default().labels("streamscore.io/tenantmodel=upgraded,streamscore.io/color=blue");
+    for p in pods.list(&lp_blue).await.unwrap().items {
+        let ip = p.status.and_then(|s| s.pod_ip).unwrap();
+        let m = reqwest::get(format!("http://{ip}:8080/metrics")).await.unwrap().text().await.unwrap();
+        let st: serde_json::Value =
+            reqwest::get(format!("http://{ip}:8090/v1/admin/status")).await.unwrap().json().await.unwrap();
+        let owned: Vec<String> =
+            st["partitions"].as_array().unwrap().iter().map(|p| format!("partition=\"{}\"", p)).collect();
+        for line in m.lines().filter(|l| l.starts_with("streamscore_worker_consumer_lag{")) {
+            assert!(owned.iter().any(|o| line.contains(o.as_str())), "lag of a partition not owned: {line} ({st})");
+        }
+    }
     let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
     let reasons: Vec<String> =
         evs.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();

@@ -429,6 +429,11 @@ impl ConsumerContext for ConsumerCtx {
             for p in revoked {
                 engine.revoke(p);
             }
+            // A partition this worker no longer owns has no lag here (its new owner reports it).
+            for e in tpl.elements() {
+                let label = PartitionLabel { topic: e.topic().to_owned(), partition: e.partition() };
+                self.shared.metrics.consumer_lag.remove(&label);
+            }
             *self.shared.health.replaying.write().unwrap_or_else(|e| e.into_inner()) = engine.replaying();
             self.shared.health.set_partitions(engine.assigned());
         }
@@ -723,7 +728,8 @@ fn committer_loop(
                 commit_offsets(&shared, &consumer, &commits, CommitMode::Sync);
                 if last_lag.elapsed() >= Duration::from_secs(5) {
                     last_lag = Instant::now();
-                    for (topic, partition, next) in &commits {
+                    let owned = shared.health.partitions.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    for (topic, partition, next) in commits.iter().filter(|c| owned.contains(&c.1)) {
                         if let Ok((_, high)) = consumer.fetch_watermarks(topic, *partition, Duration::from_millis(500))
                         {
                             shared
