@@ -15,7 +15,9 @@
 //!
 //! Shadow mode (a blue/green candidate, [`ShadowConfig`]): outputs go to the shadow topics until
 //! `POST /v1/admin/golive` sets the barrier (first live input offset per partition); the same
-//! barrier asked again is accepted, a different one refused.
+//! barrier asked again is accepted, a different one refused. The barrier is also written to the
+//! state directory before the answer, so a container restarted by its kubelet (same volume, and
+//! a mounted ConfigMap that may not show the barrier yet) starts live from it.
 //!
 //! Repeating a drain with the same id while drained only extends the hold, so a restarted
 //! operator can ask again. Correctness never depends on the drain: a partition handed over
@@ -114,6 +116,8 @@ pub struct Admin {
     drain: Mutex<Drain>,
     /// Shadow mode (None: every output is live), with the barrier once set.
     shadow: Mutex<Option<ShadowConfig>>,
+    /// Where the barrier is kept for a restarted container (in the state directory).
+    barrier_file: Mutex<Option<std::path::PathBuf>>,
     /// Assignments received (the rebalance callback counts them).
     assignments: AtomicU64,
     /// Partitions to resume at the loop's next turn.
@@ -125,6 +129,7 @@ impl Default for Admin {
         Self {
             drain: Mutex::new(Drain::Idle),
             shadow: Mutex::new(None),
+            barrier_file: Mutex::new(None),
             assignments: AtomicU64::new(0),
             resume: Mutex::new(false),
         }
@@ -146,9 +151,25 @@ impl Admin {
         self.shadow.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets the cut-over barrier of a worker in shadow mode. The same barrier again is accepted
-    /// (a restarted operator asks again); another barrier, or a worker not in shadow mode, is
-    /// refused with the reason.
+    /// Starts shadow mode as configured; `barrier_file` keeps a barrier set by
+    /// [`Admin::go_live`] across container restarts: when the configuration has no barrier and
+    /// the file has one, the worker starts live from it.
+    pub fn start_shadow(&self, shadow: Option<ShadowConfig>, barrier_file: std::path::PathBuf) {
+        let mut shadow = shadow;
+        if let Some(sh) = shadow.as_mut().filter(|s| s.live_from.is_none()) {
+            if let Some(b) = std::fs::read(&barrier_file).ok().and_then(|t| serde_json::from_slice::<Barrier>(&t).ok())
+            {
+                tracing::info!(barrier = ?b, "restarted after the cut-over: live from the barrier kept in the state directory");
+                sh.live_from = Some(b);
+            }
+        }
+        *self.shadow() = shadow;
+        *self.barrier_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(barrier_file);
+    }
+
+    /// Sets the cut-over barrier of a worker in shadow mode (and writes it to the state
+    /// directory first). The same barrier again is accepted (a restarted operator asks again);
+    /// another barrier, or a worker not in shadow mode, is refused with the reason.
     pub fn go_live(&self, barrier: &Barrier) -> Result<(), String> {
         let mut s = self.shadow();
         let Some(shadow) = s.as_mut() else { return Err("this worker is not in shadow mode".into()) };
@@ -156,6 +177,13 @@ impl Admin {
             Some(b) if b == barrier => Ok(()),
             Some(b) => Err(format!("already live from another barrier: {b:?}")),
             None => {
+                if let Some(f) = self.barrier_file.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    let text = serde_json::to_vec(barrier).map_err(|e| e.to_string())?;
+                    let tmp = f.with_extension("part");
+                    std::fs::write(&tmp, text)
+                        .and_then(|()| std::fs::rename(&tmp, f))
+                        .map_err(|e| format!("keeping the barrier in {}: {e}", f.display()))?;
+                }
                 shadow.live_from = Some(barrier.clone());
                 Ok(())
             }
@@ -362,6 +390,26 @@ mod tests {
         let s = s.as_ref().unwrap();
         assert!(!s.is_live("in", 0, 9) && s.is_live("in", 0, 10) && s.is_live("in", 1, 7) && !s.is_live("in", 1, 6));
         assert!(s.is_live("in", 2, 0), "a partition without a barrier entry is live");
+    }
+
+    #[test]
+    fn a_restarted_worker_starts_live_from_the_barrier_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(".cutover-barrier.json");
+        let shadow =
+            ShadowConfig { topic: "s".into(), dead_letter_topic: "d".into(), feature_topic: None, live_from: None };
+        let b: Barrier = BTreeMap::from([("in".to_owned(), BTreeMap::from([(0, 10)]))]);
+        let a = Admin::default();
+        a.start_shadow(Some(shadow.clone()), file.clone());
+        a.go_live(&b).unwrap();
+        // The container restarts with the pipeline as mounted at pod start (no barrier).
+        let restarted = Admin::default();
+        restarted.start_shadow(Some(shadow.clone()), file.clone());
+        assert_eq!(restarted.shadow().as_ref().unwrap().live_from, Some(b));
+        // A new pod (empty state directory) in shadow mode stays in shadow.
+        let fresh = Admin::default();
+        fresh.start_shadow(Some(shadow), dir.path().join("other.json"));
+        assert_eq!(fresh.shadow().as_ref().unwrap().live_from, None);
     }
 
     #[test]

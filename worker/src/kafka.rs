@@ -812,7 +812,9 @@ pub fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let (cc, pc) = client_config(&cfg)?;
-    *health.admin.shadow() = cfg.shadow.clone();
+    health
+        .admin
+        .start_shadow(cfg.shadow.clone(), std::path::Path::new(&cfg.runtime.state_dir).join(".cutover-barrier.json"));
     let acks = Arc::new(Acks::default());
     let checkpoints = engine.checkpointer().cloned();
     if let Some(cp) = &checkpoints {
