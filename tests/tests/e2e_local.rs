@@ -843,6 +843,8 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     // 4. A worker of the new live colour SIGKILLed after the cut-over: its container restarts
     // with the pipeline as mounted when the pod started (no barrier in it yet), and must still
     // write live outputs from the barrier on (it kept the barrier in its state directory).
+    // (After the first v3 outputs: the switch's gap below is measured without the crash's.)
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let lp_blue = ListParams::default().labels("streamscore.io/tenantmodel=upgraded,streamscore.io/color=blue");
     let victim = pods.list(&lp_blue).await.unwrap().items[0].clone();
     let (victim_name, uid) = (victim.metadata.name.clone().unwrap(), victim.metadata.uid.clone().unwrap());
