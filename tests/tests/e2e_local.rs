@@ -762,9 +762,31 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     })
     .await;
 
+    // 1c. The same model fed its inputs in another order (a deployment mistake that loads and
+    // scores): the score distribution shifts, the ScoreDrift gate fails, and blue's live
+    // outputs never pause meanwhile (checked on the live topic below).
+    patch(json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "v2-shuffled",
+                 "features": ["amount_24h", "tx_1h", "rides_1h", "event.amount"]}))
+    .await;
+    let st = eventually(Duration::from_secs(120), "the shifted model rolled back", || async {
+        let st = tms.get("upgraded").await.ok()?.status?;
+        st.last_upgrade.as_ref().is_some_and(|l| l.to_version == "v2-shuffled").then_some(st)
+    })
+    .await;
+    let drifted = st.last_upgrade.clone().unwrap();
+    eprintln!("shifted model: {drifted:?}");
+    assert_eq!(drifted.result, "RolledBack", "{drifted:?}");
+    assert!(drifted.message.contains("ScoreDrift"), "{drifted:?}");
+    eventually(Duration::from_secs(30), "green removed", || async {
+        deps.get_opt("upgraded-green").await.ok()?.is_none().then_some(())
+    })
+    .await;
+
     // 2. A model-only change (a new version of the same model): shadow, gates, cut-over, with
     // the operator restarted the first time each step is seen (it resumes from status.upgrade).
-    patch(json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "v2"})).await;
+    patch(json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "v2",
+                 "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"]}))
+    .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(150);
     let mut steps: Vec<String> = Vec::new();
     let st = loop {
@@ -907,9 +929,18 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
         assert!(versions.get(v).is_some_and(|n| *n > 0), "{v} wrote live outputs: {versions:?}");
     }
     assert!(
-        !versions.contains_key("v2-nan") && !versions.contains_key("v2-junk"),
+        !versions.contains_key("v2-nan") && !versions.contains_key("v2-junk") && !versions.contains_key("v2-shuffled"),
         "the rolled-back models wrote nothing live: {versions:?}"
     );
+    // While the shifted model ran in shadow and was rolled back, blue's live outputs kept their
+    // pace (input arrives every 1.4 s).
+    let secs = |t: &str| t.parse::<k8s_openapi::jiff::Timestamp>().unwrap().as_millisecond();
+    let (from, to) = (secs(&drifted.started_at) - 2_000, secs(&drifted.finished_at) + 2_000);
+    let mut during: Vec<i64> = got.iter().filter_map(|c| c.timestamp).filter(|t| (from..=to).contains(t)).collect();
+    during.sort_unstable();
+    let pause = during.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(i64::MAX);
+    eprintln!("live outputs during the drift rollback: {} in {} ms, longest pause {pause} ms", during.len(), to - from);
+    assert!(pause < 3_000, "blue paused {pause} ms during the rollback");
     // The new feature, written by the rebuilt candidate, recomputed from the raw input: per key,
     // the amounts of the events so far with event time in [S, t], S = (floor((t − 1h)/1s) + 1)·1s.
     let mut by_key: std::collections::HashMap<&str, Vec<&Ev>> = std::collections::HashMap::new();
