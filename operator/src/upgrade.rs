@@ -28,14 +28,17 @@
 //! for offsets below o_p were acknowledged before its commit at o_p (at-least-once order), and
 //! fenced it processes nothing more (newly assigned partitions stay paused too) until it is
 //! deleted. The candidate was paused at c_p ≤ o_p: it writes offsets in [c_p, o_p) to the
-//! shadow topics and from o_p on to the live ones. Crash cases: a candidate pod restarted
-//! after (4) reads the barrier from its ConfigMap; one restarted between (3) and (4) comes back
-//! in shadow mode and is told again (the operator repeats (4) until every pod reports the
-//! barrier); the operator restarted at any step resumes from `status.upgrade` (drain ids are
-//! idempotent, golive with the same barrier too). A live-colour pod SIGKILLed after writing
-//! outputs but before committing them is the at-least-once duplicate of any crash; a live pod
-//! restarted by its kubelet after (2) comes back unfenced for the moments until its
-//! Deployment is deleted (the exactly-once mode closes both).
+//! shadow topics and from o_p on to the live ones. Crash cases:
+//! - a candidate container restarted after (4) starts live from the barrier it kept in its
+//!   state directory (its mounted ConfigMap may predate the barrier); a new candidate pod reads
+//!   it from the ConfigMap; one restarted between (3) and (4) comes back in shadow mode and is
+//!   told again (the operator repeats (4) until every pod reports the barrier);
+//! - a live-colour container restarted after (2) starts fenced again (the fence is kept in its
+//!   state directory too), so it writes nothing past o until its Deployment is deleted;
+//! - the operator restarted at any step resumes from `status.upgrade` (drain ids are
+//!   idempotent, golive with the same barrier too);
+//! - a live-colour pod SIGKILLed after writing outputs but before committing them is the
+//!   at-least-once duplicate of any crash (the exactly-once mode closes it).
 //!
 //! The decisions are pure functions ([`classify`], [`evaluate_gates`], [`fence_covers`]);
 //! `reconcile.rs` does the API calls and [`crate::rescale::Workers`] the HTTP.

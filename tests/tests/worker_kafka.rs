@@ -700,3 +700,79 @@ async fn a_worker_whose_outputs_are_never_acknowledged_stops_in_time_and_loses_n
     w.stop();
     assert_eq!(got.len(), 20);
 }
+
+/// A worker stopped by a fenced drain (the live run at a blue/green cut-over) and then
+/// SIGKILLed restarts fenced: with input waiting it writes nothing until it is resumed, and
+/// then it scores everything (nothing past the barrier is written twice by the old run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_fenced_restarts_fenced() {
+    let (input, out, dlq) = (unique("f-in"), unique("f-out"), unique("f-dlq"));
+    create_topics(&[&input, &out, &dlq], 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = pipeline(&input, &out, &dlq, &unique("f-group"), dir.path().join("state").to_str().unwrap());
+    let admin =
+        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    cfg.runtime.http_listen = "127.0.0.1:0".into();
+    cfg.runtime.admin_listen = Some(admin.clone());
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let spawn = || {
+        std::process::Command::new(streamscore_tests::built_binary("streamscore-worker"))
+            .args(["--pipeline", file.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("worker binary starts")
+    };
+    let http = reqwest::Client::new();
+    let status = || {
+        let (http, admin) = (http.clone(), admin.clone());
+        async move {
+            http.get(format!("http://{admin}/v1/admin/status"))
+                .send()
+                .await
+                .ok()?
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+        }
+    };
+    let base = 1_795_700_000_000i64;
+    let evs = |from: i64| -> Vec<(String, Vec<u8>)> {
+        (from..from + 100).map(|i| event(&format!("fence-{}", i % 10), base + i * 1_000, 1.0, "view")).collect()
+    };
+    let p = producer();
+    let mut worker = spawn();
+    produce(&p, &input, &evs(0)).await;
+    let n = |want: usize| {
+        let out = out.clone();
+        tokio::task::spawn_blocking(move || consume(&out, want, Duration::from_secs(8)).len())
+    };
+    assert_eq!(n(100).await.unwrap(), 100);
+    // The fence: paused and committed; then SIGKILL.
+    http.post(format!("http://{admin}/v1/admin/drain?id=u1-live-1&holdSeconds=120&checkpoint=false&fence=true"))
+        .send()
+        .await
+        .unwrap();
+    streamscore_tests::eventually(Duration::from_secs(30), "fenced", || async {
+        (status().await?["drain"]["state"] == "Drained").then_some(())
+    })
+    .await;
+    worker.kill().expect("kill -9");
+    worker.wait().unwrap();
+    produce(&p, &input, &evs(100)).await;
+    let mut worker = spawn();
+    let st = streamscore_tests::eventually(Duration::from_secs(30), "restarted, fenced again", || async {
+        let st = status().await?;
+        (st["drain"]["state"] == "Drained" && !st["partitions"].as_array()?.is_empty()).then_some(st)
+    })
+    .await;
+    assert_eq!(st["drain"]["report"]["id"], "u1-live-1", "{st}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(n(usize::MAX).await.unwrap(), 100, "nothing written while fenced after the restart");
+    http.post(format!("http://{admin}/v1/admin/resume")).send().await.unwrap();
+    assert_eq!(n(200).await.unwrap(), 200, "everything scored once resumed");
+    let _ = worker.kill();
+    let _ = worker.wait();
+}

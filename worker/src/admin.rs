@@ -11,6 +11,8 @@
 //! ```
 //! A drain asked with `fence=true` (the live run at a blue/green cut-over) is not ended by a new
 //! assignment: newly assigned partitions stay paused too, until resumed or the hold expires.
+//! It is kept in the state directory: a container restarted while fenced (SIGKILL, OOM) starts
+//! fenced again, with every partition paused, instead of writing outputs past the barrier.
 //! `checkpoint=false` skips the object-store checkpoints (the cut-over needs only the commit).
 //!
 //! Shadow mode (a blue/green candidate, [`ShadowConfig`]): outputs go to the shadow topics until
@@ -118,6 +120,8 @@ pub struct Admin {
     shadow: Mutex<Option<ShadowConfig>>,
     /// Where the barrier is kept for a restarted container (in the state directory).
     barrier_file: Mutex<Option<std::path::PathBuf>>,
+    /// Where a fenced drain is kept for a restarted container (in the state directory).
+    fence_file: Mutex<Option<std::path::PathBuf>>,
     /// Assignments received (the rebalance callback counts them).
     assignments: AtomicU64,
     /// Partitions to resume at the loop's next turn.
@@ -130,6 +134,7 @@ impl Default for Admin {
             drain: Mutex::new(Drain::Idle),
             shadow: Mutex::new(None),
             barrier_file: Mutex::new(None),
+            fence_file: Mutex::new(None),
             assignments: AtomicU64::new(0),
             resume: Mutex::new(false),
         }
@@ -165,6 +170,44 @@ impl Admin {
         }
         *self.shadow() = shadow;
         *self.barrier_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(barrier_file);
+    }
+
+    /// Starts fenced when `file` holds a fenced drain whose hold has not expired (the container
+    /// restarted while its run was stopped at a cut-over barrier); remembers `file` for the
+    /// fenced drains to come.
+    pub fn restore_fence(&self, file: std::path::PathBuf) {
+        if let Some(v) = std::fs::read(&file).ok().and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok()) {
+            let left = v["holdUntilMs"].as_i64().unwrap_or(0) - chrono::Utc::now().timestamp_millis();
+            let id = v["id"].as_str().unwrap_or("fence").to_owned();
+            if left > 0 {
+                tracing::warn!(%id, left_ms = left, "restarted while fenced at a cut-over: every partition stays paused");
+                *self.lock() = Drain::Requested {
+                    id,
+                    hold_until: Instant::now() + Duration::from_millis(left as u64),
+                    opts: DrainOptions { checkpoint: false, fence: true },
+                };
+            } else {
+                let _ = std::fs::remove_file(&file);
+            }
+        }
+        *self.fence_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    }
+
+    fn keep_fence(&self, id: &str, hold_until: Instant) {
+        let Some(f) = self.fence_file.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let left = hold_until.saturating_duration_since(Instant::now()).as_millis() as i64;
+        let text =
+            serde_json::json!({"id": id, "holdUntilMs": chrono::Utc::now().timestamp_millis() + left}).to_string();
+        let tmp = f.with_extension("part");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &f)) {
+            tracing::warn!(error = %e, file = %f.display(), "cannot keep the fence for a restart");
+        }
+    }
+
+    fn drop_fence(&self) {
+        if let Some(f) = self.fence_file.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = std::fs::remove_file(f);
+        }
     }
 
     /// Sets the cut-over barrier of a worker in shadow mode (and writes it to the state
@@ -219,6 +262,7 @@ impl Admin {
         if matches!(*d, Drain::Requested { .. } | Drain::Drained { .. }) {
             *d = Drain::Idle;
             *self.resume.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.drop_fence();
         }
         view(&d)
     }
@@ -271,6 +315,11 @@ impl Admin {
                 return;
             }
         };
+        if fence && result.is_ok() {
+            self.keep_fence(id, hold_until);
+        } else {
+            self.drop_fence();
+        }
         *d = match result {
             Ok(report) => {
                 Drain::Drained { report, hold_until, assignment: self.assignments.load(Ordering::Acquire), fence }
@@ -295,6 +344,7 @@ impl Admin {
             let reassigned = !*fence && *assignment != self.assignments.load(Ordering::Acquire);
             if *hold_until <= Instant::now() || reassigned {
                 *d = Drain::Idle;
+                self.drop_fence();
                 return true;
             }
         }
@@ -390,6 +440,34 @@ mod tests {
         let s = s.as_ref().unwrap();
         assert!(!s.is_live("in", 0, 9) && s.is_live("in", 0, 10) && s.is_live("in", 1, 7) && !s.is_live("in", 1, 6));
         assert!(s.is_live("in", 2, 0), "a partition without a barrier entry is live");
+    }
+
+    #[test]
+    fn a_worker_restarted_while_fenced_starts_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(".fence.json");
+        let a = Admin::default();
+        a.restore_fence(file.clone());
+        let opts = DrainOptions { checkpoint: false, fence: true };
+        a.request_drain_with("u1-live-1", Duration::from_secs(60), opts);
+        a.pending_with();
+        a.finish("u1-live-1", Ok(report("u1-live-1")));
+        // SIGKILL, then the container starts again on the same state directory.
+        let restarted = Admin::default();
+        restarted.restore_fence(file.clone());
+        assert!(restarted.fenced(), "partitions assigned after the restart stay paused");
+        assert_eq!(restarted.pending_with(), Some(("u1-live-1".into(), opts)), "and the drain is performed again");
+        restarted.finish("u1-live-1", Ok(report("u1-live-1")));
+        restarted.resume();
+        assert!(!file.exists(), "a resume ends the fence for good");
+        let again = Admin::default();
+        again.restore_fence(file.clone());
+        assert!(!again.fenced());
+        // A drain that is not a fence leaves nothing behind.
+        again.request_drain("op", Duration::from_secs(60));
+        again.pending();
+        again.finish("op", Ok(report("op")));
+        assert!(!file.exists());
     }
 
     #[test]

@@ -812,9 +812,9 @@ pub fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let (cc, pc) = client_config(&cfg)?;
-    health
-        .admin
-        .start_shadow(cfg.shadow.clone(), std::path::Path::new(&cfg.runtime.state_dir).join(".cutover-barrier.json"));
+    let state_dir = std::path::Path::new(&cfg.runtime.state_dir);
+    health.admin.start_shadow(cfg.shadow.clone(), state_dir.join(".cutover-barrier.json"));
+    health.admin.restore_fence(state_dir.join(".cutover-fence.json"));
     let acks = Arc::new(Acks::default());
     let checkpoints = engine.checkpointer().cloned();
     if let Some(cp) = &checkpoints {
