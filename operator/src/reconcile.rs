@@ -1072,7 +1072,10 @@ async fn drive_upgrade(
     if u.step == "CuttingOver" && failure.is_none() {
         if u.candidate_at.is_none() {
             let id = format!("{}-candidate", u.id);
-            match upgrade::drained_positions(&ctx.workers.drain_with(&cand_pods, &id, false, false).await, &id) {
+            match upgrade::drained_positions(
+                &ctx.workers.drain_with(&cand_pods, &id, upgrade::CUTOVER_HOLD_SECONDS, false, false).await,
+                &id,
+            ) {
                 _ if cand_pods.len() as i32 != want => {
                     u.message = format!("{title}: waiting for {want} candidate workers")
                 }
@@ -1093,7 +1096,10 @@ async fn drive_upgrade(
         if let (Some(cat), None, None) = (cat, u.live_from.as_ref(), failure.as_ref()) {
             let n = u.fence_attempt.unwrap_or(1);
             let id = format!("{}-live-{n}", u.id);
-            match upgrade::drained_positions(&ctx.workers.drain_with(&live_pods, &id, false, true).await, &id) {
+            match upgrade::drained_positions(
+                &ctx.workers.drain_with(&live_pods, &id, upgrade::CUTOVER_HOLD_SECONDS, false, true).await,
+                &id,
+            ) {
                 Err(e) => failure = Some(format!("stopping {live_color}: {e}")),
                 Ok(None) => u.message = format!("{title}: stopping {live_color}"),
                 Ok(Some(at)) if upgrade::fence_covers(&at, &cat) => {

@@ -388,26 +388,10 @@ impl Default for Workers {
 }
 
 impl Workers {
-    /// Asks every pod in `pods` (name, IP) to drain for `op` and returns what each answered.
+    /// Asks every pod in `pods` (name, IP) to drain for `op` (pause, commit, checkpoint) and
+    /// returns what each answered.
     pub async fn drain(&self, op: &Operation, pods: &[(String, String)]) -> Vec<Answer> {
-        let id = operation_id(op);
-        let mut out = Vec::new();
-        for (name, ip) in pods {
-            let base = format!("http://{ip}:{}", crate::build::ADMIN_PORT);
-            let asked = self
-                .http
-                .post(format!("{base}/v1/admin/drain"))
-                .query(&[("id", id.as_str()), ("holdSeconds", &HOLD_SECONDS.to_string())])
-                .send()
-                .await
-                .and_then(reqwest::Response::error_for_status);
-            let answer = match asked {
-                Ok(_) => self.status_of(&base).await,
-                Err(e) => Err(format!("admin API unreachable: {e}")),
-            };
-            out.push((name.clone(), answer));
-        }
-        out
+        self.drain_with(pods, &operation_id(op), HOLD_SECONDS, true, false).await
     }
 
     /// The status of every pod.

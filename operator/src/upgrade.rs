@@ -515,8 +515,16 @@ struct GoLive<'a> {
 }
 
 impl Workers {
-    /// Asks every pod to drain (see the worker's admin module) and returns their status.
-    pub async fn drain_with(&self, pods: &[(String, String)], id: &str, checkpoint: bool, fence: bool) -> Vec<Answer> {
+    /// Asks every pod to drain (see the worker's admin module), held for `hold` seconds, and
+    /// returns their status.
+    pub async fn drain_with(
+        &self,
+        pods: &[(String, String)],
+        id: &str,
+        hold: u64,
+        checkpoint: bool,
+        fence: bool,
+    ) -> Vec<Answer> {
         let mut out = Vec::new();
         for (name, ip) in pods {
             let base = format!("http://{ip}:{}", crate::build::ADMIN_PORT);
@@ -525,7 +533,7 @@ impl Workers {
                 .post(format!("{base}/v1/admin/drain"))
                 .query(&[
                     ("id", id),
-                    ("holdSeconds", &CUTOVER_HOLD_SECONDS.to_string()),
+                    ("holdSeconds", &hold.to_string()),
                     ("checkpoint", if checkpoint { "true" } else { "false" }),
                     ("fence", if fence { "true" } else { "false" }),
                 ])

@@ -643,11 +643,43 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> anyh
     Ok(t.elapsed())
 }
 
+/// Reads the whole output topic `out` (until 10 s without a record): the number of records,
+/// and the sorted producer timestamps of those at or after `since_ms`.
+fn output_times(bootstrap: &str, out: &str, group: &str, since_ms: i64) -> anyhow::Result<(u64, Vec<i64>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let md = c.fetch_metadata(Some(out), Duration::from_secs(10))?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for part in md.topics().first().map(|t| t.partitions()).unwrap_or_default() {
+        tpl.add_partition_offset(out, part.id(), rdkafka::Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let mut times = Vec::new();
+    let mut read = 0u64;
+    let mut idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(10) {
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            let m = m?;
+            read += 1;
+            idle = Instant::now();
+            if let Some(ts) = m.timestamp().to_millis().filter(|ts| *ts >= since_ms) {
+                times.push(ts);
+            }
+        }
+    }
+    times.sort_unstable();
+    Ok((read, times))
+}
+
 /// `bench-rescale` (see the module docs). Output gap: the longest interval between two
 /// consecutive output records (producer timestamps) from the drain on.
 fn bench_rescale(pipeline: &str, keys: u64, from: usize, to: usize, rate: u64, store: &str) -> anyhow::Result<()> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::Message;
     anyhow::ensure!(to > from && from > 0, "--to must be larger than --from");
     let mut cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(pipeline)?)?;
     let dir = tempfile_dir()?;
@@ -740,32 +772,7 @@ fn bench_rescale(pipeline: &str, keys: u64, from: usize, to: usize, rate: u64, s
     wait_for("every output", Duration::from_secs(300), || outputs(&workers) >= total as f64)?;
 
     // The gap: consecutive outputs' producer timestamps from the drain on.
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("bench-rescale-reader-{stamp}"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let md = c.fetch_metadata(Some(&out), Duration::from_secs(10))?;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for part in md.topics().first().map(|t| t.partitions()).unwrap_or_default() {
-        tpl.add_partition_offset(&out, part.id(), rdkafka::Offset::Beginning)?;
-    }
-    c.assign(&tpl)?;
-    let mut times = Vec::new();
-    let mut read = 0u64;
-    let mut idle = Instant::now();
-    while idle.elapsed() < Duration::from_secs(10) {
-        if let Some(m) = c.poll(Duration::from_millis(200)) {
-            let m = m?;
-            read += 1;
-            idle = Instant::now();
-            if let Some(ts) = m.timestamp().to_millis().filter(|ts| *ts >= drain_at - 2_000) {
-                times.push(ts);
-            }
-        }
-    }
-    times.sort_unstable();
+    let (read, times) = output_times(&bootstrap, &out, &format!("bench-rescale-reader-{stamp}"), drain_at - 2_000)?;
     println!("  read {read} outputs, {} from the drain on", times.len());
     let gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let first_after = times.iter().find(|t| **t > drain_done).map_or(0, |t| t - drain_done);
@@ -792,8 +799,6 @@ fn bench_rescale(pipeline: &str, keys: u64, from: usize, to: usize, rate: u64, s
 
 /// `bench-cutover` (see the module docs).
 fn bench_cutover(pipeline: &str, keys: u64, workers_n: usize, rate: u64, store: &str) -> anyhow::Result<()> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::Message;
     use std::collections::BTreeMap;
     let mut blue_cfg: PipelineConfig = PipelineConfig::from_yaml(&std::fs::read_to_string(pipeline)?)?;
     let dir = tempfile_dir()?;
@@ -941,32 +946,7 @@ fn bench_cutover(pipeline: &str, keys: u64, workers_n: usize, rate: u64, store: 
     anyhow::ensure!(producer.wait()?.success(), "the paced producer failed");
     drop(blue);
     let total = keys + rate * flowing;
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("bench-cutover-reader-{stamp}"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let md = c.fetch_metadata(Some(&out), Duration::from_secs(10))?;
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for part in md.topics().first().map(|t| t.partitions()).unwrap_or_default() {
-        tpl.add_partition_offset(&out, part.id(), rdkafka::Offset::Beginning)?;
-    }
-    c.assign(&tpl)?;
-    let mut times = Vec::new();
-    let mut read = 0u64;
-    let mut idle = Instant::now();
-    while idle.elapsed() < Duration::from_secs(10) {
-        if let Some(m) = c.poll(Duration::from_millis(200)) {
-            let m = m?;
-            read += 1;
-            idle = Instant::now();
-            if let Some(ts) = m.timestamp().to_millis().filter(|ts| *ts >= fence_ms - 5_000) {
-                times.push(ts);
-            }
-        }
-    }
-    times.sort_unstable();
+    let (read, times) = output_times(&bootstrap, &out, &format!("bench-cutover-reader-{stamp}"), fence_ms - 5_000)?;
     let gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     println!(
         "  live topic: {read} outputs for {total} inputs (fewer: some lost, more: some twice); longest interval between consecutive outputs from 5 s before the switch: {:.3}s (input every {:.3} ms)",
