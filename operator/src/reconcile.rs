@@ -370,7 +370,7 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     let selector = selector_string(tm, &live_color);
     let available = live.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
     let (worker_problem, worker_restoring) =
-        if available < replicas { worker_readiness_problem(&client, &ns, &selector).await } else { (None, None) };
+        if available < replicas { worker_readiness_problem(&client, &ns, &selector, None).await } else { (None, None) };
     let observed = Observed::Applied {
         deployment: &live,
         color: &live_color,
@@ -397,7 +397,7 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     let mut status = compute(tm.status.as_ref(), generation, &running_version, &observed, &now());
     if tm.spec.checkpoint_store.is_some() && rescale.op.is_none() && up.current.is_none() && available > 0 {
         // The workers say what their newest checkpoints are (admin API).
-        let pods = worker_pods(&client, &ns, &selector).await?;
+        let pods = worker_pods(&client, &ns, &selector, None).await?;
         if let Some(lc) = rescale::last_checkpoint(&ctx.workers.status(&pods).await) {
             status.last_checkpoint = Some(lc);
         }
@@ -505,13 +505,32 @@ async fn record_step(
     patch_status_from(tms, &tm.name_any(), written, st).await.map(|_| ())
 }
 
-/// Running worker pods of `selector` (name, IP), not being deleted.
-async fn worker_pods(client: &Client, ns: &str, selector: &str) -> Result<Vec<(String, String)>, Error> {
+/// Whether `pod` is not being deleted and runs the pod template with config hash `hash` (any
+/// when None): a colour's Deployment replaced (a new candidate) can leave pods of its previous
+/// template running for a moment.
+fn current_pod(pod: &k8s_openapi::api::core::v1::Pod, hash: Option<&str>) -> bool {
+    let annotated = || pod.metadata.annotations.as_ref()?.get("streamscore.io/config-hash").map(String::as_str);
+    pod.metadata.deletion_timestamp.is_none() && hash.is_none_or(|h| annotated() == Some(h))
+}
+
+/// The config hash of a Deployment's pod template.
+fn template_hash(d: &Deployment) -> Option<String> {
+    d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("streamscore.io/config-hash").cloned()
+}
+
+/// Running worker pods of `selector` (name, IP), not being deleted, of the pod template with
+/// config hash `hash` (any when None).
+async fn worker_pods(
+    client: &Client,
+    ns: &str,
+    selector: &str,
+    hash: Option<&str>,
+) -> Result<Vec<(String, String)>, Error> {
     use k8s_openapi::api::core::v1::Pod;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let mut out = Vec::new();
     for p in pods.list(&ListParams::default().labels(selector)).await?.items {
-        if p.metadata.deletion_timestamp.is_some() {
+        if !current_pod(&p, hash) {
             continue;
         }
         let Some(st) = p.status else { continue };
@@ -563,7 +582,7 @@ async fn drive_rescale(
         record_step(tms, tm, written, rescale).await?;
     }
     let ns = tm.namespace().ok_or(Error::NoNamespace)?;
-    let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, color)).await?;
+    let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, color), None).await?;
     let Some(op) = rescale.op.as_mut() else { return Ok(want) };
     match op.step {
         OperationStep::Draining => {
@@ -817,13 +836,18 @@ async fn report_blocked(
 /// Asks the running, not-ready worker pods why (`/readyz` on the worker port; the
 /// NetworkPolicy admits the operator there). Returns the first problem a user must fix (a model
 /// that does not load) and the first partition being restored by replaying its input.
-async fn worker_readiness_problem(client: &Client, ns: &str, selector: &str) -> (Option<String>, Option<String>) {
+async fn worker_readiness_problem(
+    client: &Client,
+    ns: &str,
+    selector: &str,
+    hash: Option<&str>,
+) -> (Option<String>, Option<String>) {
     use k8s_openapi::api::core::v1::Pod;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let Ok(list) = pods.list(&ListParams::default().labels(selector)).await else { return (None, None) };
     let Ok(http) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return (None, None) };
     let mut restoring = None;
-    for pod in list.items {
+    for pod in list.items.into_iter().filter(|p| current_pod(p, hash)) {
         let Some(status) = pod.status else { continue };
         let (Some(ip), Some("Running")) = (status.pod_ip, status.phase.as_deref()) else { continue };
         let Ok(resp) = http.get(format!("http://{ip}:{}/readyz", crate::build::WORKER_PORT)).send().await else {
@@ -942,7 +966,7 @@ async fn plan_upgrade(
         }
         // The spec changed again before the cut-over: this candidate is abandoned (the live
         // colour may be fenced by a cut-over in progress: resume it).
-        let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color)).await?;
+        let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color), None).await?;
         ctx.workers.resume(&pods).await;
         let msg = format!("upgrade {}→{} superseded by a newer spec", u.from_version, u.to_version);
         publish(ctx, tm, EventType::Normal, "UpgradeSuperseded", msg.clone()).await;
@@ -1011,8 +1035,11 @@ async fn drive_upgrade(
     let started =
         chrono::DateTime::parse_from_rfc3339(&u.started_at).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or(now_t);
     let overdue = (now_t - started).to_std().unwrap_or_default() > Duration::from_millis(strategy.deadline.as_millis());
-    let live_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color)).await?;
-    let cand_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, &u.candidate)).await?;
+    let live_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color), None).await?;
+    // Only the candidate's current template: a previous candidate of the same colour (rolled
+    // back a moment ago) may still have pods running.
+    let cand_hash = template_hash(cand);
+    let cand_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, &u.candidate), cand_hash.as_deref()).await?;
     let want = cand.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let title = format!("Upgrading {}→{}", u.from_version, u.to_version);
     let mut failure: Option<String> = None;
@@ -1040,7 +1067,7 @@ async fn drive_upgrade(
         // A candidate that cannot load its model will not get ready: roll back at once, with
         // the workers' reason.
         let unloadable = if ready < want {
-            worker_readiness_problem(&ctx.client, &ns, &selector_string(tm, &u.candidate)).await.0
+            worker_readiness_problem(&ctx.client, &ns, &selector_string(tm, &u.candidate), cand_hash.as_deref()).await.0
         } else {
             None
         };
