@@ -156,6 +156,17 @@ impl Admin {
         self.shadow.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Restores what a container restart must not forget, once, before the admin API answers:
+    /// the shadow configuration with a cut-over barrier kept in `state_dir`, and a fenced drain
+    /// still within its hold. (Called again by the Kafka loop for embedded runs; a no-op then.)
+    pub fn restore_after_restart(&self, shadow: Option<ShadowConfig>, state_dir: &std::path::Path) {
+        if self.barrier_file.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return;
+        }
+        self.start_shadow(shadow, state_dir.join(".cutover-barrier.json"));
+        self.restore_fence(state_dir.join(".cutover-fence.json"));
+    }
+
     /// Starts shadow mode as configured; `barrier_file` keeps a barrier set by
     /// [`Admin::go_live`] across container restarts: when the configuration has no barrier and
     /// the file has one, the worker starts live from it.
@@ -488,6 +499,20 @@ mod tests {
         let fresh = Admin::default();
         fresh.start_shadow(Some(shadow), dir.path().join("other.json"));
         assert_eq!(fresh.shadow().as_ref().unwrap().live_from, None);
+    }
+
+    #[test]
+    fn resuming_twice_keeps_what_the_operator_asked_in_between() {
+        let dir = tempfile::tempdir().unwrap();
+        let shadow =
+            ShadowConfig { topic: "s".into(), dead_letter_topic: "d".into(), feature_topic: None, live_from: None };
+        let b: Barrier = BTreeMap::from([("in".to_owned(), BTreeMap::from([(1, 7)]))]);
+        // main() resumes before the admin API answers; a go-live arrives; the Kafka loop resumes again.
+        let a = Admin::default();
+        a.restore_after_restart(Some(shadow.clone()), dir.path());
+        a.go_live(&b).unwrap();
+        a.restore_after_restart(Some(shadow), dir.path());
+        assert_eq!(a.shadow().as_ref().unwrap().live_from, Some(b));
     }
 
     #[test]

@@ -813,8 +813,7 @@ pub fn run(
 ) -> Result<(), String> {
     let (cc, pc) = client_config(&cfg)?;
     let state_dir = std::path::Path::new(&cfg.runtime.state_dir);
-    health.admin.start_shadow(cfg.shadow.clone(), state_dir.join(".cutover-barrier.json"));
-    health.admin.restore_fence(state_dir.join(".cutover-fence.json"));
+    health.admin.restore_after_restart(cfg.shadow.clone(), state_dir);
     let acks = Arc::new(Acks::default());
     let checkpoints = engine.checkpointer().cloned();
     if let Some(cp) = &checkpoints {

@@ -77,6 +77,9 @@ fn run(args: Args) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let features = Arc::new(FeatureSet::new(&cfg.features, &Schema::new(&cfg)));
     let readers: engine::Readers = Arc::default();
+    // Before the admin API answers: a restarted live colour reports (and keeps) its barrier,
+    // a restarted fenced worker its fence, and neither overwrites an operator's request.
+    health.admin.restore_after_restart(cfg.shadow.clone(), std::path::Path::new(&cfg.runtime.state_dir));
     let state = AppState { health: health.clone(), metrics: metrics.clone(), readers: readers.clone(), features };
     if let Some(listen) = cfg.runtime.admin_listen.clone() {
         let listener = rt
