@@ -600,9 +600,50 @@ pub struct SinkConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub feature_topic: Option<String>,
+    /// Delivery guarantee of everything written (outputs, dead letters, emitted windows).
+    /// `atLeastOnce` (default): after a crash or a lost partition, the inputs since the last
+    /// commit are scored and written again; the state never counts an input twice.
+    /// `exactlyOnce`: each commit interval's records and the input offsets they came from are
+    /// one Kafka transaction (producer `transactional.id` `<groupId>.<pod name>`); readers with
+    /// `isolation.level=read_committed` see each input's output exactly once, also across
+    /// crashes and rescales. Requires the sink on the source's cluster and
+    /// `runtime.commitInterval` below the transaction timeout (`transaction.timeout.ms`,
+    /// default 10000 here); costs throughput (commits wait for the brokers) and delays what
+    /// read_committed readers see by up to the commit interval.
+    #[serde(default)]
+    pub delivery: Delivery,
 }
 
+/// Delivery guarantee of a pipeline's writes (`sink.delivery`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Delivery {
+    /// Every input has at least one output; after a crash some are written twice.
+    #[default]
+    AtLeastOnce,
+    /// Kafka transactions: every input has exactly one committed output.
+    ExactlyOnce,
+}
+
+/// `transaction.timeout.ms` of an exactly-once producer unless `sink.properties` sets one: a
+/// worker that dies mid-transaction blocks read_committed readers of its partitions for at most
+/// this long (a restarted container aborts it at once).
+pub const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 10_000;
+
 impl SinkConfig {
+    /// `transaction.timeout.ms` of the exactly-once producer.
+    pub fn transaction_timeout_ms(&self) -> Result<u64, String> {
+        match self.properties.get("transaction.timeout.ms") {
+            None => Ok(DEFAULT_TRANSACTION_TIMEOUT_MS),
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1_000..=900_000).contains(n))
+                .ok_or_else(|| format!("{v:?} is not an integer between 1000 and 900000")),
+        }
+    }
+
     /// The largest record the producer writes (key, value, headers and framing, as librdkafka
     /// counts them): `message.max.bytes` from `properties`, librdkafka's default otherwise.
     pub fn message_max_bytes(&self) -> Result<u32, String> {
@@ -847,6 +888,7 @@ impl PipelineConfig {
         }
         validate_feature_topic(self, &mut errs);
         validate_record_sizes(self, &mut errs);
+        validate_delivery(self, &mut errs);
         validate_secret_properties("source.properties", &self.source.properties, &mut errs);
         validate_secret_properties("sink.properties", &self.sink.properties, &mut errs);
         if self.runtime.http_listen.parse::<std::net::SocketAddr>().is_err() {
@@ -939,6 +981,42 @@ pub const SECRET_PROPERTIES: &[&str] = &[
 ];
 
 /// Inline values of [`SECRET_PROPERTIES`] (the message names the property, never the value).
+fn validate_delivery(c: &PipelineConfig, errs: &mut Vec<ConfigError>) {
+    let props = &c.sink.properties;
+    if c.sink.delivery == Delivery::AtLeastOnce {
+        if props.contains_key("transactional.id") {
+            errs.push(cerr(
+                "sink.properties.transactional.id",
+                "is set by the worker with sink.delivery exactlyOnce; remove it",
+            ));
+        }
+        return;
+    }
+    if !c.sink.bootstrap_servers.is_empty() && c.sink.bootstrap_servers != c.source.bootstrap_servers {
+        errs.push(cerr(
+            "sink.delivery",
+            "exactlyOnce needs the sink on the source's Kafka cluster (the input offsets are committed in the \
+             output transaction): leave sink.bootstrapServers empty",
+        ));
+    }
+    for k in ["transactional.id", "enable.idempotence", "message.timeout.ms"] {
+        if props.contains_key(k) {
+            errs.push(cerr(format!("sink.properties.{k}"), "is set by the worker with sink.delivery exactlyOnce"));
+        }
+    }
+    match c.sink.transaction_timeout_ms() {
+        Err(e) => errs.push(cerr("sink.properties.transaction.timeout.ms", e)),
+        Ok(t) if c.runtime.commit_interval.as_millis() * 2 > t => errs.push(cerr(
+            "runtime.commitInterval",
+            format!(
+                "must be at most half the transaction timeout ({t} ms, sink.properties transaction.timeout.ms) with \
+                 sink.delivery exactlyOnce"
+            ),
+        )),
+        Ok(_) => {}
+    }
+}
+
 fn validate_secret_properties(field: &str, props: &BTreeMap<String, String>, errs: &mut Vec<ConfigError>) {
     for (k, v) in props {
         if SECRET_PROPERTIES.contains(&k.as_str()) && !(v.starts_with("${file:") || v.starts_with("${env:")) {
@@ -1211,6 +1289,35 @@ sink:
         assert_eq!(c.runtime.http_listen, "0.0.0.0:8080");
         assert_eq!(c.features.windows[0].effective_resolution().as_millis(), 60_000);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn exactly_once_needs_one_cluster_a_short_commit_interval_and_the_workers_own_producer_settings() {
+        let mut c = PipelineConfig::from_yaml(SAMPLE).unwrap();
+        assert_eq!(c.sink.delivery, Delivery::AtLeastOnce);
+        c.sink.properties.insert("transactional.id".into(), "mine".into());
+        let fields = |c: &PipelineConfig| -> Vec<String> {
+            c.validate().err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+        };
+        assert_eq!(fields(&c), ["sink.properties.transactional.id"]);
+        c.sink.properties.clear();
+        c.sink.delivery = Delivery::ExactlyOnce;
+        c.validate().unwrap();
+        c.sink.bootstrap_servers = "other:9092".into();
+        c.sink.properties.insert("enable.idempotence".into(), "false".into());
+        c.sink.properties.insert("transaction.timeout.ms".into(), "4000".into());
+        c.runtime.commit_interval = crate::duration::Duration::from_secs(3);
+        assert_eq!(
+            fields(&c),
+            ["sink.delivery", "sink.properties.enable.idempotence", "runtime.commitInterval"],
+            "{:?}",
+            c.validate()
+        );
+        c.sink.properties.insert("transaction.timeout.ms".into(), "ten".into());
+        assert!(fields(&c).contains(&"sink.properties.transaction.timeout.ms".to_owned()));
+        let yaml =
+            SAMPLE.replace("deadLetterTopic: scores-dlq", "deadLetterTopic: scores-dlq\n  delivery: exactlyOnce");
+        assert_eq!(PipelineConfig::from_yaml(&yaml).unwrap().sink.delivery, Delivery::ExactlyOnce);
     }
 
     #[test]

@@ -16,9 +16,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EphemeralVolumeSource, HTTPGetAction, KeyToPath, PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    EnvVarSource, EphemeralVolumeSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimTemplate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -427,6 +428,19 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
         env: Some(vec![
             EnvVar { name: "STREAMSCORE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() },
             EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
+            // The exactly-once producer's identity: a restarted container keeps its pod's name
+            // and so fences (aborts) the transaction its predecessor left open.
+            EnvVar {
+                name: "STREAMSCORE_POD_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
         ]),
         ports: Some(vec![
             ContainerPort {

@@ -89,13 +89,21 @@ impl Consumed {
     }
 }
 
-/// Reads `topic` from the beginning until `want` records arrived or `timeout` passed.
+/// Reads `topic` from the beginning until `want` records arrived or `timeout` passed (only
+/// committed records of transactional producers: librdkafka's `read_committed` default).
 pub fn consume(topic: &str, want: usize, timeout: Duration) -> Vec<Consumed> {
+    consume_with(topic, want, timeout, "read_committed")
+}
+
+/// As [`consume`], with `isolation.level` `isolation` (`read_uncommitted` also returns the
+/// records of aborted and open transactions).
+pub fn consume_with(topic: &str, want: usize, timeout: Duration, isolation: &str) -> Vec<Consumed> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
         .create()
         .expect("consumer");
     c.subscribe(&[topic]).expect("subscribe");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use streamscore_crds::PipelineConfig;
 use streamscore_tests::{
-    bootstrap, consume, create_topics, produce, producer, repo_root, start_worker, unique, RunningWorker,
+    bootstrap, consume, consume_with, create_topics, produce, producer, repo_root, start_worker, unique, RunningWorker,
 };
 use streamscore_worker::features::FeatureSet;
 use streamscore_worker::http::{router, AppState};
@@ -285,6 +285,121 @@ async fn worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice() {
         distinct.insert((c.key.clone(), t));
     }
     assert_eq!(distinct.len(), 4500, "every input has at least one output ({} outputs in all)", all.len());
+}
+
+/// Exactly-once against the real broker: the worker binary with `sink.delivery: exactlyOnce`
+/// and a commit every second, SIGKILLed while a steady stream flows (so a transaction is open),
+/// restarted with the same pod name. A read_committed reader then sees exactly one output per
+/// input, with the features recomputed here, and exactly one dead letter per bad input; a
+/// read_uncommitted reader sees more outputs: the records of the transaction the kill cut
+/// (aborted), proof that the kill landed mid-transaction and that those inputs were processed
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_a_worker_killed_mid_transaction_writes_each_output_once() {
+    let (input, out, dlq) = (unique("eos-in"), unique("eos-out"), unique("eos-dlq"));
+    create_topics(&[&input, &out, &dlq], 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = pipeline(&input, &out, &dlq, &unique("eos-group"), dir.path().join("state").to_str().unwrap());
+    cfg.sink.delivery = streamscore_crds::pipeline::Delivery::ExactlyOnce;
+    cfg.runtime.commit_interval = streamscore_crds::Duration::from_secs(1);
+    cfg.validate().unwrap();
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let pod = unique("eos-pod");
+    let spawn = || {
+        std::process::Command::new(streamscore_tests::built_binary("streamscore-worker"))
+            .args(["--pipeline", file.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .env("STREAMSCORE_POD_NAME", &pod)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("worker binary starts")
+    };
+    // 50 users × 90 events, one per minute, and one malformed event per minute from another user.
+    let base = 1_795_700_000_000i64;
+    let mut evs = Vec::new();
+    for i in 0..90i64 {
+        for u in 0..50 {
+            evs.push(event(&format!("eos-{u}"), base + i * 60_000 + u, 1.0, "view"));
+        }
+        if i % 2 == 0 {
+            let bad = json!({"user_id": "eos-bad", "ts": base + i * 60_000, "amount": "x", "action": "view"});
+            evs.push(("eos-bad".to_owned(), bad.to_string().into_bytes()));
+        }
+    }
+    let mut worker = spawn();
+    // A steady stream (~1,250 events/s for ~3.7 s): at any moment a transaction holds records.
+    let producing = tokio::spawn({
+        let input = input.clone();
+        async move {
+            let p = producer();
+            for chunk in evs.chunks(100) {
+                produce(&p, &input, chunk).await;
+                tokio::time::sleep(Duration::from_millis(80)).await;
+            }
+        }
+    });
+    let seen = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume_with(&out, 1500, Duration::from_secs(60), "read_uncommitted").len()
+    })
+    .await
+    .unwrap();
+    assert!(seen >= 1500, "worker wrote {seen} outputs before the kill");
+    worker.kill().expect("kill -9");
+    worker.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut worker = spawn();
+    producing.await.unwrap();
+    let all = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                // Ask for more than expected: duplicates would show.
+                let got = consume(&out, usize::MAX, Duration::from_secs(5));
+                if got.len() >= 4500 || std::time::Instant::now() > deadline {
+                    return got;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let dead = tokio::task::spawn_blocking({
+        let dlq = dlq.clone();
+        move || consume(&dlq, usize::MAX, Duration::from_secs(5))
+    })
+    .await
+    .unwrap();
+    let uncommitted = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume_with(&out, usize::MAX, Duration::from_secs(5), "read_uncommitted").len()
+    })
+    .await
+    .unwrap();
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    let mut distinct = std::collections::BTreeSet::new();
+    for c in &all {
+        let v = c.json();
+        let t = v["eventTime"].as_i64().unwrap();
+        let u: i64 = c.key.trim_start_matches("eos-").parse().unwrap();
+        let i = (t - base - u) / 60_000;
+        // Independent expectation: events of this user in (t − 1h, t] = min(i + 1, 60).
+        assert_eq!(v["features"]["tx_1h"], json!((i + 1).min(60) as f64), "{} event {i}: {v}", c.key);
+        distinct.insert((c.key.clone(), t));
+    }
+    assert_eq!(distinct.len(), 4500, "every input has an output");
+    assert_eq!(all.len(), 4500, "no input has two committed outputs");
+    let bad: std::collections::BTreeSet<_> = dead.iter().map(|c| c.json()["ts"].as_i64().unwrap()).collect();
+    assert_eq!((dead.len(), bad.len()), (45, 45), "one committed dead letter per malformed input");
+    assert!(
+        uncommitted > all.len(),
+        "the kill cut an open transaction: read_uncommitted sees {uncommitted} outputs, read_committed {}",
+        all.len()
+    );
 }
 
 /// Emitted windows against the real broker: a deterministic stream (out of order within the

@@ -24,6 +24,34 @@
 //! input twice, because the offsets stored with the state tell which inputs it already contains.
 //! The processing thread only pays for serialising the changed keys: waiting for
 //! acknowledgements, fsync and the offset commit happen beside it.
+//!
+//! ## Exactly-once (`sink.delivery: exactlyOnce`)
+//!
+//! A transactional producer (`transactional.id` `<groupId>.<pod>`, stable across container
+//! restarts) writes each epoch's records in one Kafka transaction; the epoch ends on the
+//! processing thread (Kafka allows one open transaction per producer):
+//!
+//! ```text
+//!  processing thread                                   committer thread
+//!  every commitInterval, on revoke, drain, shutdown:
+//!   1. send_offsets_to_transaction(positions, group metadata)
+//!   2. commit_transaction (flushes: every record of the epoch acknowledged)
+//!   3. begin_transaction; epoch += 1; snapshot ──job──► 4. write the state with the offsets of 1
+//!                                                         (no offset commit: 1 did it)
+//! ```
+//! The state is written only after the transaction that holds the outputs computed from it, so
+//! the stored offsets are never ahead of the committed ones. Recovery after a crash at each step:
+//!
+//! | crash | committed offsets | state | after restart (`init_transactions` aborts the open transaction) |
+//! |---|---|---|---|
+//! | before 2 returns | previous epoch's | previous epoch's | the epoch is processed again and written once, in a new transaction |
+//! | between 2 and 4 | this epoch's | previous epoch's | the epoch's inputs restore the state without writing outputs (`Engine::open_partition`'s replay) |
+//! | after 4 | this epoch's | this epoch's | nothing to redo |
+//!
+//! A zombie (a worker that lost its partitions while paused) cannot commit: the group
+//! coordinator rejects its offsets (its generation is stale, KIP-447), which aborts its
+//! transaction. Any transaction error stops the worker without committing; the restart aborts
+//! the open transaction.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -38,7 +66,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use streamscore_crds::pipeline::{PipelineConfig, ShadowConfig, StartPosition};
+use streamscore_crds::pipeline::{Delivery, PipelineConfig, ShadowConfig, StartPosition};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -318,6 +346,8 @@ struct Shared {
     /// acknowledgements.
     cancel: CancellationToken,
     shutdown_timeout: Duration,
+    /// `sink.delivery: exactlyOnce`: the producer is transactional (see the module docs).
+    exactly_once: bool,
 }
 
 impl ClientContext for ConsumerCtx {
@@ -545,6 +575,33 @@ impl Shared {
 const SNAPSHOT_STEP_KEYS: usize = 256;
 
 impl Shared {
+    /// Exactly-once: commits the open transaction with `offsets` (the input positions its
+    /// records came from) and opens the next one. Steps 1–3 of the module docs.
+    fn commit_transaction(
+        &self,
+        consumer: &BaseConsumer<ConsumerCtx>,
+        offsets: &[(String, i32, i64)],
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let timeout = self.shutdown_timeout.max(Duration::from_secs(10));
+        if !offsets.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (topic, partition, next) in offsets {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+                    .map_err(|e| format!("offsets for the transaction: {e}"))?;
+            }
+            let group = consumer.group_metadata().ok_or("the consumer has no group metadata")?;
+            self.producer
+                .send_offsets_to_transaction(&tpl, &group, timeout)
+                .map_err(|e| format!("adding the input offsets to the transaction: {e}"))?;
+        }
+        self.producer.commit_transaction(timeout).map_err(|e| format!("committing the transaction: {e}"))?;
+        self.metrics.commits.inc();
+        self.observe_phase("transaction", started);
+        self.producer.begin_transaction().map_err(|e| format!("beginning a transaction: {e}"))?;
+        Ok(())
+    }
+
     /// Closes the current epoch and starts a checkpoint at the current offsets; the outputs
     /// sent so far must be acknowledged before it is written.
     fn begin_commit(&self, engine: &mut Engine) -> Result<(), String> {
@@ -624,6 +681,9 @@ fn commit_sync(shared: &Shared, engine: &mut Engine, consumer: &BaseConsumer<Con
     let started = Instant::now();
     // Finish the running checkpoint, then take one at the current offsets.
     shared.step_commit(engine, usize::MAX, false)?;
+    if shared.exactly_once {
+        shared.commit_transaction(consumer, &engine.positions())?;
+    }
     shared.begin_commit(engine)?;
     shared.step_commit(engine, usize::MAX, false)?;
     {
@@ -631,7 +691,7 @@ fn commit_sync(shared: &Shared, engine: &mut Engine, consumer: &BaseConsumer<Con
         guard.as_mut().ok_or("committer stopped")?.collect(true)?;
     }
     let offsets = engine.positions();
-    if !offsets.is_empty() {
+    if !offsets.is_empty() && !shared.exactly_once {
         commit_offsets(shared, consumer, &offsets, CommitMode::Sync);
     }
     debug!(took = ?started.elapsed(), partitions = offsets.len(), "committed (synchronously)");
@@ -725,7 +785,9 @@ fn committer_loop(
                 }
             }
             if job.commit_offsets && !commits.is_empty() {
-                commit_offsets(&shared, &consumer, &commits, CommitMode::Sync);
+                if !shared.exactly_once {
+                    commit_offsets(&shared, &consumer, &commits, CommitMode::Sync);
+                }
                 if last_lag.elapsed() >= Duration::from_secs(5) {
                     last_lag = Instant::now();
                     let owned = shared.health.partitions.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -800,7 +862,29 @@ fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), S
     for (k, v) in &cfg.sink.properties {
         p.set(k, resolve_property(v).map_err(|e| format!("sink.properties.{k}: {e}"))?);
     }
+    if cfg.sink.delivery == Delivery::ExactlyOnce {
+        let timeout =
+            cfg.sink.transaction_timeout_ms().map_err(|e| format!("sink.properties.transaction.timeout.ms: {e}"))?;
+        // Deliveries give up with the transaction: the worker then stops without committing.
+        p.set("transactional.id", transactional_id(&cfg.source.group_id))
+            .set("transaction.timeout.ms", timeout.to_string())
+            .set("message.timeout.ms", timeout.to_string());
+        // Chained pipelines: never read another exactly-once producer's aborted records.
+        c.set("isolation.level", "read_committed");
+    }
     Ok((c, p))
+}
+
+/// The exactly-once producer's `transactional.id`: `<groupId>.<instance>`, where the instance is
+/// `STREAMSCORE_POD_NAME` (the operator sets it to the pod's name, which a container restart
+/// keeps, so the restarted worker fences and aborts its predecessor's open transaction), else
+/// the host name and process id.
+pub fn transactional_id(group: &str) -> String {
+    let instance = std::env::var("STREAMSCORE_POD_NAME").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    format!("{group}.{instance}")
 }
 
 /// Runs the Kafka loop until `cancel` fires (then drains and commits) or a fatal error.
@@ -844,6 +928,7 @@ pub fn run(
         checkpoint_every: Duration::from_millis(cfg.state.checkpoint_interval.as_millis()),
         cancel: cancel.clone(),
         shutdown_timeout: Duration::from_millis(cfg.runtime.shutdown_timeout.as_millis()),
+        exactly_once: cfg.sink.delivery == Delivery::ExactlyOnce,
     });
     let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
         cc.create_with_context(ConsumerCtx {
@@ -933,6 +1018,30 @@ fn drain(
     Ok(DrainReport { id: id.to_owned(), paused_at_ms, checkpoint_store: shared.checkpoints.is_some(), partitions })
 }
 
+/// Registers the transactional producer (fencing and aborting the open transaction of a
+/// previous incarnation with the same `transactional.id`) and opens the first transaction;
+/// retried while the brokers are unreachable.
+fn init_transactions(shared: &Shared, cancel: &CancellationToken) -> Result<(), String> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match shared.producer.init_transactions(Duration::from_secs(30)) {
+            Ok(()) => break,
+            Err(e) if e.rdkafka_error_code().is_some_and(|c| c == RDKafkaErrorCode::Fenced) => {
+                return Err(format!("another worker uses this transactional.id: {e}"));
+            }
+            Err(e) if !cancel.is_cancelled() => {
+                warn!(error = %e, "cannot register the transactional producer; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(format!("registering the transactional producer: {e}")),
+        }
+    }
+    shared.producer.begin_transaction().map_err(|e| format!("beginning a transaction: {e}"))?;
+    info!("exactly-once: transactional producer registered");
+    Ok(())
+}
+
 /// The processing loop (see the module docs).
 fn consume(
     cfg: &PipelineConfig,
@@ -961,6 +1070,9 @@ fn consume(
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+    if shared.exactly_once {
+        init_transactions(shared, cancel)?;
     }
     let topics: Vec<&str> = cfg.source.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| format!("subscribing to {topics:?}: {e}"))?;
@@ -1055,6 +1167,9 @@ fn consume(
         }
         let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
         if last_commit.elapsed() >= commit_every && !engine.checkpoint_running() {
+            if shared.exactly_once {
+                shared.commit_transaction(consumer, &engine.positions())?;
+            }
             shared.begin_commit(&mut engine)?;
             last_commit = Instant::now();
         }

@@ -180,10 +180,14 @@ impl Metrics {
         r.register("inference_batch_size", "Rows per inference call", m.batch_size.clone());
         r.register("state_bytes", "Estimated bytes of RocksDB state", m.state_bytes.clone());
         r.register("partitions", "Input partitions owned", m.partitions.clone());
-        r.register("commits", "Offset commits after acknowledged outputs and durable state", m.commits.clone());
+        r.register(
+            "commits",
+            "Offset commits after acknowledged outputs and durable state (exactlyOnce: transactions committed)",
+            m.commits.clone(),
+        );
         r.register("delivery_errors", "Output records the broker did not acknowledge", m.delivery_errors.clone());
         r.register("commit_seconds", "Duration of each commit phase", m.commit_seconds.clone());
-        for phase in ["snapshot", "ack", "state", "offsets"] {
+        for phase in ["snapshot", "ack", "state", "offsets", "transaction"] {
             let _ = m.commit_seconds.get_or_create(&PhaseLabel { phase });
         }
         r.register(
