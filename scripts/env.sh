@@ -6,6 +6,7 @@
 #   scripts/env.sh up       build/fetch what is missing, start, wait until every component answers
 #   scripts/env.sh down     stop every process started by `up` (and nothing else)
 #   scripts/env.sh status   show each component and whether it answers
+#   scripts/env.sh kafka-kill / kafka-start   a broker outage (make chaos)
 #
 # State lives in $STREAMSCORE_DEV_DIR (default .dev/); ports start at
 # $STREAMSCORE_PORT_BASE (default 27000) so a developer's environment and a
@@ -246,18 +247,23 @@ up() {
 M
 }
 
+stop_one() { # name [signal]
+  local name=$1 sig=${2:-TERM} pid
+  [[ -f $PIDS/$name.pid ]] || return 0
+  pid=$(cat "$PIDS/$name.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "-$sig" -- "-$pid" 2>/dev/null || kill "-$sig" "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    log "stopped $name (pid $pid)"
+  fi
+  rm -f "$PIDS/$name.pid"
+}
+
 down() {
-  local name pid
+  local name
   for name in kube-scheduler kube-controller-manager kube-apiserver etcd kafka seaweedfs; do
-    [[ -f $PIDS/$name.pid ]] || continue
-    pid=$(cat "$PIDS/$name.pid")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-      kill -KILL -- "-$pid" 2>/dev/null || true
-      log "stopped $name (pid $pid)"
-    fi
-    rm -f "$PIDS/$name.pid"
+    stop_one "$name"
   done
 }
 
@@ -278,5 +284,8 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) die "usage: $0 up|down|status" ;;
+  # The chaos suite's broker outage: kill the broker (no clean shutdown), later start it again.
+  kafka-kill) stop_one kafka KILL ;;
+  kafka-start) start_kafka; wait_for kafka 90 kafka_answers ;;
+  *) die "usage: $0 up|down|status|kafka-kill|kafka-start" ;;
 esac

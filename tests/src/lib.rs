@@ -448,3 +448,55 @@ pub mod oracle {
             .sum()
     }
 }
+
+/// The reference pipeline (the fraud example's features and logistic-regression model) reading
+/// `input` and writing `out` and `dlq`, validated.
+pub fn reference_pipeline(
+    input: &str,
+    out: &str,
+    dlq: &str,
+    group: &str,
+    state: &str,
+) -> streamscore_crds::PipelineConfig {
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo_root().join("models/fraud-logreg.reference.json")).unwrap())
+            .unwrap();
+    let yaml = format!(
+        r#"
+source:
+  bootstrapServers: "{bs}"
+  topics: [{input}]
+  groupId: {group}
+  keyField: user_id
+  eventTime: {{field: ts, format: epochMillis}}
+  maxOutOfOrderness: 5s
+validation:
+  fields: [{{name: amount, type: number}}, {{name: action, type: string}}]
+features:
+  windows:
+    - {{name: tx_1h, aggregation: count, window: 1h}}
+    - {{name: amount_24h, aggregation: sum, field: amount, window: 24h}}
+    - {{name: rides_1h, aggregation: count, window: 1h, filter: {{field: action, oneOf: [ride_requested]}}}}
+  sequences:
+    - {{name: last_actions, field: action, length: 4, lookback: 90d}}
+model:
+  path: {model}
+  sha256: "{sha}"
+  version: logreg-v1
+  features: [tx_1h, amount_24h, rides_1h, event.amount]
+  outputs: [{{name: fraud, output: 0, column: 0}}]
+  batch: {{maxSize: 32, maxDelay: 2ms}}
+postprocess:
+  labels: [{{label: review, minScore: 0.5}}, {{label: block, minScore: 0.9}}]
+  passthrough: [merchant]
+sink: {{topic: {out}, deadLetterTopic: {dlq}}}
+runtime: {{stateDir: "{state}", httpListen: "127.0.0.1:0", commitInterval: 200ms}}
+"#,
+        bs = bootstrap(),
+        model = repo_root().join("models/fraud-logreg.onnx").display(),
+        sha = reference["sha256"].as_str().unwrap(),
+    );
+    let cfg = streamscore_crds::PipelineConfig::from_yaml(&yaml).unwrap();
+    cfg.validate().unwrap();
+    cfg
+}

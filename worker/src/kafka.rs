@@ -348,6 +348,8 @@ struct Shared {
     shutdown_timeout: Duration,
     /// `sink.delivery: exactlyOnce`: the producer is transactional (see the module docs).
     exactly_once: bool,
+    /// The offsets of the last committed transaction.
+    last_transaction: Mutex<Vec<(String, i32, i64)>>,
 }
 
 impl ClientContext for ConsumerCtx {
@@ -595,7 +597,22 @@ impl Shared {
                 .send_offsets_to_transaction(&tpl, &group, timeout)
                 .map_err(|e| format!("adding the input offsets to the transaction: {e}"))?;
         }
+        // Fault injection counts only transactions that carry progress.
+        let progressed = {
+            let mut last = self.last_transaction.lock().unwrap_or_else(|e| e.into_inner());
+            let p = last.as_slice() != offsets;
+            if p {
+                *last = offsets.to_vec();
+            }
+            p
+        };
+        if progressed {
+            crate::fault::point("transaction-commit");
+        }
         self.producer.commit_transaction(timeout).map_err(|e| format!("committing the transaction: {e}"))?;
+        if progressed {
+            crate::fault::point("after-transaction-commit");
+        }
         self.metrics.commits.inc();
         self.observe_phase("transaction", started);
         self.producer.begin_transaction().map_err(|e| format!("beginning a transaction: {e}"))?;
@@ -768,6 +785,11 @@ fn committer_loop(
             if failures > 0 {
                 return Err(format!("{failures} output records were not acknowledged"));
             }
+            // Fault injection counts only checkpoints that carry changes.
+            let changed = job.checkpoint.size_bytes() > 0;
+            if changed {
+                crate::fault::point("state-write");
+            }
             let written = Instant::now();
             let commits = job.checkpoint.commits.clone();
             let stored = job.checkpoint.stored.clone();
@@ -786,6 +808,9 @@ fn committer_loop(
             }
             if job.commit_offsets && !commits.is_empty() {
                 if !shared.exactly_once {
+                    if changed {
+                        crate::fault::point("offset-commit");
+                    }
                     commit_offsets(&shared, &consumer, &commits, CommitMode::Sync);
                 }
                 if last_lag.elapsed() >= Duration::from_secs(5) {
@@ -929,6 +954,7 @@ pub fn run(
         cancel: cancel.clone(),
         shutdown_timeout: Duration::from_millis(cfg.runtime.shutdown_timeout.as_millis()),
         exactly_once: cfg.sink.delivery == Delivery::ExactlyOnce,
+        last_transaction: Mutex::new(Vec::new()),
     });
     let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(
         cc.create_with_context(ConsumerCtx {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod decode;
 pub mod emitted;
 pub mod engine;
+pub mod fault;
 pub mod features;
 pub mod http;
 pub mod kafka;

@@ -1,0 +1,492 @@
+//! The fault-injection suite. A steady input stream flows into the worker binary while faults
+//! are injected: a crash at each step of a commit (`STREAMSCORE_CRASH_AT`, see the worker's
+//! `fault` module), SIGKILLs at random moments, and (long form) a broker outage. Then a verifier
+//! reads the output and dead-letter topics back (read_committed) and counts, per input event:
+//! lost (no output), duplicated (more than one), wrong (features differ from the values
+//! recomputed here from the raw input with plain arithmetic).
+//!
+//! - Short form, in `make test`: each commit step once per delivery mode, and two SIGKILLs.
+//! - Long form, `make chaos` (`cargo test --test chaos -- --ignored`, in its own environment):
+//!   each commit step at three different commits, 20 SIGKILLs per mode, a 30 s broker outage.
+//!
+//! Every case proves its fault happened: a crash case checks that the worker died of its abort
+//! at the named point; a kill case that each incarnation had consumed before it was killed; the
+//! exactly-once cases that aborted records exist (read_uncommitted sees more than
+//! read_committed); the outage that the worker said not ready while the broker was down. The
+//! table goes to stderr and to `chaos-report.md` in the environment's directory.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::json;
+use streamscore_crds::pipeline::Delivery;
+use streamscore_tests::{
+    built_binary, consume, consume_with, create_topics, produce, producer, reference_pipeline, repo_root, unique,
+    Consumed,
+};
+
+const USERS: i64 = 30;
+const BASE: i64 = 1_795_700_000_000;
+
+/// One event per user per minute of event time, and a malformed one every third minute.
+struct Stream {
+    events: Vec<(String, Vec<u8>)>,
+    good: Vec<u64>,
+    bad: Vec<u64>,
+}
+
+fn amount(i: i64) -> f64 {
+    (i % 7 + 1) as f64
+}
+
+fn stream(minutes: i64) -> Stream {
+    let (mut events, mut good, mut bad) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..minutes {
+        for u in 0..USERS {
+            let id = (i * (USERS + 1) + u) as u64;
+            let user = format!("chaos-{u}");
+            let v = json!({"user_id": user, "ts": BASE + i * 60_000 + u, "amount": amount(i), "action": "view",
+                           "merchant": "m", "id": id});
+            events.push((user, v.to_string().into_bytes()));
+            good.push(id);
+        }
+        if i % 3 == 0 {
+            let id = (i * (USERS + 1) + USERS) as u64;
+            let v = json!({"user_id": "chaos-bad", "ts": BASE + i * 60_000, "amount": "x", "action": "view", "id": id});
+            events.push(("chaos-bad".to_owned(), v.to_string().into_bytes()));
+            bad.push(id);
+        }
+    }
+    Stream { events, good, bad }
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    lost: usize,
+    duplicated: usize,
+    wrong: usize,
+}
+
+/// Counts per input id; features checked against plain arithmetic on the stream's definition:
+/// event i of a user at t = BASE + i·60 s + u has tx_1h = min(i + 1, 60) (1 h window, 1 min
+/// buckets) and amount_24h = Σ_{j ≤ i} amount(j) (the stream is shorter than a day).
+fn verify(s: &Stream, out: &[Consumed], dlq: &[Consumed]) -> (Tally, Tally) {
+    let mut outputs = Tally::default();
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for c in out {
+        let v = c.json();
+        let id = v["fields"]["id"].as_u64().expect("output carries the input id");
+        *seen.entry(id).or_default() += 1;
+        let (i, u) = ((id as i64) / (USERS + 1), (id as i64) % (USERS + 1));
+        let want_tx = (i + 1).min(60) as f64;
+        let want_amount: f64 = (0..=i).map(amount).sum();
+        let ok = c.key == format!("chaos-{u}")
+            && v["eventTime"].as_i64() == Some(BASE + i * 60_000 + u)
+            && v["features"]["tx_1h"].as_f64() == Some(want_tx)
+            && v["features"]["amount_24h"].as_f64().is_some_and(|a| (a - want_amount).abs() < 1e-6);
+        if !ok {
+            outputs.wrong += 1;
+            if outputs.wrong <= 3 {
+                eprintln!("wrong output for input {id} (want tx_1h {want_tx}, amount_24h {want_amount}): {v}");
+            }
+        }
+    }
+    for id in &s.good {
+        match seen.get(id) {
+            None => outputs.lost += 1,
+            Some(n) => outputs.duplicated += n - 1,
+        }
+    }
+    let mut dead = Tally::default();
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for c in dlq {
+        let id = c.json()["id"].as_u64().expect("dead letter carries the original payload");
+        *seen.entry(id).or_default() += 1;
+    }
+    for id in &s.bad {
+        match seen.get(id) {
+            None => dead.lost += 1,
+            Some(n) => dead.duplicated += n - 1,
+        }
+    }
+    dead.wrong = seen.keys().filter(|id| !s.bad.contains(id)).count();
+    (outputs, dead)
+}
+
+#[derive(Clone, Debug)]
+enum Fault {
+    /// Crash at this commit step, at this hit.
+    CrashAt(&'static str, u32),
+    /// SIGKILL this many times, each after the incarnation consumed something.
+    Kills(usize),
+    /// Kill the broker, keep it down this long, start it again.
+    BrokerOutage(Duration),
+}
+
+impl Fault {
+    fn name(&self) -> String {
+        match self {
+            Fault::CrashAt(p, n) => format!("crash at {p} (commit {n})"),
+            Fault::Kills(n) => format!("SIGKILL ×{n} at random moments"),
+            Fault::BrokerOutage(d) => format!("broker killed for {} s", d.as_secs()),
+        }
+    }
+}
+
+struct Row {
+    fault: String,
+    delivery: Delivery,
+    events: usize,
+    outputs: Tally,
+    dead: Tally,
+    evidence: String,
+    took: Duration,
+}
+
+struct Worker {
+    file: PathBuf,
+    pod: String,
+    port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Worker {
+    fn start(&mut self, crash_at: Option<String>) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new(built_binary("streamscore-worker"));
+        cmd.args(["--pipeline", self.file.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .env("STREAMSCORE_POD_NAME", &self.pod)
+            .env_remove("STREAMSCORE_CRASH_AT")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(c) = crash_at {
+            cmd.env("STREAMSCORE_CRASH_AT", c);
+        }
+        self.child = Some(cmd.spawn().expect("worker binary starts"));
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        let Ok(r) = reqwest::get(url).await else { return 0.0 };
+        let Ok(text) = r.text().await else { return 0.0 };
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits until this incarnation has consumed something (at most 60 s).
+    async fn wait_consuming(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.metric("streamscore_worker_records_in_total").await > 0.0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    fn kill(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = c.kill();
+        c.wait().unwrap()
+    }
+
+    /// Waits for the process to exit by itself (at most `timeout`).
+    fn exited(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn env_sh(cmd: &str) {
+    let st = Command::new("bash").arg(repo_root().join("scripts/env.sh")).arg(cmd).status().unwrap();
+    assert!(st.success(), "scripts/env.sh {cmd} failed");
+}
+
+/// Runs one case end to end: topics, the worker, the stream, the fault, the verifier.
+async fn run_case(delivery: Delivery, fault: Fault, minutes: i64) -> Row {
+    let started = Instant::now();
+    let tag = match delivery {
+        Delivery::ExactlyOnce => "eos",
+        Delivery::AtLeastOnce => "alo",
+    };
+    let (input, out, dlq) = (unique(&format!("ch-{tag}-in")), unique("ch-out"), unique("ch-dlq"));
+    create_topics(&[&input, &out, &dlq], 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg =
+        reference_pipeline(&input, &out, &dlq, &unique("ch-group"), dir.path().join("state").to_str().unwrap());
+    cfg.postprocess.passthrough.push("id".into());
+    cfg.sink.delivery = delivery;
+    cfg.runtime.commit_interval = streamscore_crds::Duration::from_millis(300);
+    let port = free_port();
+    cfg.runtime.http_listen = format!("127.0.0.1:{port}");
+    cfg.validate().unwrap();
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let mut w = Worker { file, pod: unique("chaos-pod"), port, log: dir.path().join("worker.log"), child: None };
+    let s = stream(minutes);
+    let total = s.events.len();
+    // A steady stream (~1,200 events/s); the outage case produces its second half afterwards.
+    let (first, second): (Vec<_>, Vec<_>) = match fault {
+        Fault::BrokerOutage(_) => {
+            let half = s.events.len() / 2;
+            (s.events[..half].to_vec(), s.events[half..].to_vec())
+        }
+        _ => (s.events.clone(), Vec::new()),
+    };
+    let producing = tokio::spawn({
+        let input = input.clone();
+        async move {
+            let p = producer();
+            for chunk in first.chunks(60) {
+                produce(&p, &input, chunk).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let mut evidence = Vec::new();
+    match fault.clone() {
+        Fault::CrashAt(point, hit) => {
+            w.start(Some(format!("{point}:{hit}")));
+            let st = tokio::task::block_in_place(|| w.exited(Duration::from_secs(90)))
+                .unwrap_or_else(|| panic!("the worker did not crash at {point} within 90 s"));
+            let log = std::fs::read_to_string(&w.log).unwrap();
+            assert_eq!(st.signal(), Some(6), "the worker died of its abort: {st:?}\n{log}");
+            assert!(log.contains(&format!("fault injection: crashing at {point}")), "{log}");
+            evidence.push(format!("aborted at {point}"));
+            let before = tokio::task::spawn_blocking({
+                let out = out.clone();
+                move || consume(&out, usize::MAX, Duration::from_secs(2)).len()
+            })
+            .await
+            .unwrap();
+            evidence.push(format!("{before} committed outputs before"));
+            w.start(None);
+            if delivery == Delivery::ExactlyOnce && point != "transaction-commit" {
+                // The transaction was committed and its state not written: the restarted
+                // worker must restore that state from the input without writing outputs.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let replayed = loop {
+                    let r = w.metric("streamscore_worker_replayed_records_total").await;
+                    if r > 0.0 || Instant::now() > deadline {
+                        break r;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                };
+                assert!(replayed > 0.0, "the restarted worker replayed the committed epoch without outputs");
+                evidence.push(format!("{replayed} inputs replayed without output"));
+            }
+        }
+        Fault::Kills(n) => {
+            let mut rng = rand::thread_rng();
+            for _ in 0..n {
+                w.start(None);
+                assert!(w.wait_consuming().await, "an incarnation never consumed");
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..700))).await;
+                let st = w.kill();
+                assert_eq!(st.signal(), Some(9), "{st:?}");
+            }
+            evidence.push(format!("{n} kills, each after consuming"));
+            w.start(None);
+        }
+        Fault::BrokerOutage(d) => {
+            w.start(None);
+            assert!(w.wait_consuming().await, "the worker never consumed");
+            producing.abort();
+            env_sh("kafka-kill");
+            let down = Instant::now();
+            let mut said = String::new();
+            while down.elapsed() < d {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+                    if !r.status().is_success() {
+                        said = r.text().await.unwrap_or_default();
+                    }
+                }
+            }
+            assert!(w.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the worker survived the outage");
+            assert!(!said.is_empty(), "the worker said not ready while the broker was down");
+            evidence.push(format!("not ready while down: {}", said.trim().chars().take(80).collect::<String>()));
+            env_sh("kafka-start");
+            // The producer was stopped mid-stream: send what it may not have (duplicated
+            // inputs would show as duplicated outputs, so send only the second half and what
+            // the topic does not hold yet).
+            let have: std::collections::BTreeSet<u64> = tokio::task::spawn_blocking({
+                let input = input.clone();
+                move || {
+                    consume(&input, usize::MAX, Duration::from_secs(4))
+                        .iter()
+                        .map(|c| c.json()["id"].as_u64().unwrap())
+                        .collect()
+                }
+            })
+            .await
+            .unwrap();
+            let missing: Vec<_> = s
+                .events
+                .iter()
+                .filter(|(_, v)| {
+                    let id = serde_json::from_slice::<serde_json::Value>(v).unwrap()["id"].as_u64().unwrap();
+                    !have.contains(&id)
+                })
+                .cloned()
+                .collect();
+            evidence.push(format!("{} inputs sent after the outage", missing.len()));
+            let _ = second;
+            produce(&producer(), &input, &missing).await;
+        }
+    }
+    if !producing.is_finished() {
+        let _ = producing.await;
+    }
+    let want = s.good.len();
+    let (all, dead, uncommitted) = tokio::task::spawn_blocking({
+        let (out, dlq) = (out.clone(), dlq.clone());
+        move || {
+            let deadline = Instant::now() + Duration::from_secs(180);
+            let all = loop {
+                // Ask for more than expected: duplicates would show.
+                let got = consume(&out, usize::MAX, Duration::from_secs(4));
+                let ids: std::collections::BTreeSet<u64> =
+                    got.iter().filter_map(|c| c.json()["fields"]["id"].as_u64()).collect();
+                if ids.len() >= want || Instant::now() > deadline {
+                    break got;
+                }
+            };
+            let dead = consume(&dlq, usize::MAX, Duration::from_secs(3));
+            let uncommitted = consume_with(&out, usize::MAX, Duration::from_secs(3), "read_uncommitted").len();
+            (all, dead, uncommitted)
+        }
+    })
+    .await
+    .unwrap();
+    let (outputs, dead_tally) = verify(&s, &all, &dead);
+    // A crash after the commit of a transaction cuts none (the next may be empty).
+    let cuts_one = !matches!(fault, Fault::CrashAt("after-transaction-commit" | "state-write", _));
+    if delivery == Delivery::ExactlyOnce && cuts_one {
+        evidence.push(format!("{} aborted records", uncommitted.saturating_sub(all.len())));
+        assert!(uncommitted > all.len(), "{}: no aborted transaction: the fault did not cut one", fault.name());
+    }
+    drop(w);
+    let row = Row {
+        fault: fault.name(),
+        delivery,
+        events: total,
+        outputs,
+        dead: dead_tally,
+        evidence: evidence.join("; "),
+        took: started.elapsed(),
+    };
+    eprintln!("{}", line(&row));
+    row
+}
+
+fn line(r: &Row) -> String {
+    format!(
+        "| {} | {:?} | {} | {} | {} | {} | {} / {} | {} | {:.0} s |",
+        r.fault,
+        r.delivery,
+        r.events,
+        r.outputs.lost,
+        r.outputs.duplicated,
+        r.outputs.wrong,
+        r.dead.lost,
+        r.dead.duplicated,
+        r.evidence,
+        r.took.as_secs_f64()
+    )
+}
+
+fn report(rows: &[Row], title: &str) {
+    let mut text = format!(
+        "## {title}\n\n| fault | delivery | inputs | lost | duplicated | wrong | dead letters lost / duplicated | \
+         evidence the fault happened | took |\n|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for r in rows {
+        text.push_str(&line(r));
+        text.push('\n');
+    }
+    eprintln!("{text}");
+    let dir = std::env::var("STREAMSCORE_DEV_DIR").map_or_else(|_| std::env::temp_dir(), PathBuf::from);
+    let path = Path::new(&dir).join("chaos-report.md");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    eprintln!("report appended to {}", path.display());
+}
+
+/// The goals: exactly-once loses, duplicates and miscomputes nothing; at-least-once loses and
+/// miscomputes nothing (its duplicates are counted, not judged).
+fn judge(rows: &[Row]) {
+    for r in rows {
+        assert_eq!((r.outputs.lost, r.outputs.wrong, r.dead.lost, r.dead.wrong), (0, 0, 0, 0), "{}", line(r));
+        if r.delivery == Delivery::ExactlyOnce {
+            assert_eq!((r.outputs.duplicated, r.dead.duplicated), (0, 0), "{}", line(r));
+        }
+    }
+}
+
+fn commit_steps(delivery: Delivery) -> &'static [&'static str] {
+    match delivery {
+        Delivery::ExactlyOnce => &["transaction-commit", "after-transaction-commit", "state-write"],
+        Delivery::AtLeastOnce => &["state-write", "offset-commit"],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_short_every_commit_step_and_kills_lose_nothing() {
+    let mut rows = Vec::new();
+    for delivery in [Delivery::ExactlyOnce, Delivery::AtLeastOnce] {
+        for point in commit_steps(delivery) {
+            rows.push(run_case(delivery, Fault::CrashAt(point, 3), 60).await);
+        }
+        rows.push(run_case(delivery, Fault::Kills(2), 60).await);
+    }
+    report(&rows, "Fault-injection suite, short form (make test)");
+    judge(&rows);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long form: make chaos (kills the broker)"]
+async fn chaos_long() {
+    let mut rows = Vec::new();
+    for delivery in [Delivery::ExactlyOnce, Delivery::AtLeastOnce] {
+        for point in commit_steps(delivery) {
+            for hit in [2, 5, 9] {
+                rows.push(run_case(delivery, Fault::CrashAt(point, hit), 120).await);
+            }
+        }
+        rows.push(run_case(delivery, Fault::Kills(20), 400).await);
+        rows.push(run_case(delivery, Fault::BrokerOutage(Duration::from_secs(30)), 120).await);
+    }
+    report(&rows, "Fault-injection suite, long form (make chaos)");
+    judge(&rows);
+}
