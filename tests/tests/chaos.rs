@@ -233,7 +233,8 @@ fn env_sh(cmd: &str) {
 }
 
 /// Runs one case end to end: topics, the worker, the stream, the fault, the verifier.
-async fn run_case(delivery: Delivery, fault: Fault, minutes: i64) -> Row {
+/// The stream has `minutes` of event time (31 events each) and is sent 60 events every `pace`.
+async fn run_case(delivery: Delivery, fault: Fault, minutes: i64, pace: Duration) -> Row {
     let started = Instant::now();
     let tag = match delivery {
         Delivery::ExactlyOnce => "eos",
@@ -255,7 +256,7 @@ async fn run_case(delivery: Delivery, fault: Fault, minutes: i64) -> Row {
     let mut w = Worker { file, pod: unique("chaos-pod"), port, log: dir.path().join("worker.log"), child: None };
     let s = stream(minutes);
     let total = s.events.len();
-    // A steady stream (~1,200 events/s); the outage case produces its second half afterwards.
+    // A steady stream (60 events every `pace`); the outage case sends its second half afterwards.
     let (first, second): (Vec<_>, Vec<_>) = match fault {
         Fault::BrokerOutage(_) => {
             let half = s.events.len() / 2;
@@ -269,7 +270,7 @@ async fn run_case(delivery: Delivery, fault: Fault, minutes: i64) -> Row {
             let p = producer();
             for chunk in first.chunks(60) {
                 produce(&p, &input, chunk).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(pace).await;
             }
         }
     });
@@ -454,6 +455,9 @@ fn judge(rows: &[Row]) {
     }
 }
 
+/// ~1,200 events/s.
+const FAST: Duration = Duration::from_millis(50);
+
 fn commit_steps(delivery: Delivery) -> &'static [&'static str] {
     match delivery {
         Delivery::ExactlyOnce => &["transaction-commit", "after-transaction-commit", "state-write"],
@@ -466,9 +470,9 @@ async fn chaos_short_every_commit_step_and_kills_lose_nothing() {
     let mut rows = Vec::new();
     for delivery in [Delivery::ExactlyOnce, Delivery::AtLeastOnce] {
         for point in commit_steps(delivery) {
-            rows.push(run_case(delivery, Fault::CrashAt(point, 3), 60).await);
+            rows.push(run_case(delivery, Fault::CrashAt(point, 3), 60, FAST).await);
         }
-        rows.push(run_case(delivery, Fault::Kills(2), 60).await);
+        rows.push(run_case(delivery, Fault::Kills(2), 60, FAST).await);
     }
     report(&rows, "Fault-injection suite, short form (make test)");
     judge(&rows);
@@ -481,11 +485,12 @@ async fn chaos_long() {
     for delivery in [Delivery::ExactlyOnce, Delivery::AtLeastOnce] {
         for point in commit_steps(delivery) {
             for hit in [2, 5, 9] {
-                rows.push(run_case(delivery, Fault::CrashAt(point, hit), 120).await);
+                rows.push(run_case(delivery, Fault::CrashAt(point, hit), 120, FAST).await);
             }
         }
-        rows.push(run_case(delivery, Fault::Kills(20), 400).await);
-        rows.push(run_case(delivery, Fault::BrokerOutage(Duration::from_secs(30)), 120).await);
+        // ~180 s of input at 240 events/s: the stream outlasts the 20 kills (~7 s each).
+        rows.push(run_case(delivery, Fault::Kills(20), 1400, Duration::from_millis(250)).await);
+        rows.push(run_case(delivery, Fault::BrokerOutage(Duration::from_secs(30)), 120, FAST).await);
     }
     report(&rows, "Fault-injection suite, long form (make chaos)");
     judge(&rows);

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# `make chaos`: the long form of the fault-injection suite (tests/tests/chaos.rs) in a private
+# environment (.dev/chaos, ports from 29000), because it kills and restarts the broker. The
+# table is appended to .dev/chaos/chaos-report.md and printed. The short form runs in make test.
+. "$(dirname "$0")/lib.sh"
+export STREAMSCORE_DEV_DIR="${STREAMSCORE_CHAOS_DEV_DIR:-$ROOT/.dev/chaos}"
+export STREAMSCORE_PORT_BASE="${STREAMSCORE_CHAOS_PORT_BASE:-29000}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
+
+bash "$ROOT/scripts/install-deps.sh"
+cleanup() { bash "$ROOT/scripts/env.sh" down || true; }
+trap cleanup EXIT INT TERM
+
+cd "$ROOT"
+cargo build --workspace --all-targets --locked
+bash "$ROOT/scripts/env.sh" up
+# shellcheck disable=SC1091
+. "$STREAMSCORE_DEV_DIR/env.sh"
+rm -f "$STREAMSCORE_DEV_DIR/chaos-report.md"
+log "fault-injection suite, long form (about 25 min)"
+cargo test -p streamscore-tests --test chaos --locked -- --ignored --nocapture chaos_long
+cat "$STREAMSCORE_DEV_DIR/chaos-report.md"
