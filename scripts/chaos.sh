@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `make chaos`: the long form of the fault-injection suite (tests/tests/chaos.rs) in a private
-# environment (.dev/chaos, ports from 29000), because it kills and restarts the broker. The
+# environment (.dev/chaos, ports from 30000), because it kills and restarts the broker. The
 # table is appended to .dev/chaos/chaos-report.md and printed. The short form runs in make test.
 . "$(dirname "$0")/lib.sh"
 export STREAMSCORE_DEV_DIR="${STREAMSCORE_CHAOS_DEV_DIR:-$ROOT/.dev/chaos}"
-export STREAMSCORE_PORT_BASE="${STREAMSCORE_CHAOS_PORT_BASE:-29000}"
+export STREAMSCORE_PORT_BASE="${STREAMSCORE_CHAOS_PORT_BASE:-30000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 
 bash "$ROOT/scripts/install-deps.sh"

@@ -361,7 +361,9 @@ fn main() -> anyhow::Result<()> {
                 if rate > 0 { " at the steady rate" } else { "" },
                 count as f64 / cpu.max(1e-9)
             );
-            for phase in ["snapshot", "ack", "state", "offsets"] {
+            let commits = text.lines().find_map(|l| l.strip_prefix("streamscore_worker_commits_total ")).unwrap_or("0");
+            println!("  commits (exactlyOnce: transactions): {}", commits.trim());
+            for phase in ["snapshot", "ack", "state", "offsets", "transaction"] {
                 let name = format!("streamscore_worker_commit_seconds{{phase=\"{phase}\"");
                 println!(
                     "  commit phase {phase}: p50 <= {:.2} ms, p99 <= {:.2} ms",
