@@ -18,5 +18,5 @@ bash "$ROOT/scripts/env.sh" up
 . "$STREAMSCORE_DEV_DIR/env.sh"
 rm -f "$STREAMSCORE_DEV_DIR/chaos-report.md"
 log "fault-injection suite, long form (about 25 min)"
-cargo test -p streamscore-tests --test chaos --locked -- --ignored --nocapture chaos_long
+cargo test --workspace --test chaos --locked -- --ignored --nocapture chaos_long
 cat "$STREAMSCORE_DEV_DIR/chaos-report.md"
