@@ -683,6 +683,12 @@ pub struct RuntimeConfig {
     /// termination grace period (60 s). Default 40s.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Duration,
+    /// Liveness: `/healthz` fails (503, with the reason) once the processing loop has not come
+    /// round for this long outside a restore, drain or hand-over, e.g. blocked waiting for
+    /// acknowledgements from unreachable brokers; the kubelet then restarts the container (the
+    /// restarted worker waits for the brokers without failing it). Default 2m.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -693,6 +699,7 @@ impl Default for RuntimeConfig {
             admin_listen: None,
             commit_interval: default_commit_interval(),
             shutdown_timeout: default_shutdown_timeout(),
+            stall_timeout: default_stall_timeout(),
         }
     }
 }
@@ -707,6 +714,10 @@ fn default_listen() -> String {
 
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(40)
+}
+
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 
 fn default_commit_interval() -> Duration {
@@ -903,6 +914,9 @@ impl PipelineConfig {
         }
         if self.runtime.commit_interval.is_zero() {
             errs.push(cerr("runtime.commitInterval", "must be positive"));
+        }
+        if self.runtime.stall_timeout.as_millis() < 1_000 {
+            errs.push(cerr("runtime.stallTimeout", "must be at least 1s"));
         }
         if self.runtime.shutdown_timeout.is_zero() {
             errs.push(cerr("runtime.shutdownTimeout", "must be positive"));

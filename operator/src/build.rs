@@ -11,7 +11,7 @@
 //! Every child carries the TenantModel's labels and a controller owner reference, so
 //! deleting the TenantModel garbage-collects it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
@@ -22,7 +22,8 @@ use k8s_openapi::api::core::v1::{
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -66,6 +67,103 @@ pub struct BuildContext {
     /// Requests and limits of a worker container when the TenantModel sets none (Helm
     /// `workerResources`).
     pub default_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// Egress the workers' NetworkPolicy allows (Helm `workerNetworkPolicy.egress`); `None`: the
+    /// policy restricts ingress only.
+    pub worker_egress: Option<WorkerEgress>,
+}
+
+/// Where worker pods may connect to (Helm `workerNetworkPolicy.egress`, operator flag
+/// `--worker-egress` as JSON): DNS, the ports of the TenantModel's Kafka bootstrap servers,
+/// the object store's ports when it uses one (`checkpointStore`, an `s3://`, `gs://` or `az://`
+/// `model.uri`), and `extraRules`. Nothing else: not the API server, not other tenants'
+/// services, not the internet.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerEgress {
+    /// Destinations (CIDRs) of the Kafka ports; empty: any address on those ports.
+    #[serde(default, rename = "kafkaCIDRs")]
+    pub kafka_cidrs: Vec<String>,
+    /// Ports of the Kafka brokers besides those named in the bootstrap servers (brokers may
+    /// advertise other ports than the bootstrap address).
+    #[serde(default)]
+    pub kafka_ports: Vec<i32>,
+    /// Ports of the object store (default 443).
+    #[serde(default = "https_port")]
+    pub object_store_ports: Vec<i32>,
+    /// Destinations (CIDRs) of the object-store ports; empty: any address on those ports.
+    #[serde(default, rename = "objectStoreCIDRs")]
+    pub object_store_cidrs: Vec<String>,
+    /// Further egress rules, as Kubernetes `NetworkPolicyEgressRule`s.
+    #[serde(default)]
+    pub extra_rules: Vec<NetworkPolicyEgressRule>,
+}
+
+fn https_port() -> Vec<i32> {
+    vec![443]
+}
+
+impl Default for WorkerEgress {
+    fn default() -> Self {
+        Self {
+            kafka_cidrs: Vec::new(),
+            kafka_ports: Vec::new(),
+            object_store_ports: https_port(),
+            object_store_cidrs: Vec::new(),
+            extra_rules: Vec::new(),
+        }
+    }
+}
+
+/// The TCP ports named in a `host:port,host:port` bootstrap list.
+fn bootstrap_ports(servers: &str) -> BTreeSet<i32> {
+    servers
+        .split(',')
+        .filter_map(|s| s.trim().rsplit_once(':')?.1.parse::<i32>().ok())
+        .filter(|p| (1..=65_535).contains(p))
+        .collect()
+}
+
+/// The egress rules of a TenantModel's workers under `e` (see [`WorkerEgress`]).
+fn egress_rules(tm: &TenantModel, e: &WorkerEgress) -> Vec<NetworkPolicyEgressRule> {
+    let port = |p: i32, protocol: &str| NetworkPolicyPort {
+        port: Some(IntOrString::Int(p)),
+        protocol: Some(protocol.into()),
+        ..NetworkPolicyPort::default()
+    };
+    let to = |cidrs: &[String]| {
+        (!cidrs.is_empty()).then(|| {
+            cidrs
+                .iter()
+                .map(|c| NetworkPolicyPeer {
+                    ip_block: Some(IPBlock { cidr: c.clone(), except: None }),
+                    ..NetworkPolicyPeer::default()
+                })
+                .collect()
+        })
+    };
+    let s = &tm.spec;
+    let mut rules = vec![NetworkPolicyEgressRule { to: None, ports: Some(vec![port(53, "UDP"), port(53, "TCP")]) }];
+    let mut kafka = bootstrap_ports(&s.source.bootstrap_servers);
+    kafka.extend(bootstrap_ports(&s.sink.bootstrap_servers));
+    kafka.extend(e.kafka_ports.iter().copied());
+    if !kafka.is_empty() {
+        rules.push(NetworkPolicyEgressRule {
+            to: to(&e.kafka_cidrs),
+            ports: Some(kafka.into_iter().map(|p| port(p, "TCP")).collect()),
+        });
+    }
+    let remote_model =
+        s.model.uri.as_deref().is_some_and(|u| ["s3://", "gs://", "az://"].iter().any(|p| u.starts_with(p)));
+    if (s.checkpoint_store.as_deref().is_some_and(|c| !c.starts_with("file://")) || remote_model)
+        && !e.object_store_ports.is_empty()
+    {
+        rules.push(NetworkPolicyEgressRule {
+            to: to(&e.object_store_cidrs),
+            ports: Some(e.object_store_ports.iter().map(|p| port(*p, "TCP")).collect()),
+        });
+    }
+    rules.extend(e.extra_rules.iter().cloned());
+    rules
 }
 
 /// Everything the operator applies for one TenantModel.
@@ -309,7 +407,12 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
                 match_labels: Some(BTreeMap::from([("streamscore.io/tenantmodel".to_owned(), name.clone())])),
                 ..LabelSelector::default()
             }),
-            policy_types: Some(vec!["Ingress".into()]),
+            policy_types: Some(if ctx.worker_egress.is_some() {
+                vec!["Ingress".into(), "Egress".into()]
+            } else {
+                vec!["Ingress".into()]
+            }),
+            egress: ctx.worker_egress.as_ref().map(|e| egress_rules(tm, e)),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
                     from: Some(vec![ns_peer(&tm.namespace().unwrap_or_default(), None)]),
@@ -326,7 +429,6 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
                     ports: Some(vec![http_port, admin_port]),
                 },
             ]),
-            ..NetworkPolicySpec::default()
         }),
     };
     Children { pipeline, config_hash, config_map, deployment, service_account, service, headless, pdb, network_policy }
@@ -546,5 +648,66 @@ fn state_volume(tm: &TenantModel) -> Volume {
             }),
             ..Volume::default()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> TenantModel {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fraud-detection.yaml");
+        let mut tm: TenantModel = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        tm.metadata.namespace = Some("payments".into());
+        tm.metadata.uid = Some("0c5b7a1e-0000-4000-8000-000000000000".into());
+        tm
+    }
+
+    fn ports(r: &NetworkPolicyEgressRule) -> Vec<(i32, String)> {
+        r.ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                let n = match p.port {
+                    Some(IntOrString::Int(n)) => n,
+                    _ => 0,
+                };
+                (n, p.protocol.clone().unwrap_or_default())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn workers_may_reach_dns_their_kafka_ports_and_their_object_store_only() {
+        let mut tm = example();
+        tm.spec.sink.bootstrap_servers = "out-a:9093, out-b:9093".into();
+        let ctx = BuildContext {
+            default_image: "streamscore-worker:0.1.0".into(),
+            operator_namespace: "streamscore-system".into(),
+            kafka_prefix: None,
+            default_resources: None,
+            worker_egress: Some(WorkerEgress { kafka_cidrs: vec!["10.1.0.0/16".into()], ..WorkerEgress::default() }),
+        };
+        let spec = build(&tm, &ctx).network_policy.spec.unwrap();
+        assert_eq!(spec.policy_types.unwrap(), ["Ingress", "Egress"]);
+        let egress = spec.egress.unwrap();
+        let tcp = |n: i32| (n, "TCP".to_owned());
+        assert_eq!(ports(&egress[0]), [(53, "UDP".to_owned()), tcp(53)]);
+        assert_eq!(egress[0].to, None);
+        assert_eq!(ports(&egress[1]), [tcp(9092), tcp(9093)], "source and sink bootstrap ports");
+        assert_eq!(egress[1].to.as_ref().unwrap()[0].ip_block.as_ref().unwrap().cidr, "10.1.0.0/16");
+        assert_eq!(ports(&egress[2]), [tcp(443)], "the checkpoint store");
+        assert_eq!(egress.len(), 3);
+        // No object store: no rule for it.
+        tm.spec.checkpoint_store = None;
+        assert_eq!(build(&tm, &ctx).network_policy.spec.unwrap().egress.unwrap().len(), 2);
+        // Egress rules off: ingress only.
+        let off = BuildContext { worker_egress: None, ..ctx };
+        let spec = build(&tm, &off).network_policy.spec.unwrap();
+        assert_eq!((spec.policy_types.unwrap(), spec.egress), (vec!["Ingress".to_owned()], None));
+        // The chart's flag value parses; unknown keys are refused.
+        let e: WorkerEgress = serde_json::from_str(r#"{"kafkaCIDRs":["10.0.0.0/8"],"kafkaPorts":[9094]}"#).unwrap();
+        assert_eq!((e.kafka_ports, e.object_store_ports), (vec![9094], vec![443]));
+        assert!(serde_json::from_str::<WorkerEgress>(r#"{"kafkaCidr":[]}"#).is_err());
     }
 }

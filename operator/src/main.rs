@@ -50,6 +50,10 @@ struct Args {
     /// `{"cpu":"8","memory":"32Gi"}`). Empty: no maximum.
     #[arg(long, env = "STREAMSCORE_MAX_WORKER_RESOURCES", default_value = "")]
     max_worker_resources: String,
+    /// Egress the workers' NetworkPolicy allows (JSON of `WorkerEgress`, e.g.
+    /// `{"kafkaCIDRs":["10.0.0.0/8"],"objectStorePorts":[443]}`); `off`: no egress rules.
+    #[arg(long, env = "STREAMSCORE_WORKER_EGRESS", default_value = "{}")]
+    worker_egress: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "STREAMSCORE_LISTEN", default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
@@ -105,6 +109,11 @@ async fn main() -> anyhow::Result<()> {
             "--max-worker-resources: {name}: {q:?} is not a quantity"
         );
     }
+    let worker_egress = match args.worker_egress.trim() {
+        "off" => None,
+        "" => Some(Default::default()),
+        json => Some(serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--worker-egress: {e}"))?),
+    };
     let default_resources = if args.worker_resources.trim().is_empty() {
         None
     } else {
@@ -204,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
             operator_namespace: args.operator_namespace.clone(),
             kafka_prefix: None,
             default_resources,
+            worker_egress,
         },
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),

@@ -84,6 +84,7 @@ mod tests {
             operator_namespace: "streamscore-system".into(),
             kafka_prefix: None,
             default_resources: None,
+            worker_egress: None,
         };
         let c = crate::build::build(&tm, &ctx);
         let names = [

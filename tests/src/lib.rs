@@ -230,6 +230,9 @@ pub fn spawn_operator_with_policy(
             operator_namespace: "streamscore-system".into(),
             kafka_prefix: None,
             default_resources: None,
+            // As the chart's default: the e2e tests apply the egress rules (the local node
+            // agent does not enforce NetworkPolicies; the API server validates them).
+            worker_egress: Some(Default::default()),
         },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: kube::runtime::events::Recorder::new(
@@ -499,4 +502,9 @@ runtime: {{stateDir: "{state}", httpListen: "127.0.0.1:0", commitInterval: 200ms
     let cfg = streamscore_crds::PipelineConfig::from_yaml(&yaml).unwrap();
     cfg.validate().unwrap();
     cfg
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a worker's `runtime.httpListen`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

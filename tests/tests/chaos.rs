@@ -26,8 +26,8 @@ use rand::Rng;
 use serde_json::json;
 use streamscore_crds::pipeline::Delivery;
 use streamscore_tests::{
-    built_binary, consume, consume_with, create_topics, produce, producer, reference_pipeline, repo_root, unique,
-    Consumed,
+    built_binary, consume, consume_with, create_topics, free_port, produce, producer, reference_pipeline, repo_root,
+    unique, Consumed,
 };
 
 const USERS: i64 = 30;
@@ -226,10 +226,6 @@ impl Drop for Worker {
             let _ = c.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn env_sh(cmd: &str) {

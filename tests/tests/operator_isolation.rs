@@ -582,6 +582,7 @@ async fn worker_resources_have_platform_defaults_and_a_maximum() {
             operator_namespace: "streamscore-system".into(),
             kafka_prefix: None,
             default_resources: Some(defaults.clone()),
+            worker_egress: Some(Default::default()),
         },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: kube::runtime::events::Recorder::new(

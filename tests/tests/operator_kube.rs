@@ -102,7 +102,29 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     svcs.get("fraud").await.unwrap();
     let _: PodDisruptionBudget = Api::namespaced(client.clone(), &ns).get("fraud").await.unwrap();
     let np: NetworkPolicy = Api::namespaced(client.clone(), &ns).get("fraud").await.unwrap();
-    assert_eq!(np.spec.unwrap().ingress.unwrap().len(), 2);
+    let np = np.spec.unwrap();
+    assert_eq!(np.ingress.unwrap().len(), 2);
+    // Egress as the API server stored it: DNS, then the bootstrap servers' port, nothing else.
+    let kafka_port: i32 = rendered.source.bootstrap_servers.rsplit_once(':').unwrap().1.parse().unwrap();
+    let egress: Vec<Vec<(String, String)>> = np
+        .egress
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.ports
+                .iter()
+                .flatten()
+                .map(|p| (format!("{:?}", p.port), p.protocol.clone().unwrap_or_default()))
+                .collect()
+        })
+        .collect();
+    let port = |n: i32, proto: &str| {
+        (format!("{:?}", Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n))), proto.to_owned())
+    };
+    assert_eq!(egress[0], [port(53, "UDP"), port(53, "TCP")], "{egress:?}");
+    assert_eq!(egress[1], [port(kafka_port, "TCP")], "{egress:?}");
+    assert_eq!(egress.len(), 2, "no object store here, nothing else: {egress:?}");
+    assert_eq!(np.policy_types.unwrap(), ["Ingress", "Egress"]);
 
     // Status: no kubelet here, so the workers are not available.
     let st = eventually(Duration::from_secs(30), "status", || async {

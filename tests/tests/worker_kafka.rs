@@ -773,6 +773,59 @@ async fn a_worker_whose_outputs_are_never_acknowledged_stops_in_time_and_loses_n
     assert_eq!(got.len(), 20);
 }
 
+/// Liveness against the real broker: a worker whose sink brokers are unreachable consumes, then
+/// blocks waiting for acknowledgements. `/healthz` answers ok while the loop comes round and
+/// fails with the reason once it has not for `runtime.stallTimeout` (3 s here); `/readyz` says
+/// why too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_blocked_on_unreachable_sink_brokers_fails_liveness_after_the_stall_timeout() {
+    let (input, out, dlq) = (unique("lv-in"), unique("lv-out"), unique("lv-dlq"));
+    create_topics(&[&input, &out, &dlq], 2).await;
+    let events: Vec<(String, Vec<u8>)> =
+        (0..20i64).map(|i| event(&format!("u{}", i % 4), now_ms() - 60_000 + i, 1.0, "view")).collect();
+    produce(&producer(), &input, &events).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = pipeline(&input, &out, &dlq, &unique("lv-group"), dir.path().join("state").to_str().unwrap());
+    cfg.sink.bootstrap_servers = "127.0.0.1:9".into();
+    cfg.runtime.stall_timeout = streamscore_crds::Duration::from_secs(3);
+    let port = streamscore_tests::free_port();
+    cfg.runtime.http_listen = format!("127.0.0.1:{port}");
+    cfg.validate().unwrap();
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let mut worker = std::process::Command::new(streamscore_tests::built_binary("streamscore-worker"))
+        .args(["--pipeline", file.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("worker binary starts");
+    let (mut ok_seen, mut failed) = (0, None);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(90) {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await {
+            if r.status().is_success() {
+                ok_seen += 1;
+            } else {
+                failed = Some((r.status().as_u16(), r.text().await.unwrap(), t.elapsed()));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    let (status, body, after) = failed.expect("/healthz failed within 90 s");
+    assert_eq!(status, 503);
+    assert!(body.contains("has not come round") && body.contains("stallTimeout"), "{body}");
+    assert!(ok_seen >= 10, "/healthz answered ok while the loop ran ({ok_seen} times)");
+    assert!(streamscore_tests::oracle::metric(&metrics, "streamscore_worker_records_in_total") >= 1.0, "it consumed");
+    assert!(ready.contains("has not come round"), "{ready}");
+    eprintln!("liveness failed after {after:?}: {body}");
+}
+
 /// A worker stopped by a fenced drain (the live run at a blue/green cut-over) and then
 /// SIGKILLed restarts fenced: with input waiting it writes nothing until it is resumed, and
 /// then it scores everything (nothing past the barrier is written twice by the old run).

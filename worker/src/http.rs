@@ -42,7 +42,7 @@ impl std::fmt::Debug for AppState {
 /// The router.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/entities/{key}", get(entity))
@@ -145,6 +145,14 @@ pub fn admin_status_body(health: &Health) -> Value {
         "replaying": health.replaying.read().unwrap_or_else(|e| e.into_inner()).len(),
         "inputPartitions": health.input_partitions.load(Ordering::Relaxed),
     })
+}
+
+/// Liveness: fails once the processing loop is stalled (see [`crate::kafka::Heartbeat`]).
+async fn healthz(State(s): State<AppState>) -> Response {
+    match s.health.heartbeat.check() {
+        Ok(()) => "ok\n".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

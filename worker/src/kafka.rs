@@ -83,7 +83,9 @@ pub struct Health {
     pub model: RwLock<Option<Result<String, String>>>,
     /// The consumer joined its group (first assignment received, possibly empty).
     pub joined: AtomicBool,
-    /// Brokers reachable (cleared on "all brokers down", set on the next successful poll).
+    /// Brokers reachable: cleared on "all brokers down" and while acknowledgements are overdue;
+    /// set by the input topic's metadata, an acknowledged output or a commit (not by consumed
+    /// records: they may come from the prefetched queue).
     pub broker_ok: AtomicBool,
     /// Owned partitions.
     pub assigned: AtomicUsize,
@@ -98,6 +100,57 @@ pub struct Health {
     /// Partitions whose state is being brought up to the committed offsets (not ready until
     /// they are).
     pub replaying: RwLock<Vec<String>>,
+    /// Liveness of the processing loop (`/healthz`).
+    pub heartbeat: Heartbeat,
+}
+
+/// When the processing loop last came round, and the long operation it is in (a restore, a
+/// drain, a commit and checkpoint before a hand-over), if any. `/healthz` fails once it has not
+/// come round for `runtime.stallTimeout` outside such an operation; before the loop starts
+/// (model download, waiting for the brokers) it passes.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    last: Mutex<Option<Instant>>,
+    operation: Mutex<Option<String>>,
+    bound_ms: AtomicU64,
+}
+
+impl Heartbeat {
+    /// The loop came round.
+    pub fn beat(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Sets the stall bound (`runtime.stallTimeout`).
+    pub fn set_bound(&self, bound: Duration) {
+        self.bound_ms.store(bound.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Runs `f`, a long but bounded operation of the loop, without counting it as a stall.
+    pub fn during<T>(&self, what: impl Into<String>, f: impl FnOnce() -> T) -> T {
+        let before = self.operation.lock().unwrap_or_else(|e| e.into_inner()).replace(what.into());
+        let result = f();
+        *self.operation.lock().unwrap_or_else(|e| e.into_inner()) = before;
+        self.beat();
+        result
+    }
+
+    /// Alive, or why not.
+    pub fn check(&self) -> Result<(), String> {
+        if self.operation.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return Ok(());
+        }
+        let bound = Duration::from_millis(self.bound_ms.load(Ordering::Relaxed));
+        match *self.last.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(t) if !bound.is_zero() && t.elapsed() > bound => Err(format!(
+                "the processing loop has not come round for {:.0} s (runtime.stallTimeout {:.0} s): blocked, e.g. \
+                 waiting for acknowledgements from unreachable brokers",
+                t.elapsed().as_secs_f64(),
+                bound.as_secs_f64()
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Health {
@@ -122,6 +175,9 @@ impl Health {
             why.push("consumer has not joined its group yet".into());
         }
         why.extend(self.replaying.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        if let Err(stalled) = self.heartbeat.check() {
+            why.push(stalled);
+        }
         if why.is_empty() {
             Ok(())
         } else {
@@ -397,6 +453,9 @@ impl ProducerContext for ProducerCtx {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
         let (received, source_ts, epoch, sent) = *opaque;
+        if result.is_ok() {
+            self.health.broker_ok.store(true, Ordering::Relaxed);
+        }
         match (result, received) {
             (Ok(_), Some(received)) => self.observe_scored(received, source_ts, sent),
             (Ok(_), None) => {}
@@ -416,7 +475,8 @@ impl ConsumerContext for ConsumerCtx {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.open_assigned(consumer, tpl);
+                let heartbeat = &self.shared.health.heartbeat;
+                heartbeat.during("opening the assigned partitions' state", || self.open_assigned(consumer, tpl));
                 self.place_at_timestamp(consumer, tpl);
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
                 let done = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
@@ -426,7 +486,10 @@ impl ConsumerContext for ConsumerCtx {
                 self.post_rebalance(consumer, &Rebalance::Assign(tpl));
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                let heartbeat = &self.shared.health.heartbeat;
+                heartbeat.during("committing revoked partitions", || {
+                    self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                });
                 let done = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
                 if let Err(e) = done {
                     self.shared.fail(format!("revoking partitions: {e}"));
@@ -614,6 +677,7 @@ impl Shared {
             crate::fault::point("after-transaction-commit");
         }
         self.metrics.commits.inc();
+        self.health.broker_ok.store(true, Ordering::Relaxed);
         self.observe_phase("transaction", started);
         self.producer.begin_transaction().map_err(|e| format!("beginning a transaction: {e}"))?;
         Ok(())
@@ -731,6 +795,7 @@ fn commit_offsets(
     match consumer.commit(&tpl, mode) {
         Ok(()) => {
             shared.metrics.commits.inc();
+            shared.health.broker_ok.store(true, Ordering::Relaxed);
         }
         Err(e) => warn!(error = %e, "offset commit failed; state offsets remain authoritative"),
     }
@@ -921,6 +986,7 @@ pub fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let (cc, pc) = client_config(&cfg)?;
+    health.heartbeat.set_bound(Duration::from_millis(cfg.runtime.stall_timeout.as_millis()));
     let state_dir = std::path::Path::new(&cfg.runtime.state_dir);
     health.admin.restore_after_restart(cfg.shadow.clone(), state_dir);
     let acks = Arc::new(Acks::default());
@@ -1112,8 +1178,9 @@ fn consume(
         if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Err(why);
         }
+        health.heartbeat.beat();
         if let Some((id, opts)) = health.admin.pending_with() {
-            let result = drain(shared, consumer, &id, opts);
+            let result = health.heartbeat.during(format!("drain {id}"), || drain(shared, consumer, &id, opts));
             match &result {
                 Ok(r) => info!(
                     id,
@@ -1163,7 +1230,8 @@ fn consume(
             return Err(why);
         }
         if !batch.is_empty() {
-            health.broker_ok.store(true, Ordering::Relaxed);
+            // (Not a sign that the brokers are reachable: the batch may come from the
+            // consumer's prefetched queue. Acknowledgements and commits say so.)
             let now = Instant::now();
             let records: Vec<InRecord<'_>> = batch
                 .iter()
