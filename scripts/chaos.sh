@@ -17,6 +17,6 @@ bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
 . "$STREAMSCORE_DEV_DIR/env.sh"
 rm -f "$STREAMSCORE_DEV_DIR/chaos-report.md"
-log "fault-injection suite, long form (about 25 min)"
+log "fault-injection suite, long form (about 30 min)"
 cargo test --workspace --test chaos --locked -- --ignored --nocapture chaos_long
 cat "$STREAMSCORE_DEV_DIR/chaos-report.md"

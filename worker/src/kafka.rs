@@ -87,6 +87,8 @@ pub struct Health {
     /// set by the input topic's metadata, an acknowledged output or a commit (not by consumed
     /// records: they may come from the prefetched queue).
     pub broker_ok: AtomicBool,
+    /// The consumer has no connection to any broker (its statistics, every second).
+    pub consumer_disconnected: AtomicBool,
     /// Owned partitions.
     pub assigned: AtomicUsize,
     /// Their numbers.
@@ -170,6 +172,8 @@ impl Health {
         }
         if !self.broker_ok.load(Ordering::Relaxed) {
             why.push("Kafka brokers unreachable".into());
+        } else if self.consumer_disconnected.load(Ordering::Relaxed) {
+            why.push("Kafka brokers unreachable (no connection to any broker)".into());
         }
         if !self.joined.load(Ordering::Relaxed) {
             why.push("consumer has not joined its group yet".into());
@@ -408,7 +412,39 @@ struct Shared {
     last_transaction: Mutex<Vec<(String, i32, i64)>>,
 }
 
+/// The part of librdkafka's statistics the worker reads: each broker's connection state.
+#[derive(serde::Deserialize)]
+struct BrokerStates {
+    #[serde(default)]
+    brokers: BTreeMap<String, BrokerState>,
+}
+
+#[derive(serde::Deserialize)]
+struct BrokerState {
+    nodeid: i32,
+    state: String,
+}
+
 impl ClientContext for ConsumerCtx {
+    /// Every second (`statistics.interval.ms`): the brokers are reachable while the consumer is
+    /// connected to at least one of them (an idle consumer whose broker went away gets no
+    /// error event; its connection states say so).
+    fn stats_raw(&self, statistics: &[u8]) {
+        let Ok(s) = serde_json::from_slice::<BrokerStates>(statistics) else { return };
+        let brokers: Vec<&BrokerState> = s.brokers.values().filter(|b| b.nodeid >= 0).collect();
+        if !brokers.is_empty() {
+            let up = brokers.iter().any(|b| b.state == "UP");
+            let was = !self.shared.health.consumer_disconnected.swap(!up, Ordering::Relaxed);
+            if was != up {
+                if up {
+                    info!("Kafka brokers reachable again");
+                } else {
+                    warn!("no connection to any Kafka broker");
+                }
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
             self.shared.health.broker_ok.store(false, Ordering::Relaxed);
@@ -920,6 +956,8 @@ fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), S
         .set("fetch.min.bytes", "65536")
         .set("fetch.wait.max.ms", "5")
         .set("queued.min.messages", "20000")
+        // Broker connection states for readiness (`ConsumerCtx::stats_raw`).
+        .set("statistics.interval.ms", "1000")
         .set(
             "auto.offset.reset",
             match cfg.source.start_from {
