@@ -674,6 +674,11 @@ pub struct RuntimeConfig {
     /// the query port so that a NetworkPolicy can admit only the operator to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<String>,
+    /// Listen address of a port serving only `/metrics` (also served on `httpListen`), so that
+    /// a NetworkPolicy can open it to a metrics scraper without opening the query API. Unset:
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
     /// How often offsets are committed (after outputs are acknowledged and state is flushed).
     #[serde(default = "default_commit_interval")]
     pub commit_interval: Duration,
@@ -697,6 +702,7 @@ impl Default for RuntimeConfig {
             state_dir: default_state_dir(),
             http_listen: default_listen(),
             admin_listen: None,
+            metrics_listen: None,
             commit_interval: default_commit_interval(),
             shutdown_timeout: default_shutdown_timeout(),
             stall_timeout: default_stall_timeout(),
@@ -910,6 +916,15 @@ impl PipelineConfig {
                 errs.push(cerr("runtime.adminListen", "must be an address like 0.0.0.0:8090"));
             } else if *a == self.runtime.http_listen && !a.ends_with(":0") {
                 errs.push(cerr("runtime.adminListen", "must differ from runtime.httpListen"));
+            }
+        }
+        if let Some(m) = &self.runtime.metrics_listen {
+            if m.parse::<std::net::SocketAddr>().is_err() {
+                errs.push(cerr("runtime.metricsListen", "must be an address like 0.0.0.0:9090"));
+            } else if !m.ends_with(":0")
+                && (*m == self.runtime.http_listen || Some(m) == self.runtime.admin_listen.as_ref())
+            {
+                errs.push(cerr("runtime.metricsListen", "must differ from runtime.httpListen and runtime.adminListen"));
             }
         }
         if self.runtime.commit_interval.is_zero() {

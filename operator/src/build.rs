@@ -39,6 +39,9 @@ pub const WORKER_PORT: i32 = 8080;
 /// Worker admin port (drain, resume, status: the operator's rescale); the NetworkPolicy admits
 /// only the operator to it.
 pub const ADMIN_PORT: i32 = 8090;
+/// Worker metrics port (`/metrics` only); the NetworkPolicy opens it to the scrapers of
+/// [`BuildContext::metrics_from`].
+pub const METRICS_PORT: i32 = 9090;
 /// Where the pipeline ConfigMap is mounted.
 pub const PIPELINE_DIR: &str = "/etc/streamscore/pipeline";
 /// Where a model from a ConfigMap is mounted.
@@ -70,6 +73,9 @@ pub struct BuildContext {
     /// Egress the workers' NetworkPolicy allows (Helm `workerNetworkPolicy.egress`); `None`: the
     /// policy restricts ingress only.
     pub worker_egress: Option<WorkerEgress>,
+    /// Who may scrape the workers' metrics port (Helm `workerNetworkPolicy.metricsFrom`, as
+    /// NetworkPolicyPeers); `None`: any pod in any namespace.
+    pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
 }
 
 /// Where worker pods may connect to (Helm `workerNetworkPolicy.egress`, operator flag
@@ -277,6 +283,7 @@ pub fn render_pipeline(tm: &TenantModel, kafka_prefix: Option<&str>) -> Pipeline
             state_dir: STATE_DIR.into(),
             http_listen: format!("0.0.0.0:{WORKER_PORT}"),
             admin_listen: Some(format!("0.0.0.0:{ADMIN_PORT}")),
+            metrics_listen: Some(format!("0.0.0.0:{METRICS_PORT}")),
             ..RuntimeConfig::default()
         },
         state: render_state(tm),
@@ -400,6 +407,9 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
         ..NetworkPolicyPort::default()
     };
     let admin_port = NetworkPolicyPort { port: Some(IntOrString::Int(ADMIN_PORT)), ..http_port.clone() };
+    let metrics_port = NetworkPolicyPort { port: Some(IntOrString::Int(METRICS_PORT)), ..http_port.clone() };
+    let any_namespace =
+        NetworkPolicyPeer { namespace_selector: Some(LabelSelector::default()), ..NetworkPolicyPeer::default() };
     let network_policy = NetworkPolicy {
         metadata: meta(tm, name.clone(), &[]),
         spec: Some(NetworkPolicySpec {
@@ -427,6 +437,10 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
                         )])),
                     )]),
                     ports: Some(vec![http_port, admin_port]),
+                },
+                NetworkPolicyIngressRule {
+                    from: Some(ctx.metrics_from.clone().unwrap_or_else(|| vec![any_namespace])),
+                    ports: Some(vec![metrics_port]),
                 },
             ]),
         }),
@@ -557,6 +571,12 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
                 protocol: Some("TCP".into()),
                 ..ContainerPort::default()
             },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
         ]),
         readiness_probe: Some(probe("/readyz", 5, 3)),
         liveness_probe: Some(probe("/healthz", 10, 6)),
@@ -585,7 +605,7 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
                         ("streamscore.io/config-hash".to_owned(), config_hash.to_owned()),
                         ("streamscore.io/model-version".to_owned(), version.to_owned()),
                         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
-                        ("prometheus.io/port".to_owned(), WORKER_PORT.to_string()),
+                        ("prometheus.io/port".to_owned(), METRICS_PORT.to_string()),
                         ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
                     ])),
                     ..ObjectMeta::default()
@@ -687,9 +707,12 @@ mod tests {
             kafka_prefix: None,
             default_resources: None,
             worker_egress: Some(WorkerEgress { kafka_cidrs: vec!["10.1.0.0/16".into()], ..WorkerEgress::default() }),
+            metrics_from: None,
         };
         let spec = build(&tm, &ctx).network_policy.spec.unwrap();
         assert_eq!(spec.policy_types.unwrap(), ["Ingress", "Egress"]);
+        let ingress = spec.ingress.unwrap();
+        assert_eq!(ingress.len(), 3, "query API, operator, metrics scrapers");
         let egress = spec.egress.unwrap();
         let tcp = |n: i32| (n, "TCP".to_owned());
         assert_eq!(ports(&egress[0]), [(53, "UDP".to_owned()), tcp(53)]);

@@ -54,6 +54,11 @@ struct Args {
     /// `{"kafkaCIDRs":["10.0.0.0/8"],"objectStorePorts":[443]}`); `off`: no egress rules.
     #[arg(long, env = "STREAMSCORE_WORKER_EGRESS", default_value = "{}")]
     worker_egress: String,
+    /// Who may scrape the workers' metrics port 9090 (JSON list of NetworkPolicyPeers, e.g.
+    /// `[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]`).
+    /// Empty: any pod in any namespace.
+    #[arg(long, env = "STREAMSCORE_WORKER_METRICS_FROM", default_value = "")]
+    worker_metrics_from: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "STREAMSCORE_LISTEN", default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
@@ -109,6 +114,10 @@ async fn main() -> anyhow::Result<()> {
             "--max-worker-resources: {name}: {q:?} is not a quantity"
         );
     }
+    let metrics_from = match args.worker_metrics_from.trim() {
+        "" | "[]" => None,
+        json => Some(serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--worker-metrics-from: {e}"))?),
+    };
     let worker_egress = match args.worker_egress.trim() {
         "off" => None,
         "" => Some(Default::default()),
@@ -214,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
             kafka_prefix: None,
             default_resources,
             worker_egress,
+            metrics_from,
         },
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),

@@ -85,6 +85,7 @@ mod tests {
             kafka_prefix: None,
             default_resources: None,
             worker_egress: None,
+            metrics_from: None,
         };
         let c = crate::build::build(&tm, &ctx);
         let names = [

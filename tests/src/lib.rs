@@ -233,6 +233,7 @@ pub fn spawn_operator_with_policy(
             // As the chart's default: the e2e tests apply the egress rules (the local node
             // agent does not enforce NetworkPolicies; the API server validates them).
             worker_egress: Some(Default::default()),
+            metrics_from: None,
         },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: kube::runtime::events::Recorder::new(

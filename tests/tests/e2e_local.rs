@@ -504,7 +504,8 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
         .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
         .collect();
     assert_eq!(ips.len(), 1, "{ips:?}");
-    let m = reqwest::get(format!("http://{}:8080/metrics", ips[0])).await.unwrap().text().await.unwrap();
+    // From the metrics port (9090, what the NetworkPolicy opens to scrapers).
+    let m = reqwest::get(format!("http://{}:9090/metrics", ips[0])).await.unwrap().text().await.unwrap();
     assert!(metric(&m, "streamscore_worker_partitions ") >= 4.0, "{m}");
     assert!(
         metric(&m, "streamscore_worker_partition_assignments_total{source=\"checkpoint\"}") >= 1.0,

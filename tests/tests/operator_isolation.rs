@@ -583,6 +583,7 @@ async fn worker_resources_have_platform_defaults_and_a_maximum() {
             kafka_prefix: None,
             default_resources: Some(defaults.clone()),
             worker_egress: Some(Default::default()),
+            metrics_from: None,
         },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: kube::runtime::events::Recorder::new(

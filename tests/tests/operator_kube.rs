@@ -103,7 +103,12 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     let _: PodDisruptionBudget = Api::namespaced(client.clone(), &ns).get("fraud").await.unwrap();
     let np: NetworkPolicy = Api::namespaced(client.clone(), &ns).get("fraud").await.unwrap();
     let np = np.spec.unwrap();
-    assert_eq!(np.ingress.unwrap().len(), 2);
+    let ingress = np.ingress.unwrap();
+    assert_eq!(ingress.len(), 3);
+    // The metrics port, open to scrapers (any namespace by default); the query API is not.
+    let metrics = &ingress[2];
+    assert_eq!(format!("{:?}", metrics.ports.as_ref().unwrap()[0].port), "Some(Int(9090))");
+    assert!(metrics.from.as_ref().unwrap()[0].namespace_selector.is_some());
     // Egress as the API server stored it: DNS, then the bootstrap servers' port, nothing else.
     let kafka_port: i32 = rendered.source.bootstrap_servers.rsplit_once(':').unwrap().1.parse().unwrap();
     let egress: Vec<Vec<(String, String)>> = np

@@ -286,12 +286,23 @@ async fn exactly_once_a_worker_killed_mid_transaction_writes_each_output_once() 
         }
     }
     let mut worker = spawn();
-    // A steady stream (~1,250 events/s for ~3.7 s): at any moment a transaction holds records.
+    // The first 100 events, until they are scored (the worker has joined its group); then a
+    // steady stream (~1,250 events/s for ~3.6 s): at any moment a transaction holds records.
+    let (head, tail) = evs.split_at(100);
+    produce(&producer(), &input, head).await;
+    let started = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume_with(&out, 90, Duration::from_secs(60), "read_uncommitted").len()
+    })
+    .await
+    .unwrap();
+    assert!(started >= 90, "the worker scored the first events");
+    let tail = tail.to_vec();
     let producing = tokio::spawn({
         let input = input.clone();
         async move {
             let p = producer();
-            for chunk in evs.chunks(100) {
+            for chunk in tail.chunks(100) {
                 produce(&p, &input, chunk).await;
                 tokio::time::sleep(Duration::from_millis(80)).await;
             }
@@ -771,6 +782,41 @@ async fn a_worker_whose_outputs_are_never_acknowledged_stops_in_time_and_loses_n
     let got = tokio::task::spawn_blocking(move || consume(&out, 20, Duration::from_secs(60))).await.unwrap();
     w.stop();
     assert_eq!(got.len(), 20);
+}
+
+/// A partition that a drain paused, that was then revoked (another worker joined) and that
+/// came back to the same worker later (the other left) is consumed again: librdkafka keeps a
+/// paused partition's flag across a revoke, so the worker resumes every partition it is
+/// assigned (CI once saw a rescale 4 → 1 leave three partitions unconsumed this way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_by_a_drain_revoked_and_assigned_back_is_consumed() {
+    let (input, out, dlq) = (unique("pr-in"), unique("pr-out"), unique("pr-dlq"));
+    create_topics(&[&input, &out, &dlq], 4).await;
+    let group = unique("pr-group");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&pipeline(&input, &out, &dlq, &group, &da.path().display().to_string()));
+    let wait = |w: &streamscore_tests::RunningWorker, n: usize, what: &str| {
+        let t = std::time::Instant::now();
+        while w.health.assigned.load(std::sync::atomic::Ordering::Relaxed) != n {
+            assert!(t.elapsed() < Duration::from_secs(60), "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    tokio::task::block_in_place(|| wait(&a, 4, "a owns all 4 partitions"));
+    // The drain pauses all four; b's arrival revokes them and ends the drain.
+    a.health.admin.request_drain("d1", Duration::from_secs(120));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = start(&pipeline(&input, &out, &dlq, &group, &db.path().display().to_string()));
+    tokio::task::block_in_place(|| wait(&b, 2, "b owns 2 partitions"));
+    b.stop();
+    tokio::task::block_in_place(|| wait(&a, 4, "a owns all 4 again"));
+    let events: Vec<(String, Vec<u8>)> =
+        (0..40i64).map(|i| event(&format!("pr{i}"), now_ms() - 60_000 + i, 1.0, "view")).collect();
+    produce(&producer(), &input, &events).await;
+    let got = tokio::task::spawn_blocking(move || consume(&out, 40, Duration::from_secs(60))).await.unwrap();
+    a.stop();
+    let parts: std::collections::BTreeSet<i32> = got.iter().map(|c| c.partition).collect();
+    assert_eq!(got.len(), 40, "every event scored, from every partition (outputs from partitions {parts:?})");
 }
 
 /// Liveness against the real broker: a worker whose sink brokers are unreachable consumes, then

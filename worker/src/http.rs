@@ -49,6 +49,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `/metrics` alone, on its own listener (`runtime.metricsListen`), so that a NetworkPolicy can
+/// open it to a metrics scraper without opening the query API.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(state)
+}
+
 /// The admin API, on its own listener (`runtime.adminListen`) so that a NetworkPolicy can
 /// admit only the operator: `POST /v1/admin/drain?id=..&holdSeconds=..`,
 /// `POST /v1/admin/resume`, `GET /v1/admin/status` (see [`crate::admin`]).

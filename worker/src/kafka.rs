@@ -594,6 +594,11 @@ impl ConsumerContext for ConsumerCtx {
                     Ok(()) => info!(partitions = ?parts, "assigned while fenced: kept paused"),
                     Err(e) => self.shared.fail(format!("pausing partitions assigned while fenced: {e}")),
                 }
+            } else if let Err(e) = consumer.resume(tpl) {
+                // A drain paused this consumer's partitions and the assignment ended it; a
+                // partition revoked while paused keeps librdkafka's pause flag when it comes
+                // back to this consumer, so every assigned partition is resumed explicitly.
+                self.shared.fail(format!("resuming assigned partitions: {e}"));
             }
         }
     }

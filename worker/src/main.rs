@@ -11,7 +11,7 @@ use clap::Parser;
 use streamscore_worker::decode::Schema;
 use streamscore_worker::engine::Engine;
 use streamscore_worker::features::FeatureSet;
-use streamscore_worker::http::{admin_router, router, AppState};
+use streamscore_worker::http::{admin_router, metrics_router, router, AppState};
 use streamscore_worker::kafka::{self, Health};
 use streamscore_worker::metrics::Metrics;
 use streamscore_worker::model::Model;
@@ -91,6 +91,19 @@ fn run(args: Args) -> Result<(), String> {
             let shutdown = async move { admin_cancel.cancelled().await };
             if let Err(e) = axum::serve(listener, admin).with_graceful_shutdown(shutdown).await {
                 error!(error = %e, "admin HTTP server failed");
+            }
+        });
+    }
+    if let Some(listen) = cfg.runtime.metrics_listen.clone() {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(&listen))
+            .map_err(|e| format!("cannot listen on {listen} (runtime.metricsListen): {e}"))?;
+        info!(%listen, "metrics listening");
+        let (app, metrics_cancel) = (metrics_router(state.clone()), cancel.clone());
+        rt.spawn(async move {
+            let shutdown = async move { metrics_cancel.cancelled().await };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                error!(error = %e, "metrics HTTP server failed");
             }
         });
     }
