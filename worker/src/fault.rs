@@ -2,8 +2,8 @@
 //! `STREAMSCORE_CRASH_AT=<point>[:<n>]` the worker aborts (SIGABRT: no destructors, no flush,
 //! nothing committed, as with SIGKILL) the `n`-th time (default: the first) it reaches `point`,
 //! so a crash lands exactly between two steps of a commit, where a SIGKILL from outside lands
-//! only by chance. Unset (always, outside tests), [`point`] is one
-//! relaxed atomic load.
+//! only by chance. Unset (always, outside tests), [`point`] costs one read of an initialised
+//! `OnceLock`, and it is called once per commit, never per record.
 //!
 //! Points, in the order a commit reaches them (see `crate::kafka`); only commits that carry
 //! progress (new offsets, changed state) count as hits:
