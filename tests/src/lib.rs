@@ -111,25 +111,32 @@ pub fn consume_with(topic: &str, want: usize, timeout: Duration, isolation: &str
     let mut out = Vec::new();
     while out.len() < want && Instant::now() < deadline {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|x| (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(Consumed {
-                key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                value: m.payload().unwrap_or_default().to_vec(),
-                headers,
-                partition: m.partition(),
-                offset: m.offset(),
-                timestamp: m.timestamp().to_millis(),
-            });
+            out.push(Consumed::from_message(&m));
         }
     }
     out
+}
+
+impl Consumed {
+    /// Copies a consumed message.
+    pub fn from_message(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| (x.key.to_owned(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Consumed {
+            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            value: m.payload().unwrap_or_default().to_vec(),
+            headers,
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp: m.timestamp().to_millis(),
+        }
+    }
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.

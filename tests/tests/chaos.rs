@@ -1,6 +1,7 @@
 //! The fault-injection suite. A steady input stream flows into the worker binary while faults
 //! are injected: a crash at each step of a commit (`STREAMSCORE_CRASH_AT`, see the worker's
-//! `fault` module), SIGKILLs at random moments, and (long form) a broker outage. Then a verifier
+//! `fault` module), SIGKILLs at random moments, the state volume filling up (a tmpfs), a slow
+//! downstream reader, and (long form) a broker outage. Then a verifier
 //! reads the output and dead-letter topics back (read_committed) and counts, per input event:
 //! lost (no output), duplicated (more than one), wrong (features differ from the values
 //! recomputed here from the raw input with plain arithmetic).
@@ -12,7 +13,10 @@
 //! Every case proves its fault happened: a crash case checks that the worker died of its abort
 //! at the named point; a kill case that each incarnation had consumed before it was killed; the
 //! exactly-once cases that aborted records exist (read_uncommitted sees more than
-//! read_committed); the outage that the worker said not ready while the broker was down. The
+//! read_committed); the outage that the worker said not ready while the broker was down; the
+//! full volume that the worker said so, stayed alive with consumption paused past its stall
+//! timeout, and after space returned was ready again and restarted from that volume; the slow
+//! reader that it was more than 100 outputs behind when the worker had consumed everything. The
 //! table goes to stderr and to `chaos-report.md` in the environment's directory.
 
 use std::collections::BTreeMap;
@@ -126,6 +130,12 @@ enum Fault {
     Kills(usize),
     /// Kill the broker, keep it down this long, start it again.
     BrokerOutage(Duration),
+    /// Fill the worker's state volume (a 32 MiB tmpfs) mid-stream, keep it full this long,
+    /// free it, then SIGKILL the worker once and restart it on that volume.
+    DiskFull(Duration),
+    /// The verifier reads the output while the stream flows, slowly (read_committed, 2 ms per
+    /// record and 2 s every 200 records): a downstream reader far behind the worker.
+    SlowReader,
 }
 
 impl Fault {
@@ -134,6 +144,8 @@ impl Fault {
             Fault::CrashAt(p, n) => format!("crash at {p} (commit {n})"),
             Fault::Kills(n) => format!("SIGKILL ×{n} at random moments"),
             Fault::BrokerOutage(d) => format!("broker killed for {} s", d.as_secs()),
+            Fault::DiskFull(d) => format!("state volume full for {} s", d.as_secs()),
+            Fault::SlowReader => "slow downstream reader".to_owned(),
         }
     }
 }
@@ -228,6 +240,92 @@ impl Drop for Worker {
     }
 }
 
+/// A small tmpfs (needs root, as the suite runs here): the state volume of the disk-full case.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "mounting a {size} tmpfs at {} for the disk-full case (the suite needs root): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path)
+    }
+
+    /// Writes a file until the volume is full; returns its path and size.
+    fn fill(&self) -> (PathBuf, u64) {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut written = 0u64;
+        for chunk in [1 << 20, 4096, 1] {
+            let buf = vec![0u8; chunk];
+            while f.write_all(&buf).is_ok() {
+                written += chunk as u64;
+            }
+        }
+        let _ = f.sync_all();
+        (path, written)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Reads `topic` slowly (read_committed) until it holds `want` distinct input ids and then
+/// 3 s more with nothing new (at most `timeout`). Returns what it read and how many records it
+/// had read at `mark` (set by the caller when the worker had consumed every input).
+fn slow_read(
+    topic: &str,
+    want: usize,
+    timeout: Duration,
+    mark: &std::sync::atomic::AtomicBool,
+) -> (Vec<Consumed>, Option<usize>) {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::Ordering;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", streamscore_tests::bootstrap())
+        .set("group.id", unique("slow-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let (mut out, mut ids, mut at_mark) = (Vec::new(), std::collections::BTreeSet::new(), None);
+    let mut last_new = Instant::now();
+    while Instant::now() < deadline && (ids.len() < want || last_new.elapsed() < Duration::from_secs(3)) {
+        if at_mark.is_none() && mark.load(Ordering::Relaxed) {
+            at_mark = Some(out.len());
+        }
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let m = Consumed::from_message(&m);
+            if let Some(id) = m.json()["fields"]["id"].as_u64() {
+                ids.insert(id);
+            }
+            out.push(m);
+            last_new = Instant::now();
+            std::thread::sleep(Duration::from_millis(2));
+            if out.len() % 200 == 0 {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    }
+    (out, at_mark)
+}
+
 fn env_sh(cmd: &str) {
     let st = Command::new("bash").arg(repo_root().join("scripts/env.sh")).arg(cmd).status().unwrap();
     assert!(st.success(), "scripts/env.sh {cmd} failed");
@@ -244,9 +342,15 @@ async fn run_case(delivery: Delivery, fault: Fault, minutes: i64, pace: Duration
     let (input, out, dlq) = (unique(&format!("ch-{tag}-in")), unique("ch-out"), unique("ch-dlq"));
     create_topics(&[&input, &out, &dlq], 4).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg =
-        reference_pipeline(&input, &out, &dlq, &unique("ch-group"), dir.path().join("state").to_str().unwrap());
+    // The disk-full case keeps its state on a volume of its own, small enough to fill.
+    let volume = matches!(fault, Fault::DiskFull(_)).then(|| Tmpfs::mount(dir.path().join("volume"), "32m"));
+    let state_dir = volume.as_ref().map_or_else(|| dir.path().join("state"), |v| v.0.join("state"));
+    let mut cfg = reference_pipeline(&input, &out, &dlq, &unique("ch-group"), state_dir.to_str().unwrap());
     cfg.postprocess.passthrough.push("id".into());
+    if matches!(fault, Fault::DiskFull(_)) {
+        // Short, so that a wait for space counted as a stall would fail liveness during the case.
+        cfg.runtime.stall_timeout = streamscore_crds::Duration::from_millis(2_000);
+    }
     cfg.sink.delivery = delivery;
     cfg.runtime.commit_interval = streamscore_crds::Duration::from_millis(300);
     let port = free_port();
@@ -276,6 +380,11 @@ async fn run_case(delivery: Delivery, fault: Fault, minutes: i64, pace: Duration
         }
     });
     let mut evidence = Vec::new();
+    let consumed_all = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = matches!(fault, Fault::SlowReader).then(|| {
+        let (out, want, mark) = (out.clone(), s.good.len(), consumed_all.clone());
+        std::thread::spawn(move || slow_read(&out, want, Duration::from_secs(240), &mark))
+    });
     match fault.clone() {
         Fault::CrashAt(point, hit) => {
             w.start(Some(format!("{point}:{hit}")));
@@ -385,9 +494,104 @@ async fn run_case(delivery: Delivery, fault: Fault, minutes: i64, pace: Duration
             let _ = second;
             produce(&producer(), &input, &missing).await;
         }
+        Fault::DiskFull(hold) => {
+            let volume = volume.as_ref().unwrap();
+            let readyz = || async {
+                let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await.ok()?;
+                Some((r.status().is_success(), r.text().await.unwrap_or_default()))
+            };
+            w.start(None);
+            assert!(w.wait_consumed((total / 5) as f64).await, "the worker never consumed");
+            let (filler, size) = volume.fill();
+            let full_at = Instant::now();
+            let said = loop {
+                if let Some((false, text)) = readyz().await {
+                    if text.contains("state volume full") {
+                        break text;
+                    }
+                }
+                assert!(full_at.elapsed() < Duration::from_secs(30), "the worker never said its state volume is full");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert!(said.contains("No space left on device"), "{said}");
+            evidence.push(format!("volume filled ({} MiB); /readyz: state volume full, No space left", size >> 20));
+            assert_eq!(w.metric("streamscore_worker_state_volume_full").await, 1.0);
+            // Held full: alive (past the 2 s stall timeout), consumption paused, still running.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let consumed_then = w.metric("streamscore_worker_records_in_total").await;
+            while full_at.elapsed() < hold {
+                let r = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await.unwrap();
+                assert!(
+                    r.status().is_success(),
+                    "liveness failed while waiting for space: {}",
+                    r.text().await.unwrap()
+                );
+                assert!(w.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the worker exited on a full volume");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let consumed_after = w.metric("streamscore_worker_records_in_total").await;
+            assert_eq!(consumed_then, consumed_after, "consumption went on while the state could not be written");
+            evidence.push(format!("alive and paused for {} s", hold.as_secs()));
+            std::fs::remove_file(&filler).unwrap();
+            let freed = Instant::now();
+            while !matches!(readyz().await, Some((true, _))) {
+                if freed.elapsed() > Duration::from_secs(60) {
+                    let rocks = std::fs::read_to_string(state_dir.join("partition-0/LOG")).unwrap_or_default();
+                    let rocks: Vec<&str> =
+                        rocks.lines().filter(|l| l.contains("rror") || l.contains("ecover")).collect();
+                    panic!(
+                        "not ready 60 s after space returned: {:?}\nworker log:\n{}\nRocksDB log (errors):\n{}",
+                        readyz().await,
+                        std::fs::read_to_string(&w.log).unwrap_or_default(),
+                        rocks.join("\n")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            evidence.push(format!("ready {:.0} s after space returned", freed.elapsed().as_secs_f64()));
+            // The state written on that volume is whole: a restart reads it back and scores on.
+            assert!(w.wait_consumed(consumed_after + 200.0).await, "consumption did not resume");
+            let st = w.kill();
+            assert_eq!(st.signal(), Some(9), "{st:?}");
+            w.start(None);
+            assert!(w.wait_consuming().await, "the restarted worker never consumed");
+            evidence.push("then SIGKILLed and restarted on that volume".to_owned());
+        }
+        Fault::SlowReader => w.start(None),
     }
     if !producing.is_finished() {
         let _ = producing.await;
+    }
+    if let Some(reader) = reader {
+        assert!(w.wait_consumed(total as f64).await, "the worker did not consume every input");
+        consumed_all.store(true, std::sync::atomic::Ordering::Relaxed);
+        let done = Instant::now();
+        let (read, at_mark) = tokio::task::block_in_place(|| reader.join().unwrap());
+        let behind = s.good.len().saturating_sub(at_mark.unwrap_or(0));
+        assert!(behind > 100, "the reader was not behind the worker ({behind} outputs)");
+        evidence.push(format!(
+            "reader {behind} outputs behind when the worker had consumed all; done {:.0} s later",
+            done.elapsed().as_secs_f64()
+        ));
+        let (dead, _) = tokio::task::spawn_blocking({
+            let dlq = dlq.clone();
+            move || (consume(&dlq, usize::MAX, Duration::from_secs(3)), ())
+        })
+        .await
+        .unwrap();
+        let (outputs, dead_tally) = verify(&s, &read, &dead);
+        drop(w);
+        let row = Row {
+            fault: fault.name(),
+            delivery,
+            events: total,
+            outputs,
+            dead: dead_tally,
+            evidence: evidence.join("; "),
+            took: started.elapsed(),
+        };
+        eprintln!("{}", line(&row));
+        return row;
     }
     let want = s.good.len();
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -433,7 +637,8 @@ async fn run_case(delivery: Delivery, fault: Fault, minutes: i64, pace: Duration
     .unwrap();
     let (outputs, dead_tally) = verify(&s, &all, &dead);
     // A crash after the commit of a transaction cuts none (the next may be empty).
-    let cuts_one = !matches!(fault, Fault::CrashAt("after-transaction-commit" | "state-write", _));
+    let cuts_one = matches!(fault, Fault::Kills(_) | Fault::BrokerOutage(_))
+        || matches!(fault, Fault::CrashAt(p, _) if p == "transaction-commit");
     if delivery == Delivery::ExactlyOnce && cuts_one {
         evidence.push(format!("{} aborted records", uncommitted.saturating_sub(all.len())));
         assert!(uncommitted > all.len(), "{}: no aborted transaction: the fault did not cut one", fault.name());
@@ -514,6 +719,9 @@ async fn chaos_short_every_commit_step_and_kills_lose_nothing() {
             rows.push(run_case(delivery, Fault::CrashAt(point, 3), 60, FAST).await);
         }
         rows.push(run_case(delivery, Fault::Kills(2), 60, FAST).await);
+        // 9,300 events over ~16 s: the volume fills a fifth of the way in, for 8 s.
+        rows.push(run_case(delivery, Fault::DiskFull(Duration::from_secs(8)), 300, Duration::from_millis(100)).await);
+        rows.push(run_case(delivery, Fault::SlowReader, 60, FAST).await);
     }
     report(&rows, "Fault-injection suite, short form (make test)");
     judge(&rows);
@@ -532,6 +740,8 @@ async fn chaos_long() {
         // ~180 s of input at 240 events/s: the stream outlasts the 20 kills (~7 s each).
         rows.push(run_case(delivery, Fault::Kills(20), 1400, Duration::from_millis(250)).await);
         rows.push(run_case(delivery, Fault::BrokerOutage(Duration::from_secs(30)), 120, FAST).await);
+        rows.push(run_case(delivery, Fault::DiskFull(Duration::from_secs(30)), 600, Duration::from_millis(100)).await);
+        rows.push(run_case(delivery, Fault::SlowReader, 300, FAST).await);
     }
     report(&rows, "Fault-injection suite, long form (make chaos)");
     judge(&rows);
@@ -551,5 +761,31 @@ async fn chaos_broker_outage() {
         rows.push(run_case(delivery, Fault::BrokerOutage(Duration::from_secs(30)), 120, FAST).await);
     }
     report(&rows, "Fault-injection suite: broker outage");
+    judge(&rows);
+}
+
+/// One fault on its own, for working on it: `CHAOS_FAULT=disk-full|slow-reader|kills` and
+/// optionally `CHAOS_DELIVERY=atLeastOnce|exactlyOnce`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "for working on one fault: CHAOS_FAULT=..."]
+async fn chaos_one() {
+    let modes = match std::env::var("CHAOS_DELIVERY").as_deref() {
+        Ok("atLeastOnce") => vec![Delivery::AtLeastOnce],
+        Ok("exactlyOnce") => vec![Delivery::ExactlyOnce],
+        _ => vec![Delivery::ExactlyOnce, Delivery::AtLeastOnce],
+    };
+    let fault = std::env::var("CHAOS_FAULT").unwrap_or_default();
+    let mut rows = Vec::new();
+    for delivery in modes {
+        rows.push(match fault.as_str() {
+            "disk-full" => {
+                run_case(delivery, Fault::DiskFull(Duration::from_secs(8)), 300, Duration::from_millis(100)).await
+            }
+            "slow-reader" => run_case(delivery, Fault::SlowReader, 60, FAST).await,
+            "kills" => run_case(delivery, Fault::Kills(2), 60, FAST).await,
+            other => panic!("CHAOS_FAULT={other:?}: disk-full, slow-reader or kills"),
+        });
+    }
+    report(&rows, &format!("Fault-injection suite: {fault}"));
     judge(&rows);
 }

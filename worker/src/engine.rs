@@ -123,9 +123,15 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Writes every partition's batch (synced).
-    pub fn write(self) -> Result<usize, StateError> {
-        self.batches.into_iter().map(FlushBatch::write).sum()
+    /// Writes every partition's batch (synced). The batches written are dropped, so that after
+    /// an error (e.g. the state volume is full) a second call writes only the rest.
+    pub fn write(&mut self) -> Result<usize, StateError> {
+        let mut keys = 0;
+        while let Some(batch) = self.batches.first() {
+            keys += batch.write()?;
+            self.batches.remove(0);
+        }
+        Ok(keys)
     }
 
     /// Serialised bytes.
@@ -1005,7 +1011,7 @@ impl Engine {
     /// Returns the (topic, partition, next offset) list to commit to Kafka. Call it only when
     /// no [`Checkpoint`] from [`Engine::checkpoint`] is still unwritten.
     pub fn flush(&mut self) -> Result<Vec<(String, i32, i64)>, EngineError> {
-        let cp = self.checkpoint(true)?;
+        let mut cp = self.checkpoint(true)?;
         let commits = cp.commits.clone();
         cp.write()?;
         Ok(commits)

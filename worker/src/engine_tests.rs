@@ -334,7 +334,7 @@ fn a_commit_during_a_replay_never_moves_the_group_offset_back() {
     let evs: Vec<Value> = (0..5).map(|i| event(NOW - 10 * MIN + i * 1_000, 1.0, "view")).collect();
     assert!(h.events(&evs).is_empty(), "replayed records write nothing");
     assert!(!h.engine.replaying().is_empty());
-    let cp = h.engine.checkpoint(true).unwrap();
+    let mut cp = h.engine.checkpoint(true).unwrap();
     assert_eq!(cp.commits, [("in".to_owned(), 0, 11)], "the commit stays at the group's offset");
     assert_eq!(cp.stored, [("in".to_owned(), 0, 5)], "the state says what it holds");
     assert_eq!(h.engine.positions(), [("in".to_owned(), 0, 11)]);

@@ -155,7 +155,7 @@ pub fn admin_status_body(health: &Health) -> Value {
 
 /// Liveness: fails once the processing loop is stalled (see [`crate::kafka::Heartbeat`]).
 async fn healthz(State(s): State<AppState>) -> Response {
-    match s.health.heartbeat.check() {
+    match s.health.liveness() {
         Ok(()) => "ok\n".into_response(),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }

@@ -104,6 +104,9 @@ pub struct Health {
     pub replaying: RwLock<Vec<String>>,
     /// Liveness of the processing loop (`/healthz`).
     pub heartbeat: Heartbeat,
+    /// Set while a state write waits for space on the state volume (the error); consumption is
+    /// paused meanwhile.
+    pub state_volume_full: RwLock<Option<String>>,
 }
 
 /// When the processing loop last came round, and the long operation it is in (a restore, a
@@ -156,6 +159,20 @@ impl Heartbeat {
 }
 
 impl Health {
+    /// Alive, or why not: the processing loop came round within `runtime.stallTimeout`. A
+    /// worker waiting for space on its state volume is alive (a restart would not free any).
+    pub fn liveness(&self) -> Result<(), String> {
+        if self.volume_full().is_some() {
+            return Ok(());
+        }
+        self.heartbeat.check()
+    }
+
+    /// The state-write error while the state volume is full.
+    pub fn volume_full(&self) -> Option<String> {
+        self.state_volume_full.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Records the owned partitions.
     pub fn set_partitions(&self, partitions: Vec<i32>) {
         self.assigned.store(partitions.len(), Ordering::Relaxed);
@@ -179,7 +196,14 @@ impl Health {
             why.push("consumer has not joined its group yet".into());
         }
         why.extend(self.replaying.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
-        if let Err(stalled) = self.heartbeat.check() {
+        if let Some(e) = self.volume_full() {
+            why.push(format!(
+                "state volume full ({e}): consumption paused, the state write is retried every second until space \
+                 returns ({} MiB free per store)",
+                crate::state::RESUME_FREE_BYTES >> 20
+            ));
+        }
+        if let Err(stalled) = self.liveness() {
             why.push(stalled);
         }
         if why.is_empty() {
@@ -899,7 +923,7 @@ fn committer_loop(
             let written = Instant::now();
             let commits = job.checkpoint.commits.clone();
             let stored = job.checkpoint.stored.clone();
-            job.checkpoint.write().map_err(|e| e.to_string())?;
+            write_state(&shared, job.checkpoint)?;
             phase("state", written);
             // The stores now hold exactly the state as of `commits`: checkpoint them.
             if let Some(cp) = &shared.checkpoints {
@@ -944,6 +968,39 @@ fn committer_loop(
             return;
         }
     }
+}
+
+/// Writes a checkpoint's state. While the state volume is full, the write is retried every
+/// second (readiness says why, the processing thread pauses consumption, nothing is committed);
+/// a store that RocksDB stopped on the error resumes by itself once
+/// [`crate::state::RESUME_FREE_BYTES`] are free on the volume (within 5 s). Any other
+/// error, or the stop signal while waiting, stops the worker without committing.
+fn write_state(shared: &Shared, mut checkpoint: Checkpoint) -> Result<(), String> {
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        match checkpoint.write() {
+            Ok(_) => break,
+            Err(e) if e.is_no_space() => {
+                if shared.cancel.is_cancelled() {
+                    return Err(format!("state volume full at the stop signal: {e}"));
+                }
+                if waiting_since.is_none() {
+                    waiting_since = Some(Instant::now());
+                    error!(error = %e, "state volume full: consumption paused until space returns");
+                    *shared.health.state_volume_full.write().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    shared.metrics.state_volume_full.set(1);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if let Some(since) = waiting_since {
+        *shared.health.state_volume_full.write().unwrap_or_else(|p| p.into_inner()) = None;
+        shared.metrics.state_volume_full.set(0);
+        warn!(waited = ?since.elapsed(), "space on the state volume again: state written, consuming again");
+    }
+    Ok(())
 }
 
 fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), String> {
@@ -1217,11 +1274,16 @@ fn consume(
     let commit_every = Duration::from_millis(cfg.runtime.commit_interval.as_millis());
     let mut last_commit = Instant::now();
     let mut batch = Vec::with_capacity(max_batch);
+    let mut paused_for_space = false;
     while !cancel.is_cancelled() {
         if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Err(why);
         }
         health.heartbeat.beat();
+        let volume_full = health.volume_full().is_some();
+        if volume_full || paused_for_space {
+            pause_for_space(shared, consumer, volume_full, &mut paused_for_space)?;
+        }
         if let Some((id, opts)) = health.admin.pending_with() {
             let result = health.heartbeat.during(format!("drain {id}"), || drain(shared, consumer, &id, opts));
             match &result {
@@ -1303,7 +1365,8 @@ fn consume(
             batch.clear();
         }
         let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
-        if last_commit.elapsed() >= commit_every && !engine.checkpoint_running() {
+        // No new checkpoint while the last one waits for space on the state volume.
+        if last_commit.elapsed() >= commit_every && !engine.checkpoint_running() && !paused_for_space {
             if shared.exactly_once {
                 shared.commit_transaction(consumer, &engine.positions())?;
             }
@@ -1321,6 +1384,42 @@ fn consume(
         checkpoint_now(shared, &engine, &all);
     }
     consumer.unsubscribe();
+    Ok(())
+}
+
+/// While a state write waits for space on the state volume: every assigned partition is kept
+/// paused (re-paused after a rebalance, which resumes them) and polled, so the consumer stays
+/// in its group; with exactly-once, the records processed so far are committed in their
+/// transaction first, so that none stays open past the transaction timeout (the state behind
+/// it is recoverable: module docs, "between 2 and 4"). Once space returns, consumption
+/// resumes, unless a drain or a cut-over barrier holds it.
+fn pause_for_space(
+    shared: &Shared,
+    consumer: &BaseConsumer<ConsumerCtx>,
+    volume_full: bool,
+    paused: &mut bool,
+) -> Result<(), String> {
+    let assignment = consumer.assignment().map_err(|e| format!("reading the assignment: {e}"))?;
+    if volume_full {
+        if !*paused && shared.exactly_once {
+            let engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+            shared.commit_transaction(consumer, &engine.positions())?;
+        }
+        consumer.pause(&assignment).map_err(|e| format!("pausing the partitions (state volume full): {e}"))?;
+        if !*paused {
+            info!(partitions = assignment.count(), "state volume full: consumption paused");
+        }
+        *paused = true;
+    } else {
+        *paused = false;
+        let admin = &shared.health.admin;
+        if admin.fenced() || admin.drained() {
+            info!("space on the state volume again; partitions stay paused (drain or cut-over barrier)");
+        } else {
+            consumer.resume(&assignment).map_err(|e| format!("resuming the partitions: {e}"))?;
+            info!(partitions = assignment.count(), "space on the state volume again: consuming again");
+        }
+    }
     Ok(())
 }
 

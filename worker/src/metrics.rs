@@ -52,6 +52,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Bytes of state (all stores).
     pub state_bytes: Gauge,
+    /// 1 while a state write waits for space on the state volume.
+    pub state_volume_full: Gauge,
     /// Owned input partitions.
     pub partitions: Gauge,
     /// Commits (offsets after outputs acknowledged and state flushed).
@@ -141,6 +143,7 @@ impl Metrics {
             inference_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             state_bytes: Gauge::default(),
+            state_volume_full: Gauge::default(),
             partitions: Gauge::default(),
             commits: Counter::default(),
             delivery_errors: Counter::default(),
@@ -179,6 +182,11 @@ impl Metrics {
         r.register("inference_seconds", "Duration of one inference call", m.inference_seconds.clone());
         r.register("inference_batch_size", "Rows per inference call", m.batch_size.clone());
         r.register("state_bytes", "Estimated bytes of RocksDB state", m.state_bytes.clone());
+        r.register(
+            "state_volume_full",
+            "1 while a state write waits for space on the state volume (consumption paused)",
+            m.state_volume_full.clone(),
+        );
         r.register("partitions", "Input partitions owned", m.partitions.clone());
         r.register(
             "commits",

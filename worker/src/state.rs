@@ -74,6 +74,27 @@ pub enum StateError {
     },
 }
 
+/// Free bytes a store needs on its volume to resume after it filled up (RocksDB reserves its
+/// memtable budget: 2 write buffers of 8 MiB).
+pub const RESUME_FREE_BYTES: u64 = 2 * WRITE_BUFFER_BYTES;
+const WRITE_BUFFER_BYTES: u64 = 8 << 20;
+
+impl StateError {
+    /// The store's volume is full (RocksDB's `NoSpace` I/O error): writing again can succeed
+    /// once space returns. RocksDB resumes a store it stopped on the error by itself, once its
+    /// file manager (polling every 5 s) sees the memtable budget free: write buffer × number =
+    /// [`RESUME_FREE_BYTES`].
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StateError::Rocks { source, .. } => {
+                let m = source.to_string();
+                m.contains("No space left on device") || m.contains("NoSpace")
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Settings shared by every store of a process.
 #[derive(Clone)]
 pub struct StoreEnv {
@@ -120,10 +141,17 @@ impl StoreEnv {
     /// Opens (creating if needed) the store of input partition `partition`.
     pub fn open(&self, partition: i32) -> Result<PartitionStore, StateError> {
         let path = self.partition_path(partition);
-        let mut opts = Options::default();
+        // No preallocation (fallocate): RocksDB would reserve ~13 MB per store (its WAL at 1.1 ×
+        // the write buffer, its MANIFEST 4 MB) however small the state, most of a small volume
+        // with many partitions; and a full volume then shows at the first write that does not
+        // fit (the worker pauses until space returns: `kafka::write_state`), not at some later
+        // WAL switch or flush. (The crate has no setter for it.)
+        let mut opts = Options::default()
+            .get_options_from_string("allow_fallocate=false")
+            .map_err(|source| StateError::Rocks { path: path.display().to_string(), source })?;
         opts.create_if_missing(true);
-        opts.set_write_buffer_size(8 << 20);
-        opts.set_max_write_buffer_number(2);
+        opts.set_write_buffer_size(WRITE_BUFFER_BYTES as usize);
+        opts.set_max_write_buffer_number((RESUME_FREE_BYTES / WRITE_BUFFER_BYTES) as i32);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
         // Bloom filters, in the tables and in the memtables: most lookups of a key the cache
@@ -505,7 +533,7 @@ impl PartitionStore {
             return Ok(0);
         }
         self.snapshot_step(&mut { usize::MAX })?;
-        self.finish_snapshot().map_or(Ok(0), FlushBatch::write)
+        self.finish_snapshot().map_or(Ok(0), |b| b.write())
     }
 
     /// Estimated live data size in bytes.
@@ -535,12 +563,14 @@ impl std::fmt::Debug for FlushBatch {
 }
 
 impl FlushBatch {
-    /// Writes the batch with fsync; returns the number of keys in it.
-    pub fn write(self) -> Result<usize, StateError> {
+    /// Writes the batch with fsync; returns the number of keys in it. The batch is kept: a write
+    /// that failed (e.g. the volume is full) can be tried again.
+    pub fn write(&self) -> Result<usize, StateError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
+        // RocksDB takes the batch by value: write a copy (a memcpy beside an fsync).
         self.db
-            .write_opt(self.batch, &wo)
+            .write_opt(WriteBatch::from_data(self.batch.data()), &wo)
             .map_err(|source| StateError::Rocks { path: self.path.display().to_string(), source })?;
         Ok(self.keys)
     }

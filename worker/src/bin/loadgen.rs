@@ -243,7 +243,7 @@ fn main() -> anyhow::Result<()> {
                 // A checkpoint every ~10k events, as at 20k events/s with a 500 ms commit interval.
                 if chunk_no % 40 == 39 {
                     let t = Instant::now();
-                    let cp = engine.checkpoint(true)?;
+                    let mut cp = engine.checkpoint(true)?;
                     snapshot += t.elapsed();
                     let t = Instant::now();
                     cp.write()?;
