@@ -10,6 +10,7 @@
 //! [`lease`] keeps two replicas safe; [`metrics`] is the Prometheus registry.
 
 pub mod build;
+pub mod fault;
 pub mod lease;
 pub mod metrics;
 pub mod ownership;

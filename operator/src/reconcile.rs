@@ -380,6 +380,7 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     };
     if rescale.op.as_ref().is_some_and(|o| o.step == OperationStep::Scaling) {
         // The new replica count is applied: from here on, wait for the partitions to settle.
+        crate::fault::point("rescale-scaled");
         if let Some(op) = rescale.op.as_mut() {
             let msg = format!(
                 "Rescaling {}→{}: {} workers applied; waiting for partitions to be restored",
@@ -586,7 +587,9 @@ async fn drive_rescale(
     let Some(op) = rescale.op.as_mut() else { return Ok(want) };
     match op.step {
         OperationStep::Draining => {
-            match rescale::drain_decision(op, &ctx.workers.drain(op, &pods).await, now_t, timeout) {
+            let answers = ctx.workers.drain(op, &pods).await;
+            crate::fault::point("rescale-draining");
+            match rescale::drain_decision(op, &answers, now_t, timeout) {
                 Decision::Wait(msg) => {
                     op.message = msg;
                     Ok(op.from)
@@ -605,6 +608,7 @@ async fn drive_rescale(
                     let to = op.to;
                     publish(ctx, tm, EventType::Normal, "RescaleCheckpointed", msg).await;
                     record_step(tms, tm, written, rescale).await?;
+                    crate::fault::point("rescale-checkpointed");
                     Ok(to)
                 }
                 Decision::Fail(why) => {
@@ -631,6 +635,7 @@ async fn drive_rescale(
                     Ok(target)
                 }
                 Decision::Done { .. } if !rolling_back => {
+                    crate::fault::point("rescale-restored");
                     let r = rescale::outcome(op, "Succeeded", String::new(), now_t, tm.metadata.generation);
                     let msg = format!(
                         "rescaled {}→{} workers; every partition restored; input paused {:.1}s",
@@ -1093,6 +1098,7 @@ async fn drive_upgrade(
                 record_upgrade(tms, tm, written, up).await?;
                 publish(ctx, tm, EventType::Normal, "UpgradeGatesPassed", format!("{title}: {}", summary.join("; ")))
                     .await;
+                crate::fault::point("upgrade-gates-passed");
             }
         }
     }
@@ -1109,6 +1115,7 @@ async fn drive_upgrade(
                 Err(e) => failure = Some(format!("pausing the candidate: {e}")),
                 Ok(None) => u.message = format!("{title}: pausing {}", u.candidate),
                 Ok(Some(at)) => {
+                    crate::fault::point("upgrade-candidate-paused");
                     u.candidate_at = Some(upgrade::barrier_text(&at));
                     u.message = format!("{title}: {} paused; stopping {live_color} at or past it", u.candidate);
                     up.current = Some(u.clone());
@@ -1130,6 +1137,7 @@ async fn drive_upgrade(
                 Err(e) => failure = Some(format!("stopping {live_color}: {e}")),
                 Ok(None) => u.message = format!("{title}: stopping {live_color}"),
                 Ok(Some(at)) if upgrade::fence_covers(&at, &cat) => {
+                    crate::fault::point("upgrade-live-fenced");
                     u.live_from = Some(upgrade::barrier_text(&at));
                     u.fenced_at = Some(rescale::millis_rfc3339(chrono::Utc::now().timestamp_millis()));
                     u.message = format!("{title}: {live_color} stopped; {} goes live at the barrier", u.candidate);
@@ -1137,6 +1145,7 @@ async fn drive_upgrade(
                     // Recorded before anything acts on it: from here on the upgrade only goes forward.
                     record_upgrade(tms, tm, written, up).await?;
                     info!(upgrade = %u.id, barrier = ?u.live_from, "cut-over barrier recorded");
+                    crate::fault::point("upgrade-barrier-recorded");
                 }
                 Ok(Some(_)) => {
                     // The live colour had not reached the candidate's position: let it run and ask again.
@@ -1156,6 +1165,7 @@ async fn drive_upgrade(
             match ctx.workers.go_live(&cand_pods, &barrier).await {
                 Err(e) => u.message = format!("{title}: telling {} the barrier: {e}", u.candidate),
                 Ok(()) => {
+                    crate::fault::point("upgrade-went-live");
                     ctx.workers.resume(&cand_pods).await;
                     let answers = ctx.workers.status(&cand_pods).await;
                     let live_everywhere = cand_pods.len() as i32 == want
@@ -1166,6 +1176,7 @@ async fn drive_upgrade(
                             })
                         });
                     if live_everywhere {
+                        crate::fault::point("upgrade-completed");
                         let fenced = u
                             .fenced_at
                             .as_deref()

@@ -1008,3 +1008,232 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }
+
+/// The operator binary as a process, started again whenever it exits, as its Deployment would
+/// (same pod name, so it takes its Lease back at once). Crashes come from its fault injection
+/// (`STREAMSCORE_CRASH_AT=each`: one abort at each step of an operation, see the operator's
+/// `fault` module); any other exit fails the test.
+struct SupervisedOperator {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl SupervisedOperator {
+    fn start(ns: &str, dir: &std::path::Path) -> Self {
+        let crash_log = dir.join("operator-crashes");
+        let log = dir.join("operator.log");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spawn = {
+            let (ns, crash_log, log) = (ns.to_owned(), crash_log.clone(), log.clone());
+            move || {
+                let listen = format!("127.0.0.1:{}", streamscore_tests::free_port());
+                Command::new(built_binary("streamscore-operator"))
+                    .args(["--namespaces", &ns, "--worker-image", "streamscore-worker:e2e", "--listen", &listen])
+                    .args(["--operator-namespace", &ns, "--identity", "streamscore-operator-0"])
+                    .env("STREAMSCORE_CRASH_AT", "each")
+                    .env("STREAMSCORE_CRASH_LOG", &crash_log)
+                    .env("RUST_LOG", "info")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+                    .spawn()
+                    .expect("operator binary starts")
+            }
+        };
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                use std::os::unix::process::ExitStatusExt;
+                let mut child = spawn();
+                let mut crashes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some(st) = child.try_wait().unwrap() {
+                        let text = std::fs::read_to_string(&log).unwrap_or_default();
+                        let at = text.lines().rev().find_map(|l| l.split("fault injection: crashing at ").nth(1));
+                        assert!(
+                            st.signal() == Some(6) && at.is_some(),
+                            "the operator exited other than by its fault injection: {st:?}\n{text}"
+                        );
+                        eprintln!("operator crashed at {}; starting it again", at.unwrap());
+                        crashes.push(at.unwrap().to_owned());
+                        child = spawn();
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                crashes
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stops the operator; returns the points it crashed at (in order).
+    fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().expect("the supervisor saw only fault-injection crashes")
+    }
+}
+
+impl Drop for SupervisedOperator {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Fault-injection suite, operator side: with exactly-once delivery, a rescale 2 → 3 and a
+/// model-only blue/green upgrade run while events flow, and the operator process aborts once
+/// at every step of both (between each action and the status write that records it) and is
+/// started again. Both operations complete; every input has exactly one committed output
+/// (read_committed) with the features recomputed from the raw input; the crash log shows each
+/// step crashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_duplicates_nothing() {
+    let _node = NODE.lock().await;
+    use kube::api::{Patch, PatchParams};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use streamscore_tests::oracle::{check, events as stream, oracle, outputs, Ev};
+
+    let started = std::time::Instant::now();
+    let env = CheckpointedEnv::start("opkill", "82", 4).await;
+    let (client, ns, input, out, dlq, sha) =
+        (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.dlq.clone(), env.sha.clone());
+    create_topics(&[&format!("{out}.shadow"), &format!("{dlq}.shadow")], 4).await;
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-opkill-operator-")
+        .tempdir_in(std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+        .unwrap()
+        .keep();
+    let operator = SupervisedOperator::start(&ns, &dir);
+    let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let model = |version: &str| {
+        json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": version,
+               "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud"}]})
+    };
+    let tm: TenantModel = serde_json::from_value(json!({
+        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+        "metadata": {"name": "opkill"},
+        "spec": {
+            "parallelism": 2,
+            "checkpointStore": format!("s3://{bucket}/{}", unique("e2e")),
+            "checkpointSecret": {"name": "s3-credentials"},
+            "state": {"checkpointInterval": "2s"},
+            "upgrade": {"minScoredEvents": 300, "deadline": "4m"},
+            "source": {"bootstrapServers": bootstrap(), "topics": [input], "keyField": "user_id",
+                       "eventTime": {"field": "ts"}, "maxOutOfOrderness": "5s"},
+            "validation": {"fields": [{"name": "amount", "type": "number"}, {"name": "action", "type": "string"}]},
+            "features": {
+                "windows": [
+                    {"name": "tx_1h", "aggregation": "count", "window": "1h", "resolution": "1s"},
+                    {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h", "resolution": "1s"},
+                    {"name": "rides_1h", "aggregation": "count", "window": "1h", "resolution": "1s",
+                     "filter": {"field": "action", "oneOf": ["ride_requested"]}}
+                ],
+                "sequences": [{"name": "last_actions", "field": "action", "length": 4, "lookback": "90d"}]
+            },
+            "model": model("v1"),
+            "postprocess": {"passthrough": ["id"]},
+            "sink": {"topic": out, "deadLetterTopic": dlq, "delivery": "exactlyOnce"}
+        }
+    }))
+    .unwrap();
+    tms.create(&PostParams::default(), &tm).await.unwrap();
+    eventually(Duration::from_secs(120), "TenantModel Running with 2 workers", || async {
+        let st = tms.get("opkill").await.ok()?.status?;
+        (st.phase == Some(Phase::Running) && st.parallelism == Some(2)).then_some(())
+    })
+    .await;
+
+    // A steady stream (400 events/s over 4,000 keys) until both operations are over.
+    let all = stream(0, 200_000, 4_000, 1_795_200_000_000);
+    let (stop, sent) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicUsize::new(0)));
+    let producing = tokio::spawn({
+        let (input, all, stop, sent) = (input.clone(), all.clone(), stop.clone(), sent.clone());
+        async move {
+            let p = producer();
+            for chunk in all.chunks(200) {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let recs: Vec<_> = chunk.iter().map(Ev::record).collect();
+                produce(&p, &input, &recs).await;
+                sent.fetch_add(chunk.len(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // Rescale 2 → 3 (`kubectl scale tm opkill --replicas 3`).
+    tms.patch_scale("opkill", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}})))
+        .await
+        .expect("scale subresource");
+    let last = eventually(Duration::from_secs(300), "the rescale to 3 finished", || async {
+        let st = tms.get("opkill").await.ok()?.status?;
+        st.last_rescale.filter(|l| l.to == 3 && st.operation.is_none())
+    })
+    .await;
+    assert_eq!(last.result, "Succeeded", "{last:?}");
+    eprintln!("rescale: {} ({:.0} s in)", last.message, started.elapsed().as_secs_f64());
+
+    // A model-only upgrade v1 → v2: shadow, gates, cut-over.
+    tms.patch("opkill", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": model("v2")}}))).await.unwrap();
+    let last = eventually(Duration::from_secs(300), "the upgrade to v2 finished", || async {
+        let st = tms.get("opkill").await.ok()?.status?;
+        st.last_upgrade.filter(|l| l.to_version == "v2" && st.upgrade.is_none())
+    })
+    .await;
+    assert_eq!(last.result, "Succeeded", "{last:?}");
+    eprintln!("upgrade: {} ({:.0} s in)", last.message, started.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    producing.await.unwrap();
+    let crashes = operator.stop();
+
+    // Every step crashed once.
+    let want_points = [
+        "rescale-draining",
+        "rescale-checkpointed",
+        "rescale-scaled",
+        "rescale-restored",
+        "upgrade-gates-passed",
+        "upgrade-candidate-paused",
+        "upgrade-live-fenced",
+        "upgrade-barrier-recorded",
+        "upgrade-went-live",
+        "upgrade-completed",
+    ];
+    let logged = std::fs::read_to_string(dir.join("operator-crashes")).unwrap_or_default();
+    assert_eq!(logged.lines().collect::<Vec<_>>(), want_points, "crash log");
+    assert_eq!(crashes, want_points, "the supervisor saw a crash at each step");
+
+    // Every input exactly once, with the right features (read_committed).
+    let n = sent.load(Ordering::Relaxed);
+    let want = oracle(&all[..n]);
+    let got = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || outputs(&out, n, Duration::from_secs(240))
+    })
+    .await
+    .unwrap();
+    let seen = check(&got, &want);
+    let duplicated: usize = seen.values().map(|c| c - 1).sum();
+    eprintln!(
+        "operator crashed at {} steps; {n} inputs, {} outputs, 0 lost, {duplicated} duplicated, 0 wrong ({:.0} s)",
+        crashes.len(),
+        got.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(duplicated, 0, "exactly-once: no input has two committed outputs");
+    tms.delete("opkill", &DeleteParams::foreground()).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let lp = ListParams::default().labels("streamscore.io/tenantmodel=opkill");
+    let cleanup = SupervisedOperator::start(&ns, &dir);
+    eventually(Duration::from_secs(90), "worker pods gone", || async {
+        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    drop(cleanup);
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+}
