@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/streamscore/cargo-target
 
-.PHONY: test demo env-up env-down env-status build deps crds bench chaos models clean-dev
+.PHONY: test demo env-up env-down env-status build deps crds bench chaos scan models clean-dev
 
 test:            ## fmt, clippy, unit + integration tests against a private local environment
 	bash scripts/test.sh
@@ -35,6 +35,9 @@ bench:           ## benchmarks (see BENCHMARKS.md)
 
 chaos:           ## fault-injection suite, long form (kills workers and the broker; see BENCHMARKS.md)
 	bash scripts/chaos.sh
+
+scan:            ## security scan of the chart and of the objects the operator creates (checkov)
+	bash scripts/scan.sh
 
 models:          ## regenerate the test ONNX models and reference scores
 	bash scripts/install-deps.sh

@@ -48,7 +48,9 @@ log "starting the node agent (pods run as local processes on 127.0.77.x)"
 agent_pid=$!
 
 log "helm install streamscore (CRD, RBAC, operator)"
-kubectl create namespace streamscore-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+for ns in streamscore-system payments recs; do
+  kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+done
 # A CRD left by `make test` or an earlier kubectl apply: let the Helm release adopt it.
 if kubectl get crd tenantmodels.streamscore.io >/dev/null 2>&1; then
   kubectl label crd tenantmodels.streamscore.io app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
@@ -56,7 +58,8 @@ if kubectl get crd tenantmodels.streamscore.io >/dev/null 2>&1; then
     meta.helm.sh/release-namespace=streamscore-system --overwrite >/dev/null
 fi
 helm upgrade --install streamscore charts/streamscore -n streamscore-system \
-  --set image.repository=streamscore-operator --set image.tag=demo --set logFormat=plain >/dev/null
+  --set image.repository=streamscore-operator --set image.tag=demo --set logFormat=plain \
+  --set 'watchNamespaces={payments,recs}' >/dev/null
 kubectl wait --for condition=established crd/tenantmodels.streamscore.io --timeout=60s >/dev/null
 kubectl -n streamscore-system rollout status deployment/streamscore-streamscore-operator --timeout=120s
 

@@ -18,6 +18,10 @@
 //! timeout, and after space returned was ready again and restarted from that volume; the slow
 //! reader that it was more than 100 outputs behind when the worker had consumed everything. The
 //! table goes to stderr and to `chaos-report.md` in the environment's directory.
+//!
+//! The operator's side (crashed at every step of a rescale and of a blue/green upgrade) needs
+//! the control plane and the node agent: it is `e2e_local.rs`,
+//! `an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_duplicates_nothing`.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -764,8 +768,9 @@ async fn chaos_broker_outage() {
     judge(&rows);
 }
 
-/// One fault on its own, for working on it: `CHAOS_FAULT=disk-full|slow-reader|kills` and
-/// optionally `CHAOS_DELIVERY=atLeastOnce|exactlyOnce`.
+/// One fault on its own, for working on it: `CHAOS_FAULT=disk-full|slow-reader|kills`,
+/// optionally `CHAOS_DELIVERY=atLeastOnce|exactlyOnce` and `CHAOS_FORM=long` (the long form's
+/// parameters).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "for working on one fault: CHAOS_FAULT=..."]
 async fn chaos_one() {
@@ -775,15 +780,20 @@ async fn chaos_one() {
         _ => vec![Delivery::ExactlyOnce, Delivery::AtLeastOnce],
     };
     let fault = std::env::var("CHAOS_FAULT").unwrap_or_default();
+    let long = std::env::var("CHAOS_FORM").as_deref() == Ok("long");
     let mut rows = Vec::new();
     for delivery in modes {
-        rows.push(match fault.as_str() {
-            "disk-full" => {
+        rows.push(match (fault.as_str(), long) {
+            ("disk-full", false) => {
                 run_case(delivery, Fault::DiskFull(Duration::from_secs(8)), 300, Duration::from_millis(100)).await
             }
-            "slow-reader" => run_case(delivery, Fault::SlowReader, 60, FAST).await,
-            "kills" => run_case(delivery, Fault::Kills(2), 60, FAST).await,
-            other => panic!("CHAOS_FAULT={other:?}: disk-full, slow-reader or kills"),
+            ("disk-full", true) => {
+                run_case(delivery, Fault::DiskFull(Duration::from_secs(30)), 600, Duration::from_millis(100)).await
+            }
+            ("slow-reader", false) => run_case(delivery, Fault::SlowReader, 60, FAST).await,
+            ("slow-reader", true) => run_case(delivery, Fault::SlowReader, 300, FAST).await,
+            ("kills", _) => run_case(delivery, Fault::Kills(2), 60, FAST).await,
+            (other, _) => panic!("CHAOS_FAULT={other:?}: disk-full, slow-reader or kills"),
         });
     }
     report(&rows, &format!("Fault-injection suite: {fault}"));
