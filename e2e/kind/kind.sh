@@ -24,6 +24,7 @@ kind load docker-image --name "$CLUSTER" "streamscore-worker:$VERSION" "streamsc
 
 kubectl apply -f "$ROOT/e2e/kind/kafka.yaml"
 kubectl -n kafka rollout status statefulset/kafka --timeout=300s
+kubectl create namespace payments --dry-run=client -o yaml | kubectl apply -f -
 helm upgrade --install streamscore "$ROOT/charts/streamscore" -n streamscore-system --create-namespace \
   -f "$ROOT/e2e/kind/values.yaml" --wait --timeout 5m
 
@@ -32,7 +33,6 @@ for t in payments payments-scored payments-dlq payments-features; do
   kafka_exec /opt/kafka/bin/kafka-topics.sh --bootstrap-server localhost:9092 --create --if-not-exists \
     --topic "$t" --partitions 4 --replication-factor 1
 done
-kubectl create namespace payments --dry-run=client -o yaml | kubectl apply -f -
 kubectl -n payments create configmap fraud-model --from-file=model.onnx="$ROOT/models/fraud-logreg.onnx" \
   --dry-run=client -o yaml | kubectl apply -f -
 sed 's|kafka.kafka.svc:9092|kafka-0.kafka.kafka.svc:9092|' "$ROOT/examples/fraud-detection.yaml" | kubectl -n payments apply -f -
