@@ -27,7 +27,7 @@ build:           ## build every crate
 	cargo build --workspace --all-targets
 
 crds:            ## regenerate the CRD YAML and manifests/ from the Rust types and the chart
-	cargo run -q -p streamscore-crds --bin crdgen > charts/streamscore/files/crds/tenantmodels.yaml
+	cargo run -q -p streamscore-crds --features kube --bin crdgen > charts/streamscore/files/crds/tenantmodels.yaml
 	bash scripts/manifests.sh
 
 bench:           ## benchmarks (see BENCHMARKS.md)

@@ -110,60 +110,8 @@ pub fn last_checkpoint(answers: &[Answer]) -> Option<String> {
     Some(format!("{} ({total}/{total} partitions)", millis_rfc3339(oldest)))
 }
 
-/// The worker's drain state (`streamscore_worker::admin::DrainView`).
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(tag = "state")]
-pub enum DrainState {
-    /// Consuming.
-    #[default]
-    Idle,
-    /// Asked, not done.
-    Draining {
-        /// Operation id.
-        id: String,
-    },
-    /// Paused, committed, checkpointed.
-    Drained {
-        /// What it did.
-        report: DrainReport,
-    },
-    /// The drain failed.
-    Failed {
-        /// Operation id.
-        id: String,
-        /// Why.
-        error: String,
-    },
-}
-
-/// A completed drain.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DrainReport {
-    /// Operation id.
-    pub id: String,
-    /// When the worker stopped consuming (Unix ms).
-    pub paused_at_ms: i64,
-    /// Whether the worker checkpoints to an object store.
-    #[serde(default)]
-    pub checkpoint_store: bool,
-    /// Partitions drained.
-    #[serde(default)]
-    pub partitions: Vec<DrainedPartition>,
-}
-
-/// One drained partition.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-pub struct DrainedPartition {
-    /// Input partition.
-    pub partition: i32,
-    /// Its checkpoint (None without a store or without records).
-    #[serde(default)]
-    pub manifest: Option<String>,
-    /// Next input offset per topic (committed).
-    #[serde(default)]
-    pub offsets: std::collections::BTreeMap<String, i64>,
-}
+/// The worker's drain state and reports: the admin API's own types.
+pub use streamscore_crds::admin::{DrainReport, DrainView as DrainState, DrainedPartition};
 
 /// A worker pod: its name and what it answered (Err: why it could not be asked).
 pub type Answer = (String, Result<WorkerStatus, String>);

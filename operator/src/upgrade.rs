@@ -43,8 +43,6 @@
 //! The decisions are pure functions ([`classify`], [`evaluate_gates`], [`fence_covers`]);
 //! `reconcile.rs` does the API calls and [`crate::rescale::Workers`] the HTTP.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use streamscore_crds::pipeline::{PipelineConfig, ShadowConfig, StartPosition};
@@ -52,8 +50,8 @@ use streamscore_crds::tenantmodel::{Gate, TenantModel, Upgrade, UpgradeStrategy}
 
 use crate::rescale::{Answer, Workers};
 
-/// Per input topic and partition, an input offset.
-pub type Barrier = BTreeMap<String, BTreeMap<i32, i64>>;
+/// Per input topic and partition, an input offset (the admin API's type).
+pub use streamscore_crds::admin::Barrier;
 
 /// A barrier as status keeps it (JSON).
 pub fn barrier_text(b: &Barrier) -> String {
@@ -596,6 +594,7 @@ pub fn retry_token(tm: &TenantModel) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn pipeline() -> PipelineConfig {
         PipelineConfig::from_yaml(

@@ -26,43 +26,13 @@
 //! without one is checkpointed on revoke. The drain makes the hand-over a precondition the
 //! operator can check (every partition checkpointed) and keeps the replay short.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use streamscore_crds::pipeline::ShadowConfig;
 
-/// A cut-over barrier: per input topic and partition, the first input offset whose outputs are live.
-pub type Barrier = BTreeMap<String, BTreeMap<i32, i64>>;
-
-/// One partition as the drain left it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DrainedPartition {
-    /// Input partition.
-    pub partition: i32,
-    /// Next input offset per topic held by the state (and committed).
-    pub offsets: BTreeMap<String, i64>,
-    /// Id of the checkpoint that holds the state at `offsets` (None without a checkpoint
-    /// store, or for a partition that never received a record).
-    pub manifest: Option<String>,
-}
-
-/// What a completed drain reports.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DrainReport {
-    /// The id the drain was asked with.
-    pub id: String,
-    /// When consumption stopped (Unix milliseconds).
-    pub paused_at_ms: i64,
-    /// Whether checkpoints go to an object store (otherwise a moved partition is rebuilt).
-    pub checkpoint_store: bool,
-    /// Every partition owned at the drain.
-    pub partitions: Vec<DrainedPartition>,
-}
+pub use streamscore_crds::admin::{Barrier, DrainReport, DrainView, DrainedPartition};
 
 #[derive(Clone, Debug)]
 enum Drain {
@@ -70,31 +40,6 @@ enum Drain {
     Requested { id: String, hold_until: Instant, opts: DrainOptions },
     Drained { report: DrainReport, hold_until: Instant, assignment: u64, fence: bool },
     Failed { id: String, error: String },
-}
-
-/// The drain state as the admin API shows it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(tag = "state")]
-pub enum DrainView {
-    /// Consuming.
-    Idle,
-    /// Asked; the loop has not finished it.
-    Draining {
-        /// Its id.
-        id: String,
-    },
-    /// Stopped, committed and checkpointed.
-    Drained {
-        /// The report.
-        report: DrainReport,
-    },
-    /// The drain failed (e.g. a checkpoint upload); consuming again.
-    Failed {
-        /// Its id.
-        id: String,
-        /// Why.
-        error: String,
-    },
 }
 
 /// How a drain is done.
@@ -375,6 +320,7 @@ fn view(d: &Drain) -> DrainView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn report(id: &str) -> DrainReport {
         DrainReport { id: id.into(), paused_at_ms: 1, checkpoint_store: true, partitions: vec![] }
