@@ -387,6 +387,46 @@ impl CheckpointedEnv {
     }
 }
 
+impl CheckpointedEnv {
+    /// The reference TenantModel these tests share: two workers, checkpoints every 2 s in the S3
+    /// server (a fresh prefix), the fraud features and model at `version`, the input id passed
+    /// through. Tests change what they exercise on the returned value.
+    fn tenant_model(&self, name: &str, version: &str) -> serde_json::Value {
+        let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
+        json!({
+            "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+            "metadata": {"name": name},
+            "spec": {
+                "parallelism": 2,
+                "checkpointStore": format!("s3://{bucket}/{}", unique("e2e")),
+                "checkpointSecret": {"name": "s3-credentials"},
+                "state": {"checkpointInterval": "2s"},
+                "source": {"bootstrapServers": bootstrap(), "topics": [self.input], "keyField": "user_id",
+                           "eventTime": {"field": "ts"}, "maxOutOfOrderness": "5s"},
+                "validation": {"fields": [{"name": "amount", "type": "number"}, {"name": "action", "type": "string"}]},
+                "features": {
+                    "windows": [
+                        {"name": "tx_1h", "aggregation": "count", "window": "1h", "resolution": "1s"},
+                        {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h", "resolution": "1s"},
+                        {"name": "rides_1h", "aggregation": "count", "window": "1h", "resolution": "1s",
+                         "filter": {"field": "action", "oneOf": ["ride_requested"]}}
+                    ],
+                    "sequences": [{"name": "last_actions", "field": "action", "length": 4, "lookback": "90d"}]
+                },
+                "model": self.model(version),
+                "postprocess": {"passthrough": ["id"]},
+                "sink": {"topic": self.out, "deadLetterTopic": self.dlq}
+            }
+        })
+    }
+
+    /// The fraud model (ConfigMap `model`) at `version`.
+    fn model(&self, version: &str) -> serde_json::Value {
+        json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": self.sha, "version": version,
+               "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud"}]})
+    }
+}
+
 /// `kubectl scale tm` 2 → 4 → 1 while events flow, with checkpoints in the S3 server: each
 /// rescale passes through its steps in status.operation (Draining: workers paused and
 /// checkpointed through their admin API; Restoring), the operator restarted at every step of
@@ -400,39 +440,10 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
     use streamscore_tests::oracle::{check, events as stream, metric, oracle, outputs, Ev};
 
     let env = CheckpointedEnv::start("scale", "79", 4).await;
-    let (client, ns, input, out, sha) =
-        (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.sha.clone());
-    let dlq = env.dlq.clone();
+    let (client, ns, input, out) = (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone());
     let mut operator = Operator::start(&client, &ns);
-    let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
-    let tm: TenantModel = serde_json::from_value(json!({
-        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
-        "metadata": {"name": "scaled"},
-        "spec": {
-            "parallelism": 2,
-            "checkpointStore": format!("s3://{bucket}/{}", unique("e2e")),
-            "checkpointSecret": {"name": "s3-credentials"},
-            "state": {"checkpointInterval": "2s"},
-            "source": {"bootstrapServers": bootstrap(), "topics": [input], "keyField": "user_id",
-                       "eventTime": {"field": "ts"}, "maxOutOfOrderness": "5s"},
-            "validation": {"fields": [{"name": "amount", "type": "number"}, {"name": "action", "type": "string"}]},
-            "features": {
-                "windows": [
-                    {"name": "tx_1h", "aggregation": "count", "window": "1h", "resolution": "1s"},
-                    {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h", "resolution": "1s"},
-                    {"name": "rides_1h", "aggregation": "count", "window": "1h", "resolution": "1s",
-                     "filter": {"field": "action", "oneOf": ["ride_requested"]}}
-                ],
-                "sequences": [{"name": "last_actions", "field": "action", "length": 4, "lookback": "90d"}]
-            },
-            "model": {"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "scale-v1",
-                      "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud"}]},
-            "postprocess": {"passthrough": ["id"]},
-            "sink": {"topic": out, "deadLetterTopic": dlq}
-        }
-    }))
-    .unwrap();
+    let tm: TenantModel = serde_json::from_value(env.tenant_model("scaled", "scale-v1")).unwrap();
     tms.create(&PostParams::default(), &tm).await.unwrap();
     let running = |n: i32| {
         let tms = tms.clone();
@@ -645,36 +656,10 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     .unwrap();
     Api::<ConfigMap>::namespaced(client.clone(), &ns).create(&PostParams::default(), &cm).await.unwrap();
     let mut operator = Operator::start(&client, &ns);
-    let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
-    let tm: TenantModel = serde_json::from_value(json!({
-        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
-        "metadata": {"name": "upgraded"},
-        "spec": {
-            "parallelism": 2,
-            "checkpointStore": format!("s3://{bucket}/{}", unique("e2e")),
-            "checkpointSecret": {"name": "s3-credentials"},
-            "state": {"checkpointInterval": "2s"},
-            "upgrade": {"minScoredEvents": 300, "deadline": "3m"},
-            "source": {"bootstrapServers": bootstrap(), "topics": [input], "keyField": "user_id",
-                       "eventTime": {"field": "ts"}, "maxOutOfOrderness": "5s"},
-            "validation": {"fields": [{"name": "amount", "type": "number"}, {"name": "action", "type": "string"}]},
-            "features": {
-                "windows": [
-                    {"name": "tx_1h", "aggregation": "count", "window": "1h", "resolution": "1s"},
-                    {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h", "resolution": "1s"},
-                    {"name": "rides_1h", "aggregation": "count", "window": "1h", "resolution": "1s",
-                     "filter": {"field": "action", "oneOf": ["ride_requested"]}}
-                ],
-                "sequences": [{"name": "last_actions", "field": "action", "length": 4, "lookback": "90d"}]
-            },
-            "model": {"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "v1",
-                      "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud"}]},
-            "postprocess": {"passthrough": ["id"]},
-            "sink": {"topic": out, "deadLetterTopic": dlq}
-        }
-    }))
-    .unwrap();
+    let mut tm = env.tenant_model("upgraded", "v1");
+    tm["spec"]["upgrade"] = json!({"minScoredEvents": 300, "deadline": "3m"});
+    let tm: TenantModel = serde_json::from_value(tm).unwrap();
     tms.create(&PostParams::default(), &tm).await.unwrap();
     eventually(Duration::from_secs(120), "TenantModel Running", || async {
         let st = tms.get("upgraded").await.ok()?.status?;
@@ -1095,8 +1080,8 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
 
     let started = std::time::Instant::now();
     let env = CheckpointedEnv::start("opkill", "82", 4).await;
-    let (client, ns, input, out, dlq, sha) =
-        (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.dlq.clone(), env.sha.clone());
+    let (client, ns, input, out, dlq) =
+        (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.dlq.clone());
     create_topics(&[&format!("{out}.shadow"), &format!("{dlq}.shadow")], 4).await;
     let dir = tempfile::Builder::new()
         .prefix("e2e-opkill-operator-")
@@ -1104,39 +1089,11 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
         .unwrap()
         .keep();
     let operator = SupervisedOperator::start(&ns, &dir);
-    let bucket = std::env::var("STREAMSCORE_S3_BUCKET").expect("STREAMSCORE_S3_BUCKET (make test sets it)");
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
-    let model = |version: &str| {
-        json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": version,
-               "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud"}]})
-    };
-    let tm: TenantModel = serde_json::from_value(json!({
-        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
-        "metadata": {"name": "opkill"},
-        "spec": {
-            "parallelism": 2,
-            "checkpointStore": format!("s3://{bucket}/{}", unique("e2e")),
-            "checkpointSecret": {"name": "s3-credentials"},
-            "state": {"checkpointInterval": "2s"},
-            "upgrade": {"minScoredEvents": 300, "deadline": "4m"},
-            "source": {"bootstrapServers": bootstrap(), "topics": [input], "keyField": "user_id",
-                       "eventTime": {"field": "ts"}, "maxOutOfOrderness": "5s"},
-            "validation": {"fields": [{"name": "amount", "type": "number"}, {"name": "action", "type": "string"}]},
-            "features": {
-                "windows": [
-                    {"name": "tx_1h", "aggregation": "count", "window": "1h", "resolution": "1s"},
-                    {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h", "resolution": "1s"},
-                    {"name": "rides_1h", "aggregation": "count", "window": "1h", "resolution": "1s",
-                     "filter": {"field": "action", "oneOf": ["ride_requested"]}}
-                ],
-                "sequences": [{"name": "last_actions", "field": "action", "length": 4, "lookback": "90d"}]
-            },
-            "model": model("v1"),
-            "postprocess": {"passthrough": ["id"]},
-            "sink": {"topic": out, "deadLetterTopic": dlq, "delivery": "exactlyOnce"}
-        }
-    }))
-    .unwrap();
+    let mut tm = env.tenant_model("opkill", "v1");
+    tm["spec"]["upgrade"] = json!({"minScoredEvents": 300, "deadline": "4m"});
+    tm["spec"]["sink"]["delivery"] = json!("exactlyOnce");
+    let tm: TenantModel = serde_json::from_value(tm).unwrap();
     tms.create(&PostParams::default(), &tm).await.unwrap();
     eventually(Duration::from_secs(120), "TenantModel Running with 2 workers", || async {
         let st = tms.get("opkill").await.ok()?.status?;
@@ -1177,7 +1134,9 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
     eprintln!("rescale: {} ({:.0} s in)", last.message, started.elapsed().as_secs_f64());
 
     // A model-only upgrade v1 → v2: shadow, gates, cut-over.
-    tms.patch("opkill", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": model("v2")}}))).await.unwrap();
+    tms.patch("opkill", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": env.model("v2")}})))
+        .await
+        .unwrap();
     let last = eventually(Duration::from_secs(300), "the upgrade to v2 finished", || async {
         let st = tms.get("opkill").await.ok()?.status?;
         st.last_upgrade.filter(|l| l.to_version == "v2" && st.upgrade.is_none())
