@@ -226,10 +226,23 @@ pub fn spawn_operator_with_policy(
     policy: streamscore_operator::policy::TenantPolicy,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    spawn_operator_observed(client, ns, worker_image, policy, cancel).0
+}
+
+/// [`spawn_operator_with_policy`], also returning the operator's metrics (e.g. to wait for
+/// completed reconciles: [`reconciles_done`]).
+pub fn spawn_operator_observed(
+    client: &kube::Client,
+    ns: &str,
+    worker_image: &str,
+    policy: streamscore_operator::policy::TenantPolicy,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> (tokio::task::JoinHandle<()>, std::sync::Arc<streamscore_operator::metrics::OperatorMetrics>) {
     use std::sync::Arc;
     use streamscore_operator::build::BuildContext;
     use streamscore_operator::metrics::OperatorMetrics;
     use streamscore_operator::reconcile::Context;
+    let metrics = Arc::new(OperatorMetrics::new());
     let ctx = Arc::new(Context {
         client: client.clone(),
         build: BuildContext {
@@ -242,7 +255,7 @@ pub fn spawn_operator_with_policy(
             worker_egress: Some(Default::default()),
             metrics_from: None,
         },
-        metrics: Arc::new(OperatorMetrics::new()),
+        metrics: metrics.clone(),
         recorder: kube::runtime::events::Recorder::new(
             client.clone(),
             kube::runtime::events::Reporter { controller: "streamscore-operator".into(), instance: None },
@@ -252,7 +265,16 @@ pub fn spawn_operator_with_policy(
         baselines: Default::default(),
     });
     let (ns, c) = (ns.to_owned(), cancel.clone());
-    tokio::spawn(async move { streamscore_operator::run_controllers(ctx, &[ns], c).await })
+    (tokio::spawn(async move { streamscore_operator::run_controllers(ctx, &[ns], c).await }), metrics)
+}
+
+/// Reconciles the operator has finished (its duration histogram's count).
+pub fn reconciles_done(metrics: &streamscore_operator::metrics::OperatorMetrics) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix("streamscore_operator_reconcile_duration_seconds_count ")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// A worker (the library's Kafka loop) running on a thread of the test process.

@@ -67,7 +67,13 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     cms.create(&PostParams::default(), &cm).await.unwrap();
 
     let cancel = CancellationToken::new();
-    let op = streamscore_tests::spawn_operator(&client, &ns, "streamscore-worker:test", &cancel);
+    let (op, op_metrics) = streamscore_tests::spawn_operator_observed(
+        &client,
+        &ns,
+        "streamscore-worker:test",
+        Default::default(),
+        &cancel,
+    );
 
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let tm: TenantModel = serde_json::from_value(tenant_model("fraud", &sha)).unwrap();
@@ -165,11 +171,16 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     let rv = |d: &Deployment| d.metadata.resource_version.clone().unwrap();
     let before = rv(&deps.get("fraud-blue").await.unwrap());
     let cm_before = cms.get("fraud-pipeline").await.unwrap().metadata.resource_version;
+    let done = streamscore_tests::reconciles_done(&op_metrics);
     let patched = tms
         .patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"poke": "1"}}})))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The poke's reconcile finished (not merely a pause that may have seen none).
+    eventually(Duration::from_secs(30), "a reconcile after the poke", || async {
+        (streamscore_tests::reconciles_done(&op_metrics) > done).then_some(())
+    })
+    .await;
     assert_eq!(rv(&deps.get("fraud-blue").await.unwrap()), before, "Deployment rewritten by a no-op reconcile");
     assert_eq!(cms.get("fraud-pipeline").await.unwrap().metadata.resource_version, cm_before);
     assert_eq!(
@@ -183,8 +194,18 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
     let cancel = CancellationToken::new();
-    let op = streamscore_tests::spawn_operator(&client, &ns, "streamscore-worker:test", &cancel);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (op, op_metrics) = streamscore_tests::spawn_operator_observed(
+        &client,
+        &ns,
+        "streamscore-worker:test",
+        Default::default(),
+        &cancel,
+    );
+    // The new operator's first reconcile finished.
+    eventually(Duration::from_secs(30), "the restarted operator's first reconcile", || async {
+        (streamscore_tests::reconciles_done(&op_metrics) > 0).then_some(())
+    })
+    .await;
     assert_eq!(rv(&deps.get("fraud-blue").await.unwrap()), before, "restart rewrote the Deployment");
     assert_eq!(cms.get("fraud-pipeline").await.unwrap().metadata.resource_version, cm_before);
     assert_eq!(tms.get("fraud").await.unwrap().metadata.resource_version, tm_rv, "restart rewrote the status");
