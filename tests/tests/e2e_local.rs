@@ -806,13 +806,26 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     // Green started from blue's checkpoints.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let lp = ListParams::default().labels("streamscore.io/tenantmodel=upgraded,streamscore.io/color=green");
-    let mut seeded = 0.0;
+    // The operator chose to seed (model-only change), and no green partition started empty or
+    // was rebuilt. Each came from blue's checkpoints (source seed), or, when a candidate pod was
+    // replaced after seeding, from the checkpoint green took of that seeded state (checkpoint).
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let green_cm = cms.get("upgraded-pipeline-green").await.unwrap();
+    let green_pipeline = green_cm.data.unwrap_or_default().into_values().collect::<String>();
+    assert!(green_pipeline.contains("seedStore"), "the candidate seeds from blue's checkpoints:\n{green_pipeline}");
+    let (mut seeded, mut restored, mut fresh) = (0.0, 0.0, 0.0);
     for p in pods.list(&lp).await.unwrap().items {
         let ip = p.status.and_then(|s| s.pod_ip).unwrap();
         let m = reqwest::get(format!("http://{ip}:8080/metrics")).await.unwrap().text().await.unwrap();
-        seeded += metric(&m, "streamscore_worker_partition_assignments_total{source=\"seed\"}");
+        let source = |s: &str| metric(&m, &format!("streamscore_worker_partition_assignments_total{{source=\"{s}\"}}"));
+        seeded += source("seed");
+        restored += source("checkpoint");
+        fresh += source("rebuild") + source("empty");
     }
-    assert!(seeded >= 1.0, "green's partitions started from blue's checkpoints");
+    assert!(
+        seeded + restored >= 1.0 && fresh == 0.0,
+        "green's partitions started from blue's checkpoints (seed {seeded}, checkpoint {restored}, rebuilt or empty {fresh})"
+    );
 
     // 3. A feature change (a new 1 h sum) with model v3: blue is the candidate and rebuilds.
     tms.patch(
