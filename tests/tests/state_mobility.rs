@@ -288,6 +288,7 @@ fn checkpoints_round_trip_through_the_s3_server() {
     use std::sync::Arc;
     use streamscore_worker::checkpoint::Checkpointer;
     use streamscore_worker::metrics::Metrics;
+    use streamscore_worker::record::KeyState;
     use streamscore_worker::state::StoreEnv;
 
     let dir = tempfile::tempdir().unwrap();
@@ -303,10 +304,10 @@ fn checkpoints_round_trip_through_the_s3_server() {
     let offsets = |n: i64| BTreeMap::from([("in".to_string(), n)]);
     let mut ids = Vec::new();
     for round in 0..4i64 {
-        let mut s = env.open(0).unwrap();
+        let mut s = env.open::<KeyState>(0).unwrap();
         s.set_fingerprint("fp").unwrap();
         for k in 0..500 {
-            s.get_mut(&format!("k{}", k + round * 10)).unwrap().max_time = Some(round);
+            s.get_mut(&format!("k{}", k + round * 10)).unwrap().features.max_time = Some(round);
         }
         s.flush(&offsets(round + 1), Some(round)).unwrap();
         let h = s.handle();
@@ -339,9 +340,9 @@ fn checkpoints_round_trip_through_the_s3_server() {
     let renv = StoreEnv::new(dir.path().join("restored-env"), 1 << 20, 1_000);
     std::fs::create_dir_all(dir.path().join("restored-env")).unwrap();
     std::fs::rename(dir.path().join("restored"), renv.partition_path(0)).unwrap();
-    let mut restored = renv.open(0).unwrap();
+    let mut restored = renv.open::<KeyState>(0).unwrap();
     // k519 was written in rounds 2 and 3: the restored state is round 2's.
-    assert_eq!(restored.get_mut("k519").unwrap().max_time, Some(2), "the state of the restored checkpoint");
+    assert_eq!(restored.get_mut("k519").unwrap().features.max_time, Some(2), "the state of the restored checkpoint");
     cp.shutdown();
 }
 

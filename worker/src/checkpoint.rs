@@ -39,7 +39,8 @@ use streamscore_crds::pipeline::StateConfig;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
-use crate::state::{read_meta, StateError, StoreHandle, STATE_FORMAT};
+use crate::record::FORMAT as STATE_FORMAT;
+use crate::state::{read_meta, StateError, StoreHandle};
 
 /// Layout of the manifest JSON. Bump on an incompatible change.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -832,6 +833,7 @@ fn ahead(a: &BTreeMap<String, i64>, b: &BTreeMap<String, i64>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::KeyState;
     use crate::state::StoreEnv;
 
     fn offsets(n: i64) -> BTreeMap<String, i64> {
@@ -840,16 +842,16 @@ mod tests {
 
     /// A store with `keys` keys written and flushed at offset `at`.
     fn write(env: &StoreEnv, keys: std::ops::Range<u32>, at: i64) {
-        let mut s = env.open(0).unwrap();
+        let mut s = env.open::<KeyState>(0).unwrap();
         s.set_fingerprint("fp").unwrap();
         for k in keys {
-            s.get_mut(&format!("user-{k}")).unwrap().max_time = Some(i64::from(k));
+            s.get_mut(&format!("user-{k}")).unwrap().features.max_time = Some(i64::from(k));
         }
         s.flush(&offsets(at), Some(at)).unwrap();
     }
 
     fn checkpoint_dir(env: &StoreEnv, dir: &FsPath) {
-        let s = env.open(0).unwrap();
+        let s = env.open::<KeyState>(0).unwrap();
         s.handle().create_checkpoint(dir).unwrap();
     }
 
@@ -939,10 +941,10 @@ mod tests {
         let env2 = StoreEnv::new(tmp.path().join("r"), 1 << 20, 100);
         std::fs::create_dir_all(tmp.path().join("r")).unwrap();
         std::fs::rename(&restored, env2.partition_path(0)).unwrap();
-        let mut s = env2.open(0).unwrap();
+        let mut s = env2.open::<KeyState>(0).unwrap();
         assert_eq!(s.stored_offset("in"), Some(11));
-        assert_eq!(s.get_mut("user-1999").unwrap().max_time, Some(1999));
-        assert_eq!(s.get_mut("user-7").unwrap().max_time, Some(7));
+        assert_eq!(s.get_mut("user-1999").unwrap().features.max_time, Some(1999));
+        assert_eq!(s.get_mut("user-7").unwrap().features.max_time, Some(7));
 
         // A file whose content differs from its digest is refused, naming the file.
         let victim = &tables1[0];
@@ -990,13 +992,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let cp = Checkpointer::start(&cfg, tmp.path(), "v1", metrics.clone()).unwrap().unwrap();
         write(&env, 0..50, 5);
-        let handle = env.open(0).unwrap().handle();
+        let handle = env.open::<KeyState>(0).unwrap().handle();
         let first = cp.checkpoint_now(0, &handle, offsets(5)).unwrap().expect("uploaded");
         // Unchanged offsets: nothing is taken or uploaded.
         assert_eq!(cp.checkpoint_now(0, &handle, offsets(5)).unwrap(), None);
         drop(handle);
         write(&env, 50..60, 9);
-        let handle = env.open(0).unwrap().handle();
+        let handle = env.open::<KeyState>(0).unwrap().handle();
         let second = cp.checkpoint_now(0, &handle, offsets(9)).unwrap().expect("uploaded");
         drop(handle);
         assert_eq!(metrics.checkpoints.get(), 2);

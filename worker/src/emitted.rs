@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use streamscore_crds::pipeline::{Aggregation, EmittedWindow};
 
-use crate::features::{Agg, Entry, FeatureValue, Scalar};
+use crate::agg::{Agg, Entry, FeatureValue, Scalar};
 
 #[derive(Clone, Debug)]
 struct Def {

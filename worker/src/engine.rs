@@ -28,13 +28,17 @@ use serde_json::{Map, Value};
 use streamscore_crds::pipeline::{LatePolicy, MissingCheckpoint, PipelineConfig, DEFAULT_MESSAGE_MAX_BYTES};
 use tracing::warn;
 
+use crate::agg::{FeatureValue, Scalar};
 use crate::checkpoint::{CheckpointError, Checkpointer};
-use crate::decode::{check_not_future, decode, Event, FieldId, Reason, Schema, Watermark};
+use crate::decode::{check_not_future, decode, Event, FieldId, Reason, Schema};
 use crate::emitted::{Emitted, EmittedSet};
-use crate::features::{aggregation_input, FeatureSet, FeatureValue, Input, LastScore, Scalar};
+use crate::features::{aggregation_input, FeatureSet, Input};
+use crate::json::{self, write_f64, write_str};
 use crate::metrics::{Metrics, SourceLabel};
 use crate::model::Model;
-use crate::state::{FlushBatch, PartitionStore, StateError, StoreEnv, StoreHandle, StoreReader, STATE_FORMAT};
+use crate::record::{self, KeyState, LastScore};
+use crate::state::{FlushBatch, PartitionStore, StateError, StoreEnv, StoreHandle, StoreReader};
+use crate::watermark::Watermark;
 
 /// One consumed record.
 #[derive(Debug)]
@@ -241,7 +245,7 @@ pub fn state_fingerprint(cfg: &PipelineConfig) -> String {
     use sha2::{Digest, Sha256};
     let s = &cfg.source;
     let v = serde_json::json!({
-        "stateFormat": STATE_FORMAT,
+        "stateFormat": record::FORMAT,
         "keyField": s.key_field,
         "eventTime": s.event_time,
         "maxOutOfOrderness": s.max_out_of_orderness,
@@ -250,7 +254,7 @@ pub fn state_fingerprint(cfg: &PipelineConfig) -> String {
         "features": cfg.features,
     });
     let digest = Sha256::digest(serde_json::to_vec(&v).unwrap_or_default());
-    format!("v{STATE_FORMAT}-{}", hex::encode(&digest[..12]))
+    format!("v{}-{}", record::FORMAT, hex::encode(&digest[..12]))
 }
 
 enum RowSource {
@@ -258,15 +262,8 @@ enum RowSource {
     Field(FieldId),
 }
 
-/// JSON object key prefix `"name":`, escaped once.
-fn json_key(name: &str) -> Vec<u8> {
-    let mut k = serde_json::to_vec(name).unwrap_or_default();
-    k.push(b':');
-    k
-}
-
 struct PartitionCtx {
-    store: PartitionStore,
+    store: PartitionStore<KeyState>,
     watermark: Watermark,
     /// Next offset to process per topic: from the store at assignment, then advanced by
     /// every processed record. Records below it are already applied and are skipped.
@@ -372,10 +369,10 @@ impl Engine {
             }))
             .collect();
         features.compute_only(&needed);
-        let score_keys = model.score_names().map(json_key).collect();
-        let feature_keys = include.iter().map(|&i| json_key(&features.names()[i])).collect();
+        let score_keys = model.score_names().map(json::key).collect();
+        let feature_keys = include.iter().map(|&i| json::key(&features.names()[i])).collect();
         let passthrough =
-            cfg.postprocess.passthrough.iter().filter_map(|f| Some((json_key(f), schema.id(f)?))).collect();
+            cfg.postprocess.passthrough.iter().filter_map(|f| Some((json::key(f), schema.id(f)?))).collect();
         let version_json = serde_json::to_vec(model.version()).unwrap_or_default();
         let emitted_inputs =
             cfg.features.emitted.iter().map(|d| Input::new(&schema, d.field.as_deref(), d.filter.as_ref())).collect();
@@ -745,7 +742,7 @@ impl Engine {
             }
             let horizon = ctx.watermark.observe(event.time);
             let state = ctx.store.get_mut(&event.key)?;
-            let values = self.features.apply(state, event.time, &event.fields, horizon);
+            let values = self.features.apply(&mut state.features, event.time, &event.fields, horizon);
             if !self.emitted.is_empty() {
                 let inputs: Vec<Option<Scalar>> = self
                     .cfg
@@ -1105,22 +1102,6 @@ fn feature_record(key: &str, feature: &str, e: &Emitted) -> Vec<u8> {
     o.insert("value".into(), e.value.to_json());
     o.insert("count".into(), Value::from(e.count));
     serde_json::to_vec(&Value::Object(o)).unwrap_or_default()
-}
-
-/// Writes `s` as a JSON string.
-pub(crate) fn write_str(o: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        o.push(b'"');
-        o.extend_from_slice(s.as_bytes());
-        o.push(b'"');
-    } else {
-        let _ = serde_json::to_writer(&mut *o, s);
-    }
-}
-
-/// Writes `x` as a JSON number (`null` when not finite).
-pub(crate) fn write_f64(o: &mut Vec<u8>, x: f64) {
-    let _ = serde_json::to_writer(&mut *o, &x);
 }
 
 fn headers(topic: &str, partition: i32, offset: i64, reason: Reason, detail: &str) -> Vec<(&'static str, String)> {

@@ -1,7 +1,7 @@
 //! Per-entity streaming features with event-time semantics (pure logic, no I/O).
 //!
 //! ```text
-//!  event (key, t, fields) ──► KeyState::apply ──► FeatureValues (as of t)
+//!  event (key, t, fields) ──► FeatureSet::apply(FeatureState) ──► FeatureValues (as of t)
 //!                               │ windows:   raw entries newer than the horizon H
 //!                               │            + per-bucket aggregates older than H
 //!                               └ sequences: sorted (time, arrival) entries, pruned
@@ -21,208 +21,19 @@
 //! State per key is bounded: at most W/r + 1 buckets per window feature, plus the raw
 //! entries within (H, max event time], plus N (+ raw) entries per sequence.
 
-use std::collections::BTreeSet;
-
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use streamscore_crds::pipeline::{Aggregation, FeaturesConfig, Filter, SequenceFeature, WindowFeature};
 
+use crate::agg::{format_num, Agg, Entry, FeatureValue, Scalar};
 use crate::decode::{Field, FieldId, Fields, Schema, Val};
-use crate::emitted::OpenWindows;
 
-/// A field value kept in state.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Scalar {
-    /// A number.
-    Num(f64),
-    /// Text (strings and booleans).
-    Str(String),
-}
-
-impl Scalar {
-    fn from_field(f: &Field<'_>) -> Option<Self> {
-        match &f.val {
-            Val::Num { value, .. } => Some(Scalar::Num(*value)),
-            Val::Str(s) => Some(Scalar::Str(s.as_ref().to_owned())),
-            Val::Bool(b) => Some(Scalar::Str(b.to_string())),
-            Val::Null | Val::Nested => None,
-        }
-    }
-
-    fn text(&self) -> String {
-        match self {
-            Scalar::Num(n) => format_num(*n),
-            Scalar::Str(s) => s.clone(),
-        }
-    }
-
-    /// JSON form.
-    pub fn to_json(&self) -> Value {
-        match self {
-            Scalar::Num(n) => num_json(*n),
-            Scalar::Str(s) => Value::String(s.clone()),
-        }
-    }
-}
-
-fn format_num(n: f64) -> String {
-    if n.fract() == 0.0 && n.abs() < 1e15 {
-        format!("{}", n as i64)
-    } else {
-        n.to_string()
-    }
-}
-
-fn num_json(n: f64) -> Value {
-    serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
-}
-
-/// One event as kept in a feature's raw list.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Entry {
-    pub(crate) time: i64,
-    pub(crate) seq: u64,
-    pub(crate) val: Scalar,
-}
-
-/// Aggregate of the events of one bucket (or of one emitted window). Kept small (56 bytes): `last` and distinct values
-/// live behind a pointer that only `last` and `distinctCount` features allocate.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Agg {
-    pub(crate) count: u64,
-    sum: f64,
-    min: Option<f64>,
-    max: Option<f64>,
-    extra: Option<Box<AggExtra>>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-struct AggExtra {
-    last: Option<(i64, u64, Scalar)>,
-    distinct: BTreeSet<String>,
-}
-
-impl AggExtra {
-    fn offer_last(&mut self, time: i64, seq: u64, val: &Scalar) {
-        if self.last.as_ref().is_none_or(|(t, s, _)| (time, seq) > (*t, *s)) {
-            self.last = Some((time, seq, val.clone()));
-        }
-    }
-}
-
-impl Agg {
-    fn extra_mut(&mut self) -> &mut AggExtra {
-        self.extra.get_or_insert_with(Box::default)
-    }
-
-    pub(crate) fn add(&mut self, e: &Entry, kind: Aggregation) {
-        self.count += 1;
-        match kind {
-            Aggregation::Count => {}
-            Aggregation::Sum | Aggregation::Avg | Aggregation::Min | Aggregation::Max => {
-                if let Scalar::Num(n) = e.val {
-                    self.sum += n;
-                    self.min = Some(self.min.map_or(n, |m| m.min(n)));
-                    self.max = Some(self.max.map_or(n, |m| m.max(n)));
-                }
-            }
-            Aggregation::DistinctCount => {
-                self.extra_mut().distinct.insert(e.val.text());
-            }
-            Aggregation::Last => self.extra_mut().offer_last(e.time, e.seq, &e.val),
-        }
-    }
-
-    fn merge(&mut self, o: &Agg) {
-        self.count += o.count;
-        self.sum += o.sum;
-        if let Some(m) = o.min {
-            self.min = Some(self.min.map_or(m, |x| x.min(m)));
-        }
-        if let Some(m) = o.max {
-            self.max = Some(self.max.map_or(m, |x| x.max(m)));
-        }
-        if let Some(ox) = &o.extra {
-            let x = self.extra_mut();
-            if let Some((t, s, v)) = &ox.last {
-                x.offer_last(*t, *s, v);
-            }
-            x.distinct.extend(ox.distinct.iter().cloned());
-        }
-    }
-
-    pub(crate) fn value(&self, kind: Aggregation) -> FeatureValue {
-        let n = |x: f64| FeatureValue::Num(x);
-        let extra = self.extra.as_deref();
-        match kind {
-            Aggregation::Count => n(self.count as f64),
-            Aggregation::Sum => n(self.sum),
-            Aggregation::Avg => n(if self.count == 0 { 0.0 } else { self.sum / self.count as f64 }),
-            Aggregation::Min => n(self.min.unwrap_or(0.0)),
-            Aggregation::Max => n(self.max.unwrap_or(0.0)),
-            Aggregation::DistinctCount => n(extra.map_or(0, |x| x.distinct.len()) as f64),
-            Aggregation::Last => match extra.and_then(|x| x.last.as_ref()) {
-                Some((_, _, Scalar::Num(x))) => n(*x),
-                Some((_, _, Scalar::Str(s))) => FeatureValue::Text(s.clone()),
-                None => FeatureValue::Null,
-            },
-        }
-    }
-}
-
-/// A computed feature value.
-#[derive(Clone, Debug, PartialEq)]
-pub enum FeatureValue {
-    /// Numeric value.
-    Num(f64),
-    /// Text value (`last` of a string field).
-    Text(String),
-    /// A sequence, oldest first.
-    Seq(Vec<Scalar>),
-    /// No value (`last` with no event).
-    Null,
-}
-
-impl FeatureValue {
-    /// The value as a model input: numbers as they are, a sequence as its length, otherwise 0.
-    pub fn as_model_input(&self) -> f32 {
-        match self {
-            FeatureValue::Num(x) => *x as f32,
-            FeatureValue::Seq(v) => v.len() as f32,
-            _ => 0.0,
-        }
-    }
-
-    /// JSON form.
-    pub fn to_json(&self) -> Value {
-        match self {
-            FeatureValue::Num(x) => num_json(*x),
-            FeatureValue::Text(s) => Value::String(s.clone()),
-            FeatureValue::Seq(v) => Value::Array(v.iter().map(Scalar::to_json).collect()),
-            FeatureValue::Null => Value::Null,
-        }
-    }
-
-    /// Appends the JSON form to `o` (same text as [`FeatureValue::to_json`]).
-    pub fn write_json(&self, o: &mut Vec<u8>) {
-        match self {
-            FeatureValue::Num(x) => crate::engine::write_f64(o, *x),
-            FeatureValue::Text(s) => crate::engine::write_str(o, s),
-            FeatureValue::Seq(v) => {
-                o.push(b'[');
-                for (i, x) in v.iter().enumerate() {
-                    if i > 0 {
-                        o.push(b',');
-                    }
-                    match x {
-                        Scalar::Num(n) => crate::engine::write_f64(o, *n),
-                        Scalar::Str(s) => crate::engine::write_str(o, s),
-                    }
-                }
-                o.push(b']');
-            }
-            FeatureValue::Null => o.extend_from_slice(b"null"),
-        }
+/// The value a field contributes to state (none for `null` and nested values).
+fn scalar(f: &Field<'_>) -> Option<Scalar> {
+    match &f.val {
+        Val::Num { value, .. } => Some(Scalar::Num(*value)),
+        Val::Str(s) => Some(Scalar::Str(s.as_ref().to_owned())),
+        Val::Bool(b) => Some(Scalar::Str(b.to_string())),
+        Val::Null | Val::Nested => None,
     }
 }
 
@@ -240,33 +51,15 @@ struct SeqState {
     entries: Vec<Entry>,
 }
 
-/// The last score written for a key.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LastScore {
-    /// Event time of the scored event.
-    pub event_time: i64,
-    /// Named scores.
-    pub scores: Vec<(String, f64)>,
-    /// Label, if a threshold matched.
-    pub label: Option<String>,
-    /// Model version.
-    pub model_version: String,
-}
-
-/// Everything kept for one entity key.
+/// The window and sequence state of one entity key. Stored as part of the key's record
+/// ([`crate::record::KeyState`]), which owns the encoding.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct KeyState {
+pub struct FeatureState {
     windows: Vec<WindowState>,
     sequences: Vec<SeqState>,
     next_seq: u64,
     /// Largest event time applied for this key.
     pub max_time: Option<i64>,
-    /// Last score produced for this key.
-    pub last_score: Option<LastScore>,
-    /// Open emitted windows. Stored by `crate::state` as a section after the rest, so that
-    /// state written before emitted windows existed still loads.
-    #[serde(skip)]
-    pub(crate) open_windows: OpenWindows,
 }
 
 /// Floor division for event-time arithmetic.
@@ -356,7 +149,7 @@ impl FeatureSet {
     /// Applies an accepted (not late) event with event time `t` to `state` and returns every
     /// feature's value as of `t`. `horizon` is the partition watermark minus the allowed
     /// lateness *after* this event: no later event will have an event time below it.
-    pub fn apply(&self, state: &mut KeyState, t: i64, fields: &Fields<'_>, horizon: i64) -> Vec<FeatureValue> {
+    pub fn apply(&self, state: &mut FeatureState, t: i64, fields: &Fields<'_>, horizon: i64) -> Vec<FeatureValue> {
         state.windows.resize_with(self.windows.len(), WindowState::default);
         state.sequences.resize_with(self.sequences.len(), SeqState::default);
         let seq = state.next_seq;
@@ -373,7 +166,7 @@ impl FeatureSet {
         }
         for ((def, l, input), ss) in self.sequences.iter().zip(state.sequences.iter_mut()) {
             if input.matches(fields) {
-                if let Some(val) = input.field(fields).and_then(Scalar::from_field) {
+                if let Some(val) = input.field(fields).and_then(scalar) {
                     insert_sorted(&mut ss.entries, Entry { time: t, seq, val });
                 }
             }
@@ -385,7 +178,7 @@ impl FeatureSet {
     }
 
     /// Every feature's value as of `t` without changing state (query API).
-    pub fn evaluate(&self, state: &KeyState, t: i64) -> Vec<FeatureValue> {
+    pub fn evaluate(&self, state: &FeatureState, t: i64) -> Vec<FeatureValue> {
         let empty_w = WindowState::default();
         let empty_s = SeqState::default();
         let mut out = Vec::with_capacity(self.names.len());
@@ -411,7 +204,7 @@ pub(crate) fn aggregation_input(kind: Aggregation, input: &Input, fields: &Field
         Aggregation::Sum | Aggregation::Avg | Aggregation::Min | Aggregation::Max => {
             input.field(fields).and_then(Field::as_f64).map(Scalar::Num)
         }
-        Aggregation::DistinctCount | Aggregation::Last => input.field(fields).and_then(Scalar::from_field),
+        Aggregation::DistinctCount | Aggregation::Last => input.field(fields).and_then(scalar),
     }
 }
 
@@ -563,7 +356,7 @@ mod tests {
             sequences: vec![],
             ..Default::default()
         });
-        let mut st = KeyState::default();
+        let mut st = FeatureState::default();
         let e = ev(1.0, "a");
         assert_eq!(fs.apply(&mut st, 1000, &e, i64::MIN), vec![FeatureValue::Num(1.0)]);
         assert_eq!(fs.apply(&mut st, 1500, &e, i64::MIN), vec![FeatureValue::Num(2.0)]);
@@ -582,7 +375,7 @@ mod tests {
             ..Default::default()
         });
         fs.compute_only(&[1]);
-        let mut st = KeyState::default();
+        let mut st = FeatureState::default();
         fs.apply(&mut st, 100, &ev(2.0, "a"), i64::MIN);
         assert_eq!(fs.apply(&mut st, 200, &ev(3.0, "a"), i64::MIN), vec![FeatureValue::Null, FeatureValue::Num(5.0)]);
         assert_eq!(fs.evaluate(&st, 200), vec![FeatureValue::Num(2.0), FeatureValue::Num(5.0)]);
@@ -595,7 +388,7 @@ mod tests {
             sequences: vec![],
             ..Default::default()
         });
-        let mut st = KeyState::default();
+        let mut st = FeatureState::default();
         fs.apply(&mut st, 5_000, &ev(10.0, "a"), 0);
         fs.apply(&mut st, 5_900, &ev(100.0, "a"), 0);
         // arrives later, event time earlier than 5_900 but same bucket: must not count 100
@@ -616,7 +409,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let mut st = KeyState::default();
+        let mut st = FeatureState::default();
         for (t, a) in [(100, "a"), (200, "b"), (300, "c"), (250, "d")] {
             fs.apply(&mut st, t, &ev(0.0, a), 0);
         }
@@ -650,7 +443,7 @@ mod tests {
         let lateness = 1_000;
         for seed in 0..20 {
             let mut rng = SmallRng::seed_from_u64(seed);
-            let mut st = KeyState::default();
+            let mut st = FeatureState::default();
             let mut max_t = i64::MIN;
             let mut history = Vec::new();
             let mut clock = 1_000_000i64;
@@ -689,7 +482,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let mut st = KeyState::default();
+        let mut st = FeatureState::default();
         let mut t = 0i64;
         for _ in 0..20_000 {
             t += 600_000; // every 10 min, ~139 days

@@ -19,6 +19,7 @@ use crate::engine::Readers;
 use crate::features::FeatureSet;
 use crate::kafka::{partition_for, Health};
 use crate::metrics::Metrics;
+use crate::record::KeyState;
 
 /// What the handlers need.
 #[derive(Clone)]
@@ -192,16 +193,16 @@ async fn entity(State(s): State<AppState>, Path(key): Path<String>) -> Response 
         )
             .into_response();
     };
-    let Some(state) = reader.get(&key) else {
+    let Some(state) = reader.get::<KeyState>(&key) else {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({"error": format!("no state for key {key:?}"), "partition": partition})),
         )
             .into_response();
     };
-    let as_of = state.max_time.unwrap_or(0);
+    let as_of = state.max_time().unwrap_or(0);
     let mut features = Map::new();
-    for (name, v) in s.features.names().iter().zip(s.features.evaluate(&state, as_of)) {
+    for (name, v) in s.features.names().iter().zip(s.features.evaluate(&state.features, as_of)) {
         features.insert(name.clone(), v.to_json());
     }
     let last = state.last_score.map(|l| {

@@ -17,10 +17,9 @@
 //! snapshot is unwritten (`trim_allowed`), so a key is never re-read from RocksDB older than
 //! its last snapshot.
 //!
-//! A key's value is its bincode [`KeyState`] followed by the bincode of its open emitted
-//! windows ([`crate::emitted::OpenWindows`]) when it has any. State written before emitted
-//! windows existed (no second section) loads with none open, and `bincode::deserialize` of the
-//! first section alone ignores the second, so the layout works in both directions.
+//! The store holds bytes: a key's value is whatever its [`Record`] type encodes (the worker's
+//! is [`crate::record::KeyState`], which owns the layout and its version). The version is kept
+//! in the store (`m/format`) and checked when it is opened.
 //!
 //! Timers: `t/<end>/<key>` says that `key` has an open emitted window ending at `end` (`end`
 //! big-endian with the sign bit flipped, so that keys sort by end). Timers added or taken go
@@ -35,7 +34,17 @@ use std::sync::Arc;
 use rocksdb::{BlockBasedOptions, Cache, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 use rustc_hash::FxHashMap as HashMap;
 
-use crate::features::KeyState;
+/// What a store keeps per key. The store only moves bytes; the record type owns its encoding
+/// and the version of it.
+pub trait Record: Default {
+    /// Version of the encoding, stored with the state and checked when a store is opened: a
+    /// store in another version is refused ([`StateError::Format`]), never misread.
+    const FORMAT: u32;
+    /// Appends the stored form to `buf`.
+    fn encode(&self, buf: &mut Vec<u8>) -> Result<(), String>;
+    /// Reads a stored form.
+    fn decode(bytes: &[u8]) -> Result<Self, String>;
+}
 
 /// A state-store failure.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +148,7 @@ impl StoreEnv {
     }
 
     /// Opens (creating if needed) the store of input partition `partition`.
-    pub fn open(&self, partition: i32) -> Result<PartitionStore, StateError> {
+    pub fn open<R: Record>(&self, partition: i32) -> Result<PartitionStore<R>, StateError> {
         let path = self.partition_path(partition);
         // No preallocation (fallocate): RocksDB would reserve ~13 MB per store (its WAL at 1.1 ×
         // the write buffer, its MANIFEST 4 MB) however small the state, most of a small volume
@@ -185,10 +194,10 @@ impl StoreEnv {
 }
 
 /// The state of one input partition.
-pub struct PartitionStore {
+pub struct PartitionStore<R> {
     db: Arc<DB>,
     path: PathBuf,
-    cache: HashMap<String, Cached>,
+    cache: HashMap<String, Cached<R>>,
     /// Keys changed since the last snapshot began.
     dirty: Vec<String>,
     snapshot: Option<Snapshot>,
@@ -205,14 +214,14 @@ pub struct PartitionStore {
     timers_taken_through: Option<i64>,
 }
 
-impl std::fmt::Debug for PartitionStore {
+impl<R> std::fmt::Debug for PartitionStore<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PartitionStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
-struct Cached {
-    state: KeyState,
+struct Cached<R> {
+    state: R,
     /// In `dirty`.
     dirty: bool,
     /// In the running snapshot and not serialised yet.
@@ -228,39 +237,21 @@ struct Snapshot {
 }
 
 /// Serialises `state` into `batch` under `key` (`buf` is reused scratch space).
-fn put_state(
+fn put_state<R: Record>(
     path: &Path,
     buf: &mut Vec<u8>,
     batch: &mut WriteBatch,
     key: &str,
-    state: &KeyState,
+    state: &R,
 ) -> Result<(), StateError> {
     buf.clear();
-    encode_state(buf, state).map_err(|e| StateError::Corrupt {
+    state.encode(buf).map_err(|detail| StateError::Corrupt {
         path: path.display().to_string(),
         key: key.to_owned(),
-        detail: e.to_string(),
+        detail,
     })?;
     batch.put(entity_key(key), &*buf);
     Ok(())
-}
-
-/// Appends the stored form of `state` to `buf` (see the module doc for the layout).
-fn encode_state(buf: &mut Vec<u8>, state: &KeyState) -> bincode::Result<()> {
-    bincode::serialize_into(&mut *buf, state)?;
-    if !state.open_windows.is_empty() {
-        bincode::serialize_into(&mut *buf, &state.open_windows)?;
-    }
-    Ok(())
-}
-
-/// Decodes a stored key state (see the module doc for the layout).
-fn decode_state(mut bytes: &[u8]) -> bincode::Result<KeyState> {
-    let mut state: KeyState = bincode::deserialize_from(&mut bytes)?;
-    if !bytes.is_empty() {
-        state.open_windows = bincode::deserialize_from(&mut bytes)?;
-    }
-    Ok(state)
 }
 
 const TIMER_PREFIX: &[u8] = b"t/";
@@ -289,8 +280,6 @@ fn parse_timer_key(k: &[u8]) -> Option<(i64, String)> {
 const OFFSET_PREFIX: &str = "m/offset/";
 const FINGERPRINT_KEY: &str = "m/fingerprint";
 const FORMAT_KEY: &str = "m/format";
-/// Layout of the values under `k/` (bincode of `KeyState`). Bump on any change to it.
-pub const STATE_FORMAT: u32 = 2;
 const MAX_TIME_KEY: &str = "m/max_time";
 
 fn entity_key(key: &str) -> Vec<u8> {
@@ -300,7 +289,7 @@ fn entity_key(key: &str) -> Vec<u8> {
     k
 }
 
-impl PartitionStore {
+impl<R: Record> PartitionStore<R> {
     fn rocks(&self, source: rocksdb::Error) -> StateError {
         StateError::Rocks { path: self.path.display().to_string(), source }
     }
@@ -312,16 +301,16 @@ impl PartitionStore {
             None => {
                 let empty = self.db.iterator(rocksdb::IteratorMode::Start).next().is_none();
                 if empty {
-                    self.db.put(FORMAT_KEY, STATE_FORMAT.to_be_bytes()).map_err(|e| self.rocks(e))?;
+                    self.db.put(FORMAT_KEY, R::FORMAT.to_be_bytes()).map_err(|e| self.rocks(e))?;
                     return Ok(());
                 }
                 "unversioned".to_owned()
             }
         };
-        if found == STATE_FORMAT.to_string() {
+        if found == R::FORMAT.to_string() {
             return Ok(());
         }
-        Err(StateError::Format { path: self.path.display().to_string(), found, expected: STATE_FORMAT })
+        Err(StateError::Format { path: self.path.display().to_string(), found, expected: R::FORMAT })
     }
 
     fn load_meta(&mut self) -> Result<(), StateError> {
@@ -382,15 +371,15 @@ impl PartitionStore {
 
     /// The state of `key`, loaded on first use; marked dirty. A key of the running snapshot is
     /// serialised into it first.
-    pub fn get_mut(&mut self, key: &str) -> Result<&mut KeyState, StateError> {
+    pub fn get_mut(&mut self, key: &str) -> Result<&mut R, StateError> {
         if !self.cache.contains_key(key) {
             let state = match self.db.get_pinned(entity_key(key)).map_err(|e| self.rocks(e))? {
-                Some(bytes) => decode_state(&bytes).map_err(|e| StateError::Corrupt {
+                Some(bytes) => R::decode(&bytes).map_err(|detail| StateError::Corrupt {
                     path: self.path.display().to_string(),
                     key: key.to_owned(),
-                    detail: e.to_string(),
+                    detail,
                 })?,
-                None => KeyState::default(),
+                None => R::default(),
             };
             self.cache.insert(key.to_owned(), Cached { state, dirty: false, pending: false });
         }
@@ -663,9 +652,9 @@ impl std::fmt::Debug for StoreReader {
 
 impl StoreReader {
     /// The flushed state of `key`, if any.
-    pub fn get(&self, key: &str) -> Option<KeyState> {
+    pub fn get<R: Record>(&self, key: &str) -> Option<R> {
         let bytes = self.db.get_pinned(entity_key(key)).ok().flatten()?;
-        decode_state(&bytes).ok()
+        R::decode(&bytes).ok()
     }
 }
 
@@ -673,22 +662,49 @@ impl StoreReader {
 mod tests {
     use super::*;
 
+    /// A record of the tests: one optional number, 8 bytes (or none).
+    #[derive(Default, Debug, PartialEq)]
+    struct Max {
+        max_time: Option<i64>,
+    }
+
+    impl Record for Max {
+        const FORMAT: u32 = 2;
+
+        fn encode(&self, buf: &mut Vec<u8>) -> Result<(), String> {
+            buf.extend(self.max_time.map(i64::to_be_bytes).unwrap_or_default());
+            Ok(())
+        }
+
+        fn decode(bytes: &[u8]) -> Result<Self, String> {
+            match bytes.len() {
+                0 => Ok(Self { max_time: None }),
+                8 => Ok(Self { max_time: Some(i64::from_be_bytes(bytes.try_into().expect("8 bytes"))) }),
+                n => Err(format!("{n} bytes")),
+            }
+        }
+    }
+
+    fn open(env: &StoreEnv, partition: i32) -> PartitionStore<Max> {
+        env.open(partition).unwrap()
+    }
+
     #[test]
     fn flushed_state_and_offsets_survive_reopen_and_unflushed_changes_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let env = StoreEnv::new(dir.path(), 1 << 20, 10);
         {
-            let mut s = env.open(3).unwrap();
+            let mut s = open(&env, 3);
             s.get_mut("u1").unwrap().max_time = Some(42);
             s.flush(&BTreeMap::from([("in".to_string(), 10)]), Some(42)).unwrap();
             s.get_mut("u2").unwrap().max_time = Some(7); // never flushed
         }
-        let mut s = env.open(3).unwrap();
+        let mut s = open(&env, 3);
         assert_eq!(s.stored_offset("in"), Some(10));
         assert_eq!(s.stored_max_time(), Some(42));
         assert_eq!(s.get_mut("u1").unwrap().max_time, Some(42));
         assert_eq!(s.get_mut("u2").unwrap().max_time, None);
-        assert_eq!(s.reader().get("u1").unwrap().max_time, Some(42));
+        assert_eq!(s.reader().get::<Max>("u1").unwrap().max_time, Some(42));
         assert!(s.path().ends_with("partition-3"));
     }
 
@@ -696,7 +712,7 @@ mod tests {
     fn a_snapshot_holds_each_key_as_of_its_offsets_while_processing_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let env = StoreEnv::new(dir.path(), 1 << 20, 10);
-        let mut s = env.open(0).unwrap();
+        let mut s = open(&env, 0);
         for k in ["a", "b", "c"] {
             s.get_mut(k).unwrap().max_time = Some(1);
         }
@@ -710,7 +726,7 @@ mod tests {
         assert!(s.snapshot_step(&mut { usize::MAX }).unwrap());
         s.finish_snapshot().unwrap().write().unwrap();
         drop(s);
-        let mut s = env.open(0).unwrap();
+        let mut s = open(&env, 0);
         assert_eq!(s.stored_offset("in"), Some(3));
         for k in ["a", "b", "c"] {
             assert_eq!(s.get_mut(k).unwrap().max_time, Some(1), "{k}");
@@ -725,7 +741,7 @@ mod tests {
             let db = DB::open_default(dir.path().join("partition-1")).unwrap();
             db.put(b"k/u1", b"old layout").unwrap();
         }
-        let err = StoreEnv::new(dir.path(), 1 << 20, 10).open(1).unwrap_err().to_string();
+        let err = StoreEnv::new(dir.path(), 1 << 20, 10).open::<Max>(1).unwrap_err().to_string();
         assert!(err.contains("written in state format unversioned") && err.contains("format 2"), "{err}");
     }
 
@@ -736,7 +752,7 @@ mod tests {
         let offsets = BTreeMap::from([("in".to_string(), 1)]);
         let due = |v: &[(i64, &str)]| v.iter().map(|(e, k)| (*e, (*k).to_owned())).collect::<Vec<_>>();
         {
-            let mut s = env.open(0).unwrap();
+            let mut s = open(&env, 0);
             s.add_timer(2_000, "b");
             s.add_timer(1_000, "a");
             s.add_timer(-5, "neg");
@@ -748,11 +764,11 @@ mod tests {
             // crash: nothing written since
         }
         {
-            let mut s = env.open(0).unwrap();
+            let mut s = open(&env, 0);
             assert_eq!(s.take_due_timers(1_000).unwrap(), due(&[(-5, "neg"), (1_000, "a")]));
             s.flush(&offsets, Some(2)).unwrap();
         }
-        let mut s = env.open(0).unwrap();
+        let mut s = open(&env, 0);
         assert_eq!(s.take_due_timers(i64::MAX).unwrap(), due(&[(2_000, "b"), (3_000, "a")]));
     }
 
@@ -762,7 +778,7 @@ mod tests {
         let env = StoreEnv::new(dir.path(), 1 << 20, 10);
         let offsets = BTreeMap::from([("in".to_string(), 1)]);
         {
-            let mut s = env.open(0).unwrap();
+            let mut s = open(&env, 0);
             s.add_timer(1_000, "a");
             s.add_timer(5_000, "b");
             assert!(s.begin_snapshot(&offsets, Some(1), true));
@@ -776,54 +792,7 @@ mod tests {
             s.snapshot_step(&mut { usize::MAX }).unwrap();
             s.finish_snapshot().unwrap().write().unwrap();
         }
-        let mut s = env.open(0).unwrap();
+        let mut s = open(&env, 0);
         assert_eq!(s.take_due_timers(i64::MAX).unwrap(), [(5_000, "b".to_owned())]);
-    }
-
-    #[test]
-    fn open_windows_are_stored_after_the_key_state_and_old_values_still_load() {
-        use crate::emitted::EmittedSet;
-        use crate::features::Scalar;
-        use serde::Serialize;
-        use streamscore_crds::pipeline::{Aggregation, EmittedWindow};
-
-        /// The layout of KeyState before emitted windows existed.
-        #[derive(Serialize)]
-        struct OldKeyState {
-            windows: Vec<()>,
-            sequences: Vec<()>,
-            next_seq: u64,
-            max_time: Option<i64>,
-            last_score: Option<()>,
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let env = StoreEnv::new(dir.path(), 1 << 20, 10);
-        let set = EmittedSet::new(&[EmittedWindow {
-            name: "c".into(),
-            aggregation: Aggregation::Count,
-            field: None,
-            size: streamscore_crds::Duration::from_millis(1_000),
-            advance: None,
-            filter: None,
-        }]);
-        {
-            let mut s = env.open(1).unwrap();
-            let old =
-                OldKeyState { windows: vec![], sequences: vec![], next_seq: 3, max_time: Some(9), last_score: None };
-            s.db.put(entity_key("old"), bincode::serialize(&old).unwrap()).unwrap();
-            let st = s.get_mut("new").unwrap();
-            st.max_time = Some(5);
-            set.on_event(&mut st.open_windows, 5, &[Some(Scalar::Num(1.0))]);
-            s.flush(&BTreeMap::new(), None).unwrap();
-        }
-        let mut s = env.open(1).unwrap();
-        let old = s.get_mut("old").unwrap();
-        assert_eq!((old.max_time, old.open_windows.len()), (Some(9), 0));
-        assert_eq!(s.get_mut("new").unwrap().open_windows.len(), 1);
-        // A reader that knows only the first section still decodes it.
-        let raw = s.db.get(entity_key("new")).unwrap().unwrap();
-        let first: KeyState = bincode::deserialize(&raw).unwrap();
-        assert_eq!((first.max_time, first.open_windows.len()), (Some(5), 0));
-        assert_eq!(s.reader().get("new").unwrap().open_windows.len(), 1);
     }
 }
