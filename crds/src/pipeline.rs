@@ -327,6 +327,9 @@ pub struct FeaturesConfig {
     pub emitted: Vec<EmittedWindow>,
 }
 
+/// Largest number of buckets of one window feature (window ÷ resolution).
+pub const MAX_BUCKETS_PER_WINDOW: u64 = 100_000;
+
 /// Largest number of windows of one emitted feature that contain a given instant (size ÷ advance).
 pub const MAX_WINDOWS_PER_EVENT: u64 = 1000;
 
@@ -1092,23 +1095,12 @@ pub(crate) fn validate_features(f: &FeaturesConfig, errs: &mut Vec<ConfigError>)
     let mut seen = BTreeSet::new();
     for (i, w) in f.windows.iter().enumerate() {
         let p = format!("features.windows[{i}]");
-        check_name(&w.name, &format!("{p}.name"), &mut seen, errs);
-        if w.window.is_zero() {
-            errs.push(cerr(format!("{p}.window"), "must be positive"));
-        }
-        if let Some(r) = w.resolution {
-            if r.is_zero() {
-                errs.push(cerr(format!("{p}.resolution"), "must be positive"));
-            } else if r > w.window {
-                errs.push(cerr(format!("{p}.resolution"), "must not exceed the window"));
-            } else if w.window.as_millis() / r.as_millis() > 100_000 {
-                errs.push(cerr(format!("{p}.resolution"), "too fine: more than 100000 buckets per window"));
-            }
-        }
-        check_field(w.aggregation, w.field.as_deref(), &format!("{p}.field"), errs);
-        if let Some(flt) = &w.filter {
-            check_filter(flt, &format!("{p}.filter"), errs);
-        }
+        check_aggregate(&p, &w.name, w.aggregation, w.field.as_deref(), w.filter.as_ref(), &mut seen, errs);
+        let too_fine = |window: u64, r: u64| {
+            (window / r > MAX_BUCKETS_PER_WINDOW)
+                .then(|| format!("too fine: more than {MAX_BUCKETS_PER_WINDOW} buckets per window"))
+        };
+        check_span(&p, ("window", w.window), w.resolution.map(|r| ("resolution", r)), too_fine, errs);
     }
     for (i, s) in f.sequences.iter().enumerate() {
         let p = format!("features.sequences[{i}]");
@@ -1128,26 +1120,53 @@ pub(crate) fn validate_features(f: &FeaturesConfig, errs: &mut Vec<ConfigError>)
     }
     for (i, e) in f.emitted.iter().enumerate() {
         let p = format!("features.emitted[{i}]");
-        check_name(&e.name, &format!("{p}.name"), &mut seen, errs);
-        if e.size.is_zero() {
-            errs.push(cerr(format!("{p}.size"), "must be positive"));
-        }
-        if let Some(a) = e.advance {
-            if a.is_zero() {
-                errs.push(cerr(format!("{p}.advance"), "must be positive"));
-            } else if a > e.size {
-                errs.push(cerr(format!("{p}.advance"), "must not exceed the size"));
-            } else if e.size.as_millis().div_ceil(a.as_millis()) > MAX_WINDOWS_PER_EVENT {
-                errs.push(cerr(
-                    format!("{p}.advance"),
-                    format!("too small: an event would count in more than {MAX_WINDOWS_PER_EVENT} windows"),
-                ));
-            }
-        }
-        check_field(e.aggregation, e.field.as_deref(), &format!("{p}.field"), errs);
-        if let Some(flt) = &e.filter {
-            check_filter(flt, &format!("{p}.filter"), errs);
-        }
+        check_aggregate(&p, &e.name, e.aggregation, e.field.as_deref(), e.filter.as_ref(), &mut seen, errs);
+        let too_small = |size: u64, a: u64| {
+            (size.div_ceil(a) > MAX_WINDOWS_PER_EVENT)
+                .then(|| format!("too small: an event would count in more than {MAX_WINDOWS_PER_EVENT} windows"))
+        };
+        check_span(&p, ("size", e.size), e.advance.map(|a| ("advance", a)), too_small, errs);
+    }
+}
+
+/// What window features and emitted windows share: a unique name, the field their aggregation
+/// needs, and an optional filter.
+fn check_aggregate(
+    p: &str,
+    name: &str,
+    aggregation: Aggregation,
+    field: Option<&str>,
+    filter: Option<&Filter>,
+    seen: &mut BTreeSet<String>,
+    errs: &mut Vec<ConfigError>,
+) {
+    check_name(name, &format!("{p}.name"), seen, errs);
+    check_field(aggregation, field, &format!("{p}.field"), errs);
+    if let Some(flt) = filter {
+        check_filter(flt, &format!("{p}.filter"), errs);
+    }
+}
+
+/// A span (`window`, `size`) and its optional step (`resolution`, `advance`): both positive,
+/// the step at most the span; `too_fine(span ms, step ms)` says when a span holds too many steps.
+fn check_span(
+    p: &str,
+    (span_name, span): (&str, Duration),
+    step: Option<(&str, Duration)>,
+    too_fine: impl Fn(u64, u64) -> Option<String>,
+    errs: &mut Vec<ConfigError>,
+) {
+    if span.is_zero() {
+        errs.push(cerr(format!("{p}.{span_name}"), "must be positive"));
+    }
+    let Some((step_name, step)) = step else { return };
+    let path = format!("{p}.{step_name}");
+    if step.is_zero() {
+        errs.push(cerr(path, "must be positive"));
+    } else if step > span {
+        errs.push(cerr(path, format!("must not exceed the {span_name}")));
+    } else if let Some(msg) = too_fine(span.as_millis(), step.as_millis()) {
+        errs.push(cerr(path, msg));
     }
 }
 

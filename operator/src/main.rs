@@ -63,7 +63,7 @@ struct Args {
     #[arg(long, env = "STREAMSCORE_LISTEN", default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
     /// Log format.
-    #[arg(long, env = "STREAMSCORE_LOG_FORMAT", value_parser = ["plain", "json"], default_value = "plain")]
+    #[arg(long, env = "STREAMSCORE_LOG_FORMAT", value_parser = streamscore_telemetry::LOG_FORMATS, default_value = "plain")]
     log_format: String,
     /// Namespace the operator runs in (its Lease lives there).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -82,12 +82,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    streamscore_telemetry::init_logging(&args.log_format);
     let policy = TenantPolicy {
         allowed_images: args
             .allowed_images

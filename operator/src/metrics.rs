@@ -1,13 +1,11 @@
 //! Operator metrics (one registry, passed in; bounded labels).
 
-use std::sync::Mutex;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use streamscore_telemetry::MetricsRegistry;
 
 /// `kind` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,7 +24,7 @@ pub struct PhaseLabel {
 /// Every operator metric.
 #[derive(Debug)]
 pub struct OperatorMetrics {
-    registry: Mutex<Registry>,
+    registry: MetricsRegistry,
     /// Reconciles started.
     pub reconciles: Counter,
     /// Reconcile duration, seconds.
@@ -42,30 +40,27 @@ pub struct OperatorMetrics {
 impl OperatorMetrics {
     /// Builds and registers.
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("streamscore_operator");
-        let m = Self {
-            registry: Mutex::new(Registry::default()),
+        let mut m = Self {
+            registry: MetricsRegistry::default(),
             reconciles: Counter::default(),
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             errors: Family::default(),
             tenantmodels: Family::default(),
             leader: Gauge::default(),
         };
-        r.register("reconciles", "Reconciles started", m.reconciles.clone());
-        r.register("reconcile_duration_seconds", "Reconcile duration", m.duration.clone());
-        r.register("reconcile_errors", "Reconcile errors by kind", m.errors.clone());
-        r.register("tenantmodels", "TenantModels by phase", m.tenantmodels.clone());
-        r.register("leader", "1 while this replica holds the leader lease", m.leader.clone());
-        *m.registry.lock().expect("fresh") = r;
+        m.registry = MetricsRegistry::new("streamscore_operator", |r| {
+            r.register("reconciles", "Reconciles started", m.reconciles.clone());
+            r.register("reconcile_duration_seconds", "Reconcile duration", m.duration.clone());
+            r.register("reconcile_errors", "Reconcile errors by kind", m.errors.clone());
+            r.register("tenantmodels", "TenantModels by phase", m.tenantmodels.clone());
+            r.register("leader", "1 while this replica holds the leader lease", m.leader.clone());
+        });
         m
     }
 
     /// Prometheus text.
     pub fn encode(&self) -> String {
-        let mut s = String::new();
-        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        prometheus_client::encoding::text::encode(&mut s, &r).expect("String write");
-        s
+        self.registry.encode()
     }
 }
 

@@ -179,13 +179,46 @@ pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
 }
 
-/// A binary built by `cargo build --workspace` (make test builds them first).
+/// A binary built by `cargo build --workspace` (make test builds them first). Refused when any
+/// source file of the binaries' crates is newer than it: a test must not run a stale build.
 pub fn built_binary(name: &str) -> std::path::PathBuf {
     let target =
         std::env::var("CARGO_TARGET_DIR").map_or_else(|_| repo_root().join("target"), std::path::PathBuf::from);
     let p = target.join("debug").join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (make test does)", p.display());
+    let built = std::fs::metadata(&p).and_then(|m| m.modified()).unwrap_or_else(|_| {
+        panic!("{} is missing: run `cargo build --workspace --bins` first (make test does)", p.display())
+    });
+    // The workspace crates each binary is built from.
+    let crates: &[&str] = match name {
+        "streamscore-worker" => &["crds", "telemetry", "worker"],
+        "streamscore-operator" => &["crds", "telemetry", "operator"],
+        "streamscore-node-agent" => &["telemetry", "e2e/node-agent"],
+        _ => &[],
+    };
+    let root = repo_root();
+    let newest = crates
+        .iter()
+        .flat_map(|c| [root.join(c).join("src"), root.join(c).join("Cargo.toml")])
+        .filter_map(|dir| newest_file(&dir))
+        .max_by_key(|(t, _)| *t);
+    if let Some((t, source)) = newest {
+        assert!(
+            t <= built,
+            "{} is older than {}: run `cargo build --workspace --bins` first (make test does)",
+            p.display(),
+            source.display()
+        );
+    }
     p
+}
+
+/// The most recently modified file at or below `path`, with its time.
+fn newest_file(path: &std::path::Path) -> Option<(std::time::SystemTime, std::path::PathBuf)> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return Some((meta.modified().ok()?, path.to_path_buf()));
+    }
+    std::fs::read_dir(path).ok()?.filter_map(|e| newest_file(&e.ok()?.path())).max_by_key(|(t, _)| *t)
 }
 
 /// Installs (server-side applies) the TenantModel CRD and waits until it is established.
@@ -206,6 +239,50 @@ pub async fn install_crd(client: &kube::Client) {
         c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
     })
     .await;
+}
+
+/// A fresh namespace (name starting with `prefix`) holding the fraud model in ConfigMap
+/// `fraud-model` (key `model.onnx`), with the CRD installed; returns it and the model's digest.
+pub async fn namespace_with_model(client: &kube::Client, prefix: &str) -> (String, String) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    install_crd(client).await;
+    let ns = namespace(client, prefix).await;
+    let model = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
+    let sha = streamscore_worker::model::sha256_hex(&model);
+    let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "fraud-model"},
+        "binaryData": {"model.onnx": k8s_openapi::ByteString(model)}
+    }))
+    .unwrap();
+    kube::Api::<ConfigMap>::namespaced(client.clone(), &ns).create(&Default::default(), &cm).await.unwrap();
+    (ns, sha)
+}
+
+/// The smallest TenantModel of the operator tests, as JSON (tests change one field of it): one
+/// window feature, the fraud model from ConfigMap `fraud-model` with digest `sha`.
+pub fn minimal_tenant_model(name: &str, sha: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "streamscore.io/v1alpha1",
+        "kind": "TenantModel",
+        "metadata": {"name": name},
+        "spec": {
+            "source": {
+                "bootstrapServers": "kafka:9092",
+                "topics": ["payments"],
+                "keyField": "user_id",
+                "eventTime": {"field": "ts"}
+            },
+            "features": {"windows": [{"name": "tx_1h", "aggregation": "count", "window": "1h"}]},
+            "model": {
+                "configMap": {"name": "fraud-model", "key": "model.onnx"},
+                "sha256": sha,
+                "version": "v1",
+                "features": ["tx_1h", "event.amount"],
+                "outputs": [{"name": "fraud"}]
+            },
+            "sink": {"topic": "scores", "deadLetterTopic": "scores-dlq"}
+        }
+    })
 }
 
 /// Runs the operator's controllers in this process for `ns` until `cancel` fires.

@@ -14,50 +14,10 @@ use kube::ResourceExt;
 use serde_json::json;
 use streamscore_crds::tenantmodel::{Condition, Phase, TenantModel};
 use streamscore_operator::policy::TenantPolicy;
-use streamscore_tests::{eventually, install_crd, kube_client, namespace, repo_root};
+use streamscore_tests::{eventually, kube_client, minimal_tenant_model, namespace_with_model, repo_root};
 use tokio_util::sync::CancellationToken;
 
 const WORKER_IMAGE: &str = "streamscore-worker:test";
-
-/// A namespace with the model ConfigMap, and the model's digest.
-async fn setup(client: &kube::Client, prefix: &str) -> (String, String) {
-    install_crd(client).await;
-    let ns = namespace(client, prefix).await;
-    let model = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
-    let sha = streamscore_worker::model::sha256_hex(&model);
-    let cm: ConfigMap = serde_json::from_value(json!({
-        "metadata": {"name": "fraud-model"},
-        "binaryData": {"model.onnx": k8s_openapi::ByteString(model)}
-    }))
-    .unwrap();
-    Api::<ConfigMap>::namespaced(client.clone(), &ns).create(&PostParams::default(), &cm).await.unwrap();
-    (ns, sha)
-}
-
-fn tenant_model(name: &str, sha: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "streamscore.io/v1alpha1",
-        "kind": "TenantModel",
-        "metadata": {"name": name},
-        "spec": {
-            "source": {
-                "bootstrapServers": "kafka:9092",
-                "topics": ["payments"],
-                "keyField": "user_id",
-                "eventTime": {"field": "ts"}
-            },
-            "features": {"windows": [{"name": "tx_1h", "aggregation": "count", "window": "1h"}]},
-            "model": {
-                "configMap": {"name": "fraud-model", "key": "model.onnx"},
-                "sha256": sha,
-                "version": "v1",
-                "features": ["tx_1h", "event.amount"],
-                "outputs": [{"name": "fraud"}]
-            },
-            "sink": {"topic": "scores", "deadLetterTopic": "scores-dlq"}
-        }
-    })
-}
 
 /// A change to a TenantModel's JSON.
 type SpecEdit = Box<dyn Fn(&mut serde_json::Value)>;
@@ -104,7 +64,7 @@ async fn cleanup(client: kube::Client, ns: &str, cancel: CancellationToken, op: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_secrets_need_the_platform_teams_opt_in_label() {
     let client = kube_client().await;
-    let (ns, sha) = setup(&client, "iso-secret").await;
+    let (ns, sha) = namespace_with_model(&client, "iso-secret").await;
     let cancel = CancellationToken::new();
     let op = streamscore_tests::spawn_operator(&client, &ns, WORKER_IMAGE, &cancel);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -118,7 +78,7 @@ async fn kafka_secrets_need_the_platform_teams_opt_in_label() {
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
 
     // A Secret without the label: refused, nothing mounts it.
-    let mut tm = tenant_model("fraud", &sha);
+    let mut tm = minimal_tenant_model("fraud", &sha);
     tm["spec"]["kafkaSecrets"] = json!([{"name": "db-password"}]);
     create(&tms, tm).await.unwrap();
     let cond = degraded(&tms, "fraud", "KafkaSecretNotPermitted").await;
@@ -133,14 +93,14 @@ async fn kafka_secrets_need_the_platform_teams_opt_in_label() {
     assert!(deps.get_opt("fraud-blue").await.unwrap().is_none(), "a Deployment would mount the Secret");
 
     // A Secret that does not exist: its own reason.
-    let mut tm = tenant_model("ghost", &sha);
+    let mut tm = minimal_tenant_model("ghost", &sha);
     tm["spec"]["kafkaSecrets"] = json!([{"name": "no-such-secret"}]);
     create(&tms, tm).await.unwrap();
     let cond = degraded(&tms, "ghost", "KafkaSecretNotFound").await;
     assert!(cond.message.contains("no-such-secret"), "{}", cond.message);
 
     // The checkpoint store's credentials follow the same rule.
-    let mut tm = tenant_model("ckpt", &sha);
+    let mut tm = minimal_tenant_model("ckpt", &sha);
     tm["spec"]["checkpointStore"] = json!("s3://checkpoints/tenants");
     tm["spec"]["checkpointSecret"] = json!({"name": "db-password"});
     create(&tms, tm).await.unwrap();
@@ -188,7 +148,7 @@ async fn kafka_secrets_need_the_platform_teams_opt_in_label() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_must_match_the_operators_allowlist() {
     let client = kube_client().await;
-    let (ns, sha) = setup(&client, "iso-image").await;
+    let (ns, sha) = namespace_with_model(&client, "iso-image").await;
     let cancel = CancellationToken::new();
     let policy = TenantPolicy {
         allowed_images: vec!["registry.example.com/streamscore/*".parse().unwrap()],
@@ -200,7 +160,7 @@ async fn images_must_match_the_operators_allowlist() {
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
 
-    let mut tm = tenant_model("fraud", &sha);
+    let mut tm = minimal_tenant_model("fraud", &sha);
     tm["spec"]["image"] = json!("evil.example.com/miner:latest");
     create(&tms, tm).await.unwrap();
     let cond = degraded(&tms, "fraud", "ImageNotAllowed").await;
@@ -238,7 +198,7 @@ async fn images_must_match_the_operators_allowlist() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_the_operator_did_not_create_are_never_taken_over_or_deleted() {
     let client = kube_client().await;
-    let (ns, sha) = setup(&client, "iso-owner").await;
+    let (ns, sha) = namespace_with_model(&client, "iso-owner").await;
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -262,7 +222,7 @@ async fn objects_the_operator_did_not_create_are_never_taken_over_or_deleted() {
     let cancel = CancellationToken::new();
     let op = streamscore_tests::spawn_operator(&client, &ns, WORKER_IMAGE, &cancel);
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
-    create(&tms, tenant_model("fraud", &sha)).await.unwrap();
+    create(&tms, minimal_tenant_model("fraud", &sha)).await.unwrap();
     let cond = degraded(&tms, "fraud", "NameConflict").await;
     assert!(cond.message.contains("Service \"fraud-pods\" already exists"), "{}", cond.message);
     warning_event(&client, &ns, "fraud", "NameConflict").await;
@@ -288,7 +248,7 @@ async fn objects_the_operator_did_not_create_are_never_taken_over_or_deleted() {
         svcs.get_opt("fraud-pods").await.ok()?.is_none().then_some(())
     })
     .await;
-    create(&tms, tenant_model("fraud", &sha)).await.unwrap();
+    create(&tms, minimal_tenant_model("fraud", &sha)).await.unwrap();
     eventually(Duration::from_secs(30), "children", || async {
         let d = deps.get_opt("fraud-blue").await.ok()??;
         let s = svcs.get_opt("fraud-pods").await.ok()??;
@@ -318,10 +278,10 @@ async fn objects_the_operator_did_not_create_are_never_taken_over_or_deleted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_crd_bounds_names_lists_and_sizes() {
     let client = kube_client().await;
-    let (ns, sha) = setup(&client, "iso-crd").await;
+    let (ns, sha) = namespace_with_model(&client, "iso-crd").await;
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let refused = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
-        let mut tm = tenant_model(name, &sha);
+        let mut tm = minimal_tenant_model(name, &sha);
         f(&mut tm);
         tm
     };
@@ -329,12 +289,12 @@ async fn the_crd_bounds_names_lists_and_sizes() {
     // Names: DNS-1035 labels of at most 52 characters.
     let long = format!("a{}", "b".repeat(69));
     assert_eq!(long.len(), 70);
-    let err = create(&tms, tenant_model(&long, &sha)).await.unwrap_err().to_string();
+    let err = create(&tms, minimal_tenant_model(&long, &sha)).await.unwrap_err().to_string();
     assert!(err.contains("at most 52 characters"), "{err}");
-    let err = create(&tms, tenant_model(&"c".repeat(53), &sha)).await.unwrap_err().to_string();
+    let err = create(&tms, minimal_tenant_model(&"c".repeat(53), &sha)).await.unwrap_err().to_string();
     assert!(err.contains("at most 52 characters"), "{err}");
     for bad in ["1fraud", "fraud.v2"] {
-        let err = create(&tms, tenant_model(bad, &sha)).await.unwrap_err().to_string();
+        let err = create(&tms, minimal_tenant_model(bad, &sha)).await.unwrap_err().to_string();
         assert!(err.contains("DNS-1035"), "{bad}: {err}");
     }
 
@@ -396,7 +356,7 @@ async fn the_crd_bounds_names_lists_and_sizes() {
     let cancel = CancellationToken::new();
     let op = streamscore_tests::spawn_operator(&client, &ns, WORKER_IMAGE, &cancel);
     let longest = format!("f{}", "x".repeat(51));
-    create(&tms, tenant_model(&longest, &sha)).await.expect("a 52-character name is accepted");
+    create(&tms, minimal_tenant_model(&longest, &sha)).await.expect("a 52-character name is accepted");
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -415,12 +375,12 @@ async fn the_crd_bounds_names_lists_and_sizes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_the_api_server_refuses_shows_in_status() {
     let client = kube_client().await;
-    let (ns, sha) = setup(&client, "iso-apply").await;
+    let (ns, sha) = namespace_with_model(&client, "iso-apply").await;
     let cancel = CancellationToken::new();
     let op = streamscore_tests::spawn_operator(&client, &ns, WORKER_IMAGE, &cancel);
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     // Requests above limits: the CRD cannot tell, the Deployment's validation refuses it.
-    let mut tm = tenant_model("fraud", &sha);
+    let mut tm = minimal_tenant_model("fraud", &sha);
     tm["spec"]["resources"] = json!({"requests": {"cpu": "2"}, "limits": {"cpu": "1"}});
     create(&tms, tm).await.unwrap();
     let cond = degraded(&tms, "fraud", "ApplyFailed").await;
@@ -456,7 +416,7 @@ async fn a_child_the_api_server_refuses_shows_in_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_works_under_the_charts_rbac() {
     let admin = kube_client().await;
-    let (ns, sha) = setup(&admin, "iso-rbac").await;
+    let (ns, sha) = namespace_with_model(&admin, "iso-rbac").await;
     let release = "rbac";
     let out = std::process::Command::new("helm")
         .args(["template", release, "charts/streamscore", "-n", &ns, "--set", "crds.install=false"])
@@ -496,10 +456,10 @@ async fn the_operator_works_under_the_charts_rbac() {
     let cancel = CancellationToken::new();
     let op = streamscore_tests::spawn_operator(&client, &ns, WORKER_IMAGE, &cancel);
     let tms: Api<TenantModel> = Api::namespaced(admin.clone(), &ns);
-    let mut tm = tenant_model("fraud", &sha);
+    let mut tm = minimal_tenant_model("fraud", &sha);
     tm["spec"]["kafkaSecrets"] = json!([{"name": "kafka"}]);
     create(&tms, tm).await.unwrap();
-    create(&tms, tenant_model("taken", &sha)).await.unwrap();
+    create(&tms, minimal_tenant_model("taken", &sha)).await.unwrap();
     let st = eventually(Duration::from_secs(30), "fraud applied under the chart's RBAC", || async {
         tms.get("fraud").await.ok()?.status.filter(|s| s.phase == Some(Phase::Pending))
     })
@@ -529,12 +489,12 @@ async fn the_operator_works_under_the_charts_rbac() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_names_are_confined_to_the_namespaces_prefix() {
     let client = kube_client().await;
-    let (ns, sha) = setup(&client, "iso-prefix").await;
+    let (ns, sha) = namespace_with_model(&client, "iso-prefix").await;
     let cancel = CancellationToken::new();
     let policy = TenantPolicy { kafka_prefix: Some("{namespace}.".into()), ..TenantPolicy::default() };
     let op = streamscore_tests::spawn_operator_with_policy(&client, &ns, WORKER_IMAGE, policy, &cancel);
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
-    let mut tm = tenant_model("fraud", &sha);
+    let mut tm = minimal_tenant_model("fraud", &sha);
     tm["spec"]["source"]["topics"] = json!(["someone-else.payments"]);
     tm["spec"]["sink"] = json!({"topic": format!("{ns}.scores"), "deadLetterTopic": format!("{ns}.dlq")});
     create(&tms, tm).await.unwrap();
@@ -567,7 +527,7 @@ async fn worker_resources_have_platform_defaults_and_a_maximum() {
     use streamscore_operator::metrics::OperatorMetrics;
     use streamscore_operator::reconcile::Context;
     let client = kube_client().await;
-    let (ns, sha) = setup(&client, "iso-res").await;
+    let (ns, sha) = namespace_with_model(&client, "iso-res").await;
     let policy = TenantPolicy {
         max_resources: [("cpu".to_owned(), "2".to_owned()), ("memory".to_owned(), "4Gi".to_owned())].into(),
         ..TenantPolicy::default()
@@ -602,7 +562,7 @@ async fn worker_resources_have_platform_defaults_and_a_maximum() {
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
 
-    let mut tm = tenant_model("greedy", &sha);
+    let mut tm = minimal_tenant_model("greedy", &sha);
     tm["spec"]["resources"] = json!({"requests": {"cpu": "16"}, "limits": {"memory": "64Gi"}});
     create(&tms, tm).await.unwrap();
     let cond = degraded(&tms, "greedy", "ResourcesNotAllowed").await;
@@ -614,7 +574,7 @@ async fn worker_resources_have_platform_defaults_and_a_maximum() {
     assert!(cond.message.contains("spec.resources.limits.memory: 64Gi"), "{}", cond.message);
     assert!(deps.get_opt("greedy-blue").await.unwrap().is_none());
 
-    create(&tms, tenant_model("modest", &sha)).await.unwrap();
+    create(&tms, minimal_tenant_model("modest", &sha)).await.unwrap();
     let d = eventually(Duration::from_secs(30), "Deployment with the default resources", || async {
         deps.get_opt("modest-blue").await.ok().flatten()
     })

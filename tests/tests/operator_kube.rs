@@ -12,33 +12,14 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use serde_json::json;
 use streamscore_crds::tenantmodel::{Phase, TenantModel};
-use streamscore_tests::{eventually, install_crd, kube_client, namespace, repo_root};
+use streamscore_tests::{eventually, kube_client, minimal_tenant_model, namespace_with_model};
 use tokio_util::sync::CancellationToken;
 
+/// The shared minimal TenantModel with two workers.
 fn tenant_model(name: &str, sha: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "streamscore.io/v1alpha1",
-        "kind": "TenantModel",
-        "metadata": {"name": name},
-        "spec": {
-            "parallelism": 2,
-            "source": {
-                "bootstrapServers": "kafka:9092",
-                "topics": ["payments"],
-                "keyField": "user_id",
-                "eventTime": {"field": "ts"}
-            },
-            "features": {"windows": [{"name": "tx_1h", "aggregation": "count", "window": "1h"}]},
-            "model": {
-                "configMap": {"name": "fraud-model", "key": "model.onnx"},
-                "sha256": sha,
-                "version": "v1",
-                "features": ["tx_1h", "event.amount"],
-                "outputs": [{"name": "fraud"}]
-            },
-            "sink": {"topic": "scores", "deadLetterTopic": "scores-dlq"}
-        }
-    })
+    let mut tm = minimal_tenant_model(name, sha);
+    tm["spec"]["parallelism"] = json!(2);
+    tm
 }
 
 async fn dep(api: &Api<Deployment>, name: &str) -> Deployment {
@@ -54,17 +35,8 @@ fn hash(d: &Deployment) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenantmodel_lifecycle_against_the_real_api_server() {
     let client = kube_client().await;
-    install_crd(&client).await;
-    let ns = namespace(&client, "op").await;
-    let model = std::fs::read(repo_root().join("models/fraud-logreg.onnx")).unwrap();
-    let sha = streamscore_worker::model::sha256_hex(&model);
+    let (ns, sha) = namespace_with_model(&client, "op").await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let cm: ConfigMap = serde_json::from_value(json!({
-        "metadata": {"name": "fraud-model"},
-        "binaryData": {"model.onnx": k8s_openapi::ByteString(model.clone())}
-    }))
-    .unwrap();
-    cms.create(&PostParams::default(), &cm).await.unwrap();
 
     let cancel = CancellationToken::new();
     let (op, op_metrics) = streamscore_tests::spawn_operator_observed(

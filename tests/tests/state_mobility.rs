@@ -9,57 +9,25 @@ use std::time::{Duration, Instant};
 use streamscore_crds::pipeline::MissingCheckpoint;
 use streamscore_crds::PipelineConfig;
 use streamscore_tests::oracle::{check, events, metric, oracle, outputs, Ev};
-use streamscore_tests::{bootstrap, create_topics, eventually, produce, producer, repo_root, start_worker, unique};
+use streamscore_tests::{
+    create_topics, eventually, free_port, produce, producer, reference_pipeline, repo_root, start_worker, unique,
+};
 
 /// The pipeline: count and sum over 1h and 24h, a filtered count, a last-4 sequence; windows at
 /// 1 s resolution (the oracle applies the documented bucket rule).
 fn pipeline(input: &str, out: &str, dlq: &str, group: &str, state: &str, store: Option<&str>) -> PipelineConfig {
-    let reference: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo_root().join("models/fraud-logreg.reference.json")).unwrap())
-            .unwrap();
-    let store = store.map_or(String::new(), |s| format!("checkpointStore: \"{s}\","));
-    let yaml = format!(
-        r#"
-source:
-  bootstrapServers: "{bs}"
-  topics: [{input}]
-  groupId: {group}
-  keyField: user_id
-  eventTime: {{field: ts, format: epochMillis}}
-  maxOutOfOrderness: 5s
-validation:
-  fields: [{{name: amount, type: number}}, {{name: action, type: string}}]
-features:
-  windows:
-    - {{name: tx_1h, aggregation: count, window: 1h, resolution: 1s}}
-    - {{name: amount_24h, aggregation: sum, field: amount, window: 24h, resolution: 1s}}
-    - {{name: rides_1h, aggregation: count, window: 1h, resolution: 1s, filter: {{field: action, oneOf: [ride_requested]}}}}
-  sequences:
-    - {{name: last_actions, field: action, length: 4, lookback: 90d}}
-model:
-  path: {model}
-  sha256: "{sha}"
-  version: logreg-v1
-  features: [tx_1h, amount_24h, rides_1h, event.amount]
-  outputs: [{{name: fraud, output: 0, column: 0}}]
-  batch: {{maxSize: 64, maxDelay: 2ms}}
-postprocess:
-  passthrough: [id]
-sink: {{topic: {out}, deadLetterTopic: {dlq}}}
-runtime: {{stateDir: "{state}", httpListen: "127.0.0.1:0", commitInterval: 200ms}}
-state: {{ {store} checkpointInterval: 2s, retainCheckpoints: 3 }}
-"#,
-        bs = bootstrap(),
-        model = repo_root().join("models/fraud-logreg.onnx").display(),
-        sha = reference["sha256"].as_str().unwrap(),
-    );
-    let cfg = PipelineConfig::from_yaml(&yaml).unwrap();
+    let mut cfg = reference_pipeline(input, out, dlq, group, state);
+    for w in &mut cfg.features.windows {
+        w.resolution = Some(streamscore_crds::Duration::from_secs(1));
+    }
+    cfg.model.signature.batch.max_size = 64;
+    cfg.postprocess.passthrough = vec!["id".into()];
+    cfg.postprocess.labels.clear();
+    cfg.state.checkpoint_store = store.map(str::to_owned);
+    cfg.state.checkpoint_interval = streamscore_crds::Duration::from_secs(2);
+    cfg.state.retain_checkpoints = 3;
     cfg.validate().unwrap();
     cfg
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn s3_store(prefix: &str) -> String {

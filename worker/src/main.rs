@@ -34,7 +34,7 @@ struct Args {
     #[arg(long, env = "STREAMSCORE_PIPELINE", default_value = "/etc/streamscore/pipeline.yaml")]
     pipeline: PathBuf,
     /// Log format.
-    #[arg(long, env = "STREAMSCORE_LOG_FORMAT", value_parser = ["plain", "json"], default_value = "plain")]
+    #[arg(long, env = "STREAMSCORE_LOG_FORMAT", value_parser = streamscore_telemetry::LOG_FORMATS, default_value = "plain")]
     log_format: String,
     /// Block cache shared by every state store, MiB.
     #[arg(long, env = "STREAMSCORE_BLOCK_CACHE_MB", default_value_t = 64)]
@@ -48,12 +48,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     streamscore_worker::tune_allocator();
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    streamscore_telemetry::init_logging(&args.log_format);
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -81,45 +76,14 @@ fn run(args: Args) -> Result<(), String> {
     // a restarted fenced worker its fence, and neither overwrites an operator's request.
     health.admin.restore_after_restart(cfg.shadow.clone(), std::path::Path::new(&cfg.runtime.state_dir));
     let state = AppState { health: health.clone(), metrics: metrics.clone(), readers: readers.clone(), features };
-    if let Some(listen) = cfg.runtime.admin_listen.clone() {
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(&listen))
-            .map_err(|e| format!("cannot listen on {listen} (runtime.adminListen): {e}"))?;
-        info!(%listen, "admin API listening");
-        let (admin, admin_cancel) = (admin_router(state.clone()), cancel.clone());
-        rt.spawn(async move {
-            let shutdown = async move { admin_cancel.cancelled().await };
-            if let Err(e) = axum::serve(listener, admin).with_graceful_shutdown(shutdown).await {
-                error!(error = %e, "admin HTTP server failed");
-            }
-        });
+    // The admin and metrics listeners are optional; the HTTP one (health, entities) is not.
+    if let Some(listen) = &cfg.runtime.admin_listen {
+        serve(&rt, listen, "runtime.adminListen", admin_router(state.clone()), &cancel)?;
     }
-    if let Some(listen) = cfg.runtime.metrics_listen.clone() {
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(&listen))
-            .map_err(|e| format!("cannot listen on {listen} (runtime.metricsListen): {e}"))?;
-        info!(%listen, "metrics listening");
-        let (app, metrics_cancel) = (metrics_router(state.clone()), cancel.clone());
-        rt.spawn(async move {
-            let shutdown = async move { metrics_cancel.cancelled().await };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-                error!(error = %e, "metrics HTTP server failed");
-            }
-        });
+    if let Some(listen) = &cfg.runtime.metrics_listen {
+        serve(&rt, listen, "runtime.metricsListen", metrics_router(state.clone()), &cancel)?;
     }
-    let app = router(state);
-    let listen = cfg.runtime.http_listen.clone();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(&listen))
-        .map_err(|e| format!("cannot listen on {listen} (runtime.httpListen): {e}"))?;
-    info!(%listen, "HTTP listening");
-    let http_cancel = cancel.clone();
-    rt.spawn(async move {
-        let shutdown = async move { http_cancel.cancelled().await };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            error!(error = %e, "HTTP server failed");
-        }
-    });
+    serve(&rt, &cfg.runtime.http_listen, "runtime.httpListen", router(state), &cancel)?;
     let sig_cancel = cancel.clone();
     rt.spawn(async move {
         let mut term =
@@ -182,4 +146,26 @@ fn run(args: Args) -> Result<(), String> {
     cancel.cancel();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     result
+}
+
+/// Binds `listen` (the setting `setting` names it) and serves `app` on `rt` until `cancel`.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    listen: &str,
+    setting: &'static str,
+    app: axum::Router,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .map_err(|e| format!("cannot listen on {listen} ({setting}): {e}"))?;
+    info!(%listen, setting, "HTTP listening");
+    let cancel = cancel.clone();
+    rt.spawn(async move {
+        let shutdown = async move { cancel.cancelled().await };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            error!(error = %e, setting, "HTTP server failed");
+        }
+    });
+    Ok(())
 }

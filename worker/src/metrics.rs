@@ -1,14 +1,12 @@
 //! Worker metrics: one `prometheus-client` registry built at start-up and passed in.
 //! Label values are bounded: reasons, partitions, score names — never a key.
 
-use std::sync::Mutex;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use streamscore_telemetry::MetricsRegistry;
 
 /// `reason` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,7 +27,7 @@ pub struct PartitionLabel {
 /// Every metric the worker exports.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: MetricsRegistry,
     /// Records consumed.
     pub records_in: Counter,
     /// Scored records produced.
@@ -128,9 +126,8 @@ pub struct PhaseLabel {
 impl Metrics {
     /// Builds and registers every metric.
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("streamscore_worker");
-        let m = Self {
-            registry: Mutex::new(Registry::default()),
+        let mut m = Self {
+            registry: MetricsRegistry::default(),
             records_in: Counter::default(),
             records_out: Counter::default(),
             dead_letters: Family::default(),
@@ -163,110 +160,108 @@ impl Metrics {
             score: Histogram::new(score_buckets()),
             shadow_out: Counter::default(),
         };
-        r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
-        r.register("records_out", "Scored records written to the output topic", m.records_out.clone());
-        r.register("dead_letters", "Records written to the dead-letter topic, by reason", m.dead_letters.clone());
-        r.register("late_dropped", "Late records dropped (lateEvents: drop)", m.late_dropped.clone());
-        r.register(
-            "replay_skipped",
-            "Records skipped after restart because state already has them",
-            m.replay_skipped.clone(),
-        );
-        r.register("consumer_lag", "Records behind the partition's high watermark", m.consumer_lag.clone());
-        r.register("output_latency_seconds", "Consume to output acknowledgement", m.latency.clone());
-        r.register(
-            "event_to_output_seconds",
-            "Input record timestamp to output acknowledgement",
-            m.event_latency.clone(),
-        );
-        r.register("inference_seconds", "Duration of one inference call", m.inference_seconds.clone());
-        r.register("inference_batch_size", "Rows per inference call", m.batch_size.clone());
-        r.register("state_bytes", "Estimated bytes of RocksDB state", m.state_bytes.clone());
-        r.register(
-            "state_volume_full",
-            "1 while a state write waits for space on the state volume (consumption paused)",
-            m.state_volume_full.clone(),
-        );
-        r.register("partitions", "Input partitions owned", m.partitions.clone());
-        r.register(
-            "commits",
-            "Offset commits after acknowledged outputs and durable state (exactlyOnce: transactions committed)",
-            m.commits.clone(),
-        );
-        r.register("delivery_errors", "Output records the broker did not acknowledge", m.delivery_errors.clone());
-        r.register("commit_seconds", "Duration of each commit phase", m.commit_seconds.clone());
-        for phase in ["snapshot", "ack", "state", "offsets", "transaction"] {
-            let _ = m.commit_seconds.get_or_create(&PhaseLabel { phase });
-        }
-        r.register(
-            "windows_emitted",
-            "Emitted windows closed by the watermark and written to the feature topic",
-            m.windows_emitted.clone(),
-        );
-        r.register("checkpoints", "Checkpoints completed (manifest written)", m.checkpoints.clone());
-        r.register(
-            "checkpoint_failures",
-            "Checkpoints that failed to be taken or uploaded",
-            m.checkpoint_failures.clone(),
-        );
-        r.register(
-            "checkpoint_uploaded_bytes",
-            "Bytes uploaded to the checkpoint store",
-            m.checkpoint_uploaded_bytes.clone(),
-        );
-        r.register("checkpoint_seconds", "Duration of a checkpoint upload", m.checkpoint_seconds.clone());
-        r.register(
-            "checkpoint_fallbacks",
-            "Checkpoints skipped at restore because a manifest or file was unusable",
-            m.checkpoint_fallbacks.clone(),
-        );
-        r.register(
-            "partition_assignments",
-            "Partition assignments by where the state came from",
-            m.assignments.clone(),
-        );
-        for source in ["local", "checkpoint", "seed", "rebuild", "empty"] {
-            let _ = m.assignments.get_or_create(&SourceLabel { source });
-        }
-        r.register("restore_seconds", "Duration of a restore from a checkpoint", m.restore_seconds.clone());
-        r.register(
-            "restore_downloaded_bytes",
-            "Bytes downloaded from the checkpoint store",
-            m.restore_downloaded_bytes.clone(),
-        );
-        r.register(
-            "replayed_records",
-            "Records processed again to restore state (outputs not written again)",
-            m.replayed.clone(),
-        );
-        r.register(
-            "partitions_replaying",
-            "Partitions whose state is still being brought up to the committed offsets",
-            m.partitions_replaying.clone(),
-        );
-        r.register("score", "Main score of each scored record (20 buckets over [0, 1])", m.score.clone());
-        r.register(
-            "shadow_records",
-            "Records written to the shadow topics (a blue/green candidate before its cut-over)",
-            m.shadow_out.clone(),
-        );
-        r.register("output_stage_seconds", "Where a scored record's time goes, by stage", m.stage_seconds.clone());
-        for stage in ["fetch", "process", "produce"] {
-            let _ = m.stage_seconds.get_or_create(&StageLabel { stage });
-        }
-        for reason in crate::decode::Reason::ALL {
-            let _ = m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
-        }
-        *m.registry.lock().expect("fresh mutex") = r;
+        m.registry = MetricsRegistry::new("streamscore_worker", |r| {
+            r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
+            r.register("records_out", "Scored records written to the output topic", m.records_out.clone());
+            r.register("dead_letters", "Records written to the dead-letter topic, by reason", m.dead_letters.clone());
+            r.register("late_dropped", "Late records dropped (lateEvents: drop)", m.late_dropped.clone());
+            r.register(
+                "replay_skipped",
+                "Records skipped after restart because state already has them",
+                m.replay_skipped.clone(),
+            );
+            r.register("consumer_lag", "Records behind the partition's high watermark", m.consumer_lag.clone());
+            r.register("output_latency_seconds", "Consume to output acknowledgement", m.latency.clone());
+            r.register(
+                "event_to_output_seconds",
+                "Input record timestamp to output acknowledgement",
+                m.event_latency.clone(),
+            );
+            r.register("inference_seconds", "Duration of one inference call", m.inference_seconds.clone());
+            r.register("inference_batch_size", "Rows per inference call", m.batch_size.clone());
+            r.register("state_bytes", "Estimated bytes of RocksDB state", m.state_bytes.clone());
+            r.register(
+                "state_volume_full",
+                "1 while a state write waits for space on the state volume (consumption paused)",
+                m.state_volume_full.clone(),
+            );
+            r.register("partitions", "Input partitions owned", m.partitions.clone());
+            r.register(
+                "commits",
+                "Offset commits after acknowledged outputs and durable state (exactlyOnce: transactions committed)",
+                m.commits.clone(),
+            );
+            r.register("delivery_errors", "Output records the broker did not acknowledge", m.delivery_errors.clone());
+            r.register("commit_seconds", "Duration of each commit phase", m.commit_seconds.clone());
+            for phase in ["snapshot", "ack", "state", "offsets", "transaction"] {
+                let _ = m.commit_seconds.get_or_create(&PhaseLabel { phase });
+            }
+            r.register(
+                "windows_emitted",
+                "Emitted windows closed by the watermark and written to the feature topic",
+                m.windows_emitted.clone(),
+            );
+            r.register("checkpoints", "Checkpoints completed (manifest written)", m.checkpoints.clone());
+            r.register(
+                "checkpoint_failures",
+                "Checkpoints that failed to be taken or uploaded",
+                m.checkpoint_failures.clone(),
+            );
+            r.register(
+                "checkpoint_uploaded_bytes",
+                "Bytes uploaded to the checkpoint store",
+                m.checkpoint_uploaded_bytes.clone(),
+            );
+            r.register("checkpoint_seconds", "Duration of a checkpoint upload", m.checkpoint_seconds.clone());
+            r.register(
+                "checkpoint_fallbacks",
+                "Checkpoints skipped at restore because a manifest or file was unusable",
+                m.checkpoint_fallbacks.clone(),
+            );
+            r.register(
+                "partition_assignments",
+                "Partition assignments by where the state came from",
+                m.assignments.clone(),
+            );
+            for source in ["local", "checkpoint", "seed", "rebuild", "empty"] {
+                let _ = m.assignments.get_or_create(&SourceLabel { source });
+            }
+            r.register("restore_seconds", "Duration of a restore from a checkpoint", m.restore_seconds.clone());
+            r.register(
+                "restore_downloaded_bytes",
+                "Bytes downloaded from the checkpoint store",
+                m.restore_downloaded_bytes.clone(),
+            );
+            r.register(
+                "replayed_records",
+                "Records processed again to restore state (outputs not written again)",
+                m.replayed.clone(),
+            );
+            r.register(
+                "partitions_replaying",
+                "Partitions whose state is still being brought up to the committed offsets",
+                m.partitions_replaying.clone(),
+            );
+            r.register("score", "Main score of each scored record (20 buckets over [0, 1])", m.score.clone());
+            r.register(
+                "shadow_records",
+                "Records written to the shadow topics (a blue/green candidate before its cut-over)",
+                m.shadow_out.clone(),
+            );
+            r.register("output_stage_seconds", "Where a scored record's time goes, by stage", m.stage_seconds.clone());
+            for stage in ["fetch", "process", "produce"] {
+                let _ = m.stage_seconds.get_or_create(&StageLabel { stage });
+            }
+            for reason in crate::decode::Reason::ALL {
+                let _ = m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().into() });
+            }
+        });
         m
     }
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");
-        out
+        self.registry.encode()
     }
 
     /// Counts a dead letter.

@@ -83,9 +83,7 @@ fn now() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    streamscore_telemetry::init_logging("plain");
     let mut args = Args::parse();
     args.work_dir = std::path::absolute(&args.work_dir)?;
     std::fs::create_dir_all(&args.work_dir)?;
