@@ -611,6 +611,81 @@ runtime: {{stateDir: "{state}", httpListen: "127.0.0.1:0", commitInterval: 200ms
     cfg
 }
 
+/// A worker process (the real binary) with its own state directory, HTTP port and log file.
+/// Dropping it kills it (SIGKILL).
+pub struct WorkerProcess {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its `runtime.httpListen` port on 127.0.0.1.
+    pub port: u16,
+    /// Its stdout and stderr.
+    pub log: std::path::PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts the worker binary on the pipeline in `file`, with `state` as its state directory.
+    pub fn spawn(file: &std::path::Path, state: &std::path::Path, log: std::path::PathBuf) -> Self {
+        let port = free_port();
+        let child = std::process::Command::new(built_binary("streamscore-worker"))
+            .args(["--pipeline", file.to_str().unwrap()])
+            .env("STREAMSCORE_STATE_DIR", state)
+            .env("STREAMSCORE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("worker binary starts");
+        Self { child, port, log }
+    }
+
+    /// Its `/metrics` text (panics with its log when it does not answer).
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => panic!("{url}: {e}; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default()),
+        }
+    }
+
+    /// Its `/metrics` text, or None while it does not answer (starting).
+    pub async fn try_metrics(&self) -> Option<String> {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port)).await.ok()?.text().await.ok()
+    }
+
+    /// SIGKILL, and waits for the process to end.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The pipeline of the test oracle ([`oracle::oracle`]): the reference pipeline's features at a
+/// 1 s bucket resolution, the input's `id` passed through (outputs are matched to inputs by it),
+/// no labels.
+pub fn oracle_pipeline(
+    input: &str,
+    out: &str,
+    dlq: &str,
+    group: &str,
+    state: &str,
+) -> streamscore_crds::PipelineConfig {
+    let mut cfg = reference_pipeline(input, out, dlq, group, state);
+    for w in &mut cfg.features.windows {
+        w.resolution = Some(streamscore_crds::Duration::from_secs(1));
+    }
+    cfg.model.signature.batch.max_size = 64;
+    cfg.postprocess.passthrough = vec!["id".into()];
+    cfg.postprocess.labels.clear();
+    cfg.validate().unwrap();
+    cfg
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (for a worker's `runtime.httpListen`).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -10,19 +10,12 @@ use streamscore_crds::pipeline::MissingCheckpoint;
 use streamscore_crds::PipelineConfig;
 use streamscore_tests::oracle::{check, events, metric, oracle, outputs, Ev};
 use streamscore_tests::{
-    create_topics, eventually, free_port, produce, producer, reference_pipeline, repo_root, start_worker, unique,
+    create_topics, eventually, oracle_pipeline, produce, producer, repo_root, start_worker, unique, WorkerProcess,
 };
 
-/// The pipeline: count and sum over 1h and 24h, a filtered count, a last-4 sequence; windows at
-/// 1 s resolution (the oracle applies the documented bucket rule).
+/// The oracle's pipeline, with checkpoints to `store` when given.
 fn pipeline(input: &str, out: &str, dlq: &str, group: &str, state: &str, store: Option<&str>) -> PipelineConfig {
-    let mut cfg = reference_pipeline(input, out, dlq, group, state);
-    for w in &mut cfg.features.windows {
-        w.resolution = Some(streamscore_crds::Duration::from_secs(1));
-    }
-    cfg.model.signature.batch.max_size = 64;
-    cfg.postprocess.passthrough = vec!["id".into()];
-    cfg.postprocess.labels.clear();
+    let mut cfg = oracle_pipeline(input, out, dlq, group, state);
     cfg.state.checkpoint_store = store.map(str::to_owned);
     cfg.state.checkpoint_interval = streamscore_crds::Duration::from_secs(2);
     cfg.state.retain_checkpoints = 3;
@@ -34,44 +27,6 @@ fn s3_store(prefix: &str) -> String {
     let bucket = std::env::var("STREAMSCORE_S3_BUCKET")
         .expect("STREAMSCORE_S3_BUCKET is not set: run `make test`, or `make env-up && . .dev/env.sh` first");
     format!("s3://{bucket}/{prefix}")
-}
-
-/// A worker process (the real binary) with its own state directory and HTTP port.
-struct Proc {
-    child: std::process::Child,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-impl Proc {
-    fn spawn(file: &std::path::Path, state: &std::path::Path, log: std::path::PathBuf) -> Self {
-        let port = free_port();
-        let child = std::process::Command::new(streamscore_tests::built_binary("streamscore-worker"))
-            .args(["--pipeline", file.to_str().unwrap()])
-            .env("STREAMSCORE_STATE_DIR", state)
-            .env("STREAMSCORE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "info")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
-            .spawn()
-            .expect("worker binary starts");
-        Self { child, port, log }
-    }
-
-    async fn metrics(&self) -> String {
-        let url = format!("http://127.0.0.1:{}/metrics", self.port);
-        match reqwest::get(&url).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(e) => panic!("{url}: {e}; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default()),
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Three worker processes in one group over six partitions; one is killed (SIGKILL) while
@@ -91,7 +46,8 @@ async fn a_partition_moved_after_a_kill_restores_its_state_from_a_checkpoint() {
     let cfg = pipeline(&input, &out, &dlq, &unique("m-group"), "/unused", Some(&store));
     let file = dir.path().join("pipeline.yaml");
     std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let worker = |name: &str| Proc::spawn(&file, &dir.path().join(name), dir.path().join(format!("{name}.log")));
+    let worker =
+        |name: &str| WorkerProcess::spawn(&file, &dir.path().join(name), dir.path().join(format!("{name}.log")));
 
     let all = events(0, 30_000, 10_000, 1_795_000_000_000); // in the past: see maxFutureSkew
     let want = oracle(&all);
@@ -340,9 +296,9 @@ async fn a_model_in_the_object_store_is_downloaded_verified_and_scored() {
         }
         let file = dir.path().join(format!("{name}.yaml"));
         std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-        Proc::spawn(&file, &dir.path().join(name), dir.path().join(format!("{name}.log")))
+        WorkerProcess::spawn(&file, &dir.path().join(name), dir.path().join(format!("{name}.log")))
     };
-    let readyz = |p: &Proc| {
+    let readyz = |p: &WorkerProcess| {
         let url = format!("http://127.0.0.1:{}/readyz", p.port);
         async move {
             match reqwest::get(&url).await {

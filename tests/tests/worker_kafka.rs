@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 use streamscore_crds::PipelineConfig;
 use streamscore_tests::{
-    bootstrap, consume, consume_with, create_topics, produce, producer, reference_pipeline as pipeline, repo_root,
-    start_worker, unique, RunningWorker,
+    bootstrap, consume, consume_with, create_topics, eventually, produce, producer, reference_pipeline as pipeline,
+    repo_root, start_worker, unique, RunningWorker, WorkerProcess,
 };
 use streamscore_worker::features::FeatureSet;
 use streamscore_worker::http::{router, AppState};
@@ -164,63 +164,65 @@ async fn worker_scores_dead_letters_answers_queries_and_survives_restart() {
     tokio::task::spawn_blocking(move || w2.stop()).await.unwrap();
 }
 
-/// kill -9 of the worker process mid-stream, then a restart: every input has at least one
-/// output, and every output (including replays) carries the values an uninterrupted run
-/// computes, recomputed here independently from the input.
+/// kill -9 of a busy worker (input flowing, state changed since its last commit), then a
+/// restart on the same state directory: every input has an output carrying the features the
+/// test's oracle computes from the raw input. The kill forced a replay (the inputs after the
+/// last commit have two outputs, and the restarted worker consumed inputs the first one had
+/// already scored), and the two outputs of a replayed input agree on every feature and score.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice() {
+    use streamscore_tests::oracle::{self, metric, Ev};
     let (input, out, dlq) = (unique("k-in"), unique("k-out"), unique("k-dlq"));
     create_topics(&[&input, &out, &dlq], 4).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = pipeline(&input, &out, &dlq, &unique("k-group"), dir.path().join("state").to_str().unwrap());
-    cfg.runtime.http_listen = "127.0.0.1:0".into();
-    // Commits are rare, so the kill lands between two commits and forces a replay.
-    cfg.runtime.commit_interval = streamscore_crds::Duration::from_secs(5);
+    let mut cfg = streamscore_tests::oracle_pipeline(&input, &out, &dlq, &unique("k-group"), "/unused");
+    cfg.runtime.commit_interval = streamscore_crds::Duration::from_secs(1);
     let file = dir.path().join("pipeline.yaml");
     std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-    let spawn = || {
-        std::process::Command::new(streamscore_tests::built_binary("streamscore-worker"))
-            .args(["--pipeline", file.to_str().unwrap()])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("worker binary starts")
-    };
-    // 50 users × 90 events, one per minute: windows reach their 1h boundary.
-    let base = 1_795_700_000_000i64;
-    let mut evs = Vec::new();
-    for i in 0..90i64 {
-        for u in 0..50 {
-            let user = format!("kill-{u}");
-            evs.push(event(&user, base + i * 60_000 + u, 1.0, "view"));
+    let state = dir.path().join("state");
+    let spawn = |n: u32| WorkerProcess::spawn(&file, &state, dir.path().join(format!("worker-{n}.log")));
+
+    let all = oracle::events(0, 6_000, 50, 1_795_700_000_000);
+    let want = oracle::oracle(&all);
+    let (first, rest) = all.split_at(4_000);
+    let mut worker = spawn(1);
+    // The first 4,000 inputs at about 1,000/s; the kill lands while they flow.
+    let producing = tokio::spawn({
+        let (input, first) = (input.clone(), first.to_vec());
+        async move {
+            let p = producer();
+            for chunk in first.chunks(100) {
+                produce(&p, &input, &chunk.iter().map(Ev::record).collect::<Vec<_>>()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-    }
-    let p = producer();
-    let mut worker = spawn();
-    // The first 45 minutes; the kill; the rest while the worker is down.
-    let (first, rest) = evs.split_at(45 * 50);
-    produce(&p, &input, first).await;
-    let seen = tokio::task::spawn_blocking({
-        let out = out.clone();
-        move || consume(&out, 1500, Duration::from_secs(60)).len()
+    });
+    let (consumed, commits) = eventually(Duration::from_secs(60), "a commit, then 1,500 inputs consumed", || async {
+        let text = worker.try_metrics().await?;
+        let (consumed, commits) =
+            (metric(&text, "streamscore_worker_records_in_total"), metric(&text, "streamscore_worker_commits_total"));
+        (commits >= 1.0 && consumed >= 1_500.0).then_some((consumed, commits))
     })
-    .await
-    .unwrap();
-    worker.kill().expect("kill -9");
-    worker.wait().unwrap();
-    assert!(seen >= 1500, "worker produced {seen} outputs before the kill");
-    produce(&p, &input, rest).await;
-    let mut worker = spawn();
-    let all = tokio::task::spawn_blocking({
+    .await;
+    worker.kill();
+    assert!(
+        !producing.is_finished() && consumed < first.len() as f64,
+        "the kill must land mid-stream: {consumed} of {} inputs consumed",
+        first.len()
+    );
+    eprintln!("killed after {consumed} inputs consumed and {commits} commits");
+    producing.await.unwrap();
+    produce(&producer(), &input, &rest.iter().map(Ev::record).collect::<Vec<_>>()).await;
+
+    let worker = spawn(2);
+    let got: Vec<serde_json::Value> = tokio::task::spawn_blocking({
         let out = out.clone();
         move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(120);
             loop {
-                let got = consume(&out, usize::MAX, Duration::from_secs(5));
-                let distinct: std::collections::BTreeSet<_> =
-                    got.iter().map(|c| (c.key.clone(), c.json()["eventTime"].as_i64().unwrap())).collect();
-                if distinct.len() >= 4500 || std::time::Instant::now() > deadline {
+                let got: Vec<_> = consume(&out, usize::MAX, Duration::from_secs(4)).iter().map(|c| c.json()).collect();
+                let ids: std::collections::HashSet<_> = got.iter().map(|v| v["fields"]["id"].as_u64()).collect();
+                if ids.len() >= 6_000 || std::time::Instant::now() > deadline {
                     return got;
                 }
             }
@@ -228,20 +230,38 @@ async fn worker_killed_mid_stream_loses_nothing_and_counts_nothing_twice() {
     })
     .await
     .unwrap();
-    worker.kill().unwrap();
-    worker.wait().unwrap();
-    let mut distinct = std::collections::BTreeSet::new();
-    for c in &all {
-        let v = c.json();
-        let t = v["eventTime"].as_i64().unwrap();
-        let u: i64 = c.key.trim_start_matches("kill-").parse().unwrap();
-        let i = (t - base - u) / 60_000;
-        // Independent expectation: events of this user in (t − 1h, t] = min(i + 1, 60).
-        let want = (i + 1).min(60) as f64;
-        assert_eq!(v["features"]["tx_1h"], json!(want), "{} event {i}: {v}", c.key);
-        distinct.insert((c.key.clone(), t));
+    let restarted = worker.metrics().await;
+    drop(worker);
+
+    // Every output against the oracle, every input scored.
+    let pairs: Vec<(u64, serde_json::Value)> =
+        got.iter().map(|v| (v["fields"]["id"].as_u64().unwrap(), v["features"].clone())).collect();
+    let seen = oracle::check(&pairs, &want);
+    // The replay: inputs with two outputs, and the restarted worker read more than the new ones.
+    let twice = seen.values().filter(|n| **n > 1).count();
+    let read_again = metric(&restarted, "streamscore_worker_records_in_total")
+        - rest.len() as f64
+        - (first.len() as f64 - consumed).max(0.0);
+    eprintln!("{twice} inputs scored twice; the restarted worker read {read_again} inputs the first had read");
+    assert!(
+        twice > 0 && read_again > 0.0,
+        "the kill forced no replay: {twice} inputs scored twice, {read_again} read again"
+    );
+    assert!(seen.values().all(|n| *n <= 2), "an input scored more than twice: {:?}", seen.values().max());
+    // Both outputs of a replayed input are the same record: features, scores, label, version.
+    let mut first_output: BTreeMap<u64, &serde_json::Value> = BTreeMap::new();
+    for v in &got {
+        let id = v["fields"]["id"].as_u64().unwrap();
+        if let Some(before) = first_output.insert(id, v) {
+            for field in ["features", "scores", "label", "modelVersion", "eventTime", "key"] {
+                assert_eq!(before[field], v[field], "input {id}: {field} differs between its two outputs");
+            }
+        }
     }
-    assert_eq!(distinct.len(), 4500, "every input has at least one output ({} outputs in all)", all.len());
+    assert!(
+        metric(&restarted, "streamscore_worker_partition_assignments_total{source=\"local\"}") >= 1.0,
+        "the restarted worker did not reopen its own state:\n{restarted}"
+    );
 }
 
 /// Exactly-once against the real broker: the worker binary with `sink.delivery: exactlyOnce`
