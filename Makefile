@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/streamscore/cargo-target
 
-.PHONY: test demo env-up env-down env-status build deps crds bench chaos scan models clean-dev
+.PHONY: test demo env-up env-down env-status build deps crds bench bench-compare chaos scan models clean-dev
 
 test:            ## fmt, clippy, unit + integration tests against a private local environment
 	bash scripts/test.sh
@@ -32,6 +32,9 @@ crds:            ## regenerate the CRD YAML and manifests/ from the Rust types a
 
 bench:           ## benchmarks (see BENCHMARKS.md)
 	bash scripts/bench.sh
+
+bench-compare:   ## the reference pipeline on streamscore and on Kafka Streams, same input (see BENCHMARKS.md)
+	bash scripts/bench-compare.sh
 
 chaos:           ## fault-injection suite, long form (kills workers and the broker; see BENCHMARKS.md)
 	bash scripts/chaos.sh
