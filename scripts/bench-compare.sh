@@ -138,7 +138,7 @@ run_engine kafka-streams "$topic-semantics" "$topic-semantics-kstreams" 30000
   --weights "$KS/fraud-mlp-weights.json" ${BENCH_COMPARE_CHECK_PERTURB:+--perturb "$BENCH_COMPARE_CHECK_PERTURB"} \
   --outputs "streamscore=$topic-semantics-worker-out" "kafka-streams=$topic-semantics-kstreams-out"
 
-busy=$(pgrep -c -x 'rustc|cargo|cc1plus|cc1|ld|go' || true)
+busy=$(ps -eo comm= | grep -cxE 'rustc|cargo|cc1plus|cc1|ld|go' || true)
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ);" \
   "$COUNT events, $USERS users, $RUNS runs; compiler processes running at the start: $busy;" \
   "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -26,9 +26,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::{watcher, Controller};
-use kube::Api;
+use kube::{Api, Client};
 use streamscore_crds::tenantmodel::TenantModel;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -44,22 +46,17 @@ pub async fn run_controllers(ctx: Arc<Context>, namespaces: &[String], cancel: C
         if namespaces.is_empty() { vec![None] } else { namespaces.iter().cloned().map(Some).collect() };
     let mut tasks = Vec::new();
     for ns in scopes {
-        let (tms, deps, cms, svcs) = match &ns {
-            Some(n) => (
-                Api::<TenantModel>::namespaced(client.clone(), n),
-                Api::<Deployment>::namespaced(client.clone(), n),
-                Api::<ConfigMap>::namespaced(client.clone(), n),
-                Api::<Service>::namespaced(client.clone(), n),
-            ),
-            None => {
-                (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()))
-            }
-        };
         let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=streamscore-operator");
-        let controller = Controller::new(tms, watcher::Config::default())
-            .owns(deps, owned.clone())
-            .owns(cms, owned.clone())
-            .owns(svcs, owned)
+        // Every kind of child is watched: one changed or deleted by hand is put back at once
+        // (the NetworkPolicy and the PodDisruptionBudget are the tenant's isolation and its
+        // availability), not at the next periodic reconcile.
+        let controller = Controller::new(scoped::<TenantModel>(&client, &ns), watcher::Config::default())
+            .owns(scoped::<Deployment>(&client, &ns), owned.clone())
+            .owns(scoped::<ConfigMap>(&client, &ns), owned.clone())
+            .owns(scoped::<Service>(&client, &ns), owned.clone())
+            .owns(scoped::<ServiceAccount>(&client, &ns), owned.clone())
+            .owns(scoped::<PodDisruptionBudget>(&client, &ns), owned.clone())
+            .owns(scoped::<NetworkPolicy>(&client, &ns), owned)
             .graceful_shutdown_on(cancel.clone().cancelled_owned());
         let store = controller.store();
         let m = ctx.metrics.clone();
@@ -94,5 +91,17 @@ pub async fn run_controllers(ctx: Arc<Context>, namespaces: &[String], cancel: C
     }
     for t in tasks {
         let _ = t.await;
+    }
+}
+
+/// The API of kind `K` in namespace `ns`, or in every namespace.
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(n) => Api::namespaced(client.clone(), n),
+        None => Api::all(client.clone()),
     }
 }

@@ -47,12 +47,54 @@ use crate::validate::validate;
 /// The one field manager of every apply.
 pub const FIELD_MANAGER: &str = "streamscore-operator";
 
-/// Reconcile errors.
+/// The steps of a reconcile, in order; a failed request names the step it failed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Reading what the spec names (model ConfigMap, Secrets) and what runs (the live colour's
+    /// ConfigMap and Deployment, objects in the way of the children's names).
+    Observe,
+    /// Deciding and recording an upgrade (blue/green) and driving its gates and cut-over.
+    Upgrade,
+    /// Driving a rescale (drain, checkpoint, new replica count, restore).
+    Rescale,
+    /// Deleting children no longer desired (the old colour after a cut-over).
+    Prune,
+    /// Reading the workers' state and writing status.
+    Status,
+}
+
+impl Step {
+    /// The step's name, the `kind` label of the errors metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Observe => "Observe",
+            Step::Upgrade => "Upgrade",
+            Step::Rescale => "Rescale",
+            Step::Prune => "Prune",
+            Step::Status => "Status",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reconcile errors (transient: the reconcile is tried again with backoff). A spec that cannot
+/// work is not an error: it ends in status (`Degraded`, a condition and an Event).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The API server refused or failed a request (transient).
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    /// The API server refused or failed a request in `step`.
+    #[error("{step}: Kubernetes API: {source}")]
+    Api {
+        /// The step the request belonged to.
+        step: Step,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
     /// The object lacks a namespace (cannot happen for a namespaced kind).
     #[error("TenantModel has no namespace")]
     NoNamespace,
@@ -63,14 +105,19 @@ pub enum Error {
 }
 
 impl Error {
-    /// Low-cardinality kind, the `kind` label of the errors metric.
+    /// Low-cardinality kind, the `kind` label of the errors metric: the step of a failed
+    /// request, `ApplyFailed`, or `NoNamespace`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Kube(kube::Error::Api(_)) => "ApiError",
-            Error::Kube(_) => "ClientError",
+            Error::Api { step, .. } => step.as_str(),
             Error::NoNamespace => "NoNamespace",
             Error::Apply(_) => "ApplyFailed",
         }
+    }
+
+    /// Maps a client error of `step` (for `map_err`).
+    fn at(step: Step) -> impl FnOnce(kube::Error) -> Error {
+        move |source| Error::Api { step, source }
     }
 }
 
@@ -173,7 +220,11 @@ async fn publish(ctx: &Context, tm: &TenantModel, type_: EventType, reason: &str
     }
 }
 
-async fn patch_status(api: &Api<TenantModel>, tm: &TenantModel, status: TenantModelStatus) -> Result<bool, Error> {
+async fn patch_status(
+    api: &Api<TenantModel>,
+    tm: &TenantModel,
+    status: TenantModelStatus,
+) -> Result<bool, kube::Error> {
     if tm.status.as_ref() == Some(&status) {
         return Ok(false);
     }
@@ -229,27 +280,28 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     // validate (pure), then what the spec names outside itself
     let mut blocked = check_spec(tm, ctx);
     if blocked.is_empty() {
-        blocked = observe_references(tm, &client, &ns).await?;
+        blocked = observe_references(tm, &client, &ns).await.map_err(Error::at(Step::Observe))?;
     }
     if !blocked.is_empty() {
-        return report_blocked(ctx, tm, &tms, &blocked).await;
+        return report_blocked(ctx, tm, &tms, &blocked).await.map_err(Error::at(Step::Status));
     }
 
     // what the live colour runs (its ConfigMap), and what the spec asks for
     let build_ctx = BuildContext { kafka_prefix: ctx.policy.kafka_prefix_for(&ns), ..ctx.build.clone() };
     let live_color = tm.status.as_ref().and_then(|s| s.active_color.clone()).unwrap_or_else(|| FIRST_COLOR.into());
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let live_pipeline = match cms.get_opt(&config_map_name(&name, &live_color)).await? {
-        Some(cm) if is_controlled_by(&cm.metadata, &uid) => cm
-            .data
-            .as_ref()
-            .and_then(|d| d.get("pipeline.yaml"))
-            .and_then(|t| streamscore_crds::pipeline::PipelineConfig::from_yaml(t).ok()),
-        _ => None,
-    };
+    let live_pipeline =
+        match cms.get_opt(&config_map_name(&name, &live_color)).await.map_err(Error::at(Step::Observe))? {
+            Some(cm) if is_controlled_by(&cm.metadata, &uid) => cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("pipeline.yaml"))
+                .and_then(|t| streamscore_crds::pipeline::PipelineConfig::from_yaml(t).ok()),
+            _ => None,
+        };
     let desired = render_pipeline(tm, build_ctx.kafka_prefix.as_deref());
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let live_dep = deps.get_opt(&format!("{name}-{live_color}")).await?;
+    let live_dep = deps.get_opt(&format!("{name}-{live_color}")).await.map_err(Error::at(Step::Observe))?;
     let mut written = tm.status.clone();
     let mut up = UpgradeState {
         current: tm.status.as_ref().and_then(|s| s.upgrade.clone()),
@@ -268,11 +320,13 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         &desired,
         live_dep.as_ref(),
     )
-    .await?;
+    .await
+    .map_err(Error::at(Step::Upgrade))?;
     let children = build_live(tm, &build_ctx, &live_color, plan.live_pipeline.clone());
-    let blocked = name_conflicts(&client, &ns, &uid, &children, live_dep.as_ref()).await?;
+    let blocked =
+        name_conflicts(&client, &ns, &uid, &children, live_dep.as_ref()).await.map_err(Error::at(Step::Observe))?;
     if !blocked.is_empty() {
-        return report_blocked(ctx, tm, &tms, &blocked).await;
+        return report_blocked(ctx, tm, &tms, &blocked).await.map_err(Error::at(Step::Status));
     }
     let old_hash = live_dep.as_ref().and_then(|d| {
         d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("streamscore.io/config-hash").cloned()
@@ -286,7 +340,9 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     let replicas = if up.current.is_some() {
         live_dep.as_ref().and_then(|d| d.spec.as_ref()?.replicas).unwrap_or(tm.spec.parallelism)
     } else {
-        drive_rescale(ctx, tm, &tms, &mut written, &mut rescale, live_dep.as_ref(), &live_color).await?
+        drive_rescale(ctx, tm, &tms, &mut written, &mut rescale, live_dep.as_ref(), &live_color)
+            .await
+            .map_err(Error::at(Step::Rescale))?
     };
     let mut children = children;
     if let Some(spec) = children.deployment.spec.as_mut() {
@@ -326,7 +382,9 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
             // operator lacks a permission): retrying at once cannot help; say so in status.
             ctx.metrics.errors.get_or_create(&crate::metrics::KindLabel { kind: "ApplyFailed".into() }).inc();
             warn!(error = %failure, "child refused by the API server");
-            return report_blocked(ctx, tm, &tms, &[Blocked::external("ApplyFailed", failure.to_string())]).await;
+            return report_blocked(ctx, tm, &tms, &[Blocked::external("ApplyFailed", failure.to_string())])
+                .await
+                .map_err(Error::at(Step::Status));
         }
         Err(failure) => return Err(Error::Apply(failure)),
     };
@@ -341,7 +399,9 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         .and_then(|c| c.config_map.data.as_ref()?.get("pipeline.yaml").cloned())
         .is_some_and(|t| t.contains("liveFrom"));
     if let (Some(_), Some(cand)) = (up.current.as_ref(), live_candidate.as_ref()) {
-        drive_upgrade(ctx, tm, &tms, &mut written, &mut up, &live_color, cand, barrier_applied).await?;
+        drive_upgrade(ctx, tm, &tms, &mut written, &mut up, &live_color, cand, barrier_applied)
+            .await
+            .map_err(Error::at(Step::Upgrade))?;
         if let Some(color) = up.completed_to.clone() {
             // The candidate is the live colour now.
             live_color = color;
@@ -350,16 +410,9 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
 
     // prune children that are no longer desired (the other colour after an upgrade)
-    let mut keep_dep = BTreeSet::from([format!("{name}-{live_color}")]);
-    let mut keep_cm = BTreeSet::from([config_map_name(&name, &live_color)]);
-    if let Some(u) = &up.current {
-        keep_dep.insert(format!("{name}-{}", u.candidate));
-        keep_cm.insert(config_map_name(&name, &u.candidate));
-    }
-    prune(&deps, &name, &uid, &keep_dep).await?;
-    prune(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &name, &uid, &keep_cm).await?;
-    let keep_svc = BTreeSet::from([children.service.name_any(), children.headless.name_any()]);
-    prune(&Api::<Service>::namespaced(client.clone(), &ns), &name, &uid, &keep_svc).await?;
+    let colours: Vec<&str> =
+        std::iter::once(live_color.as_str()).chain(up.current.as_ref().map(|u| u.candidate.as_str())).collect();
+    prune_unwanted(&client, tm, &colours, &children).await.map_err(Error::at(Step::Prune))?;
     if up.completed_to.is_some() {
         // Services select the new live colour.
         let after = build_live(tm, &build_ctx, &live_color, plan.live_pipeline.clone());
@@ -398,7 +451,7 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     let mut status = compute(tm.status.as_ref(), generation, &running_version, &observed, &now());
     if tm.spec.checkpoint_store.is_some() && rescale.op.is_none() && up.current.is_none() && available > 0 {
         // The workers say what their newest checkpoints are (admin API).
-        let pods = worker_pods(&client, &ns, &selector, None).await?;
+        let pods = worker_pods(&client, &ns, &selector, None).await.map_err(Error::at(Step::Status))?;
         if let Some(lc) = rescale::last_checkpoint(&ctx.workers.status(&pods).await) {
             status.last_checkpoint = Some(lc);
         }
@@ -441,7 +494,10 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
     let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
     let ready = status.phase == Some(streamscore_crds::tenantmodel::Phase::Running);
-    if patch_status_from(&tms, &tm.name_any(), &mut written, status).await? && ready && !was_ready {
+    if patch_status_from(&tms, &tm.name_any(), &mut written, status).await.map_err(Error::at(Step::Status))?
+        && ready
+        && !was_ready
+    {
         publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {running_version}")).await;
     }
     if rescale.op.is_some() {
@@ -465,6 +521,26 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     Ok(Action::requeue(Duration::from_secs(every)))
 }
 
+/// Deletes the TenantModel's Deployments, ConfigMaps and Services other than those of
+/// `colours` (the live one, and the candidate during an upgrade) and the two Services of
+/// `children`: the old colour after a cut-over, a candidate rolled back. The other kinds of
+/// child have one object per TenantModel, never pruned (garbage-collected with it).
+async fn prune_unwanted(
+    client: &Client,
+    tm: &TenantModel,
+    colours: &[&str],
+    children: &Children,
+) -> Result<(), kube::Error> {
+    let (ns, name, uid) = (tm.namespace().unwrap_or_default(), tm.name_any(), tm.uid().unwrap_or_default());
+    let keep_dep: BTreeSet<String> = colours.iter().map(|c| format!("{name}-{c}")).collect();
+    let keep_cm: BTreeSet<String> = colours.iter().map(|c| config_map_name(&name, c)).collect();
+    let keep_svc = BTreeSet::from([children.service.name_any(), children.headless.name_any()]);
+    prune(&Api::<Deployment>::namespaced(client.clone(), &ns), &name, &uid, &keep_dep).await?;
+    prune(&Api::<ConfigMap>::namespaced(client.clone(), &ns), &name, &uid, &keep_cm).await?;
+    prune(&Api::<Service>::namespaced(client.clone(), &ns), &name, &uid, &keep_svc).await?;
+    Ok(())
+}
+
 /// The rescale in progress and the last one's outcome, as they go into status.
 #[derive(Debug)]
 struct Rescale {
@@ -478,7 +554,7 @@ async fn patch_status_from(
     name: &str,
     written: &mut Option<TenantModelStatus>,
     status: TenantModelStatus,
-) -> Result<bool, Error> {
+) -> Result<bool, kube::Error> {
     if written.as_ref() == Some(&status) {
         return Ok(false);
     }
@@ -498,7 +574,7 @@ async fn record_step(
     tm: &TenantModel,
     written: &mut Option<TenantModelStatus>,
     rescale: &Rescale,
-) -> Result<(), Error> {
+) -> Result<(), kube::Error> {
     let mut st = written.clone().unwrap_or_default();
     st.operation = rescale.op.clone();
     st.last_rescale = rescale.last.clone();
@@ -526,7 +602,7 @@ async fn worker_pods(
     ns: &str,
     selector: &str,
     hash: Option<&str>,
-) -> Result<Vec<(String, String)>, Error> {
+) -> Result<Vec<(String, String)>, kube::Error> {
     use k8s_openapi::api::core::v1::Pod;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let mut out = Vec::new();
@@ -554,7 +630,7 @@ async fn drive_rescale(
     rescale: &mut Rescale,
     live_dep: Option<&Deployment>,
     color: &str,
-) -> Result<i32, Error> {
+) -> Result<i32, kube::Error> {
     let want = tm.spec.parallelism;
     let live = live_dep.and_then(|d| d.spec.as_ref()?.replicas);
     let available = live_dep.and_then(|d| d.status.as_ref()?.available_replicas).unwrap_or(0);
@@ -582,7 +658,7 @@ async fn drive_rescale(
         rescale.op = Some(op);
         record_step(tms, tm, written, rescale).await?;
     }
-    let ns = tm.namespace().ok_or(Error::NoNamespace)?;
+    let ns = tm.namespace().unwrap_or_default();
     let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, color), None).await?;
     let Some(op) = rescale.op.as_mut() else { return Ok(want) };
     match op.step {
@@ -679,8 +755,8 @@ fn check_spec(tm: &TenantModel, ctx: &Context) -> Vec<Blocked> {
     if let Err(e) = ctx.policy.check_image(tm.spec.image.as_deref(), &ctx.build.default_image) {
         blocked.push(Blocked::spec("ImageNotAllowed", e));
     }
-    if let Err(errs) = validate(tm) {
-        blocked.extend(errs.into_iter().map(|e| Blocked::spec("InvalidSpec", e)));
+    if let Err(problems) = validate(tm) {
+        blocked.extend(problems.into_iter().map(|p| Blocked::spec("InvalidSpec", p.to_string())));
     }
     let ns = tm.namespace().unwrap_or_default();
     blocked.extend(ctx.policy.check_kafka_names(tm, &ns).into_iter().map(|e| Blocked::spec("KafkaNameNotAllowed", e)));
@@ -690,7 +766,7 @@ fn check_spec(tm: &TenantModel, ctx: &Context) -> Vec<Blocked> {
 
 /// The objects the spec names in its namespace: the model ConfigMap (present, digest
 /// matches) and the Kafka Secrets (present, opted in by the platform team).
-async fn observe_references(tm: &TenantModel, client: &Client, ns: &str) -> Result<Vec<Blocked>, Error> {
+async fn observe_references(tm: &TenantModel, client: &Client, ns: &str) -> Result<Vec<Blocked>, kube::Error> {
     let mut blocked = Vec::new();
     if let Some(cm) = &tm.spec.model.config_map {
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
@@ -763,7 +839,7 @@ async fn observe_references(tm: &TenantModel, client: &Client, ns: &str) -> Resu
 
 /// The NameConflict message of an existing object named like `child` that this TenantModel
 /// does not control.
-async fn foreign<K>(client: &Client, ns: &str, child: &K, uid: &str) -> Result<Option<String>, Error>
+async fn foreign<K>(client: &Client, ns: &str, child: &K, uid: &str) -> Result<Option<String>, kube::Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + std::fmt::Debug,
 {
@@ -779,7 +855,7 @@ async fn name_conflicts(
     uid: &str,
     c: &Children,
     live_dep: Option<&Deployment>,
-) -> Result<Vec<Blocked>, Error> {
+) -> Result<Vec<Blocked>, kube::Error> {
     let found = [
         foreign(client, ns, &c.service_account, uid).await?,
         foreign(client, ns, &c.network_policy, uid).await?,
@@ -822,7 +898,7 @@ async fn report_blocked(
     tm: &TenantModel,
     tms: &Api<TenantModel>,
     blocked: &[Blocked],
-) -> Result<Action, Error> {
+) -> Result<Action, kube::Error> {
     let reason = blocked.first().map_or("InvalidSpec", |b| b.reason);
     let message = blocked.iter().map(|b| b.message.as_str()).collect::<Vec<_>>().join("; ");
     let observed = Observed::Invalid { reason, message: message.clone() };
@@ -910,7 +986,7 @@ async fn record_upgrade(
     tm: &TenantModel,
     written: &mut Option<TenantModelStatus>,
     up: &UpgradeState,
-) -> Result<(), Error> {
+) -> Result<(), kube::Error> {
     let mut st = written.clone().unwrap_or_default();
     st.upgrade = up.current.clone();
     st.last_upgrade = up.last.clone();
@@ -958,13 +1034,13 @@ async fn plan_upgrade(
     live_pipeline: Option<&PipelineConfig>,
     desired: &PipelineConfig,
     live_dep: Option<&Deployment>,
-) -> Result<Plan, Error> {
+) -> Result<Plan, kube::Error> {
     let Some(live_p) = live_pipeline else {
         return Ok(Plan { live_pipeline: desired.clone(), apply_live: true, held_back: None });
     };
     let hash = upgrade::spec_hash(desired, upgrade::retry_token(tm));
     let keep = Plan { live_pipeline: live_p.clone(), apply_live: false, held_back: None };
-    let ns = tm.namespace().ok_or(Error::NoNamespace)?;
+    let ns = tm.namespace().unwrap_or_default();
     if let Some(u) = up.current.clone() {
         if u.spec_hash == hash || u.live_from.is_some() {
             return Ok(keep);
@@ -1031,9 +1107,9 @@ async fn drive_upgrade(
     live_color: &str,
     cand: &Deployment,
     barrier_applied: bool,
-) -> Result<(), Error> {
+) -> Result<(), kube::Error> {
     #![allow(clippy::too_many_arguments)]
-    let ns = tm.namespace().ok_or(Error::NoNamespace)?;
+    let ns = tm.namespace().unwrap_or_default();
     let Some(mut u) = up.current.clone() else { return Ok(()) };
     let strategy = &tm.spec.upgrade;
     let now_t = chrono::Utc::now();
@@ -1219,3 +1295,7 @@ async fn drive_upgrade(
     up.current = Some(u);
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "reconcile_tests.rs"]
+mod tests;

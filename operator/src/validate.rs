@@ -2,29 +2,62 @@
 //! (pure). A failure is permanent until the spec changes: the TenantModel goes
 //! `Degraded` with the message and the operator waits for a change.
 
+use streamscore_crds::pipeline::PipelineConfig;
 use streamscore_crds::tenantmodel::TenantModel;
 
 use crate::build::render_pipeline;
 
-/// Every problem with the spec, each naming its field.
-pub fn validate(tm: &TenantModel) -> Result<(), Vec<String>> {
+/// One problem with a spec: the field, as a path the user wrote (`spec.model.uri`), and what
+/// is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Path of the field, from `spec`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Problem {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// A spec that passed every check, with the worker pipeline it renders to (no Kafka prefix).
+#[derive(Debug)]
+pub struct Valid {
+    /// The pipeline configuration, validated.
+    pub pipeline: PipelineConfig,
+}
+
+/// The spec as the workers will run it, or every problem with it, each naming its field.
+pub fn validate(tm: &TenantModel) -> Result<Valid, Vec<Problem>> {
     let s = &tm.spec;
     let mut errs = Vec::new();
     if s.parallelism < 1 {
-        errs.push("spec.parallelism: must be at least 1".to_owned());
+        errs.push(Problem::new("spec.parallelism", "must be at least 1"));
     }
     match (&s.model.config_map, &s.model.uri) {
         (Some(_), Some(_)) | (None, None) => {
-            errs.push("spec.model: exactly one of configMap and uri must be set".to_owned());
+            errs.push(Problem::new("spec.model", "exactly one of configMap and uri must be set"));
         }
         (None, Some(uri))
             if !(["s3://", "gs://", "az://", "file:///"].iter().any(|p| uri.starts_with(p))
                 || uri.starts_with('/'))
                 || uri.ends_with('/') =>
         {
-            errs.push(format!(
-                "spec.model.uri: {uri:?} must name a file: s3://bucket/path, gs://…, az://…, or a file:/// path \
-                 inside the worker image"
+            errs.push(Problem::new(
+                "spec.model.uri",
+                format!(
+                    "{uri:?} must name a file: s3://bucket/path, gs://…, az://…, or a file:/// path inside the worker \
+                     image"
+                ),
             ))
         }
         _ => {}
@@ -32,21 +65,25 @@ pub fn validate(tm: &TenantModel) -> Result<(), Vec<String>> {
     if let Some(store) = &s.checkpoint_store {
         let ok = ["s3://", "gs://", "az://", "file:///"].iter().any(|p| store.starts_with(p));
         if !ok {
-            errs.push(format!("spec.checkpointStore: {store:?} must start with s3://, gs://, az:// or file:///"));
+            errs.push(Problem::new(
+                "spec.checkpointStore",
+                format!("{store:?} must start with s3://, gs://, az:// or file:///"),
+            ));
         }
     }
-    if let Err(pipeline_errs) = render_pipeline(tm, None).validate() {
+    let pipeline = render_pipeline(tm, None);
+    if let Err(pipeline_errs) = pipeline.validate() {
         for e in pipeline_errs {
             // model.path is rendered by the operator, and spec.checkpointStore is checked above:
             // report the spec fields the user wrote.
             if e.field == "model.path" || e.field == "state.checkpointStore" {
                 continue;
             }
-            errs.push(format!("spec.{e}"));
+            errs.push(Problem::new(format!("spec.{}", e.field), e.message));
         }
     }
     if errs.is_empty() {
-        Ok(())
+        Ok(Valid { pipeline })
     } else {
         Err(errs)
     }
@@ -66,7 +103,9 @@ mod tests {
     #[test]
     fn examples_are_valid() {
         for name in ["fraud-detection.yaml", "personalization.yaml"] {
-            assert_eq!(validate(&example(name)), Ok(()), "{name}");
+            if let Err(problems) = validate(&example(name)) {
+                panic!("{name}: {problems:?}");
+            }
         }
     }
 
@@ -116,9 +155,12 @@ mod tests {
         assert!(!tm.spec.features.emitted.is_empty());
         tm.spec.sink.feature_topic = None;
         let errs = validate(&tm).unwrap_err();
-        assert!(errs.iter().any(|e| e.starts_with("spec.sink.featureTopic: required")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.field == "spec.sink.featureTopic" && e.message.starts_with("required")),
+            "{errs:?}"
+        );
         tm.spec.sink.feature_topic = Some(tm.spec.sink.topic.clone());
         let errs = validate(&tm).unwrap_err();
-        assert!(errs.iter().any(|e| e.starts_with("spec.sink.featureTopic: must differ")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.to_string().starts_with("spec.sink.featureTopic: must differ")), "{errs:?}");
     }
 }

@@ -109,6 +109,35 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     assert_eq!(egress.len(), 2, "no object store here, nothing else: {egress:?}");
     assert_eq!(np.policy_types.unwrap(), ["Ingress", "Egress"]);
 
+    // A child deleted by hand is put back at once (every child kind is watched), well before
+    // the periodic reconcile of a TenantModel whose workers are unavailable (10 s).
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let old_uids = (
+        nps.get("fraud").await.unwrap().uid(),
+        pdbs.get("fraud").await.unwrap().uid(),
+        sas.get("fraud-worker").await.unwrap().uid(),
+    );
+    nps.delete("fraud", &DeleteParams::default()).await.unwrap();
+    pdbs.delete("fraud", &DeleteParams::default()).await.unwrap();
+    sas.delete("fraud-worker", &DeleteParams::default()).await.unwrap();
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(20), "the deleted children recreated", || async {
+        let uids = (
+            nps.get_opt("fraud").await.ok()??.uid(),
+            pdbs.get_opt("fraud").await.ok()??.uid(),
+            sas.get_opt("fraud-worker").await.ok()??.uid(),
+        );
+        (uids.0 != old_uids.0 && uids.1 != old_uids.1 && uids.2 != old_uids.2).then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "recreated after {:?}: by a periodic reconcile, not by the watch",
+        started.elapsed()
+    );
+
     // Status: no kubelet here, so the workers are not available.
     let st = eventually(Duration::from_secs(30), "status", || async {
         tms.get("fraud").await.ok()?.status.filter(|s| s.phase.is_some())

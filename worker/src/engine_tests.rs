@@ -59,6 +59,7 @@ sink: {{topic: out, deadLetterTopic: dlq}}
 
 struct Harness {
     engine: Engine,
+    metrics: Arc<Metrics>,
     offset: i64,
     _dir: tempfile::TempDir,
 }
@@ -70,17 +71,17 @@ impl Harness {
 
     fn open(cfg: PipelineConfig, dir: tempfile::TempDir, offset: i64, now: i64) -> Self {
         let model = Arc::new(Model::load(&cfg.model).unwrap());
-        let mut engine =
-            Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), Arc::new(Metrics::new()))
-                .with_clock(move || now);
+        let metrics = Arc::new(Metrics::new());
+        let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), metrics.clone())
+            .with_clock(move || now);
         engine.assign(0).unwrap();
-        Self { engine, offset, _dir: dir }
+        Self { engine, metrics, offset, _dir: dir }
     }
 
     /// Makes the state durable, stops, starts again on the same state with clock `now`.
     fn restart(mut self, cfg: PipelineConfig, now: i64) -> Self {
         self.engine.flush().unwrap();
-        let Self { engine, offset, _dir: dir } = self;
+        let Self { engine, offset, _dir: dir, .. } = self;
         drop(engine);
         Self::open(cfg, dir, offset, now)
     }
@@ -190,6 +191,28 @@ fn an_event_dated_2199_is_dead_lettered_and_leaves_the_watermark_alone() {
     // The watermark is NOW + 59 min − 5 s (maxOutOfOrderness), not anywhere near 2199.
     let out = h.events(&[event(NOW + 59 * MIN - 4_000, 1.0, "view"), event(NOW + 59 * MIN - 6_000, 1.0, "view")]);
     assert_eq!(outcomes(&out), ["scored", "dead:late"]);
+}
+
+#[test]
+fn with_late_events_drop_a_late_event_is_counted_has_no_output_and_changes_no_state() {
+    let mut cfg = config("fraud-logreg");
+    cfg.source.late_events = streamscore_crds::pipeline::LatePolicy::Drop;
+    let mut h = Harness::new(cfg);
+    // 10 minutes ahead, then one 9 minutes older than it: beyond the 5 s of out-of-orderness.
+    let out = sorted(h.events(&[
+        event(NOW - 20 * MIN, 5.0, "view"),
+        event(NOW - 10 * MIN, 5.0, "view"),
+        event(NOW - 19 * MIN, 7.0, "ride_requested"),
+        event(NOW - 9 * MIN, 5.0, "view"),
+    ]));
+    assert_eq!(outcomes(&out), ["scored", "scored", "scored"], "no output, no dead letter for the late one");
+    assert_eq!(h.metrics.late_dropped.get(), 1);
+    let last = scored_json(&out[2]);
+    // Independent expectation: the two on-time events before it and itself, the late one not.
+    assert_eq!(last["features"]["tx_1h"], json!(3.0));
+    assert_eq!(last["features"]["amount_24h"], json!(15.0));
+    assert_eq!(last["features"]["rides_1h"], json!(0.0));
+    assert_eq!(last["features"]["last_actions"], json!(["view", "view", "view"]));
 }
 
 #[test]
@@ -323,14 +346,14 @@ fn a_commit_during_a_replay_never_moves_the_group_offset_back() {
     let cfg = config("fraud-logreg");
     let dir = tempfile::tempdir().unwrap();
     let model = Arc::new(Model::load(&cfg.model).unwrap());
-    let mut engine =
-        Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), Arc::new(Metrics::new()))
-            .with_clock(|| NOW);
+    let metrics = Arc::new(Metrics::new());
+    let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), metrics.clone())
+        .with_clock(|| NOW);
     let committed = BTreeMap::from([("in".to_owned(), 11)]);
     let assigned = engine.open_partition(0, &committed).unwrap();
     assert_eq!(assigned.replay_until, committed);
     engine.assign(0).unwrap();
-    let mut h = Harness { engine, offset: -1, _dir: dir };
+    let mut h = Harness { engine, metrics, offset: -1, _dir: dir };
     let evs: Vec<Value> = (0..5).map(|i| event(NOW - 10 * MIN + i * 1_000, 1.0, "view")).collect();
     assert!(h.events(&evs).is_empty(), "replayed records write nothing");
     assert!(!h.engine.replaying().is_empty());

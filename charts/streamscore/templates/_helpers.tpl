@@ -27,16 +27,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
-# Children with a fixed name per TenantModel (never pruned; garbage-collected with it).
+# Children with a fixed name per TenantModel: watched (one changed or deleted by hand is put
+# back at once), never pruned (garbage-collected with their TenantModel).
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, patch]
+  verbs: [get, list, watch, create, patch]
 # Metadata of the Secrets a TenantModel names, for the opt-in label (values are never read).
 - apiGroups: [""]
   resources: [secrets]
