@@ -27,10 +27,14 @@ cargo build -q --bins
 BIN="$CARGO_TARGET_DIR/debug"
 DEMO="$DEV/demo"; rm -rf "$DEMO"; mkdir -p "$DEMO"
 agent_pid=""
+# The tenants' namespaces are deleted while the node agent still runs: their pods are only
+# gone once the agent (the kubelet's part) has stopped them, and a namespace stays Terminating
+# until then, where the next run could not create anything.
 cleanup() {
   set +e
-  helm uninstall streamscore -n streamscore-system >/dev/null 2>&1
-  kubectl delete ns payments recs --wait=false >/dev/null 2>&1
+  helm uninstall streamscore -n streamscore-system --wait --timeout 60s >/dev/null 2>&1
+  kubectl delete ns payments recs --ignore-not-found --timeout=120s >/dev/null 2>&1 \
+    || log "the tenants' namespaces are still terminating; the next make demo waits for them"
   if [[ -n $agent_pid ]]; then kill -TERM "$agent_pid" 2>/dev/null; wait "$agent_pid" 2>/dev/null; fi
   if [[ -z ${DEMO_KEEP:-} ]]; then bash "$ROOT/scripts/env.sh" down; fi
 }
@@ -47,15 +51,33 @@ log "starting the node agent (pods run as local processes on 127.0.77.x)"
   --env "KUBECONFIG=$KUBECONFIG" > "$DEMO/node-agent.log" 2>&1 &
 agent_pid=$!
 
+# Namespaces an interrupted earlier run left Terminating: the agent now runs and stops their
+# pods, then they go.
+for ns in payments recs; do
+  if [[ $(kubectl get ns "$ns" -o jsonpath='{.status.phase}' 2>/dev/null) == Terminating ]]; then
+    log "waiting for namespace $ns (left by an earlier run) to be deleted"
+    kubectl wait --for=delete "ns/$ns" --timeout=180s >/dev/null || die "namespace $ns is stuck terminating"
+  fi
+done
+
 log "helm install streamscore (CRD, RBAC, operator)"
 for ns in streamscore-system payments recs; do
   kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 done
-# A CRD left by `make test` or an earlier kubectl apply: let the Helm release adopt it.
-if kubectl get crd tenantmodels.streamscore.io >/dev/null 2>&1; then
-  kubectl label crd tenantmodels.streamscore.io app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
-  kubectl annotate crd tenantmodels.streamscore.io meta.helm.sh/release-name=streamscore \
+# Objects of an earlier `kubectl apply -f manifests/` (the chart rendered with this release's
+# name and namespace) or the CRD left by `make test`: the Helm release adopts them.
+adopt() { # kind/name [namespace]
+  local ns=(); [[ -n ${2:-} ]] && ns=(-n "$2")
+  kubectl "${ns[@]}" label "$1" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+  kubectl "${ns[@]}" annotate "$1" meta.helm.sh/release-name=streamscore \
     meta.helm.sh/release-namespace=streamscore-system --overwrite >/dev/null
+}
+if ! helm status streamscore -n streamscore-system >/dev/null 2>&1; then
+  while read -r obj ns; do
+    if [[ -n $obj && $obj != Namespace/* ]]; then adopt "$obj" "$ns"; fi
+  done < <(kubectl get -f manifests/streamscore.yaml --ignore-not-found \
+    -o jsonpath='{range .items[*]}{.kind}/{.metadata.name} {.metadata.namespace}{"\n"}{end}' 2>/dev/null)
+  if kubectl get crd tenantmodels.streamscore.io >/dev/null 2>&1; then adopt crd/tenantmodels.streamscore.io; fi
 fi
 helm upgrade --install streamscore charts/streamscore -n streamscore-system \
   --set image.repository=streamscore-operator --set image.tag=demo --set logFormat=plain \
