@@ -702,24 +702,32 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     let up = st.upgrade.unwrap();
     assert_eq!((up.candidate.as_str(), up.kind.as_str(), up.step.as_str()), ("green", "ModelOnly", "Shadow"));
     assert!(st.plan.as_deref().is_some_and(|p| p.contains("starts from blue's newest checkpoints")), "{:?}", st.plan);
-    let st = eventually(Duration::from_secs(150), "the NaN model rolled back", || async {
-        let st = tms.get("upgraded").await.ok()?.status?;
-        st.last_upgrade.as_ref().is_some_and(|l| l.to_version == "v2-nan").then_some(st)
-    })
-    .await;
-    let last = st.last_upgrade.clone().unwrap();
-    eprintln!("NaN model: {last:?}");
-    assert_eq!(last.result, "RolledBack", "{last:?}");
-    assert!(last.message.contains("ErrorRate"), "{last:?}");
+    let deps: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns);
+    // The upgrade to `version` ends rolled back because of `why`, and green is removed.
+    let rolled_back = |version: &'static str, why: &'static str, within: u64| {
+        let (tms, deps) = (tms.clone(), deps.clone());
+        async move {
+            let st = eventually(Duration::from_secs(within), &format!("{version} rolled back"), || async {
+                let st = tms.get("upgraded").await.ok()?.status?;
+                st.last_upgrade.as_ref().is_some_and(|l| l.to_version == version).then_some(st)
+            })
+            .await;
+            let last = st.last_upgrade.clone().unwrap();
+            eprintln!("{version}: {last:?}");
+            assert_eq!(last.result, "RolledBack", "{last:?}");
+            assert!(last.message.contains(why), "{last:?}");
+            eventually(Duration::from_secs(30), "green removed", || async {
+                deps.get_opt("upgraded-green").await.ok()?.is_none().then_some(())
+            })
+            .await;
+            st
+        }
+    };
+    let st = rolled_back("v2-nan", "ErrorRate", 150).await;
     assert_eq!(st.active_color.as_deref(), Some("blue"));
     assert_eq!(st.model_version.as_deref(), Some("v1"), "blue still runs v1");
     let degraded = st.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "RolledBack"), "{degraded:?}");
-    let deps: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns);
-    eventually(Duration::from_secs(30), "green removed", || async {
-        deps.get_opt("upgraded-green").await.ok()?.is_none().then_some(())
-    })
-    .await;
     let dead = consume(&dlq_shadow, usize::MAX, Duration::from_secs(3));
     assert!(!dead.is_empty(), "the candidate's dead letters went to the shadow dead-letter topic");
 
@@ -734,19 +742,7 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     Api::<ConfigMap>::namespaced(client.clone(), &ns).create(&PostParams::default(), &cm).await.unwrap();
     patch(json!({"configMap": {"name": "model-junk", "key": "model.onnx"}, "sha256": junk_sha, "version": "v2-junk"}))
         .await;
-    let st = eventually(Duration::from_secs(120), "the unloadable model rolled back", || async {
-        let st = tms.get("upgraded").await.ok()?.status?;
-        st.last_upgrade.as_ref().is_some_and(|l| l.to_version == "v2-junk").then_some(st)
-    })
-    .await;
-    let last = st.last_upgrade.clone().unwrap();
-    eprintln!("unloadable model: {last:?}");
-    assert_eq!(last.result, "RolledBack", "{last:?}");
-    assert!(last.message.contains("model not loaded"), "{last:?}");
-    eventually(Duration::from_secs(30), "green removed", || async {
-        deps.get_opt("upgraded-green").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    rolled_back("v2-junk", "model not loaded", 120).await;
 
     // 1c. The same model fed its inputs in another order (a deployment mistake that loads and
     // scores): the score distribution shifts, the ScoreDrift gate fails, and blue's live
@@ -754,19 +750,8 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     patch(json!({"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "v2-shuffled",
                  "features": ["amount_24h", "tx_1h", "rides_1h", "event.amount"]}))
     .await;
-    let st = eventually(Duration::from_secs(120), "the shifted model rolled back", || async {
-        let st = tms.get("upgraded").await.ok()?.status?;
-        st.last_upgrade.as_ref().is_some_and(|l| l.to_version == "v2-shuffled").then_some(st)
-    })
-    .await;
+    let st = rolled_back("v2-shuffled", "ScoreDrift", 120).await;
     let drifted = st.last_upgrade.clone().unwrap();
-    eprintln!("shifted model: {drifted:?}");
-    assert_eq!(drifted.result, "RolledBack", "{drifted:?}");
-    assert!(drifted.message.contains("ScoreDrift"), "{drifted:?}");
-    eventually(Duration::from_secs(30), "green removed", || async {
-        deps.get_opt("upgraded-green").await.ok()?.is_none().then_some(())
-    })
-    .await;
 
     // 2. A model-only change (a new version of the same model): shadow, gates, cut-over, with
     // the operator restarted the first time each step is seen (it resumes from status.upgrade).
