@@ -355,6 +355,32 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
         automount_service_account_token: Some(false),
         ..ServiceAccount::default()
     };
+    let (service, headless) = services(tm, color);
+    Children {
+        pipeline,
+        config_hash,
+        config_map,
+        deployment,
+        service_account,
+        service,
+        headless,
+        pdb: pdb(tm),
+        network_policy: network_policy(tm, ctx),
+    }
+}
+
+/// All of a TenantModel's worker pods, whatever their colour.
+fn all_workers(tm: &TenantModel) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([("streamscore.io/tenantmodel".to_owned(), tm.name_any())])),
+        ..LabelSelector::default()
+    }
+}
+
+/// The query API's Service (the live colour's pods) and the headless Service of every worker
+/// pod (`<name>-pods`, not-ready ones included: the operator asks them why).
+fn services(tm: &TenantModel, color: &str) -> (Service, Service) {
+    let name = tm.name_any();
     let port = ServicePort {
         name: Some("http".into()),
         port: WORKER_PORT,
@@ -374,25 +400,33 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
         metadata: meta(tm, format!("{name}-pods"), &[]),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
-            selector: Some(BTreeMap::from([("streamscore.io/tenantmodel".to_owned(), name.clone())])),
+            selector: all_workers(tm).match_labels,
             ports: Some(vec![port]),
             publish_not_ready_addresses: Some(true),
             ..ServiceSpec::default()
         }),
         ..Service::default()
     };
-    let pdb = PodDisruptionBudget {
-        metadata: meta(tm, name.clone(), &[]),
+    (service, headless)
+}
+
+/// At most one worker down at a time by voluntary disruptions (node drains).
+fn pdb(tm: &TenantModel) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(tm, tm.name_any(), &[]),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(BTreeMap::from([("streamscore.io/tenantmodel".to_owned(), name.clone())])),
-                ..LabelSelector::default()
-            }),
+            selector: Some(all_workers(tm)),
             ..PodDisruptionBudgetSpec::default()
         }),
         ..PodDisruptionBudget::default()
-    };
+    }
+}
+
+/// The workers' isolation: the query API from their own namespace; the query and admin APIs
+/// from the operator; metrics from the scrapers (`metrics_from`, default any namespace);
+/// egress (when the platform enables it) to DNS, the brokers and the object store only.
+fn network_policy(tm: &TenantModel, ctx: &BuildContext) -> NetworkPolicy {
     let ns_peer = |ns: &str, pod_labels: Option<BTreeMap<String, String>>| NetworkPolicyPeer {
         namespace_selector: Some(LabelSelector {
             match_labels: Some(BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), ns.to_owned())])),
@@ -410,13 +444,12 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
     let metrics_port = NetworkPolicyPort { port: Some(IntOrString::Int(METRICS_PORT)), ..http_port.clone() };
     let any_namespace =
         NetworkPolicyPeer { namespace_selector: Some(LabelSelector::default()), ..NetworkPolicyPeer::default() };
-    let network_policy = NetworkPolicy {
-        metadata: meta(tm, name.clone(), &[]),
+    let operator_pods =
+        Some(BTreeMap::from([("app.kubernetes.io/name".to_owned(), "streamscore-operator".to_owned())]));
+    NetworkPolicy {
+        metadata: meta(tm, tm.name_any(), &[]),
         spec: Some(NetworkPolicySpec {
-            pod_selector: Some(LabelSelector {
-                match_labels: Some(BTreeMap::from([("streamscore.io/tenantmodel".to_owned(), name.clone())])),
-                ..LabelSelector::default()
-            }),
+            pod_selector: Some(all_workers(tm)),
             policy_types: Some(if ctx.worker_egress.is_some() {
                 vec!["Ingress".into(), "Egress".into()]
             } else {
@@ -429,13 +462,7 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
                     ports: Some(vec![http_port.clone()]),
                 },
                 NetworkPolicyIngressRule {
-                    from: Some(vec![ns_peer(
-                        &ctx.operator_namespace,
-                        Some(BTreeMap::from([(
-                            "app.kubernetes.io/name".to_owned(),
-                            "streamscore-operator".to_owned(),
-                        )])),
-                    )]),
+                    from: Some(vec![ns_peer(&ctx.operator_namespace, operator_pods)]),
                     ports: Some(vec![http_port, admin_port]),
                 },
                 NetworkPolicyIngressRule {
@@ -444,15 +471,14 @@ pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: P
                 },
             ]),
         }),
-    };
-    Children { pipeline, config_hash, config_map, deployment, service_account, service, headless, pdb, network_policy }
+    }
 }
 
-fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &str, version: &str) -> Deployment {
+/// The worker pod's volumes and the container's mounts: its pipeline ConfigMap, a small /tmp,
+/// the state volume, the model ConfigMap, and the Secrets the spec names (read-only).
+fn volumes(tm: &TenantModel, color: &str) -> (Vec<Volume>, Vec<VolumeMount>) {
     let name = tm.name_any();
     let s = &tm.spec;
-    let mut pod_labels = child_labels(&name);
-    pod_labels.extend(selector(tm, color));
     let mut volumes = vec![
         Volume {
             name: "pipeline".into(),
@@ -526,6 +552,13 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
             ..VolumeMount::default()
         });
     }
+    (volumes, mounts)
+}
+
+/// The worker container: image, arguments, the pod name for the exactly-once producer's
+/// identity, ports, probes, resources, and a locked-down security context.
+fn worker_container(tm: &TenantModel, ctx: &BuildContext, mounts: Vec<VolumeMount>) -> Container {
+    let s = &tm.spec;
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -537,7 +570,7 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
         timeout_seconds: Some(2),
         ..Probe::default()
     };
-    let container = Container {
+    Container {
         name: "worker".into(),
         image: Some(s.image.clone().unwrap_or_else(|| ctx.default_image.clone())),
         args: Some(vec!["--pipeline".into(), format!("{PIPELINE_DIR}/pipeline.yaml")]),
@@ -590,7 +623,16 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
             ..SecurityContext::default()
         }),
         ..Container::default()
-    };
+    }
+}
+
+fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &str, version: &str) -> Deployment {
+    let name = tm.name_any();
+    let s = &tm.spec;
+    let mut pod_labels = child_labels(&name);
+    pod_labels.extend(selector(tm, color));
+    let (volumes, mounts) = volumes(tm, color);
+    let container = worker_container(tm, ctx, mounts);
     Deployment {
         metadata: meta(tm, format!("{name}-{color}"), &[("streamscore.io/color", color)]),
         spec: Some(DeploymentSpec {
