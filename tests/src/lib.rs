@@ -387,7 +387,7 @@ pub fn start_worker(cfg: &streamscore_crds::PipelineConfig) -> RunningWorker {
     let readers = engine.readers();
     let cancel = tokio_util::sync::CancellationToken::new();
     let (c, m, h) = (cancel.clone(), metrics.clone(), health.clone());
-    let thread = std::thread::spawn(move || kafka::run(cfg, engine, m, h, c));
+    let thread = std::thread::spawn(move || kafka::run(cfg, engine, m, h, c).map_err(|e| e.to_string()));
     RunningWorker { cancel, thread, readers, health, metrics }
 }
 

@@ -145,7 +145,7 @@ fn run(args: Args) -> Result<(), String> {
     let result = kafka::run(cfg, engine, metrics, health, cancel.clone());
     cancel.cancel();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    result
+    result.map_err(|e| e.to_string())
 }
 
 /// Binds `listen` (the setting `setting` names it) and serves `app` on `rt` until `cancel`.

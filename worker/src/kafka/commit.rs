@@ -46,7 +46,7 @@ pub(super) struct Job {
 /// The processing thread's end of the committer.
 pub(super) struct Committer {
     pub(super) jobs: SyncSender<Job>,
-    pub(super) replies: Receiver<Result<u64, String>>,
+    pub(super) replies: Receiver<Result<u64, Error>>,
     /// Jobs sent and not answered.
     pub(super) pending: usize,
     /// The open epoch (outputs sent now are tagged with it).
@@ -69,19 +69,19 @@ impl Shared {
         &self,
         consumer: &BaseConsumer<ConsumerCtx>,
         offsets: &[(String, i32, i64)],
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         let started = Instant::now();
         let timeout = self.shutdown_timeout.max(Duration::from_secs(10));
         if !offsets.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for (topic, partition, next) in offsets {
                 tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
-                    .map_err(|e| format!("offsets for the transaction: {e}"))?;
+                    .map_err(Error::kafka("offsets for the transaction"))?;
             }
-            let group = consumer.group_metadata().ok_or("the consumer has no group metadata")?;
+            let group = consumer.group_metadata().ok_or(Error::NoGroupMetadata)?;
             self.producer
                 .send_offsets_to_transaction(&tpl, &group, timeout)
-                .map_err(|e| format!("adding the input offsets to the transaction: {e}"))?;
+                .map_err(Error::kafka("adding the input offsets to the transaction"))?;
         }
         // Fault injection counts only transactions that carry progress.
         let progressed = {
@@ -95,22 +95,22 @@ impl Shared {
         if progressed {
             crate::fault::point("transaction-commit");
         }
-        self.producer.commit_transaction(timeout).map_err(|e| format!("committing the transaction: {e}"))?;
+        self.producer.commit_transaction(timeout).map_err(Error::kafka("committing the transaction"))?;
         if progressed {
             crate::fault::point("after-transaction-commit");
         }
         self.metrics.commits.inc();
         self.health.broker_ok.store(true, Ordering::Relaxed);
         self.observe_phase("transaction", started);
-        self.producer.begin_transaction().map_err(|e| format!("beginning a transaction: {e}"))?;
+        self.producer.begin_transaction().map_err(Error::kafka("beginning a transaction"))?;
         Ok(())
     }
 
     /// Closes the current epoch and starts a checkpoint at the current offsets; the outputs
     /// sent so far must be acknowledged before it is written.
-    pub(super) fn begin_commit(&self, engine: &mut Engine) -> Result<(), String> {
+    pub(super) fn begin_commit(&self, engine: &mut Engine) -> Result<(), Error> {
         let mut guard = self.committer.lock().unwrap_or_else(|e| e.into_inner());
-        let c = guard.as_mut().ok_or("committer stopped")?;
+        let c = guard.as_mut().ok_or(Error::CommitterStopped)?;
         c.collect(false)?;
         if c.running.is_some() {
             return Ok(());
@@ -131,12 +131,12 @@ impl Shared {
 
     /// Serialises the next slice of the running checkpoint, if any; hands it to the committer
     /// once complete (waiting while `MAX_PENDING_COMMITS` are in flight).
-    pub(super) fn step_commit(&self, engine: &mut Engine, budget: usize, commit_offsets: bool) -> Result<(), String> {
+    pub(super) fn step_commit(&self, engine: &mut Engine, budget: usize, commit_offsets: bool) -> Result<(), Error> {
         let mut guard = self.committer.lock().unwrap_or_else(|e| e.into_inner());
-        let c = guard.as_mut().ok_or("committer stopped")?;
+        let c = guard.as_mut().ok_or(Error::CommitterStopped)?;
         let Some(epoch) = c.running else { return Ok(()) };
         let started = Instant::now();
-        let step = engine.checkpoint_step(budget).map_err(|e| e.to_string())?;
+        let step = engine.checkpoint_step(budget).map_err(|e| Error::engine("serialising a checkpoint", e))?;
         self.observe_phase("snapshot", started);
         let Some(checkpoint) = step else { return Ok(()) };
         c.running = None;
@@ -144,7 +144,7 @@ impl Shared {
         while c.pending >= MAX_PENDING_COMMITS {
             c.wait_one()?;
         }
-        c.jobs.send(Job { epoch, checkpoint, uploads, commit_offsets }).map_err(|_| "committer stopped".to_owned())?;
+        c.jobs.send(Job { epoch, checkpoint, uploads, commit_offsets }).map_err(|_| Error::CommitterStopped)?;
         c.pending += 1;
         Ok(())
     }
@@ -156,10 +156,10 @@ impl Shared {
 
 impl Committer {
     /// Takes the replies that are in (all of them, waiting, with `wait`).
-    pub(super) fn collect(&mut self, wait: bool) -> Result<(), String> {
+    pub(super) fn collect(&mut self, wait: bool) -> Result<(), Error> {
         while self.pending > 0 {
             let reply = if wait {
-                self.replies.recv().map_err(|_| "committer stopped".to_owned())?
+                self.replies.recv().map_err(|_| Error::CommitterStopped)?
             } else {
                 match self.replies.try_recv() {
                     Ok(r) => r,
@@ -172,8 +172,8 @@ impl Committer {
         Ok(())
     }
 
-    pub(super) fn wait_one(&mut self) -> Result<(), String> {
-        let reply = self.replies.recv().map_err(|_| "committer stopped".to_owned())?;
+    pub(super) fn wait_one(&mut self) -> Result<(), Error> {
+        let reply = self.replies.recv().map_err(|_| Error::CommitterStopped)?;
         self.pending -= 1;
         reply.map(|_| ())
     }
@@ -185,7 +185,7 @@ pub(super) fn commit_sync(
     shared: &Shared,
     engine: &mut Engine,
     consumer: &BaseConsumer<ConsumerCtx>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let started = Instant::now();
     // Finish the running checkpoint, then take one at the current offsets.
     shared.step_commit(engine, usize::MAX, false)?;
@@ -196,7 +196,7 @@ pub(super) fn commit_sync(
     shared.step_commit(engine, usize::MAX, false)?;
     {
         let mut guard = shared.committer.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_mut().ok_or("committer stopped")?.collect(true)?;
+        guard.as_mut().ok_or(Error::CommitterStopped)?.collect(true)?;
     }
     let offsets = engine.positions();
     if !offsets.is_empty() && !shared.exactly_once {
@@ -239,7 +239,7 @@ pub(super) fn committer_loop(
     shared: Arc<Shared>,
     consumer: Arc<BaseConsumer<ConsumerCtx>>,
     jobs: Receiver<Job>,
-    replies: SyncSender<Result<u64, String>>,
+    replies: SyncSender<Result<u64, Error>>,
 ) {
     let phase = |name: &'static str, since: Instant| shared.observe_phase(name, since);
     let mut last_lag = Instant::now() - Duration::from_secs(60);
@@ -252,16 +252,16 @@ pub(super) fn committer_loop(
                 break Ok(());
             }
             if shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-                break Err("stopping".to_owned());
+                break Err(Error::Stopping);
             }
             if shared.cancel.is_cancelled()
                 && stopping_since.get_or_insert_with(Instant::now).elapsed() >= shared.shutdown_timeout
             {
-                break Err(format!(
+                break Err(Error::Unacknowledged(format!(
                     "outputs not acknowledged within runtime.shutdownTimeout ({:?}) after the stop signal (brokers \
                      unreachable?): exiting without committing them; their inputs are processed again after restart",
                     shared.shutdown_timeout
-                ));
+                )));
             }
             if warned.elapsed() >= Duration::from_secs(5) {
                 warned = Instant::now();
@@ -275,7 +275,7 @@ pub(super) fn committer_loop(
             shared.acks.reset(job.epoch);
             let failures = shared.producer.context().failures.load(Ordering::Relaxed);
             if failures > 0 {
-                return Err(format!("{failures} output records were not acknowledged"));
+                return Err(Error::Unacknowledged(format!("{failures} output records were not acknowledged")));
             }
             // Fault injection counts only checkpoints that carry changes.
             let changed = job.checkpoint.size_bytes() > 0;
@@ -324,7 +324,7 @@ pub(super) fn committer_loop(
         });
         let failed = result.is_err();
         if let Err(e) = &result {
-            shared.fail(format!("commit failed: {e}"));
+            shared.fail(Error::During { doing: "commit", source: Box::new(e.clone()) });
         }
         if replies.send(result).is_err() || failed {
             return;
@@ -337,14 +337,14 @@ pub(super) fn committer_loop(
 /// a store that RocksDB stopped on the error resumes by itself once
 /// [`crate::state::RESUME_FREE_BYTES`] are free on the volume (within 5 s). Any other
 /// error, or the stop signal while waiting, stops the worker without committing.
-pub(super) fn write_state(shared: &Shared, mut checkpoint: Checkpoint) -> Result<(), String> {
+pub(super) fn write_state(shared: &Shared, mut checkpoint: Checkpoint) -> Result<(), Error> {
     let mut waiting_since: Option<Instant> = None;
     loop {
         match checkpoint.write() {
             Ok(_) => break,
             Err(e) if e.is_no_space() => {
                 if shared.cancel.is_cancelled() {
-                    return Err(format!("state volume full at the stop signal: {e}"));
+                    return Err(Error::state("state volume full at the stop signal", e));
                 }
                 if waiting_since.is_none() {
                     waiting_since = Some(Instant::now());
@@ -354,7 +354,7 @@ pub(super) fn write_state(shared: &Shared, mut checkpoint: Checkpoint) -> Result
                 }
                 std::thread::sleep(Duration::from_secs(1));
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Error::state("writing the state", e)),
         }
     }
     if let Some(since) = waiting_since {
@@ -368,23 +368,23 @@ pub(super) fn write_state(shared: &Shared, mut checkpoint: Checkpoint) -> Result
 /// Registers the transactional producer (fencing and aborting the open transaction of a
 /// previous incarnation with the same `transactional.id`) and opens the first transaction;
 /// retried while the brokers are unreachable.
-pub(super) fn init_transactions(shared: &Shared, cancel: &CancellationToken) -> Result<(), String> {
+pub(super) fn init_transactions(shared: &Shared, cancel: &CancellationToken) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(200);
     loop {
         match shared.producer.init_transactions(Duration::from_secs(30)) {
             Ok(()) => break,
             Err(e) if e.rdkafka_error_code().is_some_and(|c| c == RDKafkaErrorCode::Fenced) => {
-                return Err(format!("another worker uses this transactional.id: {e}"));
+                return Err(Error::Fenced(e));
             }
             Err(e) if !cancel.is_cancelled() => {
                 warn!(error = %e, "cannot register the transactional producer; retrying");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
-            Err(e) => return Err(format!("registering the transactional producer: {e}")),
+            Err(e) => return Err(Error::client("registering the transactional producer", e)),
         }
     }
-    shared.producer.begin_transaction().map_err(|e| format!("beginning a transaction: {e}"))?;
+    shared.producer.begin_transaction().map_err(Error::kafka("beginning a transaction"))?;
     info!("exactly-once: transactional producer registered");
     Ok(())
 }

@@ -16,7 +16,8 @@ pub fn resolve_property(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
-pub(super) fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), String> {
+pub(super) fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), Error> {
+    let invalid = |setting: String| move |message: String| Error::Config { setting, message };
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.source.bootstrap_servers)
         .set("group.id", &cfg.source.group_id)
@@ -41,7 +42,7 @@ pub(super) fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, Clien
             },
         );
     for (k, v) in &cfg.source.properties {
-        c.set(k, resolve_property(v).map_err(|e| format!("source.properties.{k}: {e}"))?);
+        c.set(k, resolve_property(v).map_err(invalid(format!("source.properties.{k}")))?);
     }
     let mut p = ClientConfig::new();
     let servers =
@@ -60,14 +61,14 @@ pub(super) fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, Clien
         // large dead-lettered) to this limit; `sink.properties` may set another (validated) one.
         .set(
             "message.max.bytes",
-            cfg.sink.message_max_bytes().map_err(|e| format!("sink.properties.message.max.bytes: {e}"))?.to_string(),
+            cfg.sink.message_max_bytes().map_err(invalid("sink.properties.message.max.bytes".into()))?.to_string(),
         );
     for (k, v) in &cfg.sink.properties {
-        p.set(k, resolve_property(v).map_err(|e| format!("sink.properties.{k}: {e}"))?);
+        p.set(k, resolve_property(v).map_err(invalid(format!("sink.properties.{k}")))?);
     }
     if cfg.sink.delivery == Delivery::ExactlyOnce {
         let timeout =
-            cfg.sink.transaction_timeout_ms().map_err(|e| format!("sink.properties.transaction.timeout.ms: {e}"))?;
+            cfg.sink.transaction_timeout_ms().map_err(invalid("sink.properties.transaction.timeout.ms".into()))?;
         // Deliveries give up with the transaction: the worker then stops without committing.
         p.set("transactional.id", transactional_id(&cfg.source.group_id))
             .set("transaction.timeout.ms", timeout.to_string())
@@ -108,7 +109,7 @@ sink: {topic: out, deadLetterTopic: dlq}
         let (_, p) = client_config(&cfg).unwrap();
         assert_eq!(p.get("message.max.bytes"), Some("2000000"));
         cfg.sink.properties.insert("message.max.bytes".into(), "big".into());
-        assert!(client_config(&cfg).unwrap_err().contains("message.max.bytes"));
+        assert!(client_config(&cfg).unwrap_err().to_string().contains("message.max.bytes"));
     }
 
     #[test]

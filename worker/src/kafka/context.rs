@@ -19,7 +19,7 @@ impl ConsumerCtx {
             Ok(c) => c,
             Err(e) => {
                 // Without them the state cannot be checked against what the group has done.
-                self.shared.fail(format!("reading the committed offsets of the assigned partitions: {e}"));
+                self.shared.fail(Error::client("reading the committed offsets of the assigned partitions", e));
                 return;
             }
         };
@@ -38,7 +38,7 @@ impl ConsumerCtx {
             let assigned = match engine.open_partition(p, &committed) {
                 Ok(a) => a,
                 Err(e) => {
-                    self.shared.fail(format!("opening the state of partition {p}: {e}"));
+                    self.shared.fail(Error::engine(format!("opening the state of partition {p}"), e));
                     continue;
                 }
             };
@@ -115,7 +115,7 @@ impl ConsumerCtx {
                 }
             }
             Err(e) => {
-                self.shared.fail(format!("looking up offsets for startTimestampMs {ts}: {e}"));
+                self.shared.fail(Error::client(format!("looking up offsets for startTimestampMs {ts}"), e));
             }
         }
     }
@@ -233,7 +233,7 @@ impl ConsumerContext for ConsumerCtx {
                 self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
                 let done = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = done {
-                    self.shared.fail(format!("assigning partitions: {e}"));
+                    self.shared.fail(Error::client("assigning partitions", e));
                 }
                 self.post_rebalance(consumer, &Rebalance::Assign(tpl));
             }
@@ -244,7 +244,7 @@ impl ConsumerContext for ConsumerCtx {
                 });
                 let done = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
                 if let Err(e) = done {
-                    self.shared.fail(format!("revoking partitions: {e}"));
+                    self.shared.fail(Error::client("revoking partitions", e));
                 }
                 self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
             }
@@ -270,7 +270,7 @@ impl ConsumerContext for ConsumerCtx {
                 info!(?revoked, "partitions revoked: committing before handing them over");
                 match commit_sync(&self.shared, &mut engine, consumer) {
                     Ok(()) => checkpoint_now(&self.shared, &engine, &revoked),
-                    Err(e) => self.shared.fail(format!("commit on revoke failed: {e}")),
+                    Err(e) => self.shared.fail(Error::During { doing: "commit on revoke", source: Box::new(e) }),
                 }
             }
             for p in revoked {
@@ -297,7 +297,7 @@ impl ConsumerContext for ConsumerCtx {
             for p in &parts {
                 match engine.assign(*p) {
                     Ok(offsets) => info!(partition = p, ?offsets, "partition assigned"),
-                    Err(e) => self.shared.fail(format!("opening state of partition {p}: {e}")),
+                    Err(e) => self.shared.fail(Error::engine(format!("opening state of partition {p}"), e)),
                 }
             }
             self.shared.health.set_partitions(engine.assigned());
@@ -308,13 +308,13 @@ impl ConsumerContext for ConsumerCtx {
                 // must not be processed by this run either.
                 match consumer.pause(tpl) {
                     Ok(()) => info!(partitions = ?parts, "assigned while fenced: kept paused"),
-                    Err(e) => self.shared.fail(format!("pausing partitions assigned while fenced: {e}")),
+                    Err(e) => self.shared.fail(Error::client("pausing partitions assigned while fenced", e)),
                 }
             } else if let Err(e) = consumer.resume(tpl) {
                 // A drain paused this consumer's partitions and the assignment ended it; a
                 // partition revoked while paused keeps librdkafka's pause flag when it comes
                 // back to this consumer, so every assigned partition is resumed explicitly.
-                self.shared.fail(format!("resuming assigned partitions: {e}"));
+                self.shared.fail(Error::client("resuming assigned partitions", e));
             }
         }
     }

@@ -85,6 +85,7 @@ use crate::state::StoreHandle;
 mod commit;
 mod config;
 mod context;
+mod error;
 mod health;
 mod routing;
 
@@ -92,6 +93,7 @@ use commit::*;
 use config::client_config;
 pub use config::{resolve_property, transactional_id};
 use context::*;
+pub use error::Error;
 pub use health::{Health, Heartbeat};
 pub use routing::{murmur2, partition_for};
 
@@ -109,7 +111,7 @@ struct Shared {
     feature_topic: String,
     /// `source.topics` (an output's origin names its topic by index).
     input_topics: Vec<String>,
-    fatal: Mutex<Option<String>>,
+    fatal: Mutex<Option<Error>>,
     /// Object-store checkpoints, when configured, and how often.
     checkpoints: Option<Arc<Checkpointer>>,
     checkpoint_every: Duration,
@@ -124,7 +126,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, why: String) {
+    fn fail(&self, why: Error) {
         error!(%why, "stopping the worker without committing further");
         let mut f = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
         f.get_or_insert(why);
@@ -176,7 +178,9 @@ impl Shared {
                     // Stopping with a full queue (brokers unreachable): give up without
                     // committing; the inputs are processed again after restart.
                     self.acks.done[Acks::slot(epoch)].fetch_add(1, Ordering::AcqRel);
-                    self.fail("stopping while the producer queue is full (brokers unreachable?)".into());
+                    self.fail(Error::Produce(
+                        "stopping while the producer queue is full (brokers unreachable?)".into(),
+                    ));
                     return;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
@@ -188,7 +192,7 @@ impl Shared {
                     // the failure stops the worker before anything is committed.
                     self.acks.done[Acks::slot(epoch)].fetch_add(1, Ordering::AcqRel);
                     self.producer.context().failures.fetch_add(1, Ordering::Relaxed);
-                    self.fail(format!("cannot enqueue output record: {e}"));
+                    self.fail(Error::client("cannot enqueue output record", e));
                     return;
                 }
             }
@@ -203,7 +207,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     cancel: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let (cc, pc) = client_config(&cfg)?;
     health.heartbeat.set_bound(Duration::from_millis(cfg.runtime.stall_timeout.as_millis()));
     let state_dir = std::path::Path::new(&cfg.runtime.state_dir);
@@ -220,7 +224,7 @@ pub fn run(
             health: health.clone(),
             acks: acks.clone(),
         })
-        .map_err(|e| format!("creating the Kafka producer: {e}"))?;
+        .map_err(Error::kafka("creating the Kafka producer"))?;
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
         committer: Mutex::new(None),
@@ -248,7 +252,7 @@ pub fn run(
                 .then_some(cfg.source.start_timestamp_ms)
                 .flatten(),
         })
-        .map_err(|e| format!("creating the Kafka consumer: {e}"))?,
+        .map_err(Error::kafka("creating the Kafka consumer"))?,
     );
     let (jobs_tx, jobs_rx) = sync_channel(MAX_PENDING_COMMITS);
     let (replies_tx, replies_rx) = sync_channel(MAX_PENDING_COMMITS + 1);
@@ -257,7 +261,7 @@ pub fn run(
         std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || committer_loop(shared, consumer, jobs_rx, replies_tx))
-            .map_err(|e| format!("starting the committer thread: {e}"))?
+            .map_err(|e| Error::Thread(Arc::new(e)))?
     };
     *shared.committer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Committer {
         jobs: jobs_tx,
@@ -304,9 +308,9 @@ fn drain(
     consumer: &BaseConsumer<ConsumerCtx>,
     id: &str,
     opts: DrainOptions,
-) -> Result<DrainReport, String> {
-    let assignment = consumer.assignment().map_err(|e| format!("reading the assignment: {e}"))?;
-    consumer.pause(&assignment).map_err(|e| format!("pausing the partitions: {e}"))?;
+) -> Result<DrainReport, Error> {
+    let assignment = consumer.assignment().map_err(Error::kafka("reading the assignment"))?;
+    consumer.pause(&assignment).map_err(Error::kafka("pausing the partitions"))?;
     let paused_at_ms = chrono::Utc::now().timestamp_millis();
     let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
     commit_sync(shared, &mut engine, consumer)?;
@@ -319,7 +323,7 @@ fn drain(
                 Ok(None) => cp.latest(p),
                 Err(e) => {
                     shared.metrics.checkpoint_failures.inc();
-                    return Err(format!("checkpoint of partition {p}: {e}"));
+                    return Err(Error::Checkpoint { partition: p, source: Arc::new(e) });
                 }
             },
             None => None,
@@ -336,7 +340,7 @@ fn consume(
     consumer: &BaseConsumer<ConsumerCtx>,
     health: &Health,
     cancel: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     // Wait for the brokers and the input topic's metadata, with backoff.
     let first = cfg.source.topics[0].clone();
     let mut backoff = Duration::from_millis(200);
@@ -362,7 +366,7 @@ fn consume(
         init_transactions(shared, cancel)?;
     }
     let topics: Vec<&str> = cfg.source.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).map_err(|e| format!("subscribing to {topics:?}: {e}"))?;
+    consumer.subscribe(&topics).map_err(|e| Error::client(format!("subscribing to {topics:?}"), e))?;
 
     let max_batch = cfg.model.signature.batch.max_size.max(1) as usize;
     let max_delay = Duration::from_millis(cfg.model.signature.batch.max_delay.as_millis());
@@ -371,7 +375,7 @@ fn consume(
     let mut batch = Vec::with_capacity(max_batch);
     let mut paused_for_space = false;
     while !cancel.is_cancelled() {
-        if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(why);
         }
         health.heartbeat.beat();
@@ -389,15 +393,15 @@ fn consume(
                 ),
                 Err(e) => warn!(id, error = %e, "drain failed; consuming again"),
             }
-            health.admin.finish(&id, result);
+            health.admin.finish(&id, result.map_err(|e| e.to_string()));
         }
         if health.admin.take_resume() {
             match consumer.assignment() {
                 Ok(a) => match consumer.resume(&a) {
                     Ok(()) => info!(partitions = a.count(), "drain over: consuming again"),
-                    Err(e) => shared.fail(format!("resuming the partitions after a drain: {e}")),
+                    Err(e) => shared.fail(Error::client("resuming the partitions after a drain", e)),
                 },
-                Err(e) => shared.fail(format!("reading the assignment to resume after a drain: {e}")),
+                Err(e) => shared.fail(Error::client("reading the assignment to resume after a drain", e)),
             }
         }
         let mut first_at: Option<Instant> = None;
@@ -425,7 +429,7 @@ fn consume(
                 }
             }
         }
-        if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // Set during this poll (e.g. by the rebalance callback): process nothing more.
             return Err(why);
         }
@@ -446,7 +450,7 @@ fn consume(
                 })
                 .collect();
             let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
-            let outs = engine.process(&records).map_err(|e| e.to_string())?;
+            let outs = engine.process(&records).map_err(|e| Error::engine("processing a batch", e))?;
             drop(records);
             let shadow = health.admin.shadow();
             for o in outs {
@@ -493,14 +497,14 @@ fn pause_for_space(
     consumer: &BaseConsumer<ConsumerCtx>,
     volume_full: bool,
     paused: &mut bool,
-) -> Result<(), String> {
-    let assignment = consumer.assignment().map_err(|e| format!("reading the assignment: {e}"))?;
+) -> Result<(), Error> {
+    let assignment = consumer.assignment().map_err(Error::kafka("reading the assignment"))?;
     if volume_full {
         if !*paused && shared.exactly_once {
             let engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
             shared.commit_transaction(consumer, &engine.positions())?;
         }
-        consumer.pause(&assignment).map_err(|e| format!("pausing the partitions (state volume full): {e}"))?;
+        consumer.pause(&assignment).map_err(Error::kafka("pausing the partitions (state volume full)"))?;
         if !*paused {
             info!(partitions = assignment.count(), "state volume full: consumption paused");
         }
@@ -511,7 +515,7 @@ fn pause_for_space(
         if admin.fenced() || admin.drained() {
             info!("space on the state volume again; partitions stay paused (drain or cut-over barrier)");
         } else {
-            consumer.resume(&assignment).map_err(|e| format!("resuming the partitions: {e}"))?;
+            consumer.resume(&assignment).map_err(Error::kafka("resuming the partitions"))?;
             info!(partitions = assignment.count(), "space on the state volume again: consuming again");
         }
     }
