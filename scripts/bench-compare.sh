@@ -43,14 +43,7 @@ rm -rf "$KS/target/lib"
 KS_CP="$KS/target/classes:$KS/target/lib/*"
 
 # The checker's virtualenv, keyed by its requirements file.
-req="$ROOT/scripts/requirements-bench-compare.txt"
-venv="$CACHE/venv-bench-compare-$(sha256sum "$req" | cut -c1-12)"
-if [[ ! -x $venv/bin/python ]]; then
-  log "creating Python virtualenv $venv"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
-fi
+venv=$(python_venv bench-compare- "$ROOT/scripts/requirements-bench-compare.txt")
 PY=("$venv/bin/python" "$ROOT/scripts/bench-compare.py")
 
 # Only the broker is needed. A fresh one every time, stopped on exit.
@@ -138,7 +131,8 @@ run_engine kafka-streams "$topic-semantics" "$topic-semantics-kstreams" 30000
   --weights "$KS/fraud-mlp-weights.json" ${BENCH_COMPARE_CHECK_PERTURB:+--perturb "$BENCH_COMPARE_CHECK_PERTURB"} \
   --outputs "streamscore=$topic-semantics-worker-out" "kafka-streams=$topic-semantics-kstreams-out"
 
-busy=$(ps -eo comm= | grep -cxE 'rustc|cargo|cc1plus|cc1|ld|go' || true)
+busy=0
+for p in rustc cargo cc1plus cc1 ld go; do busy=$((busy + $(pgrep -c -x "$p" || true))); done
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem/ {print $2}') GiB, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ);" \
   "$COUNT events, $USERS users, $RUNS runs; compiler processes running at the start: $busy;" \
   "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -29,11 +29,6 @@ fi
 # Python tools (test-model generation): a virtualenv keyed by the requirements file.
 req="$ROOT/models/requirements.txt"
 if [[ -f $req ]]; then
-  venv="$CACHE/venv-$(sha256sum "$req" | cut -c1-12)"
-  if [[ ! -x $venv/bin/python ]]; then
-    log "creating Python virtualenv $venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
-  fi
+  venv=$(python_venv "" "$req")
   ln -sfn "$venv" "$CACHE/venv"
 fi

@@ -15,6 +15,21 @@ mkdir -p "$CACHE" "$DEV"
 log() { printf '[streamscore] %s\n' "$*" >&2; }
 die() { printf '[streamscore] error: %s\n' "$*" >&2; exit 1; }
 
+# python_venv PREFIX REQUIREMENTS [PROGRAM]: a virtualenv under $CACHE named venv-PREFIX<digest of
+# the requirements file>, created (and the requirements installed from PyPI) when bin/PROGRAM
+# (default python) is missing; prints its path.
+python_venv() {
+  local req=$2 program=${3:-python} venv
+  venv="$CACHE/venv-$1$(sha256sum "$2" | cut -c1-12)"
+  if [[ ! -x $venv/bin/$program ]]; then
+    log "creating Python virtualenv $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
+  fi
+  printf '%s\n' "$venv"
+}
+
 # shellcheck disable=SC2034  # used by the scripts that source this file
 K8S_BIN="$CACHE/kubernetes-v$KUBERNETES_VERSION/bin"
 # shellcheck disable=SC2034

@@ -7,14 +7,7 @@
 . "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 bash "$ROOT/scripts/build-k8s.sh" helm >/dev/null
-req="$ROOT/scripts/requirements-scan.txt"
-venv="$CACHE/venv-scan-$(sha256sum "$req" | cut -c1-12)"
-if [[ ! -x $venv/bin/checkov ]]; then
-  log "installing the security scanner ($venv)"
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
-fi
+venv=$(python_venv scan- "$ROOT/scripts/requirements-scan.txt" checkov)
 render="$CARGO_TARGET_DIR/debug/streamscore-render"
 [[ -x $render ]] || (cd "$ROOT" && cargo build -q -p streamscore-operator --bin streamscore-render)
 
