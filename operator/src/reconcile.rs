@@ -34,7 +34,7 @@ use streamscore_crds::tenantmodel::{
 use tracing::{info, instrument, warn};
 
 use crate::build::{
-    build_live, colour, config_map_name, render_pipeline, selector_string, BuildContext, Children, FIRST_COLOR,
+    build_live, colour, config_map_name, render_pipeline, selector_string, BuildContext, Children, Colour, FIRST_COLOR,
 };
 use crate::metrics::OperatorMetrics;
 use crate::ownership::{conflict, is_controlled_by};
@@ -270,11 +270,9 @@ impl Blocked {
 
 async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Error> {
     let ns = tm.namespace().ok_or(Error::NoNamespace)?;
-    let name = tm.name_any();
     let uid = tm.uid().unwrap_or_default();
     let client = ctx.client.clone();
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
-    let generation = tm.metadata.generation;
     let version = tm.spec.model.version.clone();
 
     // validate (pure), then what the spec names outside itself
@@ -288,20 +286,9 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
 
     // what the live colour runs (its ConfigMap), and what the spec asks for
     let build_ctx = BuildContext { kafka_prefix: ctx.policy.kafka_prefix_for(&ns), ..ctx.build.clone() };
-    let live_color = tm.status.as_ref().and_then(|s| s.active_color.clone()).unwrap_or_else(|| FIRST_COLOR.into());
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let live_pipeline =
-        match cms.get_opt(&config_map_name(&name, &live_color)).await.map_err(Error::at(Step::Observe))? {
-            Some(cm) if is_controlled_by(&cm.metadata, &uid) => cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get("pipeline.yaml"))
-                .and_then(|t| streamscore_crds::pipeline::PipelineConfig::from_yaml(t).ok()),
-            _ => None,
-        };
+    let Live { color: live_color, pipeline: live_pipeline, deployment: live_dep } =
+        observe_live(&client, tm).await.map_err(Error::at(Step::Observe))?;
     let desired = render_pipeline(tm, build_ctx.kafka_prefix.as_deref());
-    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let live_dep = deps.get_opt(&format!("{name}-{live_color}")).await.map_err(Error::at(Step::Observe))?;
     let mut written = tm.status.clone();
     let mut up = UpgradeState {
         current: tm.status.as_ref().and_then(|s| s.upgrade.clone()),
@@ -350,31 +337,13 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
 
     // the upgrade in progress: the candidate's children, its gates and cut-over
-    let candidate = match up.current.clone() {
-        Some(u) => {
-            let live_p = live_pipeline.clone().unwrap_or_else(|| desired.clone());
-            let pipeline = crate::upgrade::candidate_pipeline(&desired, &live_p, &u, &tm.spec.upgrade);
-            let mut c = colour(tm, &build_ctx, &u.candidate, &pipeline);
-            if let Some(spec) = c.deployment.spec.as_mut() {
-                spec.replicas = Some(replicas);
-            }
-            Some(c)
-        }
-        None => None,
-    };
+    let candidate = up
+        .current
+        .as_ref()
+        .map(|u| candidate_children(tm, &build_ctx, u, live_pipeline.as_ref().unwrap_or(&desired), &desired, replicas));
 
     // apply
-    let applied = apply_children(&client, &ns, &children, plan.apply_live, live_dep.as_ref()).await;
-    let applied = match (applied, &candidate) {
-        (Ok(live), Some(c)) => {
-            let cms_api = Api::<ConfigMap>::namespaced(client.clone(), &ns);
-            match apply(&cms_api, &c.config_map).await {
-                Ok(_) => apply(&deps, &c.deployment).await.map(|cand| (live, Some(cand))),
-                Err(e) => Err(e),
-            }
-        }
-        (r, _) => r.map(|live| (live, None)),
-    };
+    let applied = apply_all(&client, &ns, &children, plan.apply_live, live_dep.as_ref(), candidate.as_ref()).await;
     let (live, live_candidate) = match applied {
         Ok(x) => x,
         Err(failure) if failure.is_permanent() => {
@@ -420,38 +389,76 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
 
     // status
-    let selector = selector_string(tm, &live_color);
+    // Also when the rollback happened in this reconcile.
+    let held = plan.held_back.clone().or_else(|| {
+        if up.current.is_some() {
+            return None;
+        }
+        held_back(up.last.as_ref(), &upgrade::spec_hash(&desired, upgrade::retry_token(tm)))
+    });
+    let Applied { status, available, running_version } =
+        observe_applied(ctx, tm, &live, &live_color, replicas, &mut rescale, &up, held.as_deref())
+            .await
+            .map_err(Error::at(Step::Status))?;
+    let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
+    let ready = status.phase == Some(streamscore_crds::tenantmodel::Phase::Running);
+    if patch_status_from(&tms, &tm.name_any(), &mut written, status).await.map_err(Error::at(Step::Status))?
+        && ready
+        && !was_ready
+    {
+        publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {running_version}")).await;
+    }
+    Ok(Action::requeue(next_reconcile(tm, &rescale, &up, barrier_applied, available)))
+}
+
+/// The status after this reconcile's actions, and what it was computed from.
+struct Applied {
+    status: TenantModelStatus,
+    /// Available workers of the live colour.
+    available: i32,
+    /// The model version the live pods run (their template), not the spec's.
+    running_version: String,
+}
+
+/// Observes the live colour's workers (why they are not ready, their newest checkpoints) and
+/// computes the status with the rescale's and the upgrade's bookkeeping (`held`: why the spec
+/// is not applied after a rolled-back upgrade).
+#[allow(clippy::too_many_arguments)]
+async fn observe_applied(
+    ctx: &Context,
+    tm: &TenantModel,
+    live: &Deployment,
+    live_color: &str,
+    replicas: i32,
+    rescale: &mut Rescale,
+    up: &UpgradeState,
+    held: Option<&str>,
+) -> Result<Applied, kube::Error> {
+    let (ns, generation) = (tm.namespace().unwrap_or_default(), tm.metadata.generation);
+    let selector = selector_string(tm, live_color);
     let available = live.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
-    let (worker_problem, worker_restoring) =
-        if available < replicas { worker_readiness_problem(&client, &ns, &selector, None).await } else { (None, None) };
+    let (worker_problem, worker_restoring) = if available < replicas {
+        worker_readiness_problem(&ctx.client, &ns, &selector, None).await
+    } else {
+        (None, None)
+    };
     let observed = Observed::Applied {
-        deployment: &live,
-        color: &live_color,
+        deployment: live,
+        color: live_color,
         selector: selector.clone(),
-        worker_problem: worker_problem.clone(),
+        worker_problem,
         worker_restoring,
     };
-    if rescale.op.as_ref().is_some_and(|o| o.step == OperationStep::Scaling) {
-        // The new replica count is applied: from here on, wait for the partitions to settle.
-        crate::fault::point("rescale-scaled");
-        if let Some(op) = rescale.op.as_mut() {
-            let msg = format!(
-                "Rescaling {}→{}: {} workers applied; waiting for partitions to be restored",
-                op.from, op.to, op.to
-            );
-            rescale::advance(op, OperationStep::Restoring, msg, &now());
-        }
-    }
-    // The model version the live pods run (their template), not the spec's.
+    advance_rescale_after_scaling(rescale);
     let running_version = live
         .spec
         .as_ref()
         .and_then(|s| s.template.metadata.as_ref()?.annotations.as_ref()?.get("streamscore.io/model-version").cloned())
-        .unwrap_or_else(|| version.clone());
+        .unwrap_or_else(|| tm.spec.model.version.clone());
     let mut status = compute(tm.status.as_ref(), generation, &running_version, &observed, &now());
     if tm.spec.checkpoint_store.is_some() && rescale.op.is_none() && up.current.is_none() && available > 0 {
         // The workers say what their newest checkpoints are (admin API).
-        let pods = worker_pods(&client, &ns, &selector, None).await.map_err(Error::at(Step::Status))?;
+        let pods = worker_pods(&ctx.client, &ns, &selector, None).await?;
         if let Some(lc) = rescale::last_checkpoint(&ctx.workers.status(&pods).await) {
             status.last_checkpoint = Some(lc);
         }
@@ -462,63 +469,133 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     status.last_upgrade = up.last.clone();
     status.plan = up.plan.clone();
     crate::status::with_operation(&mut status, &now(), generation);
-    // Also when the rollback happened in this reconcile.
-    let held = plan.held_back.clone().or_else(|| {
-        if up.current.is_some() {
-            return None;
+    crate::status::with_upgrade(&mut status, held, &now(), generation);
+    if up.current.is_none() {
+        note_rescale_rolled_back(&mut status, tm, rescale, replicas);
+    }
+    Ok(Applied { status, available, running_version })
+}
+
+/// What the live colour runs: its colour (`status.activeColor`), its pipeline (from its
+/// ConfigMap, when this TenantModel controls it) and its Deployment.
+struct Live {
+    color: String,
+    pipeline: Option<PipelineConfig>,
+    deployment: Option<Deployment>,
+}
+
+async fn observe_live(client: &Client, tm: &TenantModel) -> Result<Live, kube::Error> {
+    let (ns, name, uid) = (tm.namespace().unwrap_or_default(), tm.name_any(), tm.uid().unwrap_or_default());
+    let color = tm.status.as_ref().and_then(|s| s.active_color.clone()).unwrap_or_else(|| FIRST_COLOR.into());
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let pipeline = match cms.get_opt(&config_map_name(&name, &color)).await? {
+        Some(cm) if is_controlled_by(&cm.metadata, &uid) => {
+            cm.data.as_ref().and_then(|d| d.get("pipeline.yaml")).and_then(|t| PipelineConfig::from_yaml(t).ok())
         }
-        held_back(up.last.as_ref(), &upgrade::spec_hash(&desired, upgrade::retry_token(tm)))
-    });
-    crate::status::with_upgrade(&mut status, held.as_deref(), &now(), generation);
-    if let Some(last) = rescale.last.as_ref().filter(|l| {
+        _ => None,
+    };
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(&format!("{name}-{color}")).await?;
+    Ok(Live { color, pipeline, deployment })
+}
+
+/// The candidate colour's children during an upgrade (`live` is what the live colour runs),
+/// at `replicas` workers.
+fn candidate_children(
+    tm: &TenantModel,
+    build_ctx: &BuildContext,
+    u: &Upgrade,
+    live: &PipelineConfig,
+    desired: &PipelineConfig,
+    replicas: i32,
+) -> Colour {
+    let pipeline = crate::upgrade::candidate_pipeline(desired, live, u, &tm.spec.upgrade);
+    let mut c = colour(tm, build_ctx, &u.candidate, &pipeline);
+    if let Some(spec) = c.deployment.spec.as_mut() {
+        spec.replicas = Some(replicas);
+    }
+    c
+}
+
+/// Applies the live colour's children (its ConfigMap and Deployment only when `apply_live`),
+/// then the candidate's: the live Deployment and the candidate's, as the API server stored them.
+async fn apply_all(
+    client: &Client,
+    ns: &str,
+    children: &Children,
+    apply_live: bool,
+    live_dep: Option<&Deployment>,
+    candidate: Option<&Colour>,
+) -> Result<(Deployment, Option<Deployment>), ApplyFailure> {
+    let live = apply_children(client, ns, children, apply_live, live_dep).await?;
+    let Some(c) = candidate else { return Ok((live, None)) };
+    apply(&Api::<ConfigMap>::namespaced(client.clone(), ns), &c.config_map).await?;
+    let cand = apply(&Api::<Deployment>::namespaced(client.clone(), ns), &c.deployment).await?;
+    Ok((live, Some(cand)))
+}
+
+/// A rescale whose new replica count was just applied waits for its partitions from here on.
+fn advance_rescale_after_scaling(rescale: &mut Rescale) {
+    let Some(op) = rescale.op.as_mut().filter(|o| o.step == OperationStep::Scaling) else { return };
+    crate::fault::point("rescale-scaled");
+    let msg =
+        format!("Rescaling {}→{}: {} workers applied; waiting for partitions to be restored", op.from, op.to, op.to);
+    rescale::advance(op, OperationStep::Restoring, msg, &now());
+}
+
+/// Says in the Progressing condition that `spec.parallelism` is not applied because its rescale
+/// rolled back (it is tried again later or on a spec change).
+fn note_rescale_rolled_back(status: &mut TenantModelStatus, tm: &TenantModel, rescale: &Rescale, replicas: i32) {
+    let Some(last) = rescale.last.as_ref().filter(|l| {
         rescale.op.is_none()
             && replicas != tm.spec.parallelism
             && l.result == "RolledBack"
             && l.to == tm.spec.parallelism
-            && up.current.is_none()
-    }) {
-        let msg = format!(
-            "spec.parallelism {} is not applied ({replicas} workers run): {}; tried again 5 minutes after {} or when the \
-             spec changes",
-            tm.spec.parallelism, last.message, last.finished_at
-        );
-        crate::status::set_condition(
-            &mut status.conditions,
-            "Progressing",
-            false,
-            "RescaleRolledBack",
-            &msg,
-            &now(),
-            generation,
-        );
-    }
-    let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
-    let ready = status.phase == Some(streamscore_crds::tenantmodel::Phase::Running);
-    if patch_status_from(&tms, &tm.name_any(), &mut written, status).await.map_err(Error::at(Step::Status))?
-        && ready
-        && !was_ready
-    {
-        publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {running_version}")).await;
-    }
+    }) else {
+        return;
+    };
+    let msg = format!(
+        "spec.parallelism {} is not applied ({replicas} workers run): {}; tried again 5 minutes after {} or when the \
+         spec changes",
+        tm.spec.parallelism, last.message, last.finished_at
+    );
+    crate::status::set_condition(
+        &mut status.conditions,
+        "Progressing",
+        false,
+        "RescaleRolledBack",
+        &msg,
+        &now(),
+        tm.metadata.generation,
+    );
+}
+
+/// When to look again: each second during a rescale, soon during an upgrade (at once after the
+/// barrier is recorded), otherwise every 10 s while workers are unavailable (pods' readiness
+/// does not wake the controller), every minute with checkpoints (status.lastCheckpoint), else
+/// every 5 minutes.
+fn next_reconcile(
+    tm: &TenantModel,
+    rescale: &Rescale,
+    up: &UpgradeState,
+    barrier_applied: bool,
+    available: i32,
+) -> Duration {
     if rescale.op.is_some() {
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        return Duration::from_secs(1);
     }
     if let Some(u) = &up.current {
         // The barrier was just recorded: its ConfigMap and the candidate's go-live come next,
         // at once (input is stopped meanwhile).
         let barrier_pending = u.live_from.is_some() && !barrier_applied;
-        return Ok(Action::requeue(if barrier_pending { Duration::from_millis(20) } else { Duration::from_secs(2) }));
+        return if barrier_pending { Duration::from_millis(20) } else { Duration::from_secs(2) };
     }
-    // Not all workers available: look again soon (pods' readiness does not wake the controller);
-    // with checkpoints, every minute for status.lastCheckpoint.
-    let every = if available < tm.spec.parallelism {
+    Duration::from_secs(if available < tm.spec.parallelism {
         10
     } else if tm.spec.checkpoint_store.is_some() {
         60
     } else {
         300
-    };
-    Ok(Action::requeue(Duration::from_secs(every)))
+    })
 }
 
 /// Deletes the TenantModel's Deployments, ConfigMaps and Services other than those of
