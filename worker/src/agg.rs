@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use streamscore_crds::pipeline::Aggregation;
 
+use crate::codec::{put_f64, put_i64, put_str, put_u64, Reader};
 use crate::json;
 
 /// A field value kept in state.
@@ -90,7 +91,13 @@ impl Agg {
         self.count += 1;
         match kind {
             Aggregation::Count => {}
-            Aggregation::Sum | Aggregation::Avg | Aggregation::Min | Aggregation::Max => {
+            Aggregation::Sum | Aggregation::Avg => {
+                if let Scalar::Num(n) = e.val {
+                    self.sum += n;
+                }
+            }
+            // Only these read the extremes: the others keep them unset (nothing to store).
+            Aggregation::Min | Aggregation::Max => {
                 if let Scalar::Num(n) = e.val {
                     self.sum += n;
                     self.min = Some(self.min.map_or(n, |m| m.min(n)));
@@ -138,6 +145,145 @@ impl Agg {
                 None => FeatureValue::Null,
             },
         }
+    }
+}
+
+// The stored form (see `crate::record` for the whole record). Sizes matter: every changed key is
+// written at every commit.
+
+/// `Scalar` tags: an integral number in ±2^53 as a zigzag varint (counts are 1 byte), any other
+/// number as its 8 bytes, text as a length-prefixed string.
+const NUM_INT: u8 = 0;
+const NUM_F64: u8 = 1;
+const STR: u8 = 2;
+
+impl Scalar {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Scalar::Num(n)
+                if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 && n.to_bits() != (-0.0f64).to_bits() =>
+            {
+                out.push(NUM_INT);
+                put_i64(out, *n as i64);
+            }
+            Scalar::Num(n) => {
+                out.push(NUM_F64);
+                put_f64(out, *n);
+            }
+            Scalar::Str(s) => {
+                out.push(STR);
+                put_str(out, s);
+            }
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, String> {
+        match r.u8("value")? {
+            NUM_INT => Ok(Scalar::Num(r.i64("value")? as f64)),
+            NUM_F64 => Ok(Scalar::Num(r.f64("value")?)),
+            STR => Ok(Scalar::Str(r.str("value")?)),
+            t => Err(format!("value: unknown tag {t}")),
+        }
+    }
+}
+
+/// A list of entries sorted by (time, seq): count, then per entry the time and the arrival
+/// number as differences from the previous entry's (the first from 0), and the value.
+pub(crate) fn encode_entries(out: &mut Vec<u8>, entries: &[Entry]) {
+    put_u64(out, entries.len() as u64);
+    let (mut t, mut s) = (0i64, 0u64);
+    for e in entries {
+        put_i64(out, e.time.wrapping_sub(t));
+        put_i64(out, e.seq.wrapping_sub(s) as i64);
+        e.val.encode(out);
+        (t, s) = (e.time, e.seq);
+    }
+}
+
+pub(crate) fn decode_entries(r: &mut Reader<'_>) -> Result<Vec<Entry>, String> {
+    let n = r.len("entries", 3)?;
+    let mut v = Vec::with_capacity(n);
+    let (mut t, mut s) = (0i64, 0u64);
+    for _ in 0..n {
+        t = t.wrapping_add(r.i64("entry time")?);
+        s = s.wrapping_add(r.i64("entry seq")? as u64);
+        v.push(Entry { time: t, seq: s, val: Scalar::decode(r)? });
+    }
+    Ok(v)
+}
+
+// `Agg` flags: which fields follow the count.
+const HAS_SUM: u8 = 1;
+const HAS_MIN: u8 = 2;
+const HAS_MAX: u8 = 4;
+const MAX_IS_MIN: u8 = 8;
+const HAS_LAST: u8 = 16;
+const HAS_DISTINCT: u8 = 32;
+
+impl Agg {
+    /// A flags byte, the count, then only the fields set: a count bucket is 2 bytes.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        let extra = self.extra.as_deref();
+        let last = extra.and_then(|x| x.last.as_ref());
+        let distinct = extra.map(|x| &x.distinct).filter(|d| !d.is_empty());
+        let same = matches!((self.min, self.max), (Some(a), Some(b)) if a.to_bits() == b.to_bits());
+        let flag = |set: bool, bit: u8| if set { bit } else { 0 };
+        let flags = flag(self.sum.to_bits() != 0, HAS_SUM)
+            | flag(self.min.is_some(), HAS_MIN)
+            | flag(self.max.is_some(), HAS_MAX)
+            | flag(same, MAX_IS_MIN)
+            | flag(last.is_some(), HAS_LAST)
+            | flag(distinct.is_some(), HAS_DISTINCT);
+        out.push(flags);
+        put_u64(out, self.count);
+        if flags & HAS_SUM != 0 {
+            put_f64(out, self.sum);
+        }
+        if let Some(m) = self.min {
+            put_f64(out, m);
+        }
+        if let (Some(m), false) = (self.max, same) {
+            put_f64(out, m);
+        }
+        if let Some((t, s, v)) = last {
+            put_i64(out, *t);
+            put_u64(out, *s);
+            v.encode(out);
+        }
+        if let Some(distinct) = distinct {
+            put_u64(out, distinct.len() as u64);
+            for d in distinct {
+                put_str(out, d);
+            }
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, String> {
+        let flags = r.u8("aggregate")?;
+        if flags & !(HAS_SUM | HAS_MIN | HAS_MAX | MAX_IS_MIN | HAS_LAST | HAS_DISTINCT) != 0 {
+            return Err(format!("aggregate: unknown flags {flags:#04x}"));
+        }
+        let count = r.u64("aggregate count")?;
+        let sum = if flags & HAS_SUM != 0 { r.f64("aggregate sum")? } else { 0.0 };
+        let min = if flags & HAS_MIN != 0 { Some(r.f64("aggregate min")?) } else { None };
+        let max = match (flags & HAS_MAX != 0, flags & MAX_IS_MIN != 0) {
+            (false, _) => None,
+            (true, true) => Some(min.ok_or("aggregate: max equal to an absent min")?),
+            (true, false) => Some(r.f64("aggregate max")?),
+        };
+        let mut extra: Option<Box<AggExtra>> = None;
+        if flags & HAS_LAST != 0 {
+            let last = (r.i64("aggregate last")?, r.u64("aggregate last")?, Scalar::decode(r)?);
+            extra.get_or_insert_with(Box::default).last = Some(last);
+        }
+        if flags & HAS_DISTINCT != 0 {
+            let n = r.len("distinct values", 1)?;
+            let x = extra.get_or_insert_with(Box::default);
+            for _ in 0..n {
+                x.distinct.insert(r.str("distinct value")?);
+            }
+        }
+        Ok(Self { count, sum, min, max, extra })
     }
 }
 

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use streamscore_crds::pipeline::{Aggregation, EmittedWindow};
 
 use crate::agg::{Agg, Entry, FeatureValue, Scalar};
+use crate::codec::{put_i64, put_u64, Reader};
 
 #[derive(Clone, Debug)]
 struct Def {
@@ -58,6 +59,29 @@ pub struct OpenWindows {
 }
 
 impl OpenWindows {
+    /// Appends the stored form: the count, per window its feature index, start and aggregate,
+    /// then the arrival counter.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.windows.len() as u64);
+        for ((feature, start), agg) in &self.windows {
+            put_u64(out, u64::from(*feature));
+            put_i64(out, *start);
+            agg.encode(out);
+        }
+        put_u64(out, self.next_seq);
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, String> {
+        let n = r.len("open windows", 4)?;
+        let mut windows = BTreeMap::new();
+        for _ in 0..n {
+            let feature = u32::try_from(r.u64("window feature")?).map_err(|_| "window feature: out of range")?;
+            let start = r.i64("window start")?;
+            windows.insert((feature, start), Agg::decode(r)?);
+        }
+        Ok(Self { windows, next_seq: r.u64("window arrival counter")? })
+    }
+
     /// Number of open windows.
     pub fn len(&self) -> usize {
         self.windows.len()
@@ -289,8 +313,11 @@ mod tests {
         let set = EmittedSet::new(&[def("l", Aggregation::Last, 1_000, Some(500))]);
         let mut open = OpenWindows::default();
         set.on_event(&mut open, 700, &[Some(Scalar::Str("a".into()))]);
-        let bytes = bincode::serialize(&open).unwrap();
-        let mut back: OpenWindows = bincode::deserialize(&bytes).unwrap();
+        let mut bytes = Vec::new();
+        open.encode(&mut bytes);
+        let mut r = crate::codec::Reader::new(&bytes);
+        let mut back = OpenWindows::decode(&mut r).unwrap();
+        r.finish("open windows").unwrap();
         assert_eq!(back, open);
         set.on_event(&mut back, 700, &[Some(Scalar::Str("b".into()))]);
         assert_eq!(set.close(&mut back, 1_500)[0].value, FeatureValue::Text("b".into()));

@@ -24,7 +24,8 @@
 use serde::{Deserialize, Serialize};
 use streamscore_crds::pipeline::{Aggregation, FeaturesConfig, Filter, SequenceFeature, WindowFeature};
 
-use crate::agg::{format_num, Agg, Entry, FeatureValue, Scalar};
+use crate::agg::{decode_entries, encode_entries, format_num, Agg, Entry, FeatureValue, Scalar};
+use crate::codec::{put_i64, put_u64, Reader};
 use crate::decode::{Field, FieldId, Fields, Schema, Val};
 
 /// The value a field contributes to state (none for `null` and nested values).
@@ -60,6 +61,64 @@ pub struct FeatureState {
     next_seq: u64,
     /// Largest event time applied for this key.
     pub max_time: Option<i64>,
+}
+
+impl FeatureState {
+    /// Appends the stored form: per window its buckets (bucket numbers as differences from the
+    /// previous one) and raw entries, per sequence its entries, the arrival counter, the largest
+    /// event time.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.windows.len() as u64);
+        for w in &self.windows {
+            put_u64(out, w.buckets.len() as u64);
+            let mut prev = 0i64;
+            for (b, agg) in &w.buckets {
+                put_i64(out, b.wrapping_sub(prev));
+                agg.encode(out);
+                prev = *b;
+            }
+            encode_entries(out, &w.raw);
+        }
+        put_u64(out, self.sequences.len() as u64);
+        for s in &self.sequences {
+            encode_entries(out, &s.entries);
+        }
+        put_u64(out, self.next_seq);
+        match self.max_time {
+            None => out.push(0),
+            Some(t) => {
+                out.push(1);
+                put_i64(out, t);
+            }
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, String> {
+        let nw = r.len("windows", 2)?;
+        let mut windows = Vec::with_capacity(nw);
+        for _ in 0..nw {
+            let nb = r.len("buckets", 3)?;
+            let mut buckets = Vec::with_capacity(nb);
+            let mut prev = 0i64;
+            for _ in 0..nb {
+                prev = prev.wrapping_add(r.i64("bucket")?);
+                buckets.push((prev, Agg::decode(r)?));
+            }
+            windows.push(WindowState { buckets, raw: decode_entries(r)? });
+        }
+        let ns = r.len("sequences", 1)?;
+        let mut sequences = Vec::with_capacity(ns);
+        for _ in 0..ns {
+            sequences.push(SeqState { entries: decode_entries(r)? });
+        }
+        let next_seq = r.u64("arrival counter")?;
+        let max_time = match r.u8("max event time")? {
+            0 => None,
+            1 => Some(r.i64("max event time")?),
+            t => return Err(format!("max event time: unknown tag {t}")),
+        };
+        Ok(Self { windows, sequences, next_seq, max_time })
+    }
 }
 
 /// Floor division for event-time arithmetic.

@@ -24,13 +24,14 @@
 //!  agg .......................... Scalar, Entry, Agg, FeatureValue
 //!  metrics ...................... the Prometheus registry of the worker
 //!  decode, watermark ............ record decoding and validation (dead-letter reasons); event time
-//!  config, json, fault .......... configuration; JSON writing; fault injection for tests
+//!  config, json, codec, fault ... configuration; JSON writing; state bytes; fault injection
 //! ```
-//! `features`, `emitted`, `agg`, `watermark` and `json` are pure logic without I/O.
+//! `features`, `emitted`, `agg`, `watermark`, `json` and `codec` are pure logic without I/O.
 
 pub mod admin;
 pub mod agg;
 pub mod checkpoint;
+pub mod codec;
 pub mod config;
 pub mod decode;
 pub mod emitted;

@@ -32,7 +32,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{BlockBasedOptions, Cache, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::FxBuildHasher;
+
+/// The write-back cache's map: hashbrown for `entry_ref` (one lookup per access, the key copied
+/// only when it is inserted), with the Fx hash.
+type HashMap<K, V> = hashbrown::HashMap<K, V, FxBuildHasher>;
 
 /// What a store keeps per key. The store only moves bytes; the record type owns its encoding
 /// and the version of it.
@@ -372,18 +376,21 @@ impl<R: Record> PartitionStore<R> {
     /// The state of `key`, loaded on first use; marked dirty. A key of the running snapshot is
     /// serialised into it first.
     pub fn get_mut(&mut self, key: &str) -> Result<&mut R, StateError> {
-        if !self.cache.contains_key(key) {
-            let state = match self.db.get_pinned(entity_key(key)).map_err(|e| self.rocks(e))? {
-                Some(bytes) => R::decode(&bytes).map_err(|detail| StateError::Corrupt {
-                    path: self.path.display().to_string(),
-                    key: key.to_owned(),
-                    detail,
-                })?,
-                None => R::default(),
-            };
-            self.cache.insert(key.to_owned(), Cached { state, dirty: false, pending: false });
-        }
-        let c = self.cache.get_mut(key).expect("present: inserted above");
+        let c = match self.cache.entry_ref(key) {
+            hashbrown::hash_map::EntryRef::Occupied(o) => o.into_mut(),
+            hashbrown::hash_map::EntryRef::Vacant(v) => {
+                let rocks = |source| StateError::Rocks { path: self.path.display().to_string(), source };
+                let state = match self.db.get_pinned(entity_key(key)).map_err(rocks)? {
+                    Some(bytes) => R::decode(&bytes).map_err(|detail| StateError::Corrupt {
+                        path: self.path.display().to_string(),
+                        key: key.to_owned(),
+                        detail,
+                    })?,
+                    None => R::default(),
+                };
+                v.insert(Cached { state, dirty: false, pending: false })
+            }
+        };
         if c.pending {
             c.pending = false;
             if let Some(snap) = &mut self.snapshot {
