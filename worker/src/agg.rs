@@ -57,19 +57,20 @@ pub(crate) struct Entry {
     pub(crate) val: Scalar,
 }
 
-/// Aggregate of the events of one bucket (or of one emitted window). Kept small (56 bytes): `last` and distinct values
-/// live behind a pointer that only `last` and `distinctCount` features allocate.
+/// Aggregate of the events of one bucket (or of one emitted window). Kept small (24 bytes: a
+/// key's buckets are most of its state in memory): the extremes, `last` and distinct values
+/// live behind a pointer that only `min`, `max`, `last` and `distinctCount` features allocate.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Agg {
     pub(crate) count: u64,
     sum: f64,
-    min: Option<f64>,
-    max: Option<f64>,
     extra: Option<Box<AggExtra>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct AggExtra {
+    min: Option<f64>,
+    max: Option<f64>,
     last: Option<(i64, u64, Scalar)>,
     distinct: BTreeSet<String>,
 }
@@ -100,8 +101,9 @@ impl Agg {
             Aggregation::Min | Aggregation::Max => {
                 if let Scalar::Num(n) = e.val {
                     self.sum += n;
-                    self.min = Some(self.min.map_or(n, |m| m.min(n)));
-                    self.max = Some(self.max.map_or(n, |m| m.max(n)));
+                    let x = self.extra_mut();
+                    x.min = Some(x.min.map_or(n, |m| m.min(n)));
+                    x.max = Some(x.max.map_or(n, |m| m.max(n)));
                 }
             }
             Aggregation::DistinctCount => {
@@ -114,14 +116,14 @@ impl Agg {
     pub(crate) fn merge(&mut self, o: &Agg) {
         self.count += o.count;
         self.sum += o.sum;
-        if let Some(m) = o.min {
-            self.min = Some(self.min.map_or(m, |x| x.min(m)));
-        }
-        if let Some(m) = o.max {
-            self.max = Some(self.max.map_or(m, |x| x.max(m)));
-        }
         if let Some(ox) = &o.extra {
             let x = self.extra_mut();
+            if let Some(m) = ox.min {
+                x.min = Some(x.min.map_or(m, |v| v.min(m)));
+            }
+            if let Some(m) = ox.max {
+                x.max = Some(x.max.map_or(m, |v| v.max(m)));
+            }
             if let Some((t, s, v)) = &ox.last {
                 x.offer_last(*t, *s, v);
             }
@@ -136,8 +138,8 @@ impl Agg {
             Aggregation::Count => n(self.count as f64),
             Aggregation::Sum => n(self.sum),
             Aggregation::Avg => n(if self.count == 0 { 0.0 } else { self.sum / self.count as f64 }),
-            Aggregation::Min => n(self.min.unwrap_or(0.0)),
-            Aggregation::Max => n(self.max.unwrap_or(0.0)),
+            Aggregation::Min => n(extra.and_then(|x| x.min).unwrap_or(0.0)),
+            Aggregation::Max => n(extra.and_then(|x| x.max).unwrap_or(0.0)),
             Aggregation::DistinctCount => n(extra.map_or(0, |x| x.distinct.len()) as f64),
             Aggregation::Last => match extra.and_then(|x| x.last.as_ref()) {
                 Some((_, _, Scalar::Num(x))) => n(*x),
@@ -226,11 +228,12 @@ impl Agg {
         let extra = self.extra.as_deref();
         let last = extra.and_then(|x| x.last.as_ref());
         let distinct = extra.map(|x| &x.distinct).filter(|d| !d.is_empty());
-        let same = matches!((self.min, self.max), (Some(a), Some(b)) if a.to_bits() == b.to_bits());
+        let (min, max) = extra.map_or((None, None), |x| (x.min, x.max));
+        let same = matches!((min, max), (Some(a), Some(b)) if a.to_bits() == b.to_bits());
         let flag = |set: bool, bit: u8| if set { bit } else { 0 };
         let flags = flag(self.sum.to_bits() != 0, HAS_SUM)
-            | flag(self.min.is_some(), HAS_MIN)
-            | flag(self.max.is_some(), HAS_MAX)
+            | flag(min.is_some(), HAS_MIN)
+            | flag(max.is_some(), HAS_MAX)
             | flag(same, MAX_IS_MIN)
             | flag(last.is_some(), HAS_LAST)
             | flag(distinct.is_some(), HAS_DISTINCT);
@@ -239,10 +242,10 @@ impl Agg {
         if flags & HAS_SUM != 0 {
             put_f64(out, self.sum);
         }
-        if let Some(m) = self.min {
+        if let Some(m) = min {
             put_f64(out, m);
         }
-        if let (Some(m), false) = (self.max, same) {
+        if let (Some(m), false) = (max, same) {
             put_f64(out, m);
         }
         if let Some((t, s, v)) = last {
@@ -272,6 +275,9 @@ impl Agg {
             (true, false) => Some(r.f64("aggregate max")?),
         };
         let mut extra: Option<Box<AggExtra>> = None;
+        if min.is_some() || max.is_some() {
+            extra = Some(Box::new(AggExtra { min, max, ..AggExtra::default() }));
+        }
         if flags & HAS_LAST != 0 {
             let last = (r.i64("aggregate last")?, r.u64("aggregate last")?, Scalar::decode(r)?);
             extra.get_or_insert_with(Box::default).last = Some(last);
@@ -283,7 +289,7 @@ impl Agg {
                 x.distinct.insert(r.str("distinct value")?);
             }
         }
-        Ok(Self { count, sum, min, max, extra })
+        Ok(Self { count, sum, extra })
     }
 }
 
