@@ -446,7 +446,10 @@ impl<R: Record> PartitionStore<R> {
             batch.delete(k);
         }
         self.timers_unwritten.append(&mut self.timers_added);
-        let keys = std::mem::take(&mut self.dirty);
+        // In key order: RocksDB's memtable inserts a sorted batch much faster (each insert starts
+        // its skip-list search where the previous one ended) than one in arrival order.
+        let mut keys = std::mem::take(&mut self.dirty);
+        keys.sort_unstable();
         for k in &keys {
             if let Some(c) = self.cache.get_mut(k) {
                 c.dirty = false;

@@ -2,6 +2,7 @@
 //! over partition state) and broker statistics, the producer's delivery reports.
 
 use super::*;
+use prometheus_client::metrics::histogram::Histogram;
 
 pub(super) struct ConsumerCtx {
     pub(super) shared: Arc<Shared>,
@@ -123,6 +124,8 @@ impl ConsumerCtx {
 
 pub(super) struct ProducerCtx {
     pub(super) metrics: Arc<Metrics>,
+    /// `output_stage_seconds` of fetch, process and produce, looked up once (not per delivery).
+    pub(super) stages: [Histogram; 3],
     pub(super) failures: AtomicU64,
     pub(super) health: Arc<Health>,
     pub(super) acks: Arc<Acks>,
@@ -180,19 +183,23 @@ impl ClientContext for ProducerCtx {
 
 impl ProducerCtx {
     /// Latency metrics of an acknowledged scored record.
+    /// The three histograms of `output_stage_seconds`, in [`ProducerCtx::stages`]' order.
+    pub(super) fn stage_histograms(metrics: &Metrics) -> [Histogram; 3] {
+        ["fetch", "process", "produce"].map(|stage| metrics.stage_seconds.get_or_create(&StageLabel { stage }).clone())
+    }
+
     pub(super) fn observe_scored(&self, received: Instant, source_ts: Option<i64>, sent: Instant) {
-        let total = received.elapsed().as_secs_f64();
+        let now = Instant::now();
+        let total = now.saturating_duration_since(received).as_secs_f64();
         self.metrics.latency.observe(total);
-        let stage = |name: &'static str, secs: f64| {
-            self.metrics.stage_seconds.get_or_create(&StageLabel { stage: name }).observe(secs.max(0.0));
-        };
-        stage("process", sent.saturating_duration_since(received).as_secs_f64());
-        stage("produce", sent.elapsed().as_secs_f64());
+        let [fetch, process, produce] = &self.stages;
+        process.observe(sent.saturating_duration_since(received).as_secs_f64());
+        produce.observe(now.saturating_duration_since(sent).as_secs_f64());
         if let Some(ts) = source_ts {
-            let now = chrono::Utc::now().timestamp_millis();
-            let e2e = (now - ts).max(0) as f64 / 1000.0;
+            let wall = chrono::Utc::now().timestamp_millis();
+            let e2e = (wall - ts).max(0) as f64 / 1000.0;
             self.metrics.event_latency.observe(e2e);
-            stage("fetch", e2e - total);
+            fetch.observe((e2e - total).max(0.0));
         }
     }
 }

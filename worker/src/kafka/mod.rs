@@ -219,6 +219,7 @@ pub fn run(
     }
     let producer: ThreadedProducer<ProducerCtx> = pc
         .create_with_context(ProducerCtx {
+            stages: ProducerCtx::stage_histograms(&metrics),
             metrics: metrics.clone(),
             failures: AtomicU64::new(0),
             health: health.clone(),
