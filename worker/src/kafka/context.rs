@@ -182,12 +182,12 @@ impl ClientContext for ProducerCtx {
 }
 
 impl ProducerCtx {
-    /// Latency metrics of an acknowledged scored record.
     /// The three histograms of `output_stage_seconds`, in [`ProducerCtx::stages`]' order.
     pub(super) fn stage_histograms(metrics: &Metrics) -> [Histogram; 3] {
         ["fetch", "process", "produce"].map(|stage| metrics.stage_seconds.get_or_create(&StageLabel { stage }).clone())
     }
 
+    /// Latency metrics of an acknowledged scored record.
     pub(super) fn observe_scored(&self, received: Instant, source_ts: Option<i64>, sent: Instant) {
         let now = Instant::now();
         let total = now.saturating_duration_since(received).as_secs_f64();
