@@ -7,6 +7,11 @@ Models (input: float32 [N, 4] = [tx_1h, amount_24h, rides_1h, amount]):
   nan-score.onnx     sqrt(-amount) -> output "score" [N, 1]: finite for amount <= 0 (so the
                      worker's probe on zeros passes), NaN for any positive amount; not trained,
                      it exists to test what the worker does with a NaN score
+  fraud-gbt-sklearn.onnx, fraud-lgbm.onnx, fraud-xgb.onnx
+                     gradient-boosted trees (scikit-learn, LightGBM, XGBoost; 60 trees each) in
+                     their libraries' ONNX converters (ai.onnx.ml TreeEnsembleClassifier, no
+                     ZipMap): output #0 the label [N], output #1 the probabilities [N, 2]. Their
+                     reference scores are the training library's predict_proba.
 
 The graphs use only standard ONNX operators (MatMul, Add, Relu, Sigmoid) so every
 runtime loads them. Each model comes with `<name>.reference.json`: fixed inputs and
@@ -15,6 +20,7 @@ compare tract's scores with these. Deterministic: fixed seeds, so re-running
 reproduces the committed files byte for byte.
 
 Usage: python make_models.py <output-dir>
+       python make_models.py --bench-tree <file.onnx>   (the benchmark's 300-tree model)
 """
 import hashlib
 import json
@@ -105,6 +111,66 @@ def nan_score_model():
     return m
 
 
+# Tree ensembles: scored by ONNX Runtime (model.runtime: onnxruntime or auto). Each is trained on
+# the same synthetic data by its own library and converted by that library's ONNX converter,
+# without ZipMap, so output #1 is the probability tensor [N, 2]. The reference scores are the
+# training library's own predict_proba (P(fraud)), on the probe rows and on TREE_ROWS rows of
+# held-out data, so the worker's tests check the conversion and the runtime end to end.
+TREE_ROWS = 200
+
+
+def stable(model, name):
+    """The converters name the graph with a random UUID and list opsets in set order: fix both
+    so that the files are reproducible byte for byte."""
+    model.graph.name = name
+    opsets = sorted(((o.domain, o.version) for o in model.opset_import))
+    del model.opset_import[:]
+    for domain, version in opsets:
+        model.opset_import.append(helper.make_opsetid(domain, version))
+    return model
+
+
+def tree_models(rng):
+    """Yields (name, onnx bytes, predict_proba function) for each training library."""
+    from lightgbm import LGBMClassifier
+    from onnxmltools import convert_lightgbm, convert_xgboost
+    from onnxmltools.convert.common.data_types import FloatTensorType as MlFloat
+    from skl2onnx import to_onnx
+    from sklearn.ensemble import GradientBoostingClassifier
+    from xgboost import XGBClassifier
+
+    x, y = synthetic(20000, rng)
+    opsets = {"": 15, "ai.onnx.ml": 3}
+    gbt = GradientBoostingClassifier(n_estimators=60, max_depth=3, random_state=7).fit(x, y)
+    m = to_onnx(gbt, x[:1], options={id(gbt): {"zipmap": False}}, target_opset=opsets)
+    yield "fraud-gbt-sklearn", stable(m, "fraud-gbt-sklearn"), gbt.predict_proba
+    lgbm = LGBMClassifier(n_estimators=60, num_leaves=15, random_state=7, deterministic=True,
+                          force_row_wise=True, n_jobs=1, verbose=-1).fit(x, y)
+    m = convert_lightgbm(lgbm, initial_types=[("input", MlFloat([None, len(FEATURES)]))],
+                         zipmap=False, target_opset=15)
+    yield "fraud-lgbm", stable(m, "fraud-lgbm"), lgbm.predict_proba
+    xgb = XGBClassifier(n_estimators=60, max_depth=4, random_state=7, n_jobs=1, tree_method="exact").fit(x, y)
+    m = convert_xgboost(xgb, initial_types=[("input", MlFloat([None, len(FEATURES)]))], target_opset=15)
+    yield "fraud-xgb", stable(m, "fraud-xgb"), xgb.predict_proba
+
+
+def bench_tree_model(out, trees=300, depth=6):
+    """The benchmark's tree model: LightGBM, `trees` trees of depth `depth`."""
+    from lightgbm import LGBMClassifier
+    from onnxmltools import convert_lightgbm
+    from onnxmltools.convert.common.data_types import FloatTensorType as MlFloat
+
+    x, y = synthetic(50000, np.random.default_rng(11))
+    lgbm = LGBMClassifier(n_estimators=trees, max_depth=depth, num_leaves=2 ** depth, min_child_samples=5,
+                          random_state=7, deterministic=True, force_row_wise=True, n_jobs=1,
+                          verbose=-1).fit(x, y)
+    m = convert_lightgbm(lgbm, initial_types=[("input", MlFloat([None, len(FEATURES)]))],
+                         zipmap=False, target_opset=15)
+    data = stable(m, f"bench-trees-{trees}x{depth}").SerializeToString()
+    Path(out).write_bytes(data)
+    print(f"{out}: {trees} trees of depth {depth}, {len(data)} bytes sha256={hashlib.sha256(data).hexdigest()}")
+
+
 def main(out):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +218,25 @@ def main(out):
     }
     (out / "nan-score.reference.json").write_text(json.dumps(ref, indent=2) + "\n")
     print(f"nan-score: {len(data)} bytes sha256={ref['sha256']} scores={scores.tolist()}")
+    held_out, _ = synthetic(TREE_ROWS, np.random.default_rng(99))
+    inputs = np.concatenate([probe, held_out]).astype(np.float32)
+    for name, model, predict_proba in tree_models(np.random.default_rng(7)):
+        data = model.SerializeToString()
+        (out / f"{name}.onnx").write_bytes(data)
+        scores = predict_proba(inputs)[:, 1]
+        ref = {
+            "model": f"{name}.onnx",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "features": FEATURES,
+            "inputs": inputs.tolist(),
+            "scores": [float(s) for s in scores],
+        }
+        (out / f"{name}.reference.json").write_text(json.dumps(ref) + "\n")
+        print(f"{name}: {len(data)} bytes sha256={ref['sha256']} scores[:6]={np.round(scores[:6], 4).tolist()}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else ".")
+    if len(sys.argv) > 2 and sys.argv[1] == "--bench-tree":
+        bench_tree_model(sys.argv[2])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else ".")

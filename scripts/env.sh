@@ -214,6 +214,7 @@ export STREAMSCORE_KAFKA_CLASSPATH="$KAFKA_LIBS/*"
 export STREAMSCORE_KAFKA_LOG4J="file:$DEV/kafka/tools-log4j.properties"
 export STREAMSCORE_APISERVER="https://127.0.0.1:$APISERVER_PORT"
 export STREAMSCORE_PORT_BASE="$B"
+export ORT_DYLIB_PATH="$(onnxruntime_lib)"
 # The S3 gateway (SeaweedFS; any access key works) for checkpoint tests and the demo.
 export STREAMSCORE_S3_ENDPOINT="http://127.0.0.1:$S3_PORT"
 export STREAMSCORE_S3_BUCKET="$S3_BUCKET"

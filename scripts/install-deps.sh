@@ -26,6 +26,9 @@ if command -v rustup >/dev/null; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 fi
 
+# ONNX Runtime's shared library (model.runtime: onnxruntime).
+onnxruntime_lib >/dev/null
+
 # Python tools (test-model generation): a virtualenv keyed by the requirements file.
 req="$ROOT/models/requirements.txt"
 if [[ -f $req ]]; then

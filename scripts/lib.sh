@@ -30,6 +30,22 @@ python_venv() {
   printf '%s\n' "$venv"
 }
 
+# onnxruntime_lib: ONNX Runtime's shared library, taken from PyPI's onnxruntime wheel (no
+# dependencies, nothing else of it is used) into $CACHE once; prints the versioned file, the
+# value of ORT_DYLIB_PATH.
+onnxruntime_lib() {
+  local dir="$CACHE/onnxruntime-$ONNXRUNTIME_VERSION"
+  local lib="$dir/onnxruntime/capi/libonnxruntime.so.$ONNXRUNTIME_VERSION"
+  if [[ ! -f $lib ]]; then
+    log "fetching ONNX Runtime $ONNXRUNTIME_VERSION (PyPI wheel)"
+    rm -rf "$dir"
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dir" \
+      "onnxruntime==$ONNXRUNTIME_VERSION" >&2
+    [[ -f $lib ]] || die "the onnxruntime $ONNXRUNTIME_VERSION wheel has no $lib"
+  fi
+  printf '%s\n' "$lib"
+}
+
 # shellcheck disable=SC2034  # used by the scripts that source this file
 K8S_BIN="$CACHE/kubernetes-v$KUBERNETES_VERSION/bin"
 # shellcheck disable=SC2034

@@ -8,6 +8,11 @@ export STREAMSCORE_PORT_BASE="${STREAMSCORE_TEST_PORT_BASE:-28000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 
 bash "$ROOT/scripts/install-deps.sh"
+# The tests of model.runtime onnxruntime load it (and so do the workers they start).
+ORT_DYLIB_PATH=$(onnxruntime_lib)
+export ORT_DYLIB_PATH
+grep -qx "ENV ORT_DYLIB_PATH=/usr/lib/streamscore/libonnxruntime.so.$ONNXRUNTIME_VERSION" Dockerfile.worker ||
+  die "Dockerfile.worker's ORT_DYLIB_PATH must name ONNX Runtime $ONNXRUNTIME_VERSION (env/versions.env)"
 cleanup() { bash "$ROOT/scripts/env.sh" down || true; }
 trap cleanup EXIT INT TERM
 

@@ -468,7 +468,8 @@ pub struct ModelSignature {
     /// Micro-batching of inference.
     #[serde(default)]
     pub batch: BatchConfig,
-    /// Inference runtime. Only `tract` today.
+    /// Inference runtime: `tract` (default), `onnxruntime`, or `auto` (ONNX Runtime for a model
+    /// with tree-ensemble operators, tract for everything else).
     #[serde(default)]
     pub runtime: ModelRuntime,
 }
@@ -515,11 +516,31 @@ fn default_batch_delay() -> Duration {
 
 /// Inference runtime.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "lowercase")]
 pub enum ModelRuntime {
-    /// tract (pure Rust): neural nets and linear models.
+    /// tract (pure Rust, in the worker binary): neural nets and linear models (standard ONNX
+    /// operators). It cannot run the `ai.onnx.ml` tree ensembles of scikit-learn, LightGBM or
+    /// XGBoost converters.
     #[default]
     Tract,
+    /// ONNX Runtime, loaded from the shared library that `ORT_DYLIB_PATH` names (the worker
+    /// image carries it): every ONNX operator including the `ai.onnx.ml` tree ensembles. One
+    /// intra-op thread per worker, like tract.
+    Onnxruntime,
+    /// ONNX Runtime if the model has a tree-ensemble operator (`TreeEnsembleClassifier`,
+    /// `TreeEnsembleRegressor`, `TreeEnsemble`), tract otherwise.
+    Auto,
+}
+
+impl ModelRuntime {
+    /// The name in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelRuntime::Tract => "tract",
+            ModelRuntime::Onnxruntime => "onnxruntime",
+            ModelRuntime::Auto => "auto",
+        }
+    }
 }
 
 /// The model file the worker loads.

@@ -125,7 +125,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let model = match Model::load(&model_cfg) {
         Ok(m) => {
-            info!(version = m.version(), path = %cfg.model.path, "model loaded and probed");
+            info!(version = m.version(), runtime = m.runtime().as_str(), path = %cfg.model.path, "model loaded and probed");
             *health.model.write().unwrap_or_else(|e| e.into_inner()) = Some(Ok(m.version().to_owned()));
             Arc::new(m)
         }

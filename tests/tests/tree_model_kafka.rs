@@ -1,0 +1,115 @@
+//! Gradient-boosted trees through the worker binary, against the real broker: a pipeline with
+//! `model.runtime: auto` on each tree model of `models/` (scikit-learn, LightGBM, XGBoost) scores
+//! on ONNX Runtime, and every score equals the training library's own `predict_proba` within
+//! 1e-5.
+//!
+//! The events are built so that the reference pipeline's features of each user's last event are
+//! exactly one reference row `[tx_1h, amount_24h, rides_1h, amount]`: one event 2 h earlier carries
+//! `amount_24h − amount` (inside the 24 h window, outside the 1 h ones), `tx_1h − 1` events of
+//! amount 0 in the last hour, `rides_1h` of them (or of them and the last) `ride_requested`. The
+//! test checks those features from the output record too, so a wrong score cannot hide behind
+//! a wrong input.
+
+use std::time::Duration;
+
+use serde_json::json;
+use streamscore_tests::{create_topics, produce, producer, reference_pipeline, repo_root, unique, WorkerProcess};
+
+/// One reference row's events for `user`, each `(event time, record)`, the last one tagged `last`.
+fn events_for(user: &str, row: &[f64], base: i64, n: i64) -> Option<Vec<(i64, (String, Vec<u8>))>> {
+    let (tx, a24, rides, amount) = (row[0] as i64, row[1], row[2] as i64, row[3]);
+    if tx < 1 || rides > tx || row[0].fract() != 0.0 || row[2].fract() != 0.0 {
+        return None;
+    }
+    let ev = |ts: i64, amount: f64, action: &str, last: bool| {
+        let v = json!({"user_id": user, "ts": ts, "amount": amount, "action": action, "merchant": "m", "last": last});
+        (ts, (user.to_owned(), v.to_string().into_bytes()))
+    };
+    let mut out = vec![ev(base + n, a24 - amount, "view", false)];
+    // The last event counts itself in tx_1h and, if it is a ride, in rides_1h.
+    let last_is_ride = rides == tx;
+    let prior_rides = if last_is_ride { rides - 1 } else { rides };
+    for j in 0..tx - 1 {
+        let action = if j < prior_rides { "ride_requested" } else { "view" };
+        out.push(ev(base + 7_200_000 + j * 1_000 + n, 0.0, action, false));
+    }
+    out.push(ev(base + 7_200_000 + 1_800_000 + n, amount, if last_is_ride { "ride_requested" } else { "view" }, true));
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_models_score_through_the_worker_like_their_training_libraries() {
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "ORT_DYLIB_PATH must name ONNX Runtime's shared library (make test sets it)"
+    );
+    for name in ["fraud-gbt-sklearn", "fraud-lgbm", "fraud-xgb"] {
+        let reference: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(repo_root().join(format!("models/{name}.reference.json"))).unwrap())
+                .unwrap();
+        let (input, out, dlq) = (unique("t-in"), unique("t-out"), unique("t-dlq"));
+        create_topics(&[&input, &out, &dlq], 3).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = reference_pipeline(&input, &out, &dlq, &unique("t-group"), "/unused");
+        cfg.model.path = repo_root().join(format!("models/{name}.onnx")).display().to_string();
+        cfg.model.sha256 = reference["sha256"].as_str().unwrap().to_owned();
+        cfg.model.version = name.to_owned();
+        cfg.model.signature.runtime = streamscore_crds::pipeline::ModelRuntime::Auto;
+        // Output #1: the probabilities [N, 2]; column 1 is P(fraud).
+        cfg.model.signature.outputs[0].output = 1;
+        cfg.model.signature.outputs[0].column = 1;
+        cfg.postprocess.passthrough = vec!["last".into()];
+        cfg.validate().unwrap();
+        let file = dir.path().join("pipeline.yaml");
+        std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+
+        // Every feasible reference row becomes a user; all events in event-time order.
+        let base = 1_795_900_000_000i64;
+        let mut want = std::collections::HashMap::new();
+        let mut events = Vec::new();
+        for (i, (row, score)) in
+            reference["inputs"].as_array().unwrap().iter().zip(reference["scores"].as_array().unwrap()).enumerate()
+        {
+            let row: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let user = format!("u{i}");
+            if let Some(evs) = events_for(&user, &row, base, i as i64) {
+                want.insert(user, (row, score.as_f64().unwrap()));
+                events.extend(evs);
+            }
+        }
+        assert!(want.len() > 150, "{name}: {} feasible reference rows", want.len());
+        events.sort_by_key(|(ts, _)| *ts);
+        let total = events.len();
+        let records: Vec<(String, Vec<u8>)> = events.into_iter().map(|(_, r)| r).collect();
+        produce(&producer(), &input, &records).await;
+
+        let mut worker = WorkerProcess::spawn(&file, &dir.path().join("state"), dir.path().join("worker.log"));
+        let scored = tokio::task::spawn_blocking({
+            let out = out.clone();
+            move || streamscore_tests::consume(&out, total, Duration::from_secs(120))
+        })
+        .await
+        .unwrap();
+        let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+        worker.kill();
+        assert_eq!(scored.len(), total, "{name}: every event scored; worker log:\n{log}");
+        let loaded = log.lines().find(|l| l.contains("model loaded and probed")).unwrap_or_default();
+        assert!(loaded.contains("\"onnxruntime\""), "{name}: `auto` chose ONNX Runtime: {loaded}");
+        let mut checked = 0;
+        for s in &scored {
+            let v = s.json();
+            if v["fields"]["last"] != json!(true) {
+                continue;
+            }
+            let (row, score) = &want[v["key"].as_str().unwrap()];
+            let f = &v["features"];
+            let got_row = [&f["tx_1h"], &f["amount_24h"], &f["rides_1h"]].map(|x| x.as_f64().unwrap());
+            assert_eq!(got_row, [row[0], row[1], row[2]], "{name} {}: features", v["key"]);
+            assert_eq!(v["modelVersion"], name);
+            let got = v["scores"]["fraud"].as_f64().unwrap();
+            assert!((got - score).abs() < 1e-5, "{name} {}: score {got}, {name}'s predict_proba {score}", v["key"]);
+            checked += 1;
+        }
+        assert_eq!(checked, want.len(), "{name}: one last event per user");
+    }
+}
