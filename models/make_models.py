@@ -123,6 +123,12 @@ def stable(model, name):
     """The converters name the graph with a random UUID and list opsets in set order: fix both
     so that the files are reproducible byte for byte."""
     model.graph.name = name
+    # LightGBM's converter declares the label output as [1] whatever the batch: declare [N], as
+    # the runtime produces (ONNX Runtime warns about the mismatch at every run otherwise).
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) == 1 and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+            dims[0].dim_param = "N"
     opsets = sorted(((o.domain, o.version) for o in model.opset_import))
     del model.opset_import[:]
     for domain, version in opsets:

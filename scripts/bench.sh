@@ -6,6 +6,7 @@
 #   3. checkpoint (full, incremental) and restore of one partition's state via the S3 gateway;
 #   4. rescale gap: worker processes drained through the admin API, new ones restore.
 #   5. blue/green cut-over: green workers seeded from blue's checkpoints, the barrier protocol.
+#   6. a tree model (LightGBM, 300 trees of depth 6) on ONNX Runtime, engine only and end to end.
 . "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 export STREAMSCORE_DEV_DIR="$ROOT/.dev/bench" STREAMSCORE_PORT_BASE=29000
@@ -57,4 +58,15 @@ cfg4="$STREAMSCORE_DEV_DIR/bench-pipeline-cutover.yaml"
 pipeline_on "$topic-cutover" "$cfg4"
 "$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-cutover --pipeline "$cfg4" \
   --keys "${BENCH_CUTOVER_KEYS:-1000000}" --workers 2 --store "s3://$STREAMSCORE_S3_BUCKET"
+# The tree model: 300 trees of depth 6 (LightGBM, trained here; make_models.py --bench-tree),
+# `runtime: auto` → ONNX Runtime, output #1 column 1 (P(fraud)).
+trees="$STREAMSCORE_DEV_DIR/bench-trees.onnx"
+"$CACHE/venv/bin/python" models/make_models.py --bench-tree "$trees"
+cfg6="$STREAMSCORE_DEV_DIR/bench-pipeline-trees.yaml"
+pipeline_on "$topic-trees" "$cfg6" "s|path: \"$ROOT/models/fraud-mlp.onnx\"|path: \"$trees\"|; \
+s|sha256: .*|sha256: $(sha256sum "$trees" | cut -d' ' -f1)|; s|version: mlp-bench|version: trees-bench\n  runtime: auto|; \
+s|outputs: \[{name: fraud}\]|outputs: [{name: fraud, output: 1, column: 1}]|"
+grep -q 'runtime: auto' "$cfg6" || die "bench-pipeline-trees.yaml: model.runtime not set"
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-engine --pipeline "$cfg6" --count "$COUNT" --users "$USERS" --partitions 6
+"$CARGO_TARGET_DIR/debug/streamscore-loadgen" bench-kafka --pipeline "$cfg6" --count "$COUNT" --users "$USERS"
 bash "$ROOT/scripts/bench-operator.sh"
