@@ -15,8 +15,11 @@ use std::time::Duration;
 use serde_json::json;
 use streamscore_tests::{create_topics, produce, producer, reference_pipeline, repo_root, unique, WorkerProcess};
 
-/// One reference row's events for `user`, each `(event time, record)`, the last one tagged `last`.
-fn events_for(user: &str, row: &[f64], base: i64, n: i64) -> Option<Vec<(i64, (String, Vec<u8>))>> {
+/// An input record (key, JSON) with its event time.
+type Timed = (i64, (String, Vec<u8>));
+
+/// One reference row's events for `user`, the last one tagged `last`.
+fn events_for(user: &str, row: &[f64], base: i64, n: i64) -> Option<Vec<Timed>> {
     let (tx, a24, rides, amount) = (row[0] as i64, row[1], row[2] as i64, row[3]);
     if tx < 1 || rides > tx || row[0].fract() != 0.0 || row[2].fract() != 0.0 {
         return None;

@@ -268,7 +268,12 @@ pub(crate) fn aggregation_input(kind: Aggregation, input: &Input, fields: &Field
 }
 
 fn insert_sorted(v: &mut Vec<Entry>, e: Entry) {
-    let pos = v.partition_point(|x| (x.time, x.seq) <= (e.time, e.seq));
+    // A key's events arrive mostly in event-time order (and `seq` only grows): the new entry
+    // usually goes last, without a binary search over the whole list.
+    let pos = match v.last() {
+        Some(x) if (x.time, x.seq) > (e.time, e.seq) => v.partition_point(|x| (x.time, x.seq) <= (e.time, e.seq)),
+        _ => v.len(),
+    };
     grow_small(v);
     v.insert(pos, e);
 }
@@ -287,7 +292,11 @@ pub fn window_start(t: i64, w: i64, r: i64) -> i64 {
 }
 
 fn compact_window(ws: &mut WindowState, kind: Aggregation, w: i64, r: i64, horizon: i64) {
-    let n = ws.raw.partition_point(|e| e.time <= horizon);
+    // Usually nothing has passed the horizon since the last event: no search.
+    let n = match ws.raw.first() {
+        Some(e) if e.time <= horizon => ws.raw.partition_point(|e| e.time <= horizon),
+        _ => 0,
+    };
     if n > 0 {
         for e in ws.raw.drain(..n) {
             let b = floor_div(e.time, r);
