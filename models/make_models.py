@@ -196,50 +196,30 @@ def main(out):
         [2, 120.5, 2, 10.25],
     ], dtype=np.float32)
     for name, layers in [("fraud-logreg", logreg), ("fraud-mlp", mlp_layers)]:
-        model = graph(name, [(w.astype(np.float32), b.astype(np.float32), a) for w, b, a in layers])
-        data = model.SerializeToString()
-        (out / f"{name}.onnx").write_bytes(data)
         f32 = [(w.astype(np.float32), b.astype(np.float32), a) for w, b, a in layers]
-        scores = forward(f32, probe)[:, 0]
-        ref = {
-            "model": f"{name}.onnx",
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "features": FEATURES,
-            "inputs": probe.tolist(),
-            "scores": [float(s) for s in scores],
-        }
-        (out / f"{name}.reference.json").write_text(json.dumps(ref, indent=2) + "\n")
-        print(f"{name}: {len(data)} bytes sha256={ref['sha256']} scores={np.round(scores, 4).tolist()}")
+        write_model(out, name, graph(name, f32), probe, forward(f32, probe)[:, 0], indent=2)
     # The reference holds only inputs with a finite score (JSON has no NaN).
-    data = nan_score_model().SerializeToString()
-    (out / "nan-score.onnx").write_bytes(data)
     inputs = np.array([[0, 0, 0, 0], [1, 50, 0, -4], [3, 300, 1, -0.25]], dtype=np.float32)
-    scores = np.sqrt(-inputs[:, 3])
+    write_model(out, "nan-score", nan_score_model(), inputs, np.sqrt(-inputs[:, 3]), indent=2)
+    held_out, _ = synthetic(TREE_ROWS, np.random.default_rng(99))
+    inputs = np.concatenate([probe, held_out]).astype(np.float32)
+    for name, model, predict_proba in tree_models(np.random.default_rng(7)):
+        write_model(out, name, model, inputs, predict_proba(inputs)[:, 1])
+
+
+def write_model(out, name, model, inputs, scores, indent=None):
+    """Writes <name>.onnx and <name>.reference.json (the inputs and their expected scores)."""
+    data = model.SerializeToString()
+    (out / f"{name}.onnx").write_bytes(data)
     ref = {
-        "model": "nan-score.onnx",
+        "model": f"{name}.onnx",
         "sha256": hashlib.sha256(data).hexdigest(),
         "features": FEATURES,
         "inputs": inputs.tolist(),
         "scores": [float(s) for s in scores],
     }
-    (out / "nan-score.reference.json").write_text(json.dumps(ref, indent=2) + "\n")
-    print(f"nan-score: {len(data)} bytes sha256={ref['sha256']} scores={scores.tolist()}")
-    held_out, _ = synthetic(TREE_ROWS, np.random.default_rng(99))
-    inputs = np.concatenate([probe, held_out]).astype(np.float32)
-    for name, model, predict_proba in tree_models(np.random.default_rng(7)):
-        data = model.SerializeToString()
-        (out / f"{name}.onnx").write_bytes(data)
-        scores = predict_proba(inputs)[:, 1]
-        ref = {
-            "model": f"{name}.onnx",
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "features": FEATURES,
-            "inputs": inputs.tolist(),
-            "scores": [float(s) for s in scores],
-        }
-        (out / f"{name}.reference.json").write_text(json.dumps(ref) + "\n")
-        print(f"{name}: {len(data)} bytes sha256={ref['sha256']} scores[:6]={np.round(scores[:6], 4).tolist()}")
-
+    (out / f"{name}.reference.json").write_text(json.dumps(ref, indent=indent) + "\n")
+    print(f"{name}: {len(data)} bytes sha256={ref['sha256']} scores[:6]={np.round(scores[:6], 4).tolist()}")
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--bench-tree":
