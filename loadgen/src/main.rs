@@ -311,23 +311,37 @@ fn main() -> anyhow::Result<()> {
             let cpu_before = cpu_seconds();
             let h = health.clone();
             let worker = std::thread::spawn(move || kafka::run(cfg, engine, m, h, c));
+            let mut paced = None;
             if rate > 0 {
                 while !health.joined.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 // The paced producer runs as a separate process at a lower priority: it stands
                 // for upstream services on other machines and must not take the CPU the broker
-                // and the worker need (its CPU is not counted below either).
-                let status = std::process::Command::new("nice")
-                    .args(["-n", "10"])
-                    .arg(std::env::current_exe()?)
-                    .args(["gen", "--bootstrap", &bootstrap, "--topic", &topic, "--seed", "11"])
-                    .args(["--count", &count.to_string(), "--users", &users.to_string(), "--rate", &rate.to_string()])
-                    .status()?;
-                anyhow::ensure!(status.success(), "the paced producer failed: {status}");
+                // and the worker need (its CPU is not counted below either). The loop below
+                // watches the outputs while it runs.
+                paced = Some(
+                    std::process::Command::new("nice")
+                        .args(["-n", "10"])
+                        .arg(std::env::current_exe()?)
+                        .args(["gen", "--bootstrap", &bootstrap, "--topic", &topic, "--seed", "11"])
+                        .args([
+                            "--count",
+                            &count.to_string(),
+                            "--users",
+                            &users.to_string(),
+                            "--rate",
+                            &rate.to_string(),
+                        ])
+                        .spawn()?,
+                );
             }
             let mut first: Option<Instant> = None;
             loop {
+                if let Some(status) = paced.as_mut().map(std::process::Child::try_wait).transpose()?.flatten() {
+                    anyhow::ensure!(status.success(), "the paced producer failed: {status}");
+                    paced = None;
+                }
                 std::thread::sleep(Duration::from_millis(100));
                 let text = metrics.encode();
                 let out = metric(&text, "streamscore_worker_records_out_total");

@@ -89,7 +89,7 @@ type Plan = std::sync::Arc<TypedRunnableModel>;
 pub const ORT_DYLIB_ENV: &str = "ORT_DYLIB_PATH";
 
 /// What runs the model.
-enum Engine {
+enum Backend {
     /// (batch size, plan), ascending; the last one has `batch` rows.
     Tract(Vec<(usize, Plan)>),
     /// One ONNX Runtime session. `run` takes the session mutably; only the processing thread
@@ -103,11 +103,11 @@ enum Engine {
     },
 }
 
-impl std::fmt::Debug for Engine {
+impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Engine::Tract(plans) => write!(f, "Tract({} plans)", plans.len()),
-            Engine::Onnxruntime { input, .. } => write!(f, "Onnxruntime({input})"),
+            Backend::Tract(plans) => write!(f, "Tract({} plans)", plans.len()),
+            Backend::Onnxruntime { input, .. } => write!(f, "Onnxruntime({input})"),
         }
     }
 }
@@ -115,7 +115,7 @@ impl std::fmt::Debug for Engine {
 /// A loaded, checked model.
 #[derive(Debug)]
 pub struct Model {
-    engine: Engine,
+    backend: Backend,
     batch: usize,
     width: usize,
     outputs: Vec<OutputMapping>,
@@ -261,11 +261,11 @@ impl Model {
         let sig = &cfg.signature;
         let batch = sig.batch.max_size.max(1) as usize;
         let width = sig.features.len();
-        let engine = match resolve_runtime(bytes, sig.runtime)? {
+        let backend = match resolve_runtime(bytes, sig.runtime)? {
             ModelRuntime::Onnxruntime => Self::onnxruntime(bytes, cfg, width)?,
             _ => Self::tract(bytes, cfg, batch, width)?,
         };
-        let m = Self { engine, batch, width, outputs: sig.outputs.clone(), version: cfg.version.clone() };
+        let m = Self { backend, batch, width, outputs: sig.outputs.clone(), version: cfg.version.clone() };
         let probe = m.score(&[vec![0.0; width]]).map_err(|e| ModelError::Probe(e.to_string()))?;
         if probe.len() != 1 || probe[0].iter().any(|s| !s.is_finite()) {
             return Err(ModelError::Probe(format!("probe produced {probe:?}")));
@@ -286,7 +286,7 @@ impl Model {
         Ok(())
     }
 
-    fn tract(bytes: &[u8], cfg: &ModelConfig, batch: usize, width: usize) -> Result<Engine, ModelError> {
+    fn tract(bytes: &[u8], cfg: &ModelConfig, batch: usize, width: usize) -> Result<Backend, ModelError> {
         let sig = &cfg.signature;
         let load = |e: TractError| ModelError::Load(format!("{e:#}"));
         let model = tract_onnx::onnx().model_for_read(&mut std::io::Cursor::new(bytes)).map_err(load)?;
@@ -309,10 +309,10 @@ impl Model {
             let m = model.clone().with_input_fact(input_ix, f32::fact([b, width]).into()).map_err(load)?;
             plans.push((b, m.into_optimized().map_err(load)?.into_runnable().map_err(load)?));
         }
-        Ok(Engine::Tract(plans))
+        Ok(Backend::Tract(plans))
     }
 
-    fn onnxruntime(bytes: &[u8], cfg: &ModelConfig, width: usize) -> Result<Engine, ModelError> {
+    fn onnxruntime(bytes: &[u8], cfg: &ModelConfig, width: usize) -> Result<Backend, ModelError> {
         use ort::session::builder::GraphOptimizationLevel;
         let sig = &cfg.signature;
         let env = ort_environment()?;
@@ -384,14 +384,14 @@ impl Model {
                 )));
             }
         }
-        Ok(Engine::Onnxruntime { session: Mutex::new(session), input, fixed_rows })
+        Ok(Backend::Onnxruntime { session: Mutex::new(session), input, fixed_rows })
     }
 
     /// The runtime that runs this model (`auto` resolved).
     pub fn runtime(&self) -> ModelRuntime {
-        match self.engine {
-            Engine::Tract(_) => ModelRuntime::Tract,
-            Engine::Onnxruntime { .. } => ModelRuntime::Onnxruntime,
+        match self.backend {
+            Backend::Tract(_) => ModelRuntime::Tract,
+            Backend::Onnxruntime { .. } => ModelRuntime::Onnxruntime,
         }
     }
 
@@ -414,17 +414,17 @@ impl Model {
     /// Returns one score vector (in `outputs` order) per row.
     pub fn score(&self, rows: &[Vec<f32>]) -> Result<Vec<Vec<f64>>, ModelError> {
         let mut out = Vec::with_capacity(rows.len());
-        let chunk_rows = match &self.engine {
-            Engine::Onnxruntime { fixed_rows: Some(f), .. } => self.batch.min(*f),
+        let chunk_rows = match &self.backend {
+            Backend::Onnxruntime { fixed_rows: Some(f), .. } => self.batch.min(*f),
             _ => self.batch,
         };
         for chunk in rows.chunks(chunk_rows) {
             if let Some(r) = chunk.iter().find(|r| r.len() != self.width) {
                 return Err(ModelError::Inference(format!("row has {} values, model takes {}", r.len(), self.width)));
             }
-            let views = match &self.engine {
-                Engine::Tract(plans) => self.run_tract(plans, chunk)?,
-                Engine::Onnxruntime { session, input, fixed_rows } => {
+            let views = match &self.backend {
+                Backend::Tract(plans) => self.run_tract(plans, chunk)?,
+                Backend::Onnxruntime { session, input, fixed_rows } => {
                     self.run_onnxruntime(session, input, fixed_rows.unwrap_or(chunk.len()), chunk)?
                 }
             };
