@@ -38,9 +38,12 @@ onnxruntime_lib() {
   local lib="$dir/onnxruntime/capi/libonnxruntime.so.$ONNXRUNTIME_VERSION"
   if [[ ! -f $lib ]]; then
     log "fetching ONNX Runtime $ONNXRUNTIME_VERSION (PyPI wheel)"
-    rm -rf "$dir"
-    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dir" \
+    rm -rf "$dir" "$dir.pip"
+    # A virtualenv only for its pip (the one python_venv relies on too), removed afterwards.
+    python3 -m venv "$dir.pip" >&2
+    "$dir.pip/bin/pip" install -q --disable-pip-version-check --no-deps --target "$dir" \
       "onnxruntime==$ONNXRUNTIME_VERSION" >&2
+    rm -rf "$dir.pip"
     [[ -f $lib ]] || die "the onnxruntime $ONNXRUNTIME_VERSION wheel has no $lib"
   fi
   printf '%s\n' "$lib"
