@@ -37,7 +37,7 @@ use crate::json::{self, write_f64, write_str};
 use crate::metrics::{Metrics, SourceLabel};
 use crate::model::Model;
 use crate::record::{self, KeyState, LastScore};
-use crate::state::{FlushBatch, PartitionStore, StateError, StoreEnv, StoreHandle, StoreReader};
+use crate::state::{FlushBatch, PartitionStore, Slot, StateError, StoreEnv, StoreHandle, StoreReader};
 use crate::watermark::Watermark;
 
 /// One consumed record.
@@ -330,6 +330,8 @@ impl std::fmt::Debug for Engine {
 
 struct Pending<'a> {
     partition: i32,
+    /// The key's state in its partition's store (no second lookup for the last score).
+    slot: Slot,
     /// Processed again to restore state: its output was written before.
     replay: bool,
     event: Event<'a>,
@@ -741,7 +743,8 @@ impl Engine {
                 continue;
             }
             let horizon = ctx.watermark.observe(event.time);
-            let state = ctx.store.get_mut(&event.key)?;
+            let slot = ctx.store.slot(&event.key)?;
+            let state = ctx.store.state_mut(slot)?;
             let values = self.features.apply(&mut state.features, event.time, &event.fields, horizon);
             if !self.emitted.is_empty() {
                 let inputs: Vec<Option<Scalar>> = self
@@ -764,7 +767,7 @@ impl Engine {
                     RowSource::Field(f) => event.fields.get(*f).and_then(|f| f.as_f64()).unwrap_or(0.0) as f32,
                 })
                 .collect();
-            pending.push(Pending { partition: rec.partition, replay, event, values, row, rec });
+            pending.push(Pending { partition: rec.partition, slot, replay, event, values, row, rec });
         }
         self.end_replays();
         self.close_windows(&mut out)?;
@@ -818,7 +821,7 @@ impl Engine {
                 continue;
             }
             let ctx = self.partitions.get_mut(&p.partition).ok_or(EngineError::Unassigned(p.partition))?;
-            let state = ctx.store.get_mut(&p.event.key)?;
+            let state = ctx.store.state_mut(p.slot)?;
             let names = self.model.score_names();
             match &mut state.last_score {
                 // Same shape as last time (the usual case): update in place, no allocation.

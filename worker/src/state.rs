@@ -1,7 +1,8 @@
 //! Per-partition state stores: RocksDB underneath, a write-back cache on top.
 //!
 //! ```text
-//!  engine ──get_mut(key)──► cache (HashMap) ──miss──► RocksDB "k/<key>"
+//!  engine ──slot(key)──► cache (slab + index) ──miss──► RocksDB "k/<key>"
+//!         ──state_mut(slot): the same key again within a batch, with no second lookup
 //!  commit ──begin_snapshot(offsets, max event time): the dirty keys become the snapshot's keys
 //!         ──snapshot_step (a slice at a time, between input batches) / get_mut of a snapshot key
 //!           (copy-on-write: serialised before it changes) ──► FlushBatch
@@ -17,6 +18,11 @@
 //! snapshot is unwritten (`trim_allowed`), so a key is never re-read from RocksDB older than
 //! its last snapshot.
 //!
+//! The cache is a slab: every cached key's state in one vector, found through a hash table of
+//! slot numbers. A key is looked up once per event ([`PartitionStore::slot`]); the changed keys
+//! are a list of slot numbers, not copies of the keys. Slots move only when the cache is trimmed
+//! (in `begin_snapshot`), which ends every [`Slot`] handed out before.
+//!
 //! The store holds bytes: a key's value is whatever its [`Record`] type encodes (the worker's
 //! is [`crate::record::KeyState`], which owns the layout and its version). The version is kept
 //! in the store (`m/format`) and checked when it is opened.
@@ -28,15 +34,18 @@
 //! them whether or not the write has happened yet.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{BlockBasedOptions, Cache, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 use rustc_hash::FxBuildHasher;
 
-/// The write-back cache's map: hashbrown for `entry_ref` (one lookup per access, the key copied
-/// only when it is inserted), with the Fx hash.
-type HashMap<K, V> = hashbrown::HashMap<K, V, FxBuildHasher>;
+/// Hash of a cached key (Fx: the keys are the tenants', but the table is per partition and a
+/// key's slot is found by comparing the whole key).
+fn key_hash(key: &str) -> u64 {
+    FxBuildHasher.hash_one(key)
+}
 
 /// What a store keeps per key. The store only moves bytes; the record type owns its encoding
 /// and the version of it.
@@ -181,7 +190,9 @@ impl StoreEnv {
         let mut store = PartitionStore {
             db: Arc::new(db),
             path,
-            cache: HashMap::default(),
+            slots: Vec::new(),
+            index: hashbrown::HashTable::new(),
+            epoch: 0,
             dirty: Vec::new(),
             snapshot: None,
             offsets: BTreeMap::new(),
@@ -191,6 +202,7 @@ impl StoreEnv {
             timers_unwritten: BTreeSet::new(),
             timers_taken: Vec::new(),
             timers_taken_through: None,
+            snapshot_bytes_per_key: 0,
         };
         store.load_meta()?;
         Ok(store)
@@ -201,9 +213,14 @@ impl StoreEnv {
 pub struct PartitionStore<R> {
     db: Arc<DB>,
     path: PathBuf,
-    cache: HashMap<String, Cached<R>>,
-    /// Keys changed since the last snapshot began.
-    dirty: Vec<String>,
+    /// The cached states, in no order.
+    slots: Vec<Cached<R>>,
+    /// Slot numbers, by the hash of their key.
+    index: hashbrown::HashTable<u32>,
+    /// Number of times the slots were compacted: a [`Slot`] of another epoch is void.
+    epoch: u32,
+    /// Slots changed since the last snapshot began.
+    dirty: Vec<u32>,
     snapshot: Option<Snapshot>,
     offsets: BTreeMap<String, i64>,
     max_time: Option<i64>,
@@ -216,6 +233,9 @@ pub struct PartitionStore<R> {
     timers_taken: Vec<Vec<u8>>,
     /// Every stored timer with an end at or before this has been taken.
     timers_taken_through: Option<i64>,
+    /// Bytes per key of the last snapshot: the next one's batch is allocated at its expected
+    /// size once, instead of being copied as it doubles.
+    snapshot_bytes_per_key: usize,
 }
 
 impl<R> std::fmt::Debug for PartitionStore<R> {
@@ -224,7 +244,18 @@ impl<R> std::fmt::Debug for PartitionStore<R> {
     }
 }
 
+/// Where a key's state is in its store's cache, from [`PartitionStore::slot`]: valid until the
+/// next `begin_snapshot` (which may compact the cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    index: u32,
+    epoch: u32,
+}
+
 struct Cached<R> {
+    key: Box<str>,
+    /// `key_hash(key)`, kept for growing the index without hashing again.
+    hash: u64,
     state: R,
     /// In `dirty`.
     dirty: bool,
@@ -234,13 +265,15 @@ struct Cached<R> {
 
 /// A snapshot being serialised.
 struct Snapshot {
-    keys: Vec<String>,
+    /// Slots, in key order.
+    slots: Vec<u32>,
     next: usize,
     batch: WriteBatch,
     buf: Vec<u8>,
 }
 
-/// Serialises `state` into `batch` under `key` (`buf` is reused scratch space).
+/// Serialises `state` into `batch` under `key` (`buf` is reused scratch space: the RocksDB key,
+/// then the value).
 fn put_state<R: Record>(
     path: &Path,
     buf: &mut Vec<u8>,
@@ -249,12 +282,16 @@ fn put_state<R: Record>(
     state: &R,
 ) -> Result<(), StateError> {
     buf.clear();
+    buf.extend_from_slice(ENTITY_PREFIX);
+    buf.extend_from_slice(key.as_bytes());
+    let split = buf.len();
     state.encode(buf).map_err(|detail| StateError::Corrupt {
         path: path.display().to_string(),
         key: key.to_owned(),
         detail,
     })?;
-    batch.put(entity_key(key), &*buf);
+    let (k, v) = buf.split_at(split);
+    batch.put(k, v);
     Ok(())
 }
 
@@ -286,9 +323,24 @@ const FINGERPRINT_KEY: &str = "m/fingerprint";
 const FORMAT_KEY: &str = "m/format";
 const MAX_TIME_KEY: &str = "m/max_time";
 
+/// The stored state of `key`, or the default when it has none.
+fn load<R: Record>(db: &DB, path: &Path, key: &str) -> Result<R, StateError> {
+    match db.get_pinned(entity_key(key)) {
+        Ok(Some(bytes)) => R::decode(&bytes).map_err(|detail| StateError::Corrupt {
+            path: path.display().to_string(),
+            key: key.to_owned(),
+            detail,
+        }),
+        Ok(None) => Ok(R::default()),
+        Err(source) => Err(StateError::Rocks { path: path.display().to_string(), source }),
+    }
+}
+
+const ENTITY_PREFIX: &[u8] = b"k/";
+
 fn entity_key(key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 2);
-    k.extend_from_slice(b"k/");
+    k.extend_from_slice(ENTITY_PREFIX);
     k.extend_from_slice(key.as_bytes());
     k
 }
@@ -376,32 +428,53 @@ impl<R: Record> PartitionStore<R> {
     /// The state of `key`, loaded on first use; marked dirty. A key of the running snapshot is
     /// serialised into it first.
     pub fn get_mut(&mut self, key: &str) -> Result<&mut R, StateError> {
-        let c = match self.cache.entry_ref(key) {
-            hashbrown::hash_map::EntryRef::Occupied(o) => o.into_mut(),
-            hashbrown::hash_map::EntryRef::Vacant(v) => {
-                let rocks = |source| StateError::Rocks { path: self.path.display().to_string(), source };
-                let state = match self.db.get_pinned(entity_key(key)).map_err(rocks)? {
-                    Some(bytes) => R::decode(&bytes).map_err(|detail| StateError::Corrupt {
-                        path: self.path.display().to_string(),
-                        key: key.to_owned(),
-                        detail,
-                    })?,
-                    None => R::default(),
-                };
-                v.insert(Cached { state, dirty: false, pending: false })
+        let slot = self.slot(key)?;
+        Ok(&mut self.slots[slot.index as usize].state)
+    }
+
+    /// The slot of `key`, its state loaded on first use; marked dirty (see [`Self::get_mut`]).
+    /// [`Self::state_mut`] then reaches the state again without a lookup, until the next
+    /// `begin_snapshot`.
+    pub fn slot(&mut self, key: &str) -> Result<Slot, StateError> {
+        let hash = key_hash(key);
+        let slots = &self.slots;
+        let index = match self.index.entry(hash, |&i| &*slots[i as usize].key == key, |&i| slots[i as usize].hash) {
+            hashbrown::hash_table::Entry::Occupied(o) => *o.get(),
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                let state = load::<R>(&self.db, &self.path, key)?;
+                let i = u32::try_from(self.slots.len()).expect("fewer than 2^32 cached keys per partition");
+                self.slots.push(Cached { key: key.into(), hash, state, dirty: false, pending: false });
+                v.insert(i);
+                i
             }
         };
+        self.touch(index)?;
+        Ok(Slot { index, epoch: self.epoch })
+    }
+
+    /// The state in `slot` (from [`Self::slot`] since the last `begin_snapshot`), marked dirty
+    /// like [`Self::get_mut`].
+    pub fn state_mut(&mut self, slot: Slot) -> Result<&mut R, StateError> {
+        assert_eq!(slot.epoch, self.epoch, "a slot used after the cache was compacted");
+        self.touch(slot.index)?;
+        Ok(&mut self.slots[slot.index as usize].state)
+    }
+
+    /// Serialises slot `i` into the running snapshot if it is pending there (copy-on-write), and
+    /// marks it dirty.
+    fn touch(&mut self, i: u32) -> Result<(), StateError> {
+        let c = &mut self.slots[i as usize];
         if c.pending {
             c.pending = false;
             if let Some(snap) = &mut self.snapshot {
-                put_state(&self.path, &mut snap.buf, &mut snap.batch, key, &c.state)?;
+                put_state(&self.path, &mut snap.buf, &mut snap.batch, &c.key, &c.state)?;
             }
         }
         if !c.dirty {
             c.dirty = true;
-            self.dirty.push(key.to_owned());
+            self.dirty.push(i);
         }
-        Ok(&mut c.state)
+        Ok(())
     }
 
     /// Starts a snapshot of every key changed since the last one, with the given next offsets
@@ -414,9 +487,20 @@ impl<R: Record> PartitionStore<R> {
         trim_allowed: bool,
     ) -> bool {
         assert!(self.snapshot.is_none(), "one snapshot at a time");
-        if trim_allowed && self.cache.len() > self.max_cached_keys {
+        if trim_allowed && self.slots.len() > self.max_cached_keys {
             // Clean entries are durable (no snapshot is unwritten): only changed ones must stay.
-            self.cache.retain(|_, c| c.dirty);
+            // What stays is compacted (every slot handed out before is void) and every slot left
+            // is a dirty one.
+            self.slots.retain(|c| c.dirty);
+            self.epoch = self.epoch.wrapping_add(1);
+            self.index.clear();
+            self.dirty.clear();
+            let slots = &self.slots;
+            for (i, c) in slots.iter().enumerate() {
+                let i = i as u32;
+                self.index.insert_unique(c.hash, i, |&j| slots[j as usize].hash);
+                self.dirty.push(i);
+            }
         }
         if trim_allowed {
             // Every earlier snapshot is written: its timers are found in RocksDB from now on.
@@ -430,7 +514,8 @@ impl<R: Record> PartitionStore<R> {
         if unchanged {
             return false;
         }
-        let mut batch = WriteBatch::default();
+        let expected = self.dirty.len().saturating_mul(self.snapshot_bytes_per_key) / 4 * 5;
+        let mut batch = WriteBatch::with_capacity_bytes(expected.max(1 << 10));
         for (topic, off) in offsets {
             batch.put(format!("{OFFSET_PREFIX}{topic}"), off.to_be_bytes());
         }
@@ -448,15 +533,14 @@ impl<R: Record> PartitionStore<R> {
         self.timers_unwritten.append(&mut self.timers_added);
         // In key order: RocksDB's memtable inserts a sorted batch much faster (each insert starts
         // its skip-list search where the previous one ended) than one in arrival order.
-        let mut keys = std::mem::take(&mut self.dirty);
-        keys.sort_unstable();
-        for k in &keys {
-            if let Some(c) = self.cache.get_mut(k) {
-                c.dirty = false;
-                c.pending = true;
-            }
+        let mut slots = std::mem::take(&mut self.dirty);
+        slots.sort_unstable_by(|&a, &b| self.slots[a as usize].key.cmp(&self.slots[b as usize].key));
+        for &i in &slots {
+            let c = &mut self.slots[i as usize];
+            c.dirty = false;
+            c.pending = true;
         }
-        self.snapshot = Some(Snapshot { keys, next: 0, batch, buf: Vec::new() });
+        self.snapshot = Some(Snapshot { slots, next: 0, batch, buf: Vec::new() });
         true
     }
 
@@ -464,26 +548,29 @@ impl<R: Record> PartitionStore<R> {
     /// visited); returns whether the snapshot is complete.
     pub fn snapshot_step(&mut self, budget: &mut usize) -> Result<bool, StateError> {
         let Some(snap) = &mut self.snapshot else { return Ok(true) };
-        let end = snap.next.saturating_add(*budget).min(snap.keys.len());
+        let end = snap.next.saturating_add(*budget).min(snap.slots.len());
         *budget -= end - snap.next;
-        for key in &snap.keys[snap.next..end] {
-            if let Some(c) = self.cache.get_mut(key) {
-                if c.pending {
-                    c.pending = false;
-                    put_state(&self.path, &mut snap.buf, &mut snap.batch, key, &c.state)?;
-                }
+        for &i in &snap.slots[snap.next..end] {
+            // Slots do not move while a snapshot runs (only `begin_snapshot` compacts them).
+            let c = &mut self.slots[i as usize];
+            if c.pending {
+                c.pending = false;
+                put_state(&self.path, &mut snap.buf, &mut snap.batch, &c.key, &c.state)?;
             }
         }
         snap.next = end;
-        Ok(snap.next >= snap.keys.len())
+        Ok(snap.next >= snap.slots.len())
     }
 
     /// The completed snapshot (None when none is running). Call after `snapshot_step` returned
     /// true.
     pub fn finish_snapshot(&mut self) -> Option<FlushBatch> {
         let snap = self.snapshot.take()?;
-        debug_assert!(snap.next >= snap.keys.len());
-        Some(FlushBatch { db: self.db.clone(), path: self.path.clone(), batch: snap.batch, keys: snap.keys.len() })
+        debug_assert!(snap.next >= snap.slots.len());
+        if !snap.slots.is_empty() {
+            self.snapshot_bytes_per_key = snap.batch.size_in_bytes() / snap.slots.len();
+        }
+        Some(FlushBatch { db: self.db.clone(), path: self.path.clone(), batch: snap.batch, keys: snap.slots.len() })
     }
 
     /// Registers that `key` has an open emitted window ending at `end`.
@@ -742,6 +829,37 @@ mod tests {
             assert_eq!(s.get_mut(k).unwrap().max_time, Some(1), "{k}");
         }
         assert_eq!(s.get_mut("d").unwrap().max_time, None);
+    }
+
+    #[test]
+    fn trimming_keeps_changed_keys_and_reloads_the_others_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = StoreEnv::new(dir.path(), 1 << 20, 2);
+        let mut s = open(&env, 0);
+        let keys = ["a", "b", "c", "d", "e"];
+        for (i, k) in keys.iter().enumerate() {
+            s.get_mut(k).unwrap().max_time = Some(i as i64);
+        }
+        s.flush(&BTreeMap::from([("in".to_string(), 5)]), Some(4)).unwrap();
+        // "d" changes (not written); a slot taken before the trim sees it through the slot.
+        let d = s.slot("d").unwrap();
+        s.state_mut(d).unwrap().max_time = Some(40);
+        assert_eq!(s.slots.len(), 5);
+        assert!(s.begin_snapshot(&BTreeMap::from([("in".to_string(), 6)]), Some(40), true));
+        assert_eq!(s.slots.len(), 1, "only the changed key stays cached");
+        assert!(s.snapshot_step(&mut { usize::MAX }).unwrap());
+        s.finish_snapshot().unwrap().write().unwrap();
+        // Every key again, in another order: slots are found anew after the compaction.
+        for (i, k) in keys.iter().enumerate().rev() {
+            let slot = s.slot(k).unwrap();
+            let want = if *k == "d" { 40 } else { i as i64 };
+            assert_eq!(s.state_mut(slot).unwrap().max_time, Some(want), "{k}");
+        }
+        assert_ne!(s.slot("d").unwrap(), d, "the slot from before the compaction is void");
+        drop(s);
+        let mut s = open(&env, 0);
+        assert_eq!(s.get_mut("d").unwrap().max_time, Some(40));
+        assert_eq!(s.get_mut("a").unwrap().max_time, Some(0));
     }
 
     #[test]

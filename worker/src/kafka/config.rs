@@ -31,7 +31,13 @@ pub(super) fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, Clien
         // 29–44 ms instead of 66–148 ms at 20k events/s, BENCHMARKS.md) for at most 5 ms more.
         .set("fetch.min.bytes", "65536")
         .set("fetch.wait.max.ms", "5")
+        // librdkafka stops fetching a partition once this many of its records wait in the local
+        // queue, and by default looks again only after 1 s (`fetch.queue.backoff.ms`): a
+        // backlogged partition then delivered 20,000 records a second at most, and the worker
+        // sat idle three quarters of the time (a pre-loaded 1M-event topic over 6 partitions
+        // took 29 s; with a 10 ms backoff 7.7 s, for the same CPU). BENCHMARKS.md.
         .set("queued.min.messages", "20000")
+        .set("fetch.queue.backoff.ms", "10")
         // Broker connection states for readiness (`ConsumerCtx::stats_raw`).
         .set("statistics.interval.ms", "1000")
         .set(
