@@ -821,10 +821,21 @@ impl Engine {
                 continue;
             }
             let ctx = self.partitions.get_mut(&p.partition).ok_or(EngineError::Unassigned(p.partition))?;
-            let state = ctx.store.state_mut(p.slot)?;
+            let (state, shaped) = ctx.store.state_and_mark(p.slot)?;
             let names = self.model.score_names();
             match &mut state.last_score {
-                // Same shape as last time (the usual case): update in place, no allocation.
+                // Written by this engine before (`shaped`, a bit of the cached key): names and
+                // model version are this model's already; only the values and label change.
+                Some(l) if *shaped => {
+                    l.event_time = p.event.time;
+                    for (named, x) in l.scores.iter_mut().zip(&s) {
+                        named.1 = *x;
+                    }
+                    if l.label.as_deref() != label {
+                        l.label = label.map(str::to_owned);
+                    }
+                }
+                // Same shape as last time (a key loaded from the store): update in place.
                 Some(l) if l.scores.len() == s.len() && l.model_version == self.model.version() => {
                     l.event_time = p.event.time;
                     for ((name, v), (n, x)) in l.scores.iter_mut().zip(names.zip(&s)) {
@@ -846,6 +857,7 @@ impl Engine {
                     });
                 }
             }
+            *shaped = true;
             if p.replay {
                 continue;
             }

@@ -257,6 +257,8 @@ struct Cached<R> {
     /// `key_hash(key)`, kept for growing the index without hashing again.
     hash: u64,
     state: R,
+    /// The caller's bit for this key while it is cached ([`PartitionStore::state_and_mark`]).
+    mark: bool,
     /// In `dirty`.
     dirty: bool,
     /// In the running snapshot and not serialised yet.
@@ -443,7 +445,7 @@ impl<R: Record> PartitionStore<R> {
             hashbrown::hash_table::Entry::Vacant(v) => {
                 let state = load::<R>(&self.db, &self.path, key)?;
                 let i = u32::try_from(self.slots.len()).expect("fewer than 2^32 cached keys per partition");
-                self.slots.push(Cached { key: key.into(), hash, state, dirty: false, pending: false });
+                self.slots.push(Cached { key: key.into(), hash, state, mark: false, dirty: false, pending: false });
                 v.insert(i);
                 i
             }
@@ -458,6 +460,16 @@ impl<R: Record> PartitionStore<R> {
         assert_eq!(slot.epoch, self.epoch, "a slot used after the cache was compacted");
         self.touch(slot.index)?;
         Ok(&mut self.slots[slot.index as usize].state)
+    }
+
+    /// Like [`Self::state_mut`], with a bit of the caller's own for the key: false when the key
+    /// is loaded into the cache, never stored. (The engine uses it to know that a key's last
+    /// score already has its model's shape.)
+    pub fn state_and_mark(&mut self, slot: Slot) -> Result<(&mut R, &mut bool), StateError> {
+        assert_eq!(slot.epoch, self.epoch, "a slot used after the cache was compacted");
+        self.touch(slot.index)?;
+        let c = &mut self.slots[slot.index as usize];
+        Ok((&mut c.state, &mut c.mark))
     }
 
     /// Serialises slot `i` into the running snapshot if it is pending there (copy-on-write), and
