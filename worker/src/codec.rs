@@ -21,14 +21,21 @@ pub fn put_i64(out: &mut Vec<u8>, v: i64) {
 }
 
 /// Appends the 8 bytes of `v` (little-endian; every bit pattern, NaN and −0 included, survives).
+///
+/// (`extend` of the array, not `extend_from_slice`: the latter became a `memmove` call per
+/// number in the worker's build, several per encoded key.)
 pub fn put_f64(out: &mut Vec<u8>, v: f64) {
-    out.extend_from_slice(&v.to_le_bytes());
+    out.extend(v.to_le_bytes());
 }
 
-/// Appends a length-prefixed string.
+/// Appends a length-prefixed string (short ones byte by byte, for the reason of [`put_f64`]).
 pub fn put_str(out: &mut Vec<u8>, s: &str) {
     put_u64(out, s.len() as u64);
-    out.extend_from_slice(s.as_bytes());
+    if s.len() <= 16 {
+        out.extend(s.bytes());
+    } else {
+        out.extend_from_slice(s.as_bytes());
+    }
 }
 
 /// Reads what the `put_*` functions wrote.

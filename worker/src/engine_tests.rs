@@ -374,3 +374,31 @@ fn a_commit_during_a_replay_never_moves_the_group_offset_back() {
         (vec![("in".to_owned(), 0, 12)], vec![("in".to_owned(), 0, 12)])
     );
 }
+
+/// The last score (query API) follows every event: through the in-place update of a key whose
+/// last score this engine wrote, and through the full one of a key loaded from the store after
+/// a restart with another model version. nan-score.onnx scores sqrt(-amount).
+#[test]
+fn the_last_score_follows_every_event_and_takes_the_new_model_version_after_a_restart() {
+    fn last(h: &Harness) -> (i64, Vec<(String, f64)>, Option<String>, String) {
+        let readers = h.engine.readers();
+        let readers = readers.read().unwrap();
+        let l = readers[&0].get::<KeyState>("u").expect("state of u").last_score.expect("a last score");
+        (l.event_time, l.scores, l.label, l.model_version)
+    }
+    let fraud = |x: f64| vec![("fraud".to_owned(), x)];
+    let mut h = Harness::new(config("nan-score"));
+    h.events(&[event(NOW - 9 * MIN, -4.0, "view")]);
+    h.events(&[event(NOW - 8 * MIN, -0.0625, "view")]);
+    h.engine.flush().unwrap();
+    assert_eq!(last(&h), (NOW - 8 * MIN, fraud(0.25), None, "v1".to_owned()));
+    let mut cfg = config("nan-score");
+    cfg.model.version = "v2".into();
+    let mut h = h.restart(cfg, NOW);
+    h.events(&[event(NOW - 7 * MIN, -0.25, "view")]);
+    h.engine.flush().unwrap();
+    assert_eq!(last(&h), (NOW - 7 * MIN, fraud(0.5), Some("review".to_owned()), "v2".to_owned()));
+    h.events(&[event(NOW - 6 * MIN, -4.0, "view"), event(NOW - 5 * MIN, -0.0625, "view")]);
+    h.engine.flush().unwrap();
+    assert_eq!(last(&h), (NOW - 5 * MIN, fraud(0.25), None, "v2".to_owned()));
+}
