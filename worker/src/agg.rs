@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use streamscore_crds::pipeline::Aggregation;
@@ -19,15 +20,17 @@ use crate::json;
 pub enum Scalar {
     /// A number.
     Num(f64),
-    /// Text (strings and booleans).
-    Str(String),
+    /// Text (strings and booleans). Up to 24 bytes are kept inline: most kept text (actions,
+    /// categories, flags) is short, and an inline string costs no allocation and no pointer to
+    /// follow when a key's state is encoded or evaluated.
+    Str(CompactString),
 }
 
 impl Scalar {
     pub(crate) fn text(&self) -> String {
         match self {
             Scalar::Num(n) => format_num(*n),
-            Scalar::Str(s) => s.clone(),
+            Scalar::Str(s) => s.to_string(),
         }
     }
 
@@ -35,7 +38,7 @@ impl Scalar {
     pub fn to_json(&self) -> Value {
         match self {
             Scalar::Num(n) => json::num(*n),
-            Scalar::Str(s) => Value::String(s.clone()),
+            Scalar::Str(s) => Value::String(s.to_string()),
         }
     }
 }
@@ -143,7 +146,7 @@ impl Agg {
             Aggregation::DistinctCount => n(extra.map_or(0, |x| x.distinct.len()) as f64),
             Aggregation::Last => match extra.and_then(|x| x.last.as_ref()) {
                 Some((_, _, Scalar::Num(x))) => n(*x),
-                Some((_, _, Scalar::Str(s))) => FeatureValue::Text(s.clone()),
+                Some((_, _, Scalar::Str(s))) => FeatureValue::Text(s.to_string()),
                 None => FeatureValue::Null,
             },
         }
@@ -183,7 +186,7 @@ impl Scalar {
         match r.u8("value")? {
             NUM_INT => Ok(Scalar::Num(r.i64("value")? as f64)),
             NUM_F64 => Ok(Scalar::Num(r.f64("value")?)),
-            STR => Ok(Scalar::Str(r.str("value")?)),
+            STR => Ok(Scalar::Str(r.str_ref("value")?.into())),
             t => Err(format!("value: unknown tag {t}")),
         }
     }

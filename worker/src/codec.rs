@@ -111,10 +111,15 @@ impl<'a> Reader<'a> {
 
     /// A length-prefixed UTF-8 string.
     pub fn str(&mut self, what: &str) -> Result<String, String> {
+        self.str_ref(what).map(str::to_owned)
+    }
+
+    /// A length-prefixed UTF-8 string, borrowed from the input.
+    pub fn str_ref(&mut self, what: &str) -> Result<&'a str, String> {
         let n = self.len(what, 1)?;
-        let b = &self.bytes[self.pos..self.pos + n];
+        let b: &'a [u8] = &self.bytes[self.pos..self.pos + n];
         self.pos += n;
-        String::from_utf8(b.to_vec()).map_err(|_| format!("{what}: not UTF-8 at byte {}", self.pos - n))
+        std::str::from_utf8(b).map_err(|_| format!("{what}: not UTF-8 at byte {}", self.pos - n))
     }
 
     /// An error unless every byte has been read.

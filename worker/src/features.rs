@@ -32,8 +32,8 @@ use crate::decode::{Field, FieldId, Fields, Schema, Val};
 fn scalar(f: &Field<'_>) -> Option<Scalar> {
     match &f.val {
         Val::Num { value, .. } => Some(Scalar::Num(*value)),
-        Val::Str(s) => Some(Scalar::Str(s.as_ref().to_owned())),
-        Val::Bool(b) => Some(Scalar::Str(b.to_string())),
+        Val::Str(s) => Some(Scalar::Str(s.as_ref().into())),
+        Val::Bool(b) => Some(Scalar::Str(if *b { "true" } else { "false" }.into())),
         Val::Null | Val::Nested => None,
     }
 }
@@ -409,7 +409,7 @@ mod tests {
                 }
             }
             let val = match def.aggregation {
-                Aggregation::DistinctCount | Aggregation::Last => Scalar::Str(action.clone()),
+                Aggregation::DistinctCount | Aggregation::Last => Scalar::Str(action.as_str().into()),
                 _ => Scalar::Num(*amount),
             };
             agg.add(&Entry { time: *time, seq: *seq, val }, def.aggregation);

@@ -253,7 +253,8 @@ pub struct Slot {
 }
 
 struct Cached<R> {
-    key: Box<str>,
+    /// Inline up to 24 bytes: the lookup compares it without following a pointer.
+    key: compact_str::CompactString,
     /// `key_hash(key)`, kept for growing the index without hashing again.
     hash: u64,
     state: R,
@@ -440,7 +441,7 @@ impl<R: Record> PartitionStore<R> {
     pub fn slot(&mut self, key: &str) -> Result<Slot, StateError> {
         let hash = key_hash(key);
         let slots = &self.slots;
-        let index = match self.index.entry(hash, |&i| &*slots[i as usize].key == key, |&i| slots[i as usize].hash) {
+        let index = match self.index.entry(hash, |&i| slots[i as usize].key == key, |&i| slots[i as usize].hash) {
             hashbrown::hash_table::Entry::Occupied(o) => *o.get(),
             hashbrown::hash_table::Entry::Vacant(v) => {
                 let state = load::<R>(&self.db, &self.path, key)?;
