@@ -24,9 +24,22 @@
 use serde::{Deserialize, Serialize};
 use streamscore_crds::pipeline::{Aggregation, FeaturesConfig, Filter, SequenceFeature, WindowFeature};
 
+use smallvec::SmallVec;
+
 use crate::agg::{decode_entries, encode_entries, format_num, Agg, Entry, FeatureValue, Scalar};
 use crate::codec::{put_i64, put_u64, Reader};
 use crate::decode::{Field, FieldId, Fields, Schema, Val};
+
+/// Makes room in the vector `$v` for one more element, one at a time while it is short: most
+/// per-key lists hold one to three entries, and the first heap allocation of `Vec` (four) or of
+/// `SmallVec` (twice the length) would double their memory.
+macro_rules! grow_small {
+    ($v:expr) => {
+        if $v.len() == $v.capacity() && $v.len() < 4 {
+            $v.reserve_exact(1);
+        }
+    };
+}
 
 /// The value a field contributes to state (none for `null` and nested values).
 fn scalar(f: &Field<'_>) -> Option<Scalar> {
@@ -38,12 +51,15 @@ fn scalar(f: &Field<'_>) -> Option<Scalar> {
     }
 }
 
+/// One window feature's state. The first bucket and the first raw entry are kept inline: most
+/// keys have one or two of each per window, and inline they are read together with the window
+/// (one cache line or two), not each behind a pointer of its own.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct WindowState {
     /// (bucket number, aggregate), sorted by bucket number.
-    buckets: Vec<(i64, Agg)>,
+    buckets: SmallVec<[(i64, Agg); 1]>,
     /// Sorted by (time, seq); every entry is newer than the horizon at its last compaction.
-    raw: Vec<Entry>,
+    raw: SmallVec<[Entry; 1]>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -98,13 +114,13 @@ impl FeatureState {
         let mut windows = Vec::with_capacity(nw);
         for _ in 0..nw {
             let nb = r.len("buckets", 3)?;
-            let mut buckets = Vec::with_capacity(nb);
+            let mut buckets = SmallVec::with_capacity(nb);
             let mut prev = 0i64;
             for _ in 0..nb {
                 prev = prev.wrapping_add(r.i64("bucket")?);
                 buckets.push((prev, Agg::decode(r)?));
             }
-            windows.push(WindowState { buckets, raw: decode_entries(r)? });
+            windows.push(WindowState { buckets, raw: decode_entries(r)?.into() });
         }
         let ns = r.len("sequences", 1)?;
         let mut sequences = Vec::with_capacity(ns);
@@ -217,7 +233,10 @@ impl FeatureSet {
         let mut out = Vec::with_capacity(self.names.len());
         for ((def, w, r, input), ws) in self.windows.iter().zip(state.windows.iter_mut()) {
             if let Some(val) = aggregation_input(def.aggregation, input, fields) {
-                insert_sorted(&mut ws.raw, Entry { time: t, seq, val });
+                let e = Entry { time: t, seq, val };
+                let pos = sorted_position(&ws.raw, &e);
+                grow_small!(ws.raw);
+                ws.raw.insert(pos, e);
             }
             compact_window(ws, def.aggregation, *w, *r, horizon);
             let wanted = self.wanted[out.len()];
@@ -226,7 +245,10 @@ impl FeatureSet {
         for ((def, l, input), ss) in self.sequences.iter().zip(state.sequences.iter_mut()) {
             if input.matches(fields) {
                 if let Some(val) = input.field(fields).and_then(scalar) {
-                    insert_sorted(&mut ss.entries, Entry { time: t, seq, val });
+                    let e = Entry { time: t, seq, val };
+                    let pos = sorted_position(&ss.entries, &e);
+                    grow_small!(ss.entries);
+                    ss.entries.insert(pos, e);
                 }
             }
             prune_sequence(ss, def.length as usize, *l, horizon);
@@ -267,22 +289,13 @@ pub(crate) fn aggregation_input(kind: Aggregation, input: &Input, fields: &Field
     }
 }
 
-fn insert_sorted(v: &mut Vec<Entry>, e: Entry) {
+/// Where `e` goes in the list `v`, sorted by (time, seq).
+fn sorted_position(v: &[Entry], e: &Entry) -> usize {
     // A key's events arrive mostly in event-time order (and `seq` only grows): the new entry
     // usually goes last, without a binary search over the whole list.
-    let pos = match v.last() {
+    match v.last() {
         Some(x) if (x.time, x.seq) > (e.time, e.seq) => v.partition_point(|x| (x.time, x.seq) <= (e.time, e.seq)),
         _ => v.len(),
-    };
-    grow_small(v);
-    v.insert(pos, e);
-}
-
-/// Makes room for one more element, one at a time while the vector is short: most per-key lists
-/// hold one to three entries, and `Vec`'s first allocation (four) would double their memory.
-fn grow_small<T>(v: &mut Vec<T>) {
-    if v.len() == v.capacity() && v.len() < 4 {
-        v.reserve_exact(1);
     }
 }
 
@@ -306,7 +319,7 @@ fn compact_window(ws: &mut WindowState, kind: Aggregation, w: i64, r: i64, horiz
                 _ => match ws.buckets.binary_search_by_key(&b, |(k, _)| *k) {
                     Ok(i) => i,
                     Err(i) => {
-                        grow_small(&mut ws.buckets);
+                        grow_small!(ws.buckets);
                         ws.buckets.insert(i, (b, Agg::default()));
                         i
                     }

@@ -134,7 +134,7 @@ impl Shared {
 
     /// Hands `rec` to the producer: to the `sink` topics, or in shadow mode (a blue/green
     /// candidate) to the shadow topics unless its input is at or past the cut-over barrier.
-    fn send(&self, rec: OutRecord, shadow: Option<&ShadowConfig>) {
+    fn send(&self, rec: OutRecord, shadow: Option<&ShadowConfig>, sent: Instant) {
         let o = rec.origin();
         let shadow = shadow
             .filter(|s| !s.is_live(self.input_topics.get(o.topic).map_or("", String::as_str), o.partition, o.offset));
@@ -163,7 +163,7 @@ impl Shared {
         };
         let epoch = self.epoch.load(Ordering::Acquire);
         self.acks.sent[Acks::slot(epoch)].fetch_add(1, Ordering::AcqRel);
-        let opaque = Box::new((received.0, received.1, epoch, Instant::now()));
+        let opaque = Box::new((received.0, received.1, epoch, sent));
         let mut record = BaseRecord::with_opaque_to(topic, opaque).payload(&value);
         if let Some(k) = &key {
             record = record.key(k);
@@ -407,19 +407,21 @@ fn consume(
         }
         let mut first_at: Option<Instant> = None;
         while batch.len() < max_batch {
-            let timeout = match first_at {
-                None => Duration::from_millis(100),
-                Some(t) => match max_delay.checked_sub(t.elapsed()) {
-                    Some(d) => d,
-                    None => break,
+            // Once a batch has begun, queued records are taken without waiting (and without
+            // reading the clock per record); only an empty queue waits, for what is left of
+            // `maxDelay`.
+            let polled = match first_at {
+                None => consumer.poll(Duration::from_millis(100)),
+                Some(t) => match consumer.poll(Duration::ZERO) {
+                    None => match max_delay.checked_sub(t.elapsed()) {
+                        Some(d) if !d.is_zero() => consumer.poll(d),
+                        _ => break,
+                    },
+                    some => some,
                 },
             };
-            match consumer.poll(timeout) {
-                None => {
-                    if first_at.is_some() || batch.is_empty() {
-                        break;
-                    }
-                }
+            match polled {
+                None => break,
                 Some(Ok(m)) => {
                     first_at.get_or_insert_with(Instant::now);
                     batch.push(m);
@@ -454,8 +456,10 @@ fn consume(
             let outs = engine.process(&records).map_err(|e| Error::engine("processing a batch", e))?;
             drop(records);
             let shadow = health.admin.shadow();
+            // One instant for the batch: its records reach the producer within microseconds.
+            let sent = Instant::now();
             for o in outs {
-                shared.send(o, shadow.as_ref());
+                shared.send(o, shadow.as_ref(), sent);
             }
             drop(shadow);
             if engine.replaying_changed() {
