@@ -832,7 +832,7 @@ impl Engine {
                         named.1 = *x;
                     }
                     if l.label.as_deref() != label {
-                        l.label = label.map(str::to_owned);
+                        l.label = label.map(Into::into);
                     }
                 }
                 // Same shape as last time (a key loaded from the store): update in place.
@@ -840,20 +840,20 @@ impl Engine {
                     l.event_time = p.event.time;
                     for ((name, v), (n, x)) in l.scores.iter_mut().zip(names.zip(&s)) {
                         if name != n {
-                            n.clone_into(name);
+                            *name = n.into();
                         }
                         *v = *x;
                     }
                     if l.label.as_deref() != label {
-                        l.label = label.map(str::to_owned);
+                        l.label = label.map(Into::into);
                     }
                 }
                 last => {
                     *last = Some(LastScore {
                         event_time: p.event.time,
-                        scores: names.map(str::to_owned).zip(s.iter().copied()).collect(),
-                        label: label.map(str::to_owned),
-                        model_version: self.model.version().to_owned(),
+                        scores: names.map(Into::into).zip(s.iter().copied()).collect(),
+                        label: label.map(Into::into),
+                        model_version: self.model.version().into(),
                     });
                 }
             }

@@ -384,7 +384,12 @@ fn the_last_score_follows_every_event_and_takes_the_new_model_version_after_a_re
         let readers = h.engine.readers();
         let readers = readers.read().unwrap();
         let l = readers[&0].get::<KeyState>("u").expect("state of u").last_score.expect("a last score");
-        (l.event_time, l.scores, l.label, l.model_version)
+        (
+            l.event_time,
+            l.scores.into_iter().map(|(k, v)| (k.into_string(), v)).collect(),
+            l.label.map(|x| x.into_string()),
+            l.model_version.into_string(),
+        )
     }
     let fraud = |x: f64| vec![("fraud".to_owned(), x)];
     let mut h = Harness::new(config("nan-score"));

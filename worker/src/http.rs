@@ -208,7 +208,7 @@ async fn entity(State(s): State<AppState>, Path(key): Path<String>) -> Response 
     let last = state.last_score.map(|l| {
         json!({
             "eventTime": l.event_time,
-            "scores": l.scores.into_iter().map(|(k, v)| (k, json!(v))).collect::<Map<String, Value>>(),
+            "scores": l.scores.into_iter().map(|(k, v)| (k.into_string(), json!(v))).collect::<Map<String, Value>>(),
             "label": l.label,
             "modelVersion": l.model_version,
         })

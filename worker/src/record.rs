@@ -17,6 +17,9 @@
 //! Formats: 2 was bincode (fixed-width integers, every aggregate field); 3 is this layout.
 
 use crate::codec::{put_f64, put_i64, put_str, put_u64, Reader};
+use compact_str::CompactString;
+use smallvec::SmallVec;
+
 use crate::emitted::OpenWindows;
 use crate::features::FeatureState;
 use crate::state::Record;
@@ -29,12 +32,13 @@ pub const FORMAT: u32 = 3;
 pub struct LastScore {
     /// Event time of the scored event.
     pub event_time: i64,
-    /// Named scores.
-    pub scores: Vec<(String, f64)>,
+    /// Named scores. (Names, label and version are short: kept inline, like the first score,
+    /// they cost no allocation of their own and no pointer to follow per event.)
+    pub scores: SmallVec<[(CompactString, f64); 1]>,
     /// Label, if a threshold matched.
-    pub label: Option<String>,
+    pub label: Option<CompactString>,
     /// Model version.
-    pub model_version: String,
+    pub model_version: CompactString,
 }
 
 impl LastScore {
@@ -58,16 +62,16 @@ impl LastScore {
     fn decode(r: &mut Reader<'_>) -> Result<Self, String> {
         let event_time = r.i64("last score time")?;
         let n = r.len("scores", 9)?;
-        let mut scores = Vec::with_capacity(n);
+        let mut scores = SmallVec::with_capacity(n);
         for _ in 0..n {
-            scores.push((r.str("score name")?, r.f64("score")?));
+            scores.push((r.str_ref("score name")?.into(), r.f64("score")?));
         }
         let label = match r.u8("label")? {
             0 => None,
-            1 => Some(r.str("label")?),
+            1 => Some(r.str_ref("label")?.into()),
             t => return Err(format!("label: unknown tag {t}")),
         };
-        Ok(Self { event_time, scores, label, model_version: r.str("model version")? })
+        Ok(Self { event_time, scores, label, model_version: r.str_ref("model version")?.into() })
     }
 }
 
@@ -148,7 +152,7 @@ mod tests {
     fn score() -> LastScore {
         LastScore {
             event_time: 5,
-            scores: vec![("fraud".into(), 0.25), ("abuse".into(), f64::MIN_POSITIVE)],
+            scores: smallvec::smallvec![("fraud".into(), 0.25), ("abuse".into(), f64::MIN_POSITIVE)],
             label: Some("review".into()),
             model_version: "v1".into(),
         }
