@@ -22,7 +22,9 @@ use tracing::{error, info, warn};
 
 // mimalloc: the data plane allocates many small, short-lived objects per event (keys, feature
 // values, output buffers); glibc malloc spent ~40% of the engine's time on them (perf,
-// BENCHMARKS.md). See `tune_allocator` for its one option.
+// BENCHMARKS.md). See `tune_allocator` for its one option. mimalloc 2 (the crate's `v2`
+// feature), not 3: on the reference pipeline 3 took ~5% more CPU per event (7 of 7 interleaved
+// runs), recycling full pages through its abandoned-page lists (300k per million events).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
