@@ -559,6 +559,36 @@ pub mod oracle {
     }
 }
 
+/// An input record (key, JSON) with its event time.
+pub type Timed = (i64, (String, Vec<u8>));
+
+/// The events of `user` that make the reference pipeline's features of its last event (tagged
+/// `"last": true`) exactly the tree models' reference row `[tx_1h, amount_24h, rides_1h,
+/// amount]`: one event 2 h earlier carries `amount_24h − amount` (inside the 24 h window,
+/// outside the 1 h ones), `tx_1h − 1` events of amount 0 in the last hour, `rides_1h` of them
+/// (or of them and the last) `ride_requested`. None for a row no events can make (fractional
+/// counts, more rides than events). `n` (the user's number) keeps users' event times apart.
+pub fn tree_reference_events(user: &str, row: &[f64], base: i64, n: i64) -> Option<Vec<Timed>> {
+    let (tx, a24, rides, amount) = (row[0] as i64, row[1], row[2] as i64, row[3]);
+    if tx < 1 || rides > tx || row[0].fract() != 0.0 || row[2].fract() != 0.0 {
+        return None;
+    }
+    let ev = |ts: i64, amount: f64, action: &str, last: bool| {
+        let v = serde_json::json!({"user_id": user, "ts": ts, "amount": amount, "action": action, "merchant": "m", "last": last});
+        (ts, (user.to_owned(), v.to_string().into_bytes()))
+    };
+    let mut out = vec![ev(base + n, a24 - amount, "view", false)];
+    // The last event counts itself in tx_1h and, if it is a ride, in rides_1h.
+    let last_is_ride = rides == tx;
+    let prior_rides = if last_is_ride { rides - 1 } else { rides };
+    for j in 0..tx - 1 {
+        let action = if j < prior_rides { "ride_requested" } else { "view" };
+        out.push(ev(base + 7_200_000 + j * 1_000 + n, 0.0, action, false));
+    }
+    out.push(ev(base + 7_200_000 + 1_800_000 + n, amount, if last_is_ride { "ride_requested" } else { "view" }, true));
+    Some(out)
+}
+
 /// The reference pipeline (the fraud example's features and logistic-regression model) reading
 /// `input` and writing `out` and `dlq`, validated.
 pub fn reference_pipeline(

@@ -427,6 +427,100 @@ impl CheckpointedEnv {
     }
 }
 
+/// A TenantModel whose model is a LightGBM tree ensemble (`models/fraud-lgbm.onnx`, 300 trees)
+/// with `model.runtime: auto`: the operator carries the runtime and the output mapping (output
+/// 1, column 1: P(fraud)) to the worker pods, the pods score on ONNX Runtime (tract cannot load
+/// the `ai.onnx.ml` tree operators, so any score proves it), and every user's last score equals
+/// LightGBM's own `predict_proba` within 1e-5, on features the test built its events for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_model_tenantmodel_scores_on_onnx_runtime_like_its_training_library() {
+    let _node = NODE.lock().await;
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "ORT_DYLIB_PATH must name ONNX Runtime's shared library (make test sets it; worker pods inherit it)"
+    );
+    let env = CheckpointedEnv::start("trees", "83", 2).await;
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let model = std::fs::read(repo_root().join("models/fraud-lgbm.onnx")).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo_root().join("models/fraud-lgbm.reference.json")).unwrap()).unwrap();
+    let sha = streamscore_worker::model::sha256_hex(&model);
+    assert_eq!(reference["sha256"], json!(sha), "the reference scores are of this model file");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "trees"}, "binaryData": {"model.onnx": k8s_openapi::ByteString(model)}
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), &ns).create(&PostParams::default(), &cm).await.unwrap();
+    let operator = Operator::start(&client, &ns);
+    let mut spec = env.tenant_model("trees", "lgbm-v1");
+    spec["spec"]["model"] = json!({
+        "configMap": {"name": "trees", "key": "model.onnx"}, "sha256": sha, "version": "lgbm-v1", "runtime": "auto",
+        "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"],
+        "outputs": [{"name": "fraud", "output": 1, "column": 1}]
+    });
+    spec["spec"]["postprocess"] = json!({"passthrough": ["last"]});
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    tms.create(&PostParams::default(), &serde_json::from_value(spec).unwrap()).await.unwrap();
+    eventually(Duration::from_secs(120), "TenantModel Running", || async {
+        tms.get("trees").await.ok()?.status.filter(|s| s.phase == Some(Phase::Running))
+    })
+    .await;
+
+    // Every feasible reference row becomes a user; all events in event-time order.
+    let base = 1_795_900_000_000i64;
+    let mut want = std::collections::HashMap::new();
+    let mut events = Vec::new();
+    for (i, (row, score)) in
+        reference["inputs"].as_array().unwrap().iter().zip(reference["scores"].as_array().unwrap()).enumerate()
+    {
+        let row: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let user = format!("u{i}");
+        if let Some(evs) = streamscore_tests::tree_reference_events(&user, &row, base, i as i64) {
+            want.insert(user, (row, score.as_f64().unwrap()));
+            events.extend(evs);
+        }
+    }
+    assert!(want.len() > 150, "{} feasible reference rows", want.len());
+    events.sort_by_key(|(ts, _)| *ts);
+    let total = events.len();
+    let records: Vec<(String, Vec<u8>)> = events.into_iter().map(|(_, r)| r).collect();
+    produce(&producer(), &env.input, &records).await;
+    let scored = tokio::task::spawn_blocking({
+        let out = env.out.clone();
+        move || consume(&out, total, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    assert_eq!(scored.len(), total, "every event scored");
+    let mut checked = 0;
+    for s in &scored {
+        let v = s.json();
+        if v["fields"]["last"] != json!(true) {
+            continue;
+        }
+        let (row, score) = &want[v["key"].as_str().unwrap()];
+        let f = &v["features"];
+        let got_row = [&f["tx_1h"], &f["amount_24h"], &f["rides_1h"]].map(|x| x.as_f64().unwrap());
+        assert_eq!(got_row, [row[0], row[1], row[2]], "{}: features", v["key"]);
+        assert_eq!(v["modelVersion"], "lgbm-v1");
+        let got = v["scores"]["fraud"].as_f64().unwrap();
+        assert!((got - score).abs() < 1e-5, "{}: score {got}, LightGBM's predict_proba {score}", v["key"]);
+        checked += 1;
+    }
+    assert_eq!(checked, want.len(), "one last event per user");
+
+    tms.delete("trees", &DeleteParams::foreground()).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let lp = ListParams::default().labels("streamscore.io/tenantmodel=trees");
+    eventually(Duration::from_secs(90), "worker pods gone", || async {
+        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    operator.stop().await;
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+}
+
 /// `kubectl scale tm` 2 → 4 → 1 while events flow, with checkpoints in the S3 server: each
 /// rescale passes through its steps in status.operation (Draining: workers paused and
 /// checkpointed through their admin API; Restoring), the operator restarted at every step of

@@ -13,32 +13,10 @@
 use std::time::Duration;
 
 use serde_json::json;
-use streamscore_tests::{create_topics, produce, producer, reference_pipeline, repo_root, unique, WorkerProcess};
-
-/// An input record (key, JSON) with its event time.
-type Timed = (i64, (String, Vec<u8>));
-
-/// One reference row's events for `user`, the last one tagged `last`.
-fn events_for(user: &str, row: &[f64], base: i64, n: i64) -> Option<Vec<Timed>> {
-    let (tx, a24, rides, amount) = (row[0] as i64, row[1], row[2] as i64, row[3]);
-    if tx < 1 || rides > tx || row[0].fract() != 0.0 || row[2].fract() != 0.0 {
-        return None;
-    }
-    let ev = |ts: i64, amount: f64, action: &str, last: bool| {
-        let v = json!({"user_id": user, "ts": ts, "amount": amount, "action": action, "merchant": "m", "last": last});
-        (ts, (user.to_owned(), v.to_string().into_bytes()))
-    };
-    let mut out = vec![ev(base + n, a24 - amount, "view", false)];
-    // The last event counts itself in tx_1h and, if it is a ride, in rides_1h.
-    let last_is_ride = rides == tx;
-    let prior_rides = if last_is_ride { rides - 1 } else { rides };
-    for j in 0..tx - 1 {
-        let action = if j < prior_rides { "ride_requested" } else { "view" };
-        out.push(ev(base + 7_200_000 + j * 1_000 + n, 0.0, action, false));
-    }
-    out.push(ev(base + 7_200_000 + 1_800_000 + n, amount, if last_is_ride { "ride_requested" } else { "view" }, true));
-    Some(out)
-}
+use streamscore_tests::{
+    create_topics, produce, producer, reference_pipeline, repo_root, tree_reference_events as events_for, unique,
+    WorkerProcess,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tree_models_score_through_the_worker_like_their_training_libraries() {
