@@ -589,6 +589,58 @@ pub fn tree_reference_events(user: &str, row: &[f64], base: i64, n: i64) -> Opti
     Some(out)
 }
 
+/// The input for a tree model's reference rows (`models/<name>.reference.json`): every feasible
+/// row becomes a user `u<row>` with [`tree_reference_events`], all events in event-time order.
+/// Returns the records and, per user, the row and the training library's score.
+#[allow(clippy::type_complexity)]
+pub fn tree_reference_input(
+    reference: &serde_json::Value,
+) -> (Vec<(String, Vec<u8>)>, std::collections::HashMap<String, (Vec<f64>, f64)>) {
+    let base = 1_795_900_000_000i64;
+    let mut want = std::collections::HashMap::new();
+    let mut events = Vec::new();
+    for (i, (row, score)) in
+        reference["inputs"].as_array().unwrap().iter().zip(reference["scores"].as_array().unwrap()).enumerate()
+    {
+        let row: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let user = format!("u{i}");
+        if let Some(evs) = tree_reference_events(&user, &row, base, i as i64) {
+            want.insert(user, (row, score.as_f64().unwrap()));
+            events.extend(evs);
+        }
+    }
+    assert!(want.len() > 150, "{} feasible reference rows", want.len());
+    events.sort_by_key(|(ts, _)| *ts);
+    (events.into_iter().map(|(_, r)| r).collect(), want)
+}
+
+/// Checks the outputs of [`tree_reference_input`]'s records: each user's last event has the
+/// reference row's features and model `version`, and a score within 1e-5 of the training
+/// library's (`what` names the model in messages).
+pub fn check_tree_scores(
+    scored: &[Consumed],
+    want: &std::collections::HashMap<String, (Vec<f64>, f64)>,
+    version: &str,
+    what: &str,
+) {
+    let mut checked = 0;
+    for s in scored {
+        let v = s.json();
+        if v["fields"]["last"] != serde_json::json!(true) {
+            continue;
+        }
+        let (row, score) = &want[v["key"].as_str().unwrap()];
+        let f = &v["features"];
+        let got_row = [&f["tx_1h"], &f["amount_24h"], &f["rides_1h"]].map(|x| x.as_f64().unwrap());
+        assert_eq!(got_row, [row[0], row[1], row[2]], "{what} {}: features", v["key"]);
+        assert_eq!(v["modelVersion"], version);
+        let got = v["scores"]["fraud"].as_f64().unwrap();
+        assert!((got - score).abs() < 1e-5, "{what} {}: score {got}, the training library's {score}", v["key"]);
+        checked += 1;
+    }
+    assert_eq!(checked, want.len(), "{what}: one last event per user");
+}
+
 /// The reference pipeline (the fraud example's features and logistic-regression model) reading
 /// `input` and writing `out` and `dlq`, validated.
 pub fn reference_pipeline(

@@ -466,24 +466,8 @@ async fn a_tree_model_tenantmodel_scores_on_onnx_runtime_like_its_training_libra
     })
     .await;
 
-    // Every feasible reference row becomes a user; all events in event-time order.
-    let base = 1_795_900_000_000i64;
-    let mut want = std::collections::HashMap::new();
-    let mut events = Vec::new();
-    for (i, (row, score)) in
-        reference["inputs"].as_array().unwrap().iter().zip(reference["scores"].as_array().unwrap()).enumerate()
-    {
-        let row: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-        let user = format!("u{i}");
-        if let Some(evs) = streamscore_tests::tree_reference_events(&user, &row, base, i as i64) {
-            want.insert(user, (row, score.as_f64().unwrap()));
-            events.extend(evs);
-        }
-    }
-    assert!(want.len() > 150, "{} feasible reference rows", want.len());
-    events.sort_by_key(|(ts, _)| *ts);
-    let total = events.len();
-    let records: Vec<(String, Vec<u8>)> = events.into_iter().map(|(_, r)| r).collect();
+    let (records, want) = streamscore_tests::tree_reference_input(&reference);
+    let total = records.len();
     produce(&producer(), &env.input, &records).await;
     let scored = tokio::task::spawn_blocking({
         let out = env.out.clone();
@@ -492,33 +476,24 @@ async fn a_tree_model_tenantmodel_scores_on_onnx_runtime_like_its_training_libra
     .await
     .unwrap();
     assert_eq!(scored.len(), total, "every event scored");
-    let mut checked = 0;
-    for s in &scored {
-        let v = s.json();
-        if v["fields"]["last"] != json!(true) {
-            continue;
-        }
-        let (row, score) = &want[v["key"].as_str().unwrap()];
-        let f = &v["features"];
-        let got_row = [&f["tx_1h"], &f["amount_24h"], &f["rides_1h"]].map(|x| x.as_f64().unwrap());
-        assert_eq!(got_row, [row[0], row[1], row[2]], "{}: features", v["key"]);
-        assert_eq!(v["modelVersion"], "lgbm-v1");
-        let got = v["scores"]["fraud"].as_f64().unwrap();
-        assert!((got - score).abs() < 1e-5, "{}: score {got}, LightGBM's predict_proba {score}", v["key"]);
-        checked += 1;
-    }
-    assert_eq!(checked, want.len(), "one last event per user");
+    streamscore_tests::check_tree_scores(&scored, &want, "lgbm-v1", "LightGBM");
 
-    tms.delete("trees", &DeleteParams::foreground()).await.unwrap();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let lp = ListParams::default().labels("streamscore.io/tenantmodel=trees");
+    tear_down(client, &ns, "trees", operator).await;
+}
+
+/// Deletes TenantModel `name` (foreground), waits until its worker pods are gone, stops the
+/// operator and deletes the namespace.
+async fn tear_down(client: kube::Client, ns: &str, name: &str, operator: Operator) {
+    Api::<TenantModel>::namespaced(client.clone(), ns).delete(name, &DeleteParams::foreground()).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("streamscore.io/tenantmodel={name}"));
     eventually(Duration::from_secs(90), "worker pods gone", || async {
         pods.list(&lp).await.ok()?.items.is_empty().then_some(())
     })
     .await;
     operator.stop().await;
     let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
-    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+    let _ = nsapi.delete(ns, &DeleteParams::default()).await;
 }
 
 /// `kubectl scale tm` 2 → 4 → 1 while events flow, with checkpoints in the S3 server: each
@@ -1075,15 +1050,7 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     for r in ["UpgradePlanned", "UpgradeRolledBack", "UpgradeGatesPassed", "UpgradeCompleted"] {
         assert!(reasons.iter().any(|x| x == r), "Event {r} published: {reasons:?}");
     }
-    tms.delete("upgraded", &DeleteParams::foreground()).await.unwrap();
-    let lp = ListParams::default().labels("streamscore.io/tenantmodel=upgraded");
-    eventually(Duration::from_secs(90), "worker pods gone", || async {
-        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
-    })
-    .await;
-    operator.stop().await;
-    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
-    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+    tear_down(client, &ns, "upgraded", operator).await;
 }
 
 /// The operator binary as a process, started again whenever it exits, as its Deployment would

@@ -12,11 +12,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-use streamscore_tests::{
-    create_topics, produce, producer, reference_pipeline, repo_root, tree_reference_events as events_for, unique,
-    WorkerProcess,
-};
+use streamscore_tests::{create_topics, produce, producer, reference_pipeline, repo_root, unique, WorkerProcess};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tree_models_score_through_the_worker_like_their_training_libraries() {
@@ -44,24 +40,8 @@ async fn tree_models_score_through_the_worker_like_their_training_libraries() {
         let file = dir.path().join("pipeline.yaml");
         std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
 
-        // Every feasible reference row becomes a user; all events in event-time order.
-        let base = 1_795_900_000_000i64;
-        let mut want = std::collections::HashMap::new();
-        let mut events = Vec::new();
-        for (i, (row, score)) in
-            reference["inputs"].as_array().unwrap().iter().zip(reference["scores"].as_array().unwrap()).enumerate()
-        {
-            let row: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-            let user = format!("u{i}");
-            if let Some(evs) = events_for(&user, &row, base, i as i64) {
-                want.insert(user, (row, score.as_f64().unwrap()));
-                events.extend(evs);
-            }
-        }
-        assert!(want.len() > 150, "{name}: {} feasible reference rows", want.len());
-        events.sort_by_key(|(ts, _)| *ts);
-        let total = events.len();
-        let records: Vec<(String, Vec<u8>)> = events.into_iter().map(|(_, r)| r).collect();
+        let (records, want) = streamscore_tests::tree_reference_input(&reference);
+        let total = records.len();
         produce(&producer(), &input, &records).await;
 
         let mut worker = WorkerProcess::spawn(&file, &dir.path().join("state"), dir.path().join("worker.log"));
@@ -76,21 +56,6 @@ async fn tree_models_score_through_the_worker_like_their_training_libraries() {
         assert_eq!(scored.len(), total, "{name}: every event scored; worker log:\n{log}");
         let loaded = log.lines().find(|l| l.contains("model loaded and probed")).unwrap_or_default();
         assert!(loaded.contains("\"onnxruntime\""), "{name}: `auto` chose ONNX Runtime: {loaded}");
-        let mut checked = 0;
-        for s in &scored {
-            let v = s.json();
-            if v["fields"]["last"] != json!(true) {
-                continue;
-            }
-            let (row, score) = &want[v["key"].as_str().unwrap()];
-            let f = &v["features"];
-            let got_row = [&f["tx_1h"], &f["amount_24h"], &f["rides_1h"]].map(|x| x.as_f64().unwrap());
-            assert_eq!(got_row, [row[0], row[1], row[2]], "{name} {}: features", v["key"]);
-            assert_eq!(v["modelVersion"], name);
-            let got = v["scores"]["fraud"].as_f64().unwrap();
-            assert!((got - score).abs() < 1e-5, "{name} {}: score {got}, {name}'s predict_proba {score}", v["key"]);
-            checked += 1;
-        }
-        assert_eq!(checked, want.len(), "{name}: one last event per user");
+        streamscore_tests::check_tree_scores(&scored, &want, name, name);
     }
 }
