@@ -385,6 +385,12 @@ fn main() -> anyhow::Result<()> {
                     quantile(&text, &name, 0.99) * 1e3
                 );
             }
+            let calls = metric(&text, "streamscore_worker_inference_batch_size_count");
+            println!(
+                "  inference calls: {calls:.0}, {:.1} rows and {:.3} ms each on average",
+                metric(&text, "streamscore_worker_inference_batch_size_sum") / calls.max(1.0),
+                metric(&text, "streamscore_worker_inference_seconds_sum") * 1e3 / calls.max(1.0)
+            );
             for stage in ["fetch", "process", "produce"] {
                 let name = format!("streamscore_worker_output_stage_seconds{{stage=\"{stage}\"");
                 println!(

@@ -102,6 +102,17 @@ pub fn score_buckets() -> impl Iterator<Item = f64> {
     (1..=20).map(|i| f64::from(i) / 20.0)
 }
 
+/// Upper bounds (seconds) of the latency histograms' buckets: 0.1 ms to 10 s, 1 ms apart from
+/// 1 to 10 ms, so that a quantile near a 10 ms objective reads to the millisecond (and a
+/// bucket ends at exactly 10 ms).
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    const MS: [f64; 31] = [
+        0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.5, 15.0, 20.0, 30.0,
+        50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0, 2000.0, 3500.0, 5000.0, 10000.0,
+    ];
+    MS.into_iter().map(|ms| ms / 1000.0)
+}
+
 /// `source` label: where an assigned partition's state came from.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
@@ -134,9 +145,8 @@ impl Metrics {
             late_dropped: Counter::default(),
             replay_skipped: Counter::default(),
             consumer_lag: Family::default(),
-            // Factor-1.5 buckets from 0.1 ms to ~13 s: fine enough to tell 5 ms from 10 ms.
-            latency: Histogram::new(exponential_buckets(0.0001, 1.5, 30)),
-            event_latency: Histogram::new(exponential_buckets(0.0001, 1.5, 30)),
+            latency: Histogram::new(latency_buckets()),
+            event_latency: Histogram::new(latency_buckets()),
             inference_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             state_bytes: Gauge::default(),
@@ -145,7 +155,7 @@ impl Metrics {
             commits: Counter::default(),
             delivery_errors: Counter::default(),
             commit_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 2.0, 16))),
-            stage_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 1.5, 30))),
+            stage_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
             windows_emitted: Counter::default(),
             checkpoints: Counter::default(),
             checkpoint_failures: Counter::default(),

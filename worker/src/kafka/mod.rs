@@ -374,6 +374,9 @@ fn consume(
     let commit_every = Duration::from_millis(cfg.runtime.commit_interval.as_millis());
     let mut last_commit = Instant::now();
     let mut batch = Vec::with_capacity(max_batch);
+    // When each record of the batch was taken from the consumer: the start of its consume →
+    // acknowledged latency (which so includes the wait for the batch to fill).
+    let mut polled_at: Vec<Instant> = Vec::with_capacity(max_batch);
     let mut paused_for_space = false;
     while !cancel.is_cancelled() {
         if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -407,15 +410,15 @@ fn consume(
         }
         let mut first_at: Option<Instant> = None;
         while batch.len() < max_batch {
-            // Once a batch has begun, queued records are taken without waiting (and without
-            // reading the clock per record); only an empty queue waits, for what is left of
-            // `maxDelay`.
+            // Once a batch has begun, queued records are taken without waiting; only an empty
+            // queue waits, for what is left of `maxDelay` in whole milliseconds (librdkafka's
+            // unit: the client library would spin through a wait shorter than 1 ms).
             let polled = match first_at {
                 None => consumer.poll(Duration::from_millis(100)),
                 Some(t) => match consumer.poll(Duration::ZERO) {
-                    None => match max_delay.checked_sub(t.elapsed()) {
-                        Some(d) if !d.is_zero() => consumer.poll(d),
-                        _ => break,
+                    None => match max_delay.saturating_sub(t.elapsed()).as_millis() {
+                        0 => break,
+                        ms => consumer.poll(Duration::from_millis(ms as u64)),
                     },
                     some => some,
                 },
@@ -423,7 +426,9 @@ fn consume(
             match polled {
                 None => break,
                 Some(Ok(m)) => {
-                    first_at.get_or_insert_with(Instant::now);
+                    let now = Instant::now();
+                    first_at.get_or_insert(now);
+                    polled_at.push(now);
                     batch.push(m);
                 }
                 Some(Err(e)) => {
@@ -439,16 +444,16 @@ fn consume(
         if !batch.is_empty() {
             // (Not a sign that the brokers are reachable: the batch may come from the
             // consumer's prefetched queue. Acknowledgements and commits say so.)
-            let now = Instant::now();
             let records: Vec<InRecord<'_>> = batch
                 .iter()
-                .map(|m| InRecord {
+                .zip(&polled_at)
+                .map(|(m, &received)| InRecord {
                     topic: m.topic(),
                     partition: m.partition(),
                     offset: m.offset(),
                     key: m.key(),
                     payload: m.payload(),
-                    received: now,
+                    received,
                     timestamp: m.timestamp().to_millis(),
                 })
                 .collect();
@@ -467,6 +472,7 @@ fn consume(
             }
             drop(engine);
             batch.clear();
+            polled_at.clear();
         }
         let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
         // No new checkpoint while the last one waits for space on the state volume.
