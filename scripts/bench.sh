@@ -23,11 +23,15 @@ bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
 . "$STREAMSCORE_DEV_DIR/env.sh"
 topic="bench-$(date +%s)"
-# pipeline_on TOPIC FILE [SED]: creates TOPIC (6 partitions) and writes the bench pipeline reading
-# it to FILE (SED: an extra sed expression).
+# pipeline_on TOPIC FILE [SED]: creates TOPIC and its output and dead-letter topics (6 partitions
+# each: outputs go to existing topics, as in a deployment, not to topics the broker creates on the
+# first record) and writes the bench pipeline reading it to FILE (SED: an extra sed expression).
 pipeline_on() {
-  java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFKA_LOG4J" org.apache.kafka.tools.TopicCommand \
-    --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" --create --topic "$1" --partitions 6 --replication-factor 1 >/dev/null
+  local t
+  for t in "$1" "$1-out" "$1-dlq"; do
+    java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFKA_LOG4J" org.apache.kafka.tools.TopicCommand \
+      --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" --create --topic "$t" --partitions 6 --replication-factor 1 >/dev/null
+  done
   sed -e "s|@BOOTSTRAP@|$KAFKA_BOOTSTRAP_SERVERS|; s|@TOPIC@|$1|g; s|@ROOT@|$ROOT|" -e "${3:-}" bench/pipeline.yaml > "$2"
 }
 cfg="$STREAMSCORE_DEV_DIR/bench-pipeline.yaml"

@@ -495,7 +495,10 @@ pub struct BatchConfig {
     /// Largest number of events scored in one inference call.
     #[serde(default = "default_batch")]
     pub max_size: u32,
-    /// Longest time an event waits for its batch to fill.
+    /// Longest time a batch waits for more events once the consumer has none ready (at most
+    /// 1s). `0s` (the default): a batch is what the consumer has ready (up to maxSize), scored
+    /// at once; under load batches fill by themselves. A longer wait gives larger batches at a
+    /// low input rate, at the cost of that much latency.
     #[serde(default = "default_batch_delay")]
     pub max_delay: Duration,
 }
@@ -511,7 +514,7 @@ fn default_batch() -> u32 {
 }
 
 fn default_batch_delay() -> Duration {
-    Duration::from_millis(2)
+    Duration::from_millis(0)
 }
 
 /// Inference runtime.
