@@ -285,3 +285,20 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_rise_and_read_a_10ms_objective_to_the_millisecond() {
+        let b: Vec<f64> = latency_buckets().collect();
+        assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+        // One bucket ends at exactly 10 ms, and every whole millisecond from 1 to 10 is a bound.
+        for ms in 1..=10 {
+            let bound = f64::from(ms) / 1000.0;
+            assert!(b.iter().any(|&x| (x - bound).abs() < 1e-12), "no bucket ends at {ms} ms: {b:?}");
+        }
+        assert_eq!(b.last().copied(), Some(10.0));
+    }
+}
