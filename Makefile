@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/streamscore/cargo-target
 
-.PHONY: test demo env-up env-down env-status build deps crds bench bench-compare chaos scan models clean-dev
+.PHONY: test demo env-up env-down env-status build deps crds bench bench-compare chaos scan models clean-dev images
 
 test:            ## fmt, clippy, unit + integration tests against a private local environment
 	bash scripts/test.sh
@@ -25,6 +25,10 @@ deps:            ## install missing prerequisites only
 
 build:           ## build every crate
 	cargo build --workspace --all-targets
+
+images:          ## operator and worker images as OCI archives, no Docker or registry (README: Images)
+	cargo build --locked --bins --profile $(if $(filter-out debug,$(or $(STREAMSCORE_IMAGE_PROFILE),debug)),$(STREAMSCORE_IMAGE_PROFILE),dev)
+	bash scripts/images.sh
 
 crds:            ## regenerate the CRD YAML and manifests/ from the Rust types and the chart
 	cargo run -q -p streamscore-crds --features kube --bin crdgen > charts/streamscore/files/crds/tenantmodels.yaml
