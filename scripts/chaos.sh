@@ -19,4 +19,6 @@ bash "$ROOT/scripts/env.sh" up
 rm -f "$STREAMSCORE_DEV_DIR/chaos-report.md"
 log "fault-injection suite, long form (about 30 min)"
 cargo test --workspace --test chaos --locked -- --ignored --nocapture chaos_long
+log "handoffs without local state, 20 runs each (about 15 min)"
+STREAMSCORE_HANDOFF_RUNS=20 cargo test --workspace --test rebuild_handoff --locked -- --nocapture --test-threads 1
 cat "$STREAMSCORE_DEV_DIR/chaos-report.md"

@@ -22,6 +22,24 @@ pub struct DrainedPartition {
     /// store, or for a partition that never received a record).
     #[serde(default)]
     pub manifest: Option<String>,
+    /// Next input offset per topic below which every input's output has been written, by
+    /// this worker or by the partition's previous owner (the committed position). Above
+    /// `offsets` while the partition replays its input to restore state: those records'
+    /// outputs were written before and are not written again. A cut-over barrier is made of
+    /// these. Empty from workers that predate the field (`offsets` stands for it then).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub output_offsets: BTreeMap<String, i64>,
+}
+
+impl DrainedPartition {
+    /// [`DrainedPartition::output_offsets`], or `offsets` from a worker without them.
+    pub fn output_positions(&self) -> &BTreeMap<String, i64> {
+        if self.output_offsets.is_empty() {
+            &self.offsets
+        } else {
+            &self.output_offsets
+        }
+    }
 }
 
 /// What a completed drain reports.

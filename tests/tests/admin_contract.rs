@@ -32,6 +32,7 @@ fn the_operator_reads_every_drain_state_the_worker_reports() {
                 partition: 1,
                 offsets: BTreeMap::from([("in".to_owned(), 42)]),
                 manifest: Some("0000000000000007-abc.json".into()),
+                ..Default::default()
             }],
         }),
     );
@@ -97,10 +98,13 @@ fn the_operator_reads_offsets_and_the_shadow_barrier() {
                 partition: 0,
                 offsets: BTreeMap::from([("in".to_owned(), 17)]),
                 manifest: None,
+                output_offsets: BTreeMap::from([("in".to_owned(), 25)]),
             }],
         }),
     );
     let answers = vec![("w-0".to_owned(), Ok(read(&health)))];
     let at = streamscore_operator::upgrade::drained_positions(&answers, "u1-live-1").unwrap().unwrap();
-    assert_eq!(at, BTreeMap::from([("in".to_owned(), BTreeMap::from([(0, 17)]))]));
+    // The barrier is made of output positions (the state is at 17, replaying up to 25: the
+    // outputs below 25 were written before), not of the state's offsets.
+    assert_eq!(at, BTreeMap::from([("in".to_owned(), BTreeMap::from([(0, 25)]))]));
 }

@@ -176,6 +176,25 @@ pub enum EngineError {
         /// Why no state is usable.
         why: String,
     },
+    /// The consumer kept delivering a partition's first record past the offset its state
+    /// needs, after seeks back to it.
+    #[error(
+        "partition {partition} of {topic}: the consumer delivers offset {got} first where the state needs \
+         {expected} next, after {seeks} seeks back; stopping instead of computing features without the \
+         records in between"
+    )]
+    Misplaced {
+        /// Partition.
+        partition: i32,
+        /// Topic.
+        topic: String,
+        /// The offset the state needs next.
+        expected: i64,
+        /// The first offset delivered.
+        got: i64,
+        /// Seeks asked for.
+        seeks: u32,
+    },
     /// The local store could not be removed to make room for restored or rebuilt state.
     #[error("partition {partition}: cannot remove the unusable local store: {source}")]
     Wipe {
@@ -274,6 +293,42 @@ struct PartitionCtx {
     closed_through: i64,
     /// After a restore: per topic, the committed offset below which outputs are not written.
     replay_until: BTreeMap<String, i64>,
+    /// Per topic, where the consumer was told to start, until the first record at or past it
+    /// arrives ([`StartCheck`]).
+    start_checks: BTreeMap<String, StartCheck>,
+    /// How the state was opened (for the first-record log line).
+    source: StateSource,
+}
+
+/// The first record of a topic in a newly opened partition must be the one the state expects
+/// (the consumer was placed there). A first record past it means the consumer is reading from
+/// somewhere else (the group's committed offset, a fetch begun before the placement, a record
+/// left from before a rebalance): processing it would skip input the state needs. The engine
+/// then asks for a seek to the expected offset instead; a first record past it again *at the
+/// same offset* is a real gap in the log (transaction markers, compaction) and is accepted.
+#[derive(Clone, Debug)]
+struct StartCheck {
+    expected: i64,
+    /// The first offset seen at the last check that asked for a seek.
+    misplaced_at: Option<i64>,
+    seeks: u32,
+    /// A seek was asked for in this batch: the topic's remaining records of the batch are
+    /// dropped (the consumer reads them again from the expected offset).
+    seek_pending: bool,
+}
+
+/// Seeks asked for before a partition's first record is accepted as misplaced.
+const MAX_START_SEEKS: u32 = 5;
+
+/// A partition the consumer must read again from `offset` (see [`Engine::take_seeks`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seek {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The offset the state expects next.
+    pub offset: i64,
 }
 
 /// Query-side view of the owned partitions.
@@ -320,6 +375,8 @@ pub struct Engine {
     replay_changed: bool,
     /// Index of the main score (`postprocess.score`) among the model's outputs.
     primary_score: Option<usize>,
+    /// Seeks asked for by [`StartCheck`]s, for the consumer loop.
+    seeks: Vec<Seek>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -412,6 +469,7 @@ impl Engine {
             fingerprint,
             checkpoints: None,
             replay_changed: false,
+            seeks: Vec::new(),
         }
     }
 
@@ -611,6 +669,13 @@ impl Engine {
             watermark.restore(t);
         }
         self.readers.write().unwrap_or_else(|e| e.into_inner()).insert(partition, store.reader());
+        let start_checks = start
+            .iter()
+            .filter_map(|(t, s)| match s {
+                StartAt::Offset(o) => Some((t.clone(), StartCheck::new(*o))),
+                StartAt::Beginning => None,
+            })
+            .collect();
         self.partitions.insert(
             partition,
             PartitionCtx {
@@ -620,12 +685,35 @@ impl Engine {
                 in_snapshot: false,
                 closed_through: i64::MIN,
                 replay_until: replay_until.clone(),
+                start_checks,
+                source: source.clone(),
             },
         );
         self.metrics.partitions.set(self.partitions.len() as i64);
         self.metrics.assignments.get_or_create(&SourceLabel { source: source.label() }).inc();
         self.update_replaying();
         Ok(Assigned { source, start, replay_until })
+    }
+
+    /// Resolves a `StartAt::Beginning` of [`Engine::open_partition`]: the consumer starts
+    /// `topic` of `partition` at `offset`, its earliest retained record. The state holds
+    /// nothing below it (it is rebuilt from there), and the first record must be there.
+    pub fn start_at(&mut self, partition: i32, topic: &str, offset: i64) {
+        if let Some(ctx) = self.partitions.get_mut(&partition) {
+            ctx.next_offsets.entry(topic.to_owned()).or_insert(offset);
+            ctx.start_checks.insert(topic.to_owned(), StartCheck::new(offset));
+        }
+    }
+
+    /// The seeks asked for by the last batches: the consumer must read each partition again
+    /// from the offset its state expects (see [`StartCheck`]).
+    pub fn take_seeks(&mut self) -> Vec<Seek> {
+        for ctx in self.partitions.values_mut() {
+            for c in ctx.start_checks.values_mut() {
+                c.seek_pending = false;
+            }
+        }
+        std::mem::take(&mut self.seeks)
     }
 
     /// Whether the set of replaying partitions changed since the last call.
@@ -690,6 +778,16 @@ impl Engine {
             // A record of a partition revoked while it was in flight: the new owner processes it.
             let Some(ctx) = self.partitions.get_mut(&rec.partition) else { continue };
             self.metrics.records_in.inc();
+            if !ctx.start_checks.is_empty() {
+                match check_start(ctx, rec, &self.metrics)? {
+                    StartVerdict::Accept => {}
+                    StartVerdict::Drop => continue,
+                    StartVerdict::Seek(offset) => {
+                        self.seeks.push(Seek { topic: rec.topic.to_owned(), partition: rec.partition, offset });
+                        continue;
+                    }
+                }
+            }
             let replay = ctx.replay_until.get(rec.topic).is_some_and(|u| rec.offset < *u);
             if replay {
                 self.metrics.replayed.inc();
@@ -1089,6 +1187,18 @@ impl Engine {
         Ok(Some(Checkpoint { batches, commits, stored }))
     }
 
+    /// Per topic, the next offset of `partition` below which every input's output has been
+    /// written (by this engine, or before a restore: the replay's end), for a cut-over barrier.
+    pub fn output_positions(&self, partition: i32) -> BTreeMap<String, i64> {
+        let Some(ctx) = self.partitions.get(&partition) else { return BTreeMap::new() };
+        let mut out: BTreeMap<String, i64> =
+            ctx.next_offsets.iter().map(|(t, o)| (t.clone(), commit_offset(ctx, t, *o))).collect();
+        for (t, until) in &ctx.replay_until {
+            out.entry(t.clone()).or_insert(*until);
+        }
+        out
+    }
+
     /// Next offset to process per (topic, partition), for lag.
     pub fn positions(&self) -> Vec<(String, i32, i64)> {
         let mut v = Vec::new();
@@ -1099,6 +1209,80 @@ impl Engine {
         }
         v
     }
+}
+
+impl StartCheck {
+    fn new(expected: i64) -> Self {
+        Self { expected, misplaced_at: None, seeks: 0, seek_pending: false }
+    }
+}
+
+enum StartVerdict {
+    /// Process the record (and every later one of its topic: the check is over).
+    Accept,
+    /// Drop it: a seek back was asked for in this batch, or it is below the start (the state
+    /// holds it).
+    Drop,
+    /// Drop it and read the partition again from this offset.
+    Seek(i64),
+}
+
+/// The first-record check of `rec`'s topic in its partition ([`StartCheck`]).
+fn check_start(ctx: &mut PartitionCtx, rec: &InRecord<'_>, metrics: &Metrics) -> Result<StartVerdict, EngineError> {
+    let Some(check) = ctx.start_checks.get_mut(rec.topic) else { return Ok(StartVerdict::Accept) };
+    if check.seek_pending {
+        return Ok(StartVerdict::Drop);
+    }
+    if rec.offset < check.expected {
+        // Already in the state; `next_offsets` skips it. Still waiting for the first new one.
+        return Ok(StartVerdict::Accept);
+    }
+    let gap = rec.offset > check.expected;
+    if gap && check.misplaced_at != Some(rec.offset) {
+        if check.seeks >= MAX_START_SEEKS {
+            return Err(EngineError::Misplaced {
+                partition: rec.partition,
+                topic: rec.topic.to_owned(),
+                expected: check.expected,
+                got: rec.offset,
+                seeks: check.seeks,
+            });
+        }
+        tracing::warn!(
+            partition = rec.partition,
+            topic = rec.topic,
+            expected = check.expected,
+            got = rec.offset,
+            "the first record of a newly assigned partition is past the offset its state needs next: \
+             reading the partition again from there"
+        );
+        metrics.start_seeks.inc();
+        check.seeks += 1;
+        check.misplaced_at = Some(rec.offset);
+        check.seek_pending = true;
+        return Ok(StartVerdict::Seek(check.expected));
+    }
+    tracing::info!(
+        partition = rec.partition,
+        topic = rec.topic,
+        offset = rec.offset,
+        expected = check.expected,
+        seeks = check.seeks,
+        source = ?ctx.source,
+        "first record of the partition read"
+    );
+    if gap {
+        tracing::info!(
+            partition = rec.partition,
+            topic = rec.topic,
+            expected = check.expected,
+            first = rec.offset,
+            "the log has no record between the expected offset and the first one (transaction markers or \
+             compaction)"
+        );
+    }
+    ctx.start_checks.remove(rec.topic);
+    Ok(StartVerdict::Accept)
 }
 
 /// The offset to commit for `topic` of a partition whose state is at `next`: while the

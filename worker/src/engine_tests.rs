@@ -407,3 +407,92 @@ fn the_last_score_follows_every_event_and_takes_the_new_model_version_after_a_re
     h.engine.flush().unwrap();
     assert_eq!(last(&h), (NOW - 5 * MIN, fraud(0.25), None, "v2".to_owned()));
 }
+
+/// A rebuilt partition (no state, group committed 11) whose consumer delivers the committed
+/// offset first instead of the earliest record: nothing is processed from there, the engine asks
+/// for a seek back to offset 0, and after it the state is rebuilt from every record.
+#[test]
+fn a_first_record_past_the_rebuild_start_is_read_again_from_the_start() {
+    let cfg = config("fraud-logreg");
+    let dir = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&cfg.model).unwrap());
+    let metrics = Arc::new(Metrics::new());
+    let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), metrics.clone())
+        .with_clock(|| NOW);
+    let committed = BTreeMap::from([("in".to_owned(), 11)]);
+    let assigned = engine.open_partition(0, &committed).unwrap();
+    assert_eq!(assigned.start, BTreeMap::from([("in".to_owned(), StartAt::Beginning)]));
+    engine.start_at(0, "in", 0);
+    let evs: Vec<Value> = (0..14).map(|i| event(NOW - 10 * MIN + i * 1_000, 1.0, "view")).collect();
+    // Offsets 11, 12, 13 first (a fetch from the committed offset).
+    let mut h = Harness { engine, metrics, offset: 10, _dir: dir };
+    assert!(h.events(&evs[11..]).is_empty(), "nothing written from a misplaced start");
+    let seeks = h.engine.take_seeks();
+    assert_eq!(seeks, [Seek { topic: "in".into(), partition: 0, offset: 0 }]);
+    assert_eq!(h.metrics.start_seeks.get(), 1);
+    assert_eq!(h.engine.positions(), [("in".to_owned(), 0, 11)], "the position did not move");
+    // After the seek: 0..=13 in order; 11 is scored with all twelve events.
+    h.offset = -1;
+    let out = h.events(&evs);
+    assert_eq!(outcomes(&out), ["scored", "scored", "scored"]);
+    assert_eq!(scored_json(&out[0])["features"]["tx_1h"], json!(12.0));
+    assert_eq!(scored_json(&out[2])["features"]["tx_1h"], json!(14.0));
+    assert!(h.engine.take_seeks().is_empty());
+}
+
+/// A first record past the start at the same offset after a seek is a gap in the log (e.g. a
+/// transaction marker at the start): accepted. A consumer that keeps starting elsewhere stops
+/// the engine with the reason.
+#[test]
+fn a_gap_at_the_start_is_accepted_after_one_seek_and_a_wandering_start_is_an_error() {
+    let mut h = Harness::new(config("fraud-logreg"));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("fraud-logreg");
+    let model = Arc::new(Model::load(&cfg.model).unwrap());
+    let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), h.metrics.clone())
+        .with_clock(|| NOW);
+    engine.open_partition(0, &BTreeMap::from([("in".to_owned(), 3)])).unwrap();
+    engine.start_at(0, "in", 0);
+    h.engine = engine;
+    let evs: Vec<Value> = (0..4).map(|i| event(NOW - 10 * MIN + i * 1_000, 1.0, "view")).collect();
+    h.offset = 1; // first record at offset 2: 0 and 1 are not in the log
+    assert!(h.events(&evs[2..]).is_empty());
+    assert_eq!(h.engine.take_seeks().len(), 1);
+    h.offset = 1;
+    let out = h.events(&evs[2..]);
+    assert_eq!(outcomes(&out), ["scored"], "offset 3 is live; the same first offset again is a gap");
+    assert!(h.engine.take_seeks().is_empty());
+
+    // A start that moves every time: five seeks, then an error.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("fraud-logreg");
+    let model = Arc::new(Model::load(&cfg.model).unwrap());
+    let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), h.metrics.clone())
+        .with_clock(|| NOW);
+    engine.open_partition(0, &BTreeMap::from([("in".to_owned(), 100)])).unwrap();
+    engine.start_at(0, "in", 0);
+    let payload = event(NOW - MIN, 1.0, "view").to_string().into_bytes();
+    for i in 1..=6i64 {
+        let rec = InRecord {
+            topic: "in",
+            partition: 0,
+            offset: 10 * i,
+            key: Some(b"u"),
+            payload: Some(&payload),
+            received: Instant::now(),
+            timestamp: None,
+        };
+        match engine.process(&[rec]) {
+            Ok(out) => {
+                assert!(out.is_empty());
+                assert_eq!(engine.take_seeks().len(), 1, "seek {i}");
+            }
+            Err(e) => {
+                assert_eq!(i, 6, "{e}");
+                assert!(e.to_string().contains("delivers offset 60 first where the state needs 0"), "{e}");
+                return;
+            }
+        }
+    }
+    panic!("no error after six misplaced starts");
+}

@@ -38,6 +38,12 @@ pub struct Metrics {
     pub late_dropped: Counter,
     /// Records skipped on restart because the state already contains them.
     pub replay_skipped: Counter,
+    /// Seeks back to the offset a newly assigned partition's state needs next, because the
+    /// consumer delivered a record past it first.
+    pub start_seeks: Counter,
+    /// Per input partition: records the state needed that the topic no longer retains (its
+    /// retention dropped them before a restore or rebuild could read them); 0 when complete.
+    pub restore_missing_records: Family<PartitionLabel, Gauge>,
     /// Consumer lag per input partition (high watermark − next offset).
     pub consumer_lag: Family<PartitionLabel, Gauge>,
     /// Time from consuming a record to the acknowledgement of its output, seconds.
@@ -72,6 +78,9 @@ pub struct Metrics {
     pub checkpoints: Counter,
     /// Checkpoints that failed (taken or uploaded).
     pub checkpoint_failures: Counter,
+    /// Periodic checkpoints not taken because the partition's previous one was still queued
+    /// or uploading (slow or unreachable object store).
+    pub checkpoints_skipped: Counter,
     /// Bytes uploaded to the checkpoint store.
     pub checkpoint_uploaded_bytes: Counter,
     /// Duration of a checkpoint upload (files, manifest), seconds.
@@ -144,6 +153,8 @@ impl Metrics {
             dead_letters: Family::default(),
             late_dropped: Counter::default(),
             replay_skipped: Counter::default(),
+            start_seeks: Counter::default(),
+            restore_missing_records: Family::default(),
             consumer_lag: Family::default(),
             latency: Histogram::new(latency_buckets()),
             event_latency: Histogram::new(latency_buckets()),
@@ -159,6 +170,7 @@ impl Metrics {
             windows_emitted: Counter::default(),
             checkpoints: Counter::default(),
             checkpoint_failures: Counter::default(),
+            checkpoints_skipped: Counter::default(),
             checkpoint_uploaded_bytes: Counter::default(),
             checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             checkpoint_fallbacks: Counter::default(),
@@ -179,6 +191,16 @@ impl Metrics {
                 "replay_skipped",
                 "Records skipped after restart because state already has them",
                 m.replay_skipped.clone(),
+            );
+            r.register(
+                "start_seeks",
+                "Seeks back to where a newly assigned partition's state starts (the consumer read past it)",
+                m.start_seeks.clone(),
+            );
+            r.register(
+                "restore_missing_records",
+                "Records a restored or rebuilt partition's state needed that the input topic no longer retains",
+                m.restore_missing_records.clone(),
             );
             r.register("consumer_lag", "Records behind the partition's high watermark", m.consumer_lag.clone());
             r.register("output_latency_seconds", "Consume to output acknowledgement", m.latency.clone());
@@ -216,6 +238,11 @@ impl Metrics {
                 "checkpoint_failures",
                 "Checkpoints that failed to be taken or uploaded",
                 m.checkpoint_failures.clone(),
+            );
+            r.register(
+                "checkpoints_skipped",
+                "Periodic checkpoints skipped because the partition's previous one was still uploading",
+                m.checkpoints_skipped.clone(),
             );
             r.register(
                 "checkpoint_uploaded_bytes",

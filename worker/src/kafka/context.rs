@@ -44,24 +44,54 @@ impl ConsumerCtx {
                 }
             };
             for (topic, start) in &assigned.start {
-                let offset = match start {
-                    StartAt::Offset(o) => Offset::Offset(*o),
-                    StartAt::Beginning => Offset::Beginning,
+                // The earliest retained offset: where a rebuild starts (an absolute offset, so
+                // that the fetch starts exactly where the state does, and the engine can check
+                // the first record against it), and what a restore can still replay.
+                let low = match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                    Ok((low, _)) => low,
+                    Err(e) => {
+                        self.shared.fail(Error::client(
+                            format!("reading the earliest retained offset of {topic} partition {p}"),
+                            e,
+                        ));
+                        return;
+                    }
                 };
-                let _ = tpl.set_partition_offset(topic, p, offset);
-                if let (StartAt::Offset(from), Some(until)) = (start, assigned.replay_until.get(topic)) {
-                    // Records the topic no longer retains cannot be replayed: say so.
-                    if let Ok((low, _)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) {
-                        if low > *from {
-                            warn!(
-                                topic,
-                                partition = p,
-                                from,
-                                low,
-                                until,
-                                "records needed to restore the state are no longer retained; the state misses them"
-                            );
-                        }
+                let offset = match start {
+                    StartAt::Offset(o) => *o,
+                    StartAt::Beginning => {
+                        engine.start_at(p, topic, low);
+                        low
+                    }
+                };
+                let _ = tpl.set_partition_offset(topic, p, Offset::Offset(offset.max(low)));
+                let from = match start {
+                    StartAt::Offset(o) => *o,
+                    StartAt::Beginning => 0,
+                };
+                let missing = match assigned.replay_until.get(topic) {
+                    Some(until) if low > from => low.min(*until) - from,
+                    _ => 0,
+                };
+                let label = PartitionLabel { topic: topic.clone(), partition: p };
+                self.shared.metrics.restore_missing_records.get_or_create(&label).set(missing);
+                if missing > 0 {
+                    // Records needed to restore the state are no longer retained: say so.
+                    warn!(
+                        topic,
+                        partition = p,
+                        from,
+                        low,
+                        until = ?assigned.replay_until.get(topic),
+                        missing,
+                        "records needed to restore the state are no longer retained (the topic's retention dropped \
+                         them): features whose lookback reaches before offset {low} miss them"
+                    );
+                }
+                if let StartAt::Offset(o) = start {
+                    if low > *o {
+                        // The state expects offset o next, but the topic starts at low now.
+                        engine.start_at(p, topic, low);
                     }
                 }
             }

@@ -329,7 +329,8 @@ fn drain(
             },
             None => None,
         };
-        partitions.push(DrainedPartition { partition: p, offsets, manifest });
+        let output_offsets = engine.output_positions(p);
+        partitions.push(DrainedPartition { partition: p, offsets, manifest, output_offsets });
     }
     Ok(DrainReport { id: id.to_owned(), paused_at_ms, checkpoint_store: shared.checkpoints.is_some(), partitions })
 }
@@ -460,6 +461,13 @@ fn consume(
             let mut engine = shared.engine.lock().unwrap_or_else(|e| e.into_inner());
             let outs = engine.process(&records).map_err(|e| Error::engine("processing a batch", e))?;
             drop(records);
+            for s in engine.take_seeks() {
+                // The partition's first record was past where its state starts: read it again
+                // from there (the fetched records after it were dropped by the engine).
+                consumer.seek(&s.topic, s.partition, Offset::Offset(s.offset), Duration::from_secs(10)).map_err(
+                    |e| Error::client(format!("seeking {} partition {} to {}", s.topic, s.partition, s.offset), e),
+                )?;
+            }
             let shadow = health.admin.shadow();
             // One instant for the batch: its records reach the producer within microseconds.
             let sent = Instant::now();
