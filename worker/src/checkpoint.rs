@@ -418,12 +418,16 @@ impl ObjectCheckpoints {
                 return Err(CheckpointError::Corrupt { manifest, detail: format!("invalid file name {:?}", f.name) });
             }
             let path = self.path(m.partition, &format!("files/{}", f.sha256));
-            let bytes = self.rt.block_on(async { self.store.get(&path).await?.bytes().await }).map_err(|e| {
-                CheckpointError::Corrupt {
-                    manifest: manifest.clone(),
-                    detail: format!("file {} ({path}) cannot be read: {e}", f.name),
-                }
-            })?;
+            let bytes =
+                self.rt.block_on(async { self.store.get(&path).await?.bytes().await }).map_err(|e| match e {
+                    // Gone (deleted by retention, or never written): this checkpoint is incomplete.
+                    object_store::Error::NotFound { .. } => CheckpointError::Corrupt {
+                        manifest: manifest.clone(),
+                        detail: format!("file {} ({path}) cannot be read: {e}", f.name),
+                    },
+                    // The store did not answer: nothing is known about the checkpoint.
+                    e => CheckpointError::Store { op: "get", path: path.to_string(), source: e },
+                })?;
             if bytes.len() as u64 != f.size || sha256_hex(&bytes) != f.sha256 {
                 return Err(CheckpointError::Corrupt {
                     manifest,
@@ -511,6 +515,10 @@ pub struct Checkpointer {
     shared: Arc<Mutex<PartitionsKnown>>,
     metrics: Arc<Metrics>,
     next_dir: AtomicU64,
+    /// Partitions with a periodic checkpoint queued or uploading: at most one each, so that a
+    /// slow or unreachable object store cannot queue checkpoint directories (hard links that
+    /// keep old table files on the state volume) without bound.
+    queued: Mutex<std::collections::HashSet<i32>>,
     tx: Mutex<Option<Sender<Request>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -565,6 +573,7 @@ impl Checkpointer {
             shared: Arc::default(),
             metrics,
             next_dir: AtomicU64::new(0),
+            queued: Mutex::default(),
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(None),
         });
@@ -577,8 +586,11 @@ impl Checkpointer {
                     let _ = std::fs::remove_dir_all(&req.dir);
                     if let Some(reply) = req.reply {
                         let _ = reply.send(result.map_err(|e| e.to_string()));
-                    } else if let Err(e) = result {
-                        warn!(partition = req.partition, error = %e, "checkpoint upload failed; the next one retries");
+                    } else {
+                        worker.queued.lock().unwrap_or_else(|e| e.into_inner()).remove(&req.partition);
+                        if let Err(e) = result {
+                            warn!(partition = req.partition, error = %e, "checkpoint upload failed; the next one retries");
+                        }
                     }
                 }
             })
@@ -664,9 +676,26 @@ impl Checkpointer {
         if self.unchanged(partition, &offsets) {
             return Ok(());
         }
-        let dir = self.take(partition, handle)?;
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(CheckpointError::Stopped)?;
-        tx.send(Request { partition, dir, offsets, reply: None }).map_err(|_| CheckpointError::Stopped)
+        if !self.queued.lock().unwrap_or_else(|e| e.into_inner()).insert(partition) {
+            // The previous one is still queued or uploading (a slow or unreachable object
+            // store): this one is skipped; the next interval takes a newer one.
+            self.metrics.checkpoints_skipped.inc();
+            tracing::debug!(partition, "previous checkpoint still uploading: this one skipped");
+            return Ok(());
+        }
+        let sent = self.take(partition, handle).and_then(|dir| {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(CheckpointError::Stopped)?;
+            tx.send(Request { partition, dir, offsets, reply: None }).map_err(|_| CheckpointError::Stopped)
+        });
+        if sent.is_err() {
+            self.queued.lock().unwrap_or_else(|e| e.into_inner()).remove(&partition);
+        }
+        sent
+    }
+
+    /// Partitions whose periodic checkpoint is queued or uploading.
+    pub fn queued(&self) -> usize {
+        self.queued.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Takes a checkpoint of `partition` and waits until it is uploaded (revoke, shutdown).
@@ -755,6 +784,11 @@ impl Checkpointer {
         into: &FsPath,
     ) -> Result<Option<Restored>, CheckpointError> {
         let started = Instant::now();
+        // A checkpoint that could not be read because the store failed (not because it is
+        // gone or damaged) may be fine: if nothing newer restores, the restore fails with that
+        // error (the worker is not ready and retries) rather than going on as if there were no
+        // checkpoint, which would start the partition from older or empty state.
+        let mut unreachable: Option<CheckpointError> = None;
         for meta in store.manifests(partition)? {
             let id = meta.location.filename().unwrap_or_default().to_owned();
             let m = match store.read_manifest(partition, &id) {
@@ -762,6 +796,9 @@ impl Checkpointer {
                 Err(e) => {
                     self.metrics.checkpoint_fallbacks.inc();
                     warn!(partition, manifest = %id, error = %e, "checkpoint unusable; trying the previous one");
+                    if is_transient(&e) {
+                        unreachable.get_or_insert(e);
+                    }
                     continue;
                 }
             };
@@ -791,10 +828,16 @@ impl Checkpointer {
                 Err(e) => {
                     self.metrics.checkpoint_fallbacks.inc();
                     warn!(partition, manifest = %id, error = %e, "checkpoint unusable; trying the previous one");
+                    if is_transient(&e) {
+                        unreachable.get_or_insert(e);
+                    }
                 }
             }
         }
-        Ok(None)
+        match unreachable {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
     }
 
     /// Stops the uploader after the queued uploads.
@@ -803,6 +846,15 @@ impl Checkpointer {
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Whether `e` says the object store failed to answer (network, server error, permissions),
+/// rather than that the object is gone or not what its manifest says.
+fn is_transient(e: &CheckpointError) -> bool {
+    match e {
+        CheckpointError::Store { source, .. } => !matches!(source, object_store::Error::NotFound { .. }),
+        _ => false,
     }
 }
 
@@ -901,6 +953,103 @@ mod tests {
         assert!(head.starts_with("GET /bucket"), "{head}");
         assert!(head.contains("Credential=key-id/") && head.contains("/eu-central-1/s3/"), "{head}");
         assert!(matches!(read_credentials(&tmp.path().join("missing")), Err(CheckpointError::Local { .. })));
+    }
+
+    /// An object store that accepts connections and never answers: periodic checkpoints of a
+    /// partition do not pile up behind the hanging upload (one queued or uploading per
+    /// partition; the rest are skipped and counted), so the state volume does not fill with
+    /// checkpoint directories.
+    #[test]
+    fn a_hanging_object_store_queues_at_most_one_checkpoint_per_partition() {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); // never accepts
+        let creds = tmp.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        for (k, v) in [
+            ("AWS_ENDPOINT", format!("http://{}", server.local_addr().unwrap())),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "k".into()),
+            ("AWS_SECRET_ACCESS_KEY", "s".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ] {
+            std::fs::write(creds.join(k), v).unwrap();
+        }
+        let cfg = StateConfig {
+            checkpoint_store: Some("s3://bucket/hang".into()),
+            credentials_dir: Some(creds.display().to_string()),
+            ..Default::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let state_dir = tmp.path().join("state");
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let cp = Checkpointer::start(&cfg, &state_dir, "v1", metrics.clone()).unwrap().unwrap();
+        let env = StoreEnv::new(state_dir.join("stores"), 1 << 20, 100);
+        for round in 1..=6 {
+            write(&env, 0..10, round);
+            let s = env.open::<KeyState>(0).unwrap();
+            cp.submit(0, &s.handle(), offsets(round)).unwrap();
+        }
+        assert_eq!(cp.queued(), 1);
+        assert_eq!(metrics.checkpoints_skipped.get(), 5);
+        let dirs = std::fs::read_dir(state_dir.join(".checkpoints")).unwrap().count();
+        assert_eq!(dirs, 1, "one checkpoint directory on the state volume");
+        drop(server);
+    }
+
+    /// A store that lists a checkpoint but refuses to serve it (403 here; an outage, a
+    /// permission change): the restore fails with the store's error instead of answering "no
+    /// checkpoint", after which the partition would start from empty or older state.
+    #[test]
+    fn a_checkpoint_the_store_cannot_serve_fails_the_restore_instead_of_starting_empty() {
+        use std::io::{BufRead, Write};
+        let tmp = tempfile::tempdir().unwrap();
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", server.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in server.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut head = String::new();
+                let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+                while r.read_line(&mut head).unwrap_or(0) > 2 && !head.ends_with("\r\n\r\n") {}
+                let (status, body) = if head.contains("list-type=2") {
+                    (
+                        "200 OK",
+                        r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>bucket</Name><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated><Contents><Key>pre/partition-0/manifests/0000000000000001-abc.json</Key><LastModified>2026-12-01T00:00:00.000Z</LastModified><ETag>"x"</ETag><Size>100</Size><StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>"#,
+                    )
+                } else {
+                    (
+                        "403 Forbidden",
+                        r#"<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>denied</Message></Error>"#,
+                    )
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let creds = tmp.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        for (k, v) in [
+            ("AWS_ENDPOINT", endpoint),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "k".into()),
+            ("AWS_SECRET_ACCESS_KEY", "s".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ] {
+            std::fs::write(creds.join(k), v).unwrap();
+        }
+        let cfg = StateConfig {
+            checkpoint_store: Some("s3://bucket/pre".into()),
+            credentials_dir: Some(creds.display().to_string()),
+            ..Default::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let cp = Checkpointer::start(&cfg, tmp.path(), "v1", metrics.clone()).unwrap().unwrap();
+        let r = cp.restore(0, "fp", None, &tmp.path().join("into"));
+        assert!(matches!(r, Err(CheckpointError::Store { op: "get", .. })), "{r:?}");
+        assert_eq!(metrics.checkpoint_fallbacks.get(), 1);
     }
 
     #[test]
