@@ -32,6 +32,7 @@ use crate::pipeline::{
     scale = r#"{"specReplicasPath":".spec.parallelism","statusReplicasPath":".status.parallelism","labelSelectorPath":".status.selector"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.modelVersion"}"#,
     printcolumn = r#"{"name":"Parallelism","type":"integer","jsonPath":".status.parallelism"}"#,
     printcolumn = r#"{"name":"Operation","type":"string","jsonPath":".status.operation.message","priority":1}"#,
@@ -244,8 +245,9 @@ pub struct StateVolume {
 /// the live version's newest checkpoints (`checkpointStore`); a feature change, or one without a
 /// checkpoint store, rebuilds state by reading the input from the longest window back. The
 /// operator scrapes both versions' `/metrics` and checks the gates (shown in
-/// `status.upgrade.gates`): candidate ready, lag within `maxLag` of the live version's, error
-/// rate at most `maxErrorRate`, and the distribution of the main score within `maxScoreDrift`
+/// `status.upgrade.gates`): candidate ready, lag within `maxLag` of the live version's,
+/// dead-letter rate at most `maxErrorRate` above the live version's on the same input (reason by
+/// reason, so late or malformed events both versions reject do not count), and the distribution of the main score within `maxScoreDrift`
 /// (population stability index over 20 buckets of [0, 1], on at least `minScoredEvents` events
 /// scored by each version after the candidate caught up). Then it cuts over at an offset
 /// barrier per partition: the live version stops after offset o, the candidate writes live
@@ -268,7 +270,11 @@ pub struct UpgradeStrategy {
     #[serde(default = "default_max_lag")]
     #[schemars(range(min = 0))]
     pub max_lag: i64,
-    /// Largest share (0–1) of the candidate's input records that may be dead-lettered.
+    /// Largest share (0–1) of the candidate's input records that may be dead-lettered beyond
+    /// what the live version dead-letters of the same input: per reason (`late`, `malformed`,
+    /// `inference`, ...), the candidate's rate minus the live version's, summed over reasons
+    /// where the candidate's is higher. Records both versions reject (late, malformed) do not
+    /// count against the candidate.
     #[serde(default = "default_max_error_rate")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub max_error_rate: f64,
@@ -556,6 +562,11 @@ pub struct RescaleOutcome {
     /// the spec changes or a while later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// Rolled-back attempts in a row of this worker count for this generation. Each retry
+    /// waits twice as long as the one before (5, 10, 20, 40 minutes); after 5 the operator
+    /// stops retrying until the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
 }
 
 /// Lifecycle phase.

@@ -18,7 +18,9 @@
 //! - `upgrade-live-fenced`: the live colour fenced, the barrier not recorded;
 //! - `upgrade-barrier-recorded`: the barrier recorded, the candidate not told;
 //! - `upgrade-went-live`: the candidate told the barrier, not yet resumed;
-//! - `upgrade-completed`: every candidate pod live from the barrier, the outcome not recorded.
+//! - `upgrade-completed`: every candidate pod live from the barrier, the outcome not recorded;
+//! - `upgrade-recorded`: the outcome and the new `activeColor` recorded, the old colour not yet
+//!   removed (the removal follows the record, never the other way round).
 
 use std::io::Write as _;
 use std::sync::OnceLock;

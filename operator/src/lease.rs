@@ -2,8 +2,15 @@
 //! only the holder reconciles. The holder renews every `renew`; another replica takes the
 //! Lease over when it has not been renewed for `duration`. Writes are conditional on the
 //! Lease's resourceVersion, so two candidates never both win.
+//!
+//! Expiry is judged without comparing clocks: a candidate notes, on its own monotonic clock,
+//! when it last saw the Lease's record change (holder, renew time) and takes it over only
+//! `duration` after that; the holder gives leadership up when it has not renewed for
+//! [`LeaseLock::renew_deadline`] (two thirds of `duration`) on its own clock, before any other
+//! replica may take over.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
@@ -16,6 +23,10 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     duration: Duration,
+    /// The Lease record last seen (holder, renew time) and when it was first seen so.
+    observed: Arc<Mutex<Option<(String, Instant)>>>,
+    /// When this replica last wrote the Lease as its holder.
+    renewed: Arc<Mutex<Option<Instant>>>,
 }
 
 impl std::fmt::Debug for LeaseLock {
@@ -31,7 +42,42 @@ fn now_micro() -> String {
 impl LeaseLock {
     /// A lock on Lease `name` in `api`'s namespace, held as `identity`.
     pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
-        Self { api, name: name.into(), identity: identity.into(), duration }
+        Self {
+            api,
+            name: name.into(),
+            identity: identity.into(),
+            duration,
+            observed: Arc::default(),
+            renewed: Arc::default(),
+        }
+    }
+
+    /// How long the holder keeps leading without a successful renewal: two thirds of the
+    /// Lease duration, so it stops before another replica may take over.
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+
+    /// Whether this replica renewed the Lease within [`LeaseLock::renew_deadline`].
+    pub fn still_leading(&self) -> bool {
+        self.renewed.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| t.elapsed() < self.renew_deadline())
+    }
+
+    /// Whether a Lease whose record is `record` (holder and renew time) has gone unchanged for
+    /// `duration` as this replica has watched it (its own clock, never the holder's).
+    fn unchanged_for(&self, record: &str, duration: Duration) -> bool {
+        let mut seen = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.as_ref() {
+            Some((r, at)) if r == record => at.elapsed() > duration,
+            _ => {
+                *seen = Some((record.to_owned(), Instant::now()));
+                false
+            }
+        }
+    }
+
+    fn mark_renewed(&self, at: Instant) {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
     }
 
     /// Acquires the Lease if free or expired, renews it if held. Returns whether we hold it.
@@ -49,21 +95,22 @@ impl LeaseLock {
                 }
             }))
             .map_err(kube::Error::SerdeError)?;
+            let attempt = Instant::now();
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
+                Ok(_) => {
+                    self.mark_renewed(attempt);
+                    Ok(true)
+                }
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                 Err(e) => Err(e),
             };
         };
         let spec = serde_json::to_value(current.spec.clone().unwrap_or_default()).map_err(kube::Error::SerdeError)?;
         let holder = spec.get("holderIdentity").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-        let renewed = spec
-            .get("renewTime")
-            .and_then(|v| v.as_str())
-            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-            .map(|t| t.with_timezone(&chrono::Utc));
+        let renew_time = spec.get("renewTime").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
         let duration = spec.get("leaseDurationSeconds").and_then(serde_json::Value::as_i64).unwrap_or(secs as i64);
-        let expired = renewed.is_none_or(|t| chrono::Utc::now() > t + chrono::Duration::seconds(duration));
+        let record = format!("{holder}@{renew_time}");
+        let expired = self.unchanged_for(&record, Duration::from_secs(duration.max(1) as u64));
         if holder != self.identity && !holder.is_empty() && !expired {
             return Ok(false);
         }
@@ -79,8 +126,12 @@ impl LeaseLock {
         let mut lease = current;
         lease.spec = Some(serde_json::from_value(next).map_err(kube::Error::SerdeError)?);
         // Conditional on resourceVersion: a concurrent writer makes this fail with 409.
+        let attempt = Instant::now();
         match self.api.replace(&self.name, &PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.mark_renewed(attempt);
+                Ok(true)
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e),
         }

@@ -14,6 +14,7 @@ pub mod fault;
 pub mod lease;
 pub mod metrics;
 pub mod ownership;
+pub mod pods;
 pub mod policy;
 pub mod reconcile;
 pub mod rescale;

@@ -194,15 +194,29 @@ async fn main() -> anyhow::Result<()> {
         let lost = cancel.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                match lock2.try_acquire_or_renew().await {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                // A renewal that hangs counts as failed once the deadline has passed.
+                let r = tokio::time::timeout(lock2.renew_deadline(), lock2.try_acquire_or_renew())
+                    .await
+                    .unwrap_or_else(|_| Err(kube::Error::Service("lease renewal timed out".into())));
+                match r {
                     Ok(true) => {}
                     Ok(false) => {
                         error!("leadership lost: stopping");
                         lost.cancel();
                         return;
                     }
-                    Err(e) => warn!(error = %e, "lease renewal failed"),
+                    Err(e) if lock2.still_leading() => warn!(error = %e, "lease renewal failed; retrying"),
+                    Err(e) => {
+                        // Another replica may take the Lease over soon: stop before it can.
+                        error!(
+                            error = %e,
+                            deadline = ?lock2.renew_deadline(),
+                            "lease not renewed within the renew deadline: giving up leadership"
+                        );
+                        lost.cancel();
+                        return;
+                    }
                 }
             }
         });

@@ -286,8 +286,19 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
 
     // what the live colour runs (its ConfigMap), and what the spec asks for
     let build_ctx = BuildContext { kafka_prefix: ctx.policy.kafka_prefix_for(&ns), ..ctx.build.clone() };
-    let Live { color: live_color, pipeline: live_pipeline, deployment: live_dep } =
+    let Live { color: live_color, pipeline: live_pipeline, deployment: live_dep, newer_live } =
         observe_live(&client, tm).await.map_err(Error::at(Step::Observe))?;
+    if let Some(other) = newer_live {
+        // Nothing is applied from a status older than the children: the watch delivers the
+        // newer TenantModel in a moment.
+        warn!(
+            active_color = %live_color,
+            live = %other,
+            "status.activeColor is older than the children ({other} went live, {live_color}'s ConfigMap is gone): \
+             waiting for the newer TenantModel"
+        );
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let desired = render_pipeline(tm, build_ctx.kafka_prefix.as_deref());
     let mut written = tm.status.clone();
     let mut up = UpgradeState {
@@ -363,6 +374,23 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
     let mut live_color = live_color;
     let mut live = live;
+    // Once the cut-over barrier is recorded the old colour never writes again: it is stopped.
+    // Its workers are fenced already; stopped, a fence that lapses while the operator is away,
+    // or a replacement pod that was never fenced, cannot resume it beside the live candidate.
+    if up.current.as_ref().is_some_and(|u| u.live_from.is_some())
+        && live.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1) != 0
+    {
+        let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        live = deps
+            .patch(
+                &live.name_any(),
+                &PatchParams { field_manager: Some(format!("{FIELD_MANAGER}-cutover")), ..Default::default() },
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": 0}})),
+            )
+            .await
+            .map_err(Error::at(Step::Upgrade))?;
+        info!(color = %live_color, "cut-over barrier recorded: the old colour's workers stopped");
+    }
     let barrier_applied = candidate
         .as_ref()
         .and_then(|c| c.config_map.data.as_ref()?.get("pipeline.yaml").cloned())
@@ -372,9 +400,14 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
             .await
             .map_err(Error::at(Step::Upgrade))?;
         if let Some(color) = up.completed_to.clone() {
-            // The candidate is the live colour now.
+            // The candidate is the live colour now. Recorded before the old colour is removed:
+            // a reconcile that fails after the removal, or one that reads the TenantModel from
+            // the watch cache, must never see the old colour as live with its children gone (it
+            // would create them again, consuming from its own group's offsets: duplicates).
             live_color = color;
             live = cand.clone();
+            record_cutover(&tms, tm, &mut written, &up, &live_color).await.map_err(Error::at(Step::Upgrade))?;
+            crate::fault::point("upgrade-recorded");
         }
     }
 
@@ -438,7 +471,10 @@ async fn observe_applied(
     let selector = selector_string(tm, live_color);
     let available = live.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
     let (worker_problem, worker_restoring) = if available < replicas {
-        worker_readiness_problem(&ctx.client, &ns, &selector, None).await
+        match crate::pods::deployment_problem(live) {
+            Some(p) => (Some(p), None),
+            None => worker_readiness_problem(&ctx.client, &ns, &selector, None).await,
+        }
     } else {
         (None, None)
     };
@@ -482,6 +518,11 @@ struct Live {
     color: String,
     pipeline: Option<PipelineConfig>,
     deployment: Option<Deployment>,
+    /// The other colour, when the children say that it is live and this status is older than
+    /// them: `status.activeColor`'s ConfigMap is gone and the other colour's pipeline went live
+    /// (a cut-over completed and was recorded, but this reconcile read the TenantModel from
+    /// before that status write). Acting on such a status would recreate the removed colour.
+    newer_live: Option<String>,
 }
 
 async fn observe_live(client: &Client, tm: &TenantModel) -> Result<Live, kube::Error> {
@@ -494,8 +535,33 @@ async fn observe_live(client: &Client, tm: &TenantModel) -> Result<Live, kube::E
         }
         _ => None,
     };
+    let mut newer_live = None;
+    if pipeline.is_none() {
+        let other = other_color(&color);
+        if let Some(cm) = cms.get_opt(&config_map_name(&name, other)).await? {
+            let went_live = is_controlled_by(&cm.metadata, &uid)
+                && cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("pipeline.yaml"))
+                    .and_then(|t| PipelineConfig::from_yaml(t).ok())
+                    .is_some_and(|p| p.shadow.as_ref().is_none_or(|sh| sh.live_from.is_some()));
+            if went_live && tm.status.as_ref().and_then(|s| s.active_color.as_ref()).is_some() {
+                newer_live = Some(other.to_owned());
+            }
+        }
+    }
     let deployment = Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(&format!("{name}-{color}")).await?;
-    Ok(Live { color, pipeline, deployment })
+    Ok(Live { color, pipeline, deployment, newer_live })
+}
+
+/// The colour that is not `color` (as [`upgrade::start`] picks the candidate).
+fn other_color(color: &str) -> &'static str {
+    if color == "blue" {
+        "green"
+    } else {
+        "blue"
+    }
 }
 
 /// The candidate colour's children during an upgrade (`live` is what the live colour runs),
@@ -553,11 +619,23 @@ fn note_rescale_rolled_back(status: &mut TenantModelStatus, tm: &TenantModel, re
     }) else {
         return;
     };
-    let msg = format!(
-        "spec.parallelism {} is not applied ({replicas} workers run): {}; tried again 5 minutes after {} or when the \
-         spec changes",
-        tm.spec.parallelism, last.message, last.finished_at
-    );
+    let attempts = last.attempts.unwrap_or(1);
+    let msg = match rescale::retry_after(last) {
+        Some(after) => format!(
+            "spec.parallelism {} is not applied ({replicas} workers run): {}; attempt {attempts} of {}, tried again \
+             {} minutes after {} or when the spec changes",
+            tm.spec.parallelism,
+            last.message,
+            rescale::MAX_ATTEMPTS,
+            after.as_secs() / 60,
+            last.finished_at
+        ),
+        None => format!(
+            "spec.parallelism {} is not applied ({replicas} workers run): {}; gave up after {attempts} attempts: \
+             not tried again until the spec changes",
+            tm.spec.parallelism, last.message
+        ),
+    };
     crate::status::set_condition(
         &mut status.conditions,
         "Progressing",
@@ -770,7 +848,8 @@ async fn drive_rescale(
                     let from = op.from;
                     let msg = format!("rescale {}→{} rolled back: {why}", op.from, op.to);
                     warn!(%msg, "rescale failed while draining");
-                    rescale.last = Some(rescale::outcome(op, "RolledBack", why, now_t, tm.metadata.generation));
+                    let out = rescale::outcome(op, "RolledBack", why, now_t, tm.metadata.generation);
+                    rescale.last = Some(rescale::rolled_back(out, rescale.last.as_ref()));
                     rescale.op = None;
                     publish(ctx, tm, EventType::Warning, "RescaleRolledBack", msg).await;
                     Ok(from)
@@ -816,7 +895,8 @@ async fn drive_rescale(
                 Decision::Done { .. } | Decision::Fail(_) => {
                     let why = op.failure.clone().unwrap_or_default();
                     let msg = format!("rescale {}→{} rolled back to {} workers: {why}", op.from, op.to, op.from);
-                    rescale.last = Some(rescale::outcome(op, "RolledBack", msg.clone(), now_t, tm.metadata.generation));
+                    let out = rescale::outcome(op, "RolledBack", msg.clone(), now_t, tm.metadata.generation);
+                    rescale.last = Some(rescale::rolled_back(out, rescale.last.as_ref()));
                     rescale.op = None;
                     publish(ctx, tm, EventType::Warning, "RescaleRolledBack", msg).await;
                     Ok(target)
@@ -999,13 +1079,20 @@ async fn worker_readiness_problem(
     ns: &str,
     selector: &str,
     hash: Option<&str>,
-) -> (Option<String>, Option<String>) {
+) -> (Option<crate::pods::Problem>, Option<String>) {
+    use crate::pods::{pod_problem, Problem};
     use k8s_openapi::api::core::v1::Pod;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let Ok(list) = pods.list(&ListParams::default().labels(selector)).await else { return (None, None) };
+    let current: Vec<Pod> = list.items.into_iter().filter(|p| current_pod(p, hash)).collect();
+    // What the kubelet and the scheduler say first: a pod that crash-loops, cannot pull its
+    // image or be scheduled never answers /readyz.
+    if let Some(p) = current.iter().find_map(pod_problem) {
+        return (Some(p), None);
+    }
     let Ok(http) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return (None, None) };
     let mut restoring = None;
-    for pod in list.items.into_iter().filter(|p| current_pod(p, hash)) {
+    for pod in current {
         let Some(status) = pod.status else { continue };
         let (Some(ip), Some("Running")) = (status.pod_ip, status.phase.as_deref()) else { continue };
         let Ok(resp) = http.get(format!("http://{ip}:{}/readyz", crate::build::WORKER_PORT)).send().await else {
@@ -1019,7 +1106,8 @@ async fn worker_readiness_problem(
         let pod = pod.metadata.name.unwrap_or_default();
         // Problems a user must fix; start-up states (joining the group) are not.
         if body.contains("model not loaded") {
-            return (Some(format!("worker {pod}: {msg}")), restoring);
+            let problem = Problem { reason: "ModelNotLoaded".into(), message: format!("worker {pod}: {msg}") };
+            return (Some(problem), restoring);
         }
         if restoring.is_none() && body.contains("replaying its input") {
             restoring = Some(format!("worker {pod}: {msg}"));
@@ -1065,6 +1153,23 @@ async fn record_upgrade(
     up: &UpgradeState,
 ) -> Result<(), kube::Error> {
     let mut st = written.clone().unwrap_or_default();
+    st.upgrade = up.current.clone();
+    st.last_upgrade = up.last.clone();
+    st.plan = up.plan.clone();
+    crate::status::with_upgrade(&mut st, None, &now(), tm.metadata.generation);
+    patch_status_from(tms, &tm.name_any(), written, st).await.map(|_| ())
+}
+
+/// Records a completed cut-over: `color` is the live colour, no upgrade in progress.
+async fn record_cutover(
+    tms: &Api<TenantModel>,
+    tm: &TenantModel,
+    written: &mut Option<TenantModelStatus>,
+    up: &UpgradeState,
+    color: &str,
+) -> Result<(), kube::Error> {
+    let mut st = written.clone().unwrap_or_default();
+    st.active_color = Some(color.to_owned());
     st.upgrade = up.current.clone();
     st.last_upgrade = up.last.clone();
     st.plan = up.plan.clone();
@@ -1125,7 +1230,11 @@ async fn plan_upgrade(
         // The spec changed again before the cut-over: this candidate is abandoned (the live
         // colour may be fenced by a cut-over in progress: resume it).
         let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color), None).await?;
-        ctx.workers.resume(&pods).await;
+        let unresumed = ctx.workers.resume(&pods).await;
+        if !unresumed.is_empty() {
+            // Their fence hold ends it by itself (upgrade::CUTOVER_HOLD_SECONDS).
+            warn!(upgrade = %u.id, ?unresumed, "superseded upgrade: live workers did not confirm their resume");
+        }
         let msg = format!("upgrade {}→{} superseded by a newer spec", u.from_version, u.to_version);
         publish(ctx, tm, EventType::Normal, "UpgradeSuperseded", msg.clone()).await;
         up.last = Some(upgrade_outcome(&u, "Superseded", msg, None));
@@ -1137,10 +1246,20 @@ async fn plan_upgrade(
     let strategy = &tm.spec.upgrade;
     let available = live_dep.and_then(|d| d.status.as_ref()?.available_replicas).unwrap_or(0);
     let rescaling = tm.status.as_ref().is_some_and(|s| s.operation.is_some());
-    let bluegreen = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features)
-        && strategy.kind == UpgradeType::BlueGreen
-        && available > 0
-        && !rescaling;
+    let gated = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features) && strategy.kind == UpgradeType::BlueGreen;
+    if gated && rescaling {
+        // Queued, not applied ungated: the blue/green upgrade starts when the rescale ends.
+        let text = format!(
+            "{}; queued: starts as a blue/green upgrade when the rescale in progress ends",
+            upgrade::plan_text(kind, None, live_color, strategy).split(':').next().unwrap_or_default()
+        );
+        if up.plan.as_deref() != Some(text.as_str()) {
+            publish(ctx, tm, EventType::Normal, "UpgradeQueued", text.clone()).await;
+        }
+        up.plan = Some(text);
+        return Ok(keep);
+    }
+    let bluegreen = gated && available > 0;
     if !bluegreen {
         if kind != ChangeKind::None {
             let text = upgrade::plan_text(kind, None, live_color, strategy);
@@ -1200,7 +1319,8 @@ async fn drive_upgrade(
     let cand_pods = worker_pods(&ctx.client, &ns, &selector_string(tm, &u.candidate), cand_hash.as_deref()).await?;
     let want = cand.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let title = format!("Upgrading {}→{}", u.from_version, u.to_version);
-    let mut failure: Option<String> = None;
+    // A rollback whose live workers did not all confirm their resume goes on rolling back.
+    let mut failure: Option<String> = (u.step == "RollingBack").then(|| u.failure.clone().unwrap_or_default());
     if u.step == "Shadow" {
         let ready = cand.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
         let cm = if cand_pods.len() as i32 == want { ctx.workers.metrics(&cand_pods).await } else { None };
@@ -1224,8 +1344,13 @@ async fn drive_upgrade(
         u.gates = gates;
         // A candidate that cannot load its model will not get ready: roll back at once, with
         // the workers' reason.
+        // (A candidate that cannot be scheduled may be once capacity frees up: the deadline
+        // judges it.)
         let unloadable = if ready < want {
-            worker_readiness_problem(&ctx.client, &ns, &selector_string(tm, &u.candidate), cand_hash.as_deref()).await.0
+            worker_readiness_problem(&ctx.client, &ns, &selector_string(tm, &u.candidate), cand_hash.as_deref())
+                .await
+                .0
+                .filter(|p| p.reason != "Unschedulable")
         } else {
             None
         };
@@ -1258,15 +1383,28 @@ async fn drive_upgrade(
     if u.step == "CuttingOver" && failure.is_none() {
         if u.candidate_at.is_none() {
             let id = format!("{}-candidate", u.id);
-            match upgrade::drained_positions(
-                &ctx.workers.drain_with(&cand_pods, &id, upgrade::CUTOVER_HOLD_SECONDS, false, false).await,
-                &id,
-            ) {
+            // Fenced: the candidate stays paused across rebalances and container restarts until
+            // it goes live (or the upgrade rolls back); resumed in shadow before the barrier, it
+            // would write outputs past its position to the shadow topics only.
+            let answers = ctx.workers.drain_with(&cand_pods, &id, upgrade::CANDIDATE_HOLD_SECONDS, false, true).await;
+            match upgrade::drained_positions(&answers, &id) {
                 _ if cand_pods.len() as i32 != want => {
                     u.message = format!("{title}: waiting for {want} candidate workers")
                 }
                 Err(e) => failure = Some(format!("pausing the candidate: {e}")),
                 Ok(None) => u.message = format!("{title}: pausing {}", u.candidate),
+                Ok(Some(at)) if !upgrade::uncovered(&at, &answers).is_empty() => {
+                    // A partition no candidate worker owned at its drain (a rebalance): drain again.
+                    let missing = upgrade::uncovered(&at, &answers);
+                    let unresumed = ctx.workers.resume(&cand_pods).await;
+                    if !unresumed.is_empty() {
+                        warn!(upgrade = %u.id, ?unresumed, "candidate workers did not confirm their resume");
+                    }
+                    u.message = format!(
+                        "{title}: {} paused without partitions {missing:?} (rebalancing); pausing it again",
+                        u.candidate
+                    );
+                }
                 Ok(Some(at)) => {
                     crate::fault::point("upgrade-candidate-paused");
                     u.candidate_at = Some(upgrade::barrier_text(&at));
@@ -1283,13 +1421,11 @@ async fn drive_upgrade(
         if let (Some(cat), None, None) = (cat, u.live_from.as_ref(), failure.as_ref()) {
             let n = u.fence_attempt.unwrap_or(1);
             let id = format!("{}-live-{n}", u.id);
-            match upgrade::drained_positions(
-                &ctx.workers.drain_with(&live_pods, &id, upgrade::CUTOVER_HOLD_SECONDS, false, true).await,
-                &id,
-            ) {
+            let answers = ctx.workers.drain_with(&live_pods, &id, upgrade::CUTOVER_HOLD_SECONDS, false, true).await;
+            match upgrade::drained_positions(&answers, &id) {
                 Err(e) => failure = Some(format!("stopping {live_color}: {e}")),
                 Ok(None) => u.message = format!("{title}: stopping {live_color}"),
-                Ok(Some(at)) if upgrade::fence_covers(&at, &cat) => {
+                Ok(Some(at)) if upgrade::fence_covers(&at, &cat) && upgrade::uncovered(&at, &answers).is_empty() => {
                     crate::fault::point("upgrade-live-fenced");
                     u.live_from = Some(upgrade::barrier_text(&at));
                     u.fenced_at = Some(rescale::millis_rfc3339(chrono::Utc::now().timestamp_millis()));
@@ -1301,8 +1437,12 @@ async fn drive_upgrade(
                     crate::fault::point("upgrade-barrier-recorded");
                 }
                 Ok(Some(_)) => {
-                    // The live colour had not reached the candidate's position: let it run and ask again.
-                    ctx.workers.resume(&live_pods).await;
+                    // The live colour had not reached the candidate's position, or some partition
+                    // had no owner at its drain (a rebalance): let it run and ask again.
+                    let unresumed = ctx.workers.resume(&live_pods).await;
+                    if !unresumed.is_empty() {
+                        warn!(upgrade = %u.id, ?unresumed, "live workers did not confirm their resume");
+                    }
                     u.fence_attempt = Some(n + 1);
                     u.message =
                         format!("{title}: {live_color} behind {}; stopping it again (attempt {})", u.candidate, n + 1);
@@ -1359,8 +1499,39 @@ async fn drive_upgrade(
     }
     if let Some(why) = failure {
         // Roll back: the live colour is resumed (it was paused only if the cut-over had begun)
-        // and the candidate is removed by the prune that follows.
-        ctx.workers.resume(&live_pods).await;
+        // and the candidate is removed by the prune that follows. A live worker that did not
+        // confirm its resume may still be fenced: asked again on every reconcile, for as long
+        // as its fence can hold by itself (then it resumes on its own).
+        let unresumed = ctx.workers.resume(&live_pods).await;
+        let rolling_since = if u.step == "RollingBack" {
+            chrono::DateTime::parse_from_rfc3339(&u.step_started_at).map(|t| t.with_timezone(&chrono::Utc)).ok()
+        } else {
+            None
+        };
+        let hold_over = rolling_since.is_some_and(|t| {
+            (now_t - t).to_std().unwrap_or_default() > Duration::from_secs(upgrade::CUTOVER_HOLD_SECONDS)
+        });
+        if !unresumed.is_empty() && !hold_over {
+            if u.step != "RollingBack" {
+                u.step = "RollingBack".into();
+                u.step_started_at = now();
+                u.failure = Some(why.clone());
+                publish(
+                    ctx,
+                    tm,
+                    EventType::Warning,
+                    "UpgradeRollingBack",
+                    format!("{title}: rolling back ({why}); live workers not resumed yet: {}", unresumed.join("; ")),
+                )
+                .await;
+            }
+            u.message =
+                format!("{title}: rolling back ({why}); asking live workers to resume again: {}", unresumed.join("; "));
+            warn!(upgrade = %u.id, unresumed = ?unresumed, "rollback: live workers did not confirm their resume");
+            up.current = Some(u.clone());
+            record_upgrade(tms, tm, written, up).await?;
+            return Ok(());
+        }
         let msg = format!("upgrade {}→{} rolled back: {why}", u.from_version, u.to_version);
         warn!(%msg, "upgrade failed");
         up.last = Some(upgrade_outcome(&u, "RolledBack", why, None));

@@ -166,8 +166,28 @@ pub fn should_start(tm: &TenantModel, live: i32, available: i32, now: DateTime<U
         l.result == "RolledBack"
             && l.to == want
             && l.generation == tm.metadata.generation
-            && elapsed(&l.finished_at, now) < RETRY_AFTER
+            && retry_after(l).is_none_or(|after| elapsed(&l.finished_at, now) < after)
     })
+}
+
+/// Rolled-back attempts of one rescale after which it is not retried until the spec changes.
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// How long after the rolled-back rescale `last` the next attempt may start: [`RETRY_AFTER`],
+/// doubled for each attempt before it; None once [`MAX_ATTEMPTS`] rolled back.
+pub fn retry_after(last: &RescaleOutcome) -> Option<Duration> {
+    let attempts = last.attempts.unwrap_or(1).max(1);
+    (attempts < MAX_ATTEMPTS).then(|| RETRY_AFTER * 2u32.pow(attempts - 1))
+}
+
+/// `outcome` of a rollback, counting the attempts in a row of the same rescale (`previous`:
+/// the last outcome before it).
+pub fn rolled_back(mut outcome: RescaleOutcome, previous: Option<&RescaleOutcome>) -> RescaleOutcome {
+    let before = previous
+        .filter(|p| p.result == "RolledBack" && p.to == outcome.to && p.generation == outcome.generation)
+        .map_or(0, |p| p.attempts.unwrap_or(1));
+    outcome.attempts = Some(before + 1);
+    outcome
 }
 
 /// A new rescale operation.
@@ -315,6 +335,7 @@ pub fn outcome(
         finished_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         paused_seconds,
         generation,
+        attempts: None,
     }
 }
 
@@ -516,6 +537,40 @@ mod tests {
         assert!(should_start(&tm, 2, 2, now() + chrono::Duration::seconds(301)), "retried later");
         tm.metadata.generation = Some(4);
         assert!(should_start(&tm, 2, 2, now()), "retried when the spec changes");
+    }
+
+    #[test]
+    fn a_rescale_that_keeps_rolling_back_is_retried_less_often_then_given_up() {
+        let mut tm: TenantModel = serde_json::from_value(serde_json::json!({
+            "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+            "metadata": {"name": "t", "generation": 3},
+            "spec": {"parallelism": 4,
+                     "source": {"bootstrapServers": "k:9092", "topics": ["in"], "keyField": "u", "eventTime": {"field": "ts"}},
+                     "model": {"uri": "file:///m", "sha256": "00", "version": "v", "features": [], "outputs": [{"name": "s"}]},
+                     "sink": {"topic": "out", "deadLetterTopic": "dlq"}}
+        }))
+        .unwrap();
+        let o = op(OperationStep::RollingBack);
+        let mut last: Option<RescaleOutcome> = None;
+        let mut waits = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let out = rolled_back(outcome(&o, "RolledBack", "timed out".into(), now(), Some(3)), last.as_ref());
+            waits.push(retry_after(&out).map(|d| d.as_secs() / 60));
+            last = Some(out);
+        }
+        assert_eq!(waits, [Some(5), Some(10), Some(20), Some(40), None]);
+        assert_eq!(last.as_ref().unwrap().attempts, Some(MAX_ATTEMPTS));
+        tm.status =
+            Some(streamscore_crds::tenantmodel::TenantModelStatus { last_rescale: last.clone(), ..Default::default() });
+        assert!(!should_start(&tm, 2, 2, now() + chrono::Duration::days(30)), "given up");
+        tm.metadata.generation = Some(4);
+        assert!(should_start(&tm, 2, 2, now()), "a spec change starts over");
+        // Another target, or a success in between, counts from one again.
+        let other = rolled_back(
+            RescaleOutcome { to: 6, ..outcome(&o, "RolledBack", "x".into(), now(), Some(3)) },
+            last.as_ref(),
+        );
+        assert_eq!(other.attempts, Some(1));
     }
 
     #[test]

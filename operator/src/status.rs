@@ -24,9 +24,11 @@ pub enum Observed<'a> {
         color: &'a str,
         /// Selector string.
         selector: String,
-        /// Why workers are not ready, as they report it on `/readyz` (e.g. a model that does
-        /// not load); None when every worker is ready or none could be asked.
-        worker_problem: Option<String>,
+        /// Why workers are not ready: what the kubelet, scheduler or Deployment controller
+        /// reports (CrashLoopBackOff, OOMKilled, Unschedulable, ...) or the workers say on
+        /// `/readyz` (e.g. a model that does not load); None when every worker is ready or
+        /// nothing needs a user's action.
+        worker_problem: Option<crate::pods::Problem>,
         /// A worker not ready because it restores a partition's state by replaying its input
         /// (no usable local store or checkpoint, or a checkpoint behind the committed offsets).
         worker_restoring: Option<String>,
@@ -93,7 +95,7 @@ pub fn compute(
             let msg = format!("{available}/{want} workers available ({updated} updated)");
             match (ready, worker_problem) {
                 (false, Some(problem)) => {
-                    set_condition(conds, "Degraded", true, "WorkersNotReady", problem, now, generation)
+                    set_condition(conds, "Degraded", true, &problem.reason, &problem.message, now, generation)
                 }
                 _ => set_condition(conds, "Degraded", false, "AsExpected", "", now, generation),
             }
@@ -101,10 +103,11 @@ pub fn compute(
                 st.phase = Some(Phase::Running);
                 set_condition(conds, "Ready", true, "WorkersAvailable", &msg, now, generation);
                 set_condition(conds, "Progressing", false, "RolloutComplete", &msg, now, generation);
-            } else if worker_problem.is_some() {
+            } else if let Some(problem) = worker_problem {
                 st.phase = Some(Phase::Degraded);
-                set_condition(conds, "Ready", false, "WorkersNotReady", &msg, now, generation);
-                set_condition(conds, "Progressing", false, "WorkersNotReady", &msg, now, generation);
+                let msg = format!("{msg}; {}", problem.message);
+                set_condition(conds, "Ready", false, &problem.reason, &msg, now, generation);
+                set_condition(conds, "Progressing", false, &problem.reason, &msg, now, generation);
             } else if let Some(restoring) = worker_restoring {
                 st.phase = Some(Phase::Progressing);
                 let msg = format!("{msg}; {restoring}");
@@ -218,6 +221,29 @@ mod tests {
             let c = s.conditions.iter().find(|c| c.kind == kind).unwrap();
             assert_eq!(c.reason, "RestoringState");
             assert!(c.message.ends_with(&why), "{}", c.message);
+        }
+    }
+
+    #[test]
+    fn a_pod_problem_gives_the_conditions_its_reason() {
+        let d = dep(2, 1);
+        let problem = crate::pods::Problem {
+            reason: "CrashLoopBackOff".into(),
+            message: "pod w-1: container worker CrashLoopBackOff".into(),
+        };
+        let obs = Observed::Applied {
+            deployment: &d,
+            color: "blue",
+            selector: "a=b".into(),
+            worker_problem: Some(problem),
+            worker_restoring: None,
+        };
+        let s = compute(None, Some(1), "v1", &obs, "t1");
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        for kind in ["Ready", "Degraded", "Progressing"] {
+            let c = s.conditions.iter().find(|c| c.kind == kind).unwrap();
+            assert_eq!(c.reason, "CrashLoopBackOff", "{kind}");
+            assert!(c.message.contains("pod w-1: container worker CrashLoopBackOff"), "{}", c.message);
         }
     }
 

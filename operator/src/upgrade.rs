@@ -43,10 +43,12 @@
 //! The decisions are pure functions ([`classify`], [`evaluate_gates`], [`fence_covers`]);
 //! `reconcile.rs` does the API calls and [`crate::rescale::Workers`] the HTTP.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use streamscore_crds::pipeline::{PipelineConfig, ShadowConfig, StartPosition};
-use streamscore_crds::tenantmodel::{Gate, TenantModel, Upgrade, UpgradeStrategy};
+use streamscore_crds::tenantmodel::{Gate, TenantModel, Upgrade, UpgradeStrategy, UpgradeType};
 
 use crate::rescale::{Answer, Workers};
 
@@ -68,6 +70,11 @@ pub const RETRY_ANNOTATION: &str = "streamscore.io/retry-upgrade";
 
 /// How long drained workers stay paused without the operator asking again, during a cut-over.
 pub const CUTOVER_HOLD_SECONDS: u64 = 300;
+
+/// How long a candidate paused for its cut-over stays paused without hearing from the operator
+/// (the most the worker accepts). Paused is safe for a candidate (it writes to shadow topics
+/// only); resumed before it goes live it would move past the barrier.
+pub const CANDIDATE_HOLD_SECONDS: u64 = 3_600;
 
 /// What a spec change is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,7 +231,14 @@ pub fn plan_text(kind: ChangeKind, up: Option<&Upgrade>, live_color: &str, strat
         }
         (k, None) => {
             let what = if k == ChangeKind::ModelOnly { "model-only change" } else { "feature change" };
-            format!("{what}: the workers restart in place (upgrade.type Recreate, or no live workers to protect)")
+            if strategy.kind == UpgradeType::BlueGreen {
+                format!(
+                    "{what}: applied in place without gates: no live worker is available to compare a candidate \
+                     with (the workers restart with it)"
+                )
+            } else {
+                format!("{what}: the workers restart in place (upgrade.type Recreate)")
+            }
         }
     }
 }
@@ -268,6 +282,8 @@ pub struct WorkerMetrics {
     pub records_in: f64,
     /// Records dead-lettered (every reason).
     pub dead_letters: f64,
+    /// Records dead-lettered, by reason (`late`, `malformed`, `inference`, ...).
+    pub dead_letters_by: BTreeMap<String, f64>,
     /// Consumer lag, summed over partitions.
     pub lag: f64,
     /// Main-score histogram: cumulative counts at 0.05, 0.10, …, 1.0 and +Inf.
@@ -284,6 +300,9 @@ impl WorkerMetrics {
     pub fn add(&mut self, o: &WorkerMetrics) {
         self.records_in += o.records_in;
         self.dead_letters += o.dead_letters;
+        for (r, v) in &o.dead_letters_by {
+            *self.dead_letters_by.entry(r.clone()).or_default() += v;
+        }
         self.lag += o.lag;
         if self.score.len() < o.score.len() {
             self.score.resize(o.score.len(), 0.0);
@@ -299,6 +318,11 @@ impl WorkerMetrics {
         WorkerMetrics {
             records_in: d(self.records_in, base.records_in),
             dead_letters: d(self.dead_letters, base.dead_letters),
+            dead_letters_by: self
+                .dead_letters_by
+                .iter()
+                .map(|(r, v)| (r.clone(), d(*v, base.dead_letters_by.get(r).copied().unwrap_or(0.0))))
+                .collect(),
             lag: self.lag,
             score: self
                 .score
@@ -325,7 +349,14 @@ pub fn parse_metrics(text: &str) -> WorkerMetrics {
         };
         match metric {
             "streamscore_worker_records_in_total" => m.records_in += v,
-            "streamscore_worker_dead_letters_total" => m.dead_letters += v,
+            "streamscore_worker_dead_letters_total" => {
+                m.dead_letters += v;
+                let reason = labels
+                    .split(',')
+                    .find_map(|l| l.strip_prefix("reason="))
+                    .map_or("unknown", |r| r.trim_matches('"'));
+                *m.dead_letters_by.entry(reason.to_owned()).or_default() += v;
+            }
             "streamscore_worker_consumer_lag" => m.lag += v,
             "streamscore_worker_score_bucket" => {
                 let le = labels.split(',').find_map(|l| l.strip_prefix("le=")).map(|s| s.trim_matches('"'));
@@ -342,6 +373,34 @@ pub fn parse_metrics(text: &str) -> WorkerMetrics {
         }
     }
     m
+}
+
+/// The candidate's dead-letter rate, and its excess over the live colour's: the sum over
+/// reasons of how much more of its input the candidate dead-lettered for that reason than the
+/// live colour did of its own (never negative per reason: fewer errors of one kind do not
+/// excuse more of another). Without live input since the baseline, the excess is the rate.
+pub fn excess_error_rate(candidate: &WorkerMetrics, live: &WorkerMetrics) -> (f64, f64) {
+    if candidate.records_in <= 0.0 {
+        return (0.0, 0.0);
+    }
+    let rate = candidate.dead_letters / candidate.records_in;
+    if live.records_in <= 0.0 {
+        return (rate, rate);
+    }
+    // Dead letters of an unlabelled total (older workers) count as one reason.
+    let by = |m: &WorkerMetrics| -> BTreeMap<String, f64> {
+        if m.dead_letters_by.is_empty() && m.dead_letters > 0.0 {
+            BTreeMap::from([("unknown".to_owned(), m.dead_letters)])
+        } else {
+            m.dead_letters_by.clone()
+        }
+    };
+    let (c, l) = (by(candidate), by(live));
+    let excess = c
+        .iter()
+        .map(|(r, n)| (n / candidate.records_in - l.get(r).copied().unwrap_or(0.0) / live.records_in).max(0.0))
+        .sum();
+    (rate, excess)
 }
 
 /// Population stability index of two cumulative histograms (same buckets), with add-½
@@ -435,14 +494,20 @@ pub fn evaluate_gates(g: &GateInput<'_>) -> (Vec<Gate>, Verdict, bool) {
     let (dc, dl) = (c.since(&base.candidate), l.since(&base.live));
     let min = s.min_scored_events as f64;
     let mut verdict = if ready && lag_ok { Verdict::Pass } else { Verdict::Wait };
-    // Error rate: judged once the candidate has read enough records.
-    let rate = if dc.records_in > 0.0 { dc.dead_letters / dc.records_in } else { 0.0 };
-    let value = format!("{rate:.4} ({} of {} records)", dc.dead_letters, dc.records_in);
+    // Error rate: judged once the candidate has read enough records, as its excess over the
+    // live colour's on the same input, reason by reason (late or malformed records are
+    // dead-lettered by both colours alike: they say nothing about the candidate).
+    let (rate, excess) = excess_error_rate(&dc, &dl);
+    let live_rate = if dl.records_in > 0.0 { dl.dead_letters / dl.records_in } else { 0.0 };
+    let value = format!(
+        "excess {excess:.4} over live (candidate {rate:.4}: {} of {} records; live {live_rate:.4})",
+        dc.dead_letters, dc.records_in
+    );
     let threshold = format!("≤ {}", s.max_error_rate);
     if dc.records_in < min {
         gates.push(gate("ErrorRate", "Waiting", value, threshold));
         verdict = Verdict::Wait;
-    } else if rate > s.max_error_rate {
+    } else if excess > s.max_error_rate {
         gates.push(gate("ErrorRate", "Failed", value.clone(), threshold.clone()));
         verdict = Verdict::Fail(format!("gate ErrorRate failed: {value}, threshold {threshold}"));
     } else {
@@ -482,8 +547,11 @@ pub fn drained_positions(answers: &[Answer], id: &str) -> Result<Option<Barrier>
             Ok(st) => match &st.drain {
                 DrainState::Drained { report } if report.id == id => {
                     for p in &report.partitions {
-                        for (t, o) in &p.offsets {
-                            out.entry(t.clone()).or_default().insert(p.partition, *o);
+                        for (t, o) in p.output_positions() {
+                            // Two reports of one partition (it moved between two pods' drains):
+                            // the further one, so that nothing either wrote is written again.
+                            let at = out.entry(t.clone()).or_default().entry(p.partition).or_insert(*o);
+                            *at = (*at).max(*o);
                         }
                     }
                 }
@@ -495,6 +563,13 @@ pub fn drained_positions(answers: &[Answer], id: &str) -> Result<Option<Barrier>
         }
     }
     Ok(Some(out))
+}
+
+/// The input partitions (of the `n` the workers report) that no topic of `barrier` lists: a
+/// barrier must name every partition (one it does not name is live from offset 0).
+pub fn uncovered(barrier: &Barrier, answers: &[Answer]) -> Vec<i32> {
+    let n = answers.iter().filter_map(|(_, a)| a.as_ref().ok()).map(|s| s.input_partitions).max().unwrap_or(0);
+    (0..n as i32).filter(|p| barrier.is_empty() || barrier.values().any(|ps| !ps.contains_key(p))).collect()
 }
 
 /// Whether the live colour stopped at or past the candidate on every partition the candidate
@@ -567,11 +642,17 @@ impl Workers {
         Ok(())
     }
 
-    /// Ends any drain on every pod.
-    pub async fn resume(&self, pods: &[(String, String)]) {
-        for (_, ip) in pods {
-            let _ = self.http.post(format!("http://{ip}:{}/v1/admin/resume", crate::build::ADMIN_PORT)).send().await;
+    /// Ends any drain on every pod; returns the pods that did not confirm it, with why.
+    pub async fn resume(&self, pods: &[(String, String)]) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (name, ip) in pods {
+            let url = format!("http://{ip}:{}/v1/admin/resume", crate::build::ADMIN_PORT);
+            match self.http.post(url).send().await.and_then(reqwest::Response::error_for_status) {
+                Ok(_) => {}
+                Err(e) => failed.push(format!("{name}: {e}")),
+            }
         }
+        failed
     }
 
     /// The summed metrics of every pod (None when one could not be scraped).
@@ -733,6 +814,18 @@ state: {checkpointStore: "s3://b/ns/fraud"}
         let (gates, v, _) = evaluate_gates(&GateInput { candidate: Some(&nan), ..input.clone() });
         assert!(matches!(&v, Verdict::Fail(w) if w.contains("ErrorRate")), "{v:?}");
         assert_eq!(gates.iter().find(|g| g.name == "ErrorRate").unwrap().state, "Failed");
+        // 2.3% late on both sides (a stream with late events): not the candidate's fault, pass;
+        // the same plus 2% malformed only on the candidate: fail.
+        let late = |n: f64| BTreeMap::from([("late".to_owned(), n)]);
+        let live3 = WorkerMetrics { dead_letters: 46.0, dead_letters_by: late(46.0), ..live2.clone() };
+        let cand3 = WorkerMetrics { dead_letters: 44.0, dead_letters_by: late(44.0), ..cand2.clone() };
+        let (gates, v, _) = evaluate_gates(&GateInput { candidate: Some(&cand3), live: Some(&live3), ..input.clone() });
+        assert_eq!(v, Verdict::Pass, "{gates:?}");
+        let mut by = late(44.0);
+        by.insert("inference".into(), 40.0);
+        let cand4 = WorkerMetrics { dead_letters: 84.0, dead_letters_by: by, ..cand2.clone() };
+        let (gates, v, _) = evaluate_gates(&GateInput { candidate: Some(&cand4), live: Some(&live3), ..input.clone() });
+        assert!(matches!(&v, Verdict::Fail(w) if w.contains("excess 0.0200")), "{v:?} {gates:?}");
         // Not ready: wait, even with good numbers.
         let (_, v, _) = evaluate_gates(&GateInput { ready: (1, 2), ..input.clone() });
         assert_eq!(v, Verdict::Wait);

@@ -202,7 +202,7 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     })
     .await;
     let cond = st.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
-    assert_eq!(cond.reason, "WorkersNotReady");
+    assert_eq!(cond.reason, "ModelNotLoaded");
     assert!(cond.message.contains("ModelInvalid"), "{}", cond.message);
 
     // Crash one worker process (SIGKILL): the agent restarts the container, and the events
@@ -1220,6 +1220,7 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
         "upgrade-barrier-recorded",
         "upgrade-went-live",
         "upgrade-completed",
+        "upgrade-recorded",
     ];
     let logged = std::fs::read_to_string(dir.join("operator-crashes")).unwrap_or_default();
     assert_eq!(logged.lines().collect::<Vec<_>>(), want_points, "crash log");

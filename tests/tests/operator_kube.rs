@@ -291,3 +291,102 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }
+
+/// A TenantModel read with a status older than its children: a cut-over to green completed
+/// (green's pipeline went live, blue's ConfigMap and Deployment were removed), but the
+/// TenantModel the operator reads still says `activeColor: blue` (a watch cache behind the
+/// status write, or a status write that failed after the removal). The operator must not
+/// recreate blue (its workers would consume again from blue's group offsets: duplicate live
+/// outputs); once the status says green, green is the live colour and blue stays gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_older_than_a_completed_cut_over_never_resurrects_the_old_colour() {
+    let client = kube_client().await;
+    let (ns, sha) = namespace_with_model(&client, "stale").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+
+    let cancel = CancellationToken::new();
+    let (op, op_metrics) = streamscore_tests::spawn_operator_observed(
+        &client,
+        &ns,
+        "streamscore-worker:test",
+        Default::default(),
+        &cancel,
+    );
+    let tm: TenantModel = serde_json::from_value(tenant_model("cut", &sha)).unwrap();
+    let tm = tms.create(&PostParams::default(), &tm).await.unwrap();
+    dep(&deps, "cut-blue").await;
+    eventually(Duration::from_secs(30), "status.activeColor blue", || async {
+        (tms.get("cut").await.ok()?.status?.active_color.as_deref() == Some("blue")).then_some(())
+    })
+    .await;
+    cancel.cancel();
+    op.await.unwrap();
+
+    // What a completed cut-over leaves: green's pipeline live from a barrier, blue removed.
+    let blue = cms.get("cut-pipeline").await.unwrap();
+    let mut pipeline: streamscore_crds::PipelineConfig =
+        serde_yaml::from_str(&blue.data.as_ref().unwrap()["pipeline.yaml"]).unwrap();
+    pipeline.shadow = Some(streamscore_crds::pipeline::ShadowConfig {
+        topic: "scores.shadow".into(),
+        dead_letter_topic: "scores-dlq.shadow".into(),
+        feature_topic: None,
+        live_from: Some([("payments".to_owned(), [(0, 10)].into())].into()),
+    });
+    let green: ConfigMap = serde_json::from_value(json!({
+        "metadata": {
+            "name": "cut-pipeline-green",
+            "ownerReferences": [{
+                "apiVersion": "streamscore.io/v1alpha1",
+                "kind": "TenantModel",
+                "name": "cut",
+                "uid": tm.uid().unwrap(),
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
+        },
+        "data": {"pipeline.yaml": serde_yaml::to_string(&pipeline).unwrap()},
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &green).await.unwrap();
+    cms.delete("cut-pipeline", &DeleteParams::default()).await.unwrap();
+    deps.delete("cut-blue", &DeleteParams::default()).await.unwrap();
+    eventually(Duration::from_secs(30), "blue's Deployment gone", || async {
+        deps.get_opt("cut-blue").await.ok()?.is_none().then_some(())
+    })
+    .await;
+
+    // The operator reads activeColor blue: it waits, and recreates nothing of blue.
+    let cancel = CancellationToken::new();
+    let (op, op_metrics2) = streamscore_tests::spawn_operator_observed(
+        &client,
+        &ns,
+        "streamscore-worker:test",
+        Default::default(),
+        &cancel,
+    );
+    eventually(Duration::from_secs(30), "three reconciles", || async {
+        (streamscore_tests::reconciles_done(&op_metrics2) >= 3).then_some(())
+    })
+    .await;
+    assert!(deps.get_opt("cut-blue").await.unwrap().is_none(), "blue's Deployment was recreated");
+    assert!(cms.get_opt("cut-pipeline").await.unwrap().is_none(), "blue's ConfigMap was recreated");
+
+    // The status catches up: green is live, blue stays gone.
+    let mut st = tms.get_status("cut").await.unwrap().status.unwrap();
+    st.active_color = Some("green".into());
+    tms.patch_status(
+        "cut",
+        &PatchParams::apply("streamscore-operator").force(),
+        &Patch::Apply(json!({"apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel", "status": st})),
+    )
+    .await
+    .unwrap();
+    dep(&deps, "cut-green").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(deps.get_opt("cut-blue").await.unwrap().is_none(), "blue's Deployment was recreated");
+    cancel.cancel();
+    op.await.unwrap();
+    drop(op_metrics);
+}
