@@ -28,6 +28,8 @@ log "building (first build on a machine compiles RocksDB and librdkafka: ~25 min
 cargo build --workspace --all-targets --locked
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+log "the operator and worker images (make images), run under containerd and runc"
+bash "$ROOT/scripts/test-images.sh"
 bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
 . "$STREAMSCORE_DEV_DIR/env.sh"

@@ -8,7 +8,7 @@
 //! | a container waiting | `ImagePullBackOff`, `ErrImagePull`, `InvalidImageName` | `state.waiting` |
 //! | a container waiting | `CreateContainerConfigError`, `CreateContainerError` | `state.waiting` (a missing ConfigMap or Secret key) |
 //! | a container | `OOMKilled` | `state.terminated` or `lastState.terminated` (the memory limit) |
-//! | the pod | `Unschedulable` | condition `PodScheduled` False |
+//! | the pod | `Unschedulable` | condition `PodScheduled` False (shown in `Ready`'s message, not `Degraded`: a node may be on its way) |
 //! | the Deployment | `FailedCreate` | condition `ReplicaFailure` True (quota, admission) |
 //! | the Deployment | `ProgressDeadlineExceeded` | condition `Progressing` False |
 

@@ -93,6 +93,12 @@ pub fn compute(
             let available = ds.available_replicas.unwrap_or(0);
             let ready = current && updated >= want && available >= want && ds.replicas.unwrap_or(0) == want;
             let msg = format!("{available}/{want} workers available ({updated} updated)");
+            // Pods waiting for a node are not broken (a cluster autoscaler may be adding one):
+            // said in the Ready message, not Degraded.
+            let (worker_problem, waiting) = match worker_problem {
+                Some(p) if p.reason == "Unschedulable" => (&None, Some(p)),
+                p => (p, None),
+            };
             match (ready, worker_problem) {
                 (false, Some(problem)) => {
                     set_condition(conds, "Degraded", true, &problem.reason, &problem.message, now, generation)
@@ -115,6 +121,10 @@ pub fn compute(
                 set_condition(conds, "Progressing", true, "RestoringState", &msg, now, generation);
             } else {
                 st.phase = Some(if available > 0 { Phase::Progressing } else { Phase::Pending });
+                let msg = match waiting {
+                    Some(p) => format!("{msg}; {}", p.message),
+                    None => msg,
+                };
                 set_condition(conds, "Ready", false, "WorkersNotAvailable", &msg, now, generation);
                 set_condition(conds, "Progressing", true, "RollingOut", &msg, now, generation);
             }
@@ -245,6 +255,29 @@ mod tests {
             assert_eq!(c.reason, "CrashLoopBackOff", "{kind}");
             assert!(c.message.contains("pod w-1: container worker CrashLoopBackOff"), "{}", c.message);
         }
+    }
+
+    #[test]
+    fn pods_waiting_for_a_node_are_pending_with_the_schedulers_message() {
+        let d = dep(2, 0);
+        let problem = crate::pods::Problem {
+            reason: "Unschedulable".into(),
+            message: "pod w-1 cannot be scheduled: 0/3 nodes are available".into(),
+        };
+        let obs = Observed::Applied {
+            deployment: &d,
+            color: "blue",
+            selector: "a=b".into(),
+            worker_problem: Some(problem),
+            worker_restoring: None,
+        };
+        let s = compute(None, Some(1), "v1", &obs, "t1");
+        assert_eq!(s.phase, Some(Phase::Pending));
+        let ready = s.conditions.iter().find(|c| c.kind == "Ready").unwrap();
+        assert_eq!(ready.reason, "WorkersNotAvailable");
+        assert!(ready.message.ends_with("0/3 nodes are available"), "{}", ready.message);
+        let degraded = s.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
+        assert_eq!(degraded.status, "False");
     }
 
     #[test]
