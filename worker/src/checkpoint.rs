@@ -902,6 +902,27 @@ mod tests {
         s.flush(&offsets(at), Some(at)).unwrap();
     }
 
+    /// Checkpoints to `uri` on the S3 endpoint `endpoint`, its settings in a credentials
+    /// directory under `dir` (as a mounted Secret).
+    fn s3_at(dir: &FsPath, endpoint: &str, uri: &str) -> StateConfig {
+        let creds = dir.join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        for (k, v) in [
+            ("AWS_ENDPOINT", endpoint),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
+            std::fs::write(creds.join(k), v).unwrap();
+        }
+        StateConfig {
+            checkpoint_store: Some(uri.into()),
+            credentials_dir: Some(creds.display().to_string()),
+            ..Default::default()
+        }
+    }
+
     fn checkpoint_dir(env: &StoreEnv, dir: &FsPath) {
         let s = env.open::<KeyState>(0).unwrap();
         s.handle().create_checkpoint(dir).unwrap();
@@ -963,22 +984,7 @@ mod tests {
     fn a_hanging_object_store_queues_at_most_one_checkpoint_per_partition() {
         let tmp = tempfile::tempdir().unwrap();
         let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); // never accepts
-        let creds = tmp.path().join("creds");
-        std::fs::create_dir(&creds).unwrap();
-        for (k, v) in [
-            ("AWS_ENDPOINT", format!("http://{}", server.local_addr().unwrap())),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "k".into()),
-            ("AWS_SECRET_ACCESS_KEY", "s".into()),
-            ("AWS_REGION", "us-east-1".into()),
-        ] {
-            std::fs::write(creds.join(k), v).unwrap();
-        }
-        let cfg = StateConfig {
-            checkpoint_store: Some("s3://bucket/hang".into()),
-            credentials_dir: Some(creds.display().to_string()),
-            ..Default::default()
-        };
+        let cfg = s3_at(tmp.path(), &format!("http://{}", server.local_addr().unwrap()), "s3://bucket/hang");
         let metrics = Arc::new(Metrics::new());
         let state_dir = tmp.path().join("state");
         std::fs::create_dir_all(&state_dir).unwrap();
@@ -1029,22 +1035,7 @@ mod tests {
                 );
             }
         });
-        let creds = tmp.path().join("creds");
-        std::fs::create_dir(&creds).unwrap();
-        for (k, v) in [
-            ("AWS_ENDPOINT", endpoint),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "k".into()),
-            ("AWS_SECRET_ACCESS_KEY", "s".into()),
-            ("AWS_REGION", "us-east-1".into()),
-        ] {
-            std::fs::write(creds.join(k), v).unwrap();
-        }
-        let cfg = StateConfig {
-            checkpoint_store: Some("s3://bucket/pre".into()),
-            credentials_dir: Some(creds.display().to_string()),
-            ..Default::default()
-        };
+        let cfg = s3_at(tmp.path(), &endpoint, "s3://bucket/pre");
         let metrics = Arc::new(Metrics::new());
         let cp = Checkpointer::start(&cfg, tmp.path(), "v1", metrics.clone()).unwrap().unwrap();
         let r = cp.restore(0, "fp", None, &tmp.path().join("into"));

@@ -195,6 +195,23 @@ pub enum EngineError {
         /// Seeks asked for.
         seeks: u32,
     },
+    /// The input topic's partition count differs from the one the partition's state was built
+    /// under: keys now map to other partitions, so no store (local, checkpoint or rebuilt from
+    /// this partition alone) holds their history.
+    #[error(
+        "partition {partition}: the input topic has {now} partitions, but this partition's state was built when it \
+         had {then}: keys map to other partitions now and their history is not in this partition's state; the \
+         worker stops instead of scoring with it (start a new consumer group with state rebuilt from history, or \
+         restore the partition count)"
+    )]
+    PartitionsChanged {
+        /// Partition.
+        partition: i32,
+        /// The count the state was built under.
+        then: usize,
+        /// The topic's count now.
+        now: usize,
+    },
     /// The local store could not be removed to make room for restored or rebuilt state.
     #[error("partition {partition}: cannot remove the unusable local store: {source}")]
     Wipe {
@@ -377,6 +394,8 @@ pub struct Engine {
     primary_score: Option<usize>,
     /// Seeks asked for by [`StartCheck`]s, for the consumer loop.
     seeks: Vec<Seek>,
+    /// The input topic's partition count, when known ([`Engine::set_input_partitions`]).
+    input_partitions: Option<usize>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -470,6 +489,7 @@ impl Engine {
             checkpoints: None,
             replay_changed: false,
             seeks: Vec::new(),
+            input_partitions: None,
         }
     }
 
@@ -640,6 +660,15 @@ impl Engine {
         if store.fingerprint()?.as_deref() != Some(self.fingerprint.as_str()) {
             store.set_fingerprint(&self.fingerprint)?;
         }
+        if let Some(now) = self.input_partitions {
+            match store.input_partitions()? {
+                Some(then) if then != now => {
+                    return Err(EngineError::PartitionsChanged { partition, then, now });
+                }
+                Some(_) => {}
+                None => store.set_input_partitions(now)?,
+            }
+        }
         let stored = store.stored_offsets().clone();
         let mut start = BTreeMap::new();
         let mut replay_until = BTreeMap::new();
@@ -693,6 +722,12 @@ impl Engine {
         self.metrics.assignments.get_or_create(&SourceLabel { source: source.label() }).inc();
         self.update_replaying();
         Ok(Assigned { source, start, replay_until })
+    }
+
+    /// The input topic's current partition count: a partition whose state was built under
+    /// another count is refused ([`EngineError::PartitionsChanged`]).
+    pub fn set_input_partitions(&mut self, n: usize) {
+        self.input_partitions = Some(n).filter(|n| *n > 0);
     }
 
     /// Resolves a `StartAt::Beginning` of [`Engine::open_partition`]: the consumer starts

@@ -57,6 +57,12 @@ sink: {{topic: out, deadLetterTopic: dlq}}
     cfg
 }
 
+/// An engine for `cfg` on stores under `dir` with the test clock, no partition opened.
+fn bare_engine(cfg: PipelineConfig, dir: &std::path::Path, metrics: Arc<Metrics>) -> Engine {
+    let model = Arc::new(Model::load(&cfg.model).unwrap());
+    Engine::new(Arc::new(cfg), model, StoreEnv::new(dir, 8 << 20, 10_000), metrics).with_clock(|| NOW)
+}
+
 struct Harness {
     engine: Engine,
     metrics: Arc<Metrics>,
@@ -343,12 +349,9 @@ fn a_watermark_stored_far_in_the_future_is_forgotten_after_a_restart() {
 fn a_commit_during_a_replay_never_moves_the_group_offset_back() {
     // A new owner without state for partition 0, whose group committed offset 11: the state is
     // rebuilt from offset 0, outputs suppressed below 11.
-    let cfg = config("fraud-logreg");
     let dir = tempfile::tempdir().unwrap();
-    let model = Arc::new(Model::load(&cfg.model).unwrap());
     let metrics = Arc::new(Metrics::new());
-    let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), metrics.clone())
-        .with_clock(|| NOW);
+    let mut engine = bare_engine(config("fraud-logreg"), dir.path(), metrics.clone());
     let committed = BTreeMap::from([("in".to_owned(), 11)]);
     let assigned = engine.open_partition(0, &committed).unwrap();
     assert_eq!(assigned.replay_until, committed);
@@ -413,12 +416,9 @@ fn the_last_score_follows_every_event_and_takes_the_new_model_version_after_a_re
 /// for a seek back to offset 0, and after it the state is rebuilt from every record.
 #[test]
 fn a_first_record_past_the_rebuild_start_is_read_again_from_the_start() {
-    let cfg = config("fraud-logreg");
     let dir = tempfile::tempdir().unwrap();
-    let model = Arc::new(Model::load(&cfg.model).unwrap());
     let metrics = Arc::new(Metrics::new());
-    let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), metrics.clone())
-        .with_clock(|| NOW);
+    let mut engine = bare_engine(config("fraud-logreg"), dir.path(), metrics.clone());
     let committed = BTreeMap::from([("in".to_owned(), 11)]);
     let assigned = engine.open_partition(0, &committed).unwrap();
     assert_eq!(assigned.start, BTreeMap::from([("in".to_owned(), StartAt::Beginning)]));
@@ -447,10 +447,7 @@ fn a_first_record_past_the_rebuild_start_is_read_again_from_the_start() {
 fn a_gap_at_the_start_is_accepted_after_one_seek_and_a_wandering_start_is_an_error() {
     let mut h = Harness::new(config("fraud-logreg"));
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config("fraud-logreg");
-    let model = Arc::new(Model::load(&cfg.model).unwrap());
-    let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), h.metrics.clone())
-        .with_clock(|| NOW);
+    let mut engine = bare_engine(config("fraud-logreg"), dir.path(), h.metrics.clone());
     engine.open_partition(0, &BTreeMap::from([("in".to_owned(), 3)])).unwrap();
     engine.start_at(0, "in", 0);
     h.engine = engine;
@@ -465,10 +462,7 @@ fn a_gap_at_the_start_is_accepted_after_one_seek_and_a_wandering_start_is_an_err
 
     // A start that moves every time: five seeks, then an error.
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config("fraud-logreg");
-    let model = Arc::new(Model::load(&cfg.model).unwrap());
-    let mut engine = Engine::new(Arc::new(cfg), model, StoreEnv::new(dir.path(), 8 << 20, 10_000), h.metrics.clone())
-        .with_clock(|| NOW);
+    let mut engine = bare_engine(config("fraud-logreg"), dir.path(), h.metrics.clone());
     engine.open_partition(0, &BTreeMap::from([("in".to_owned(), 100)])).unwrap();
     engine.start_at(0, "in", 0);
     let payload = event(NOW - MIN, 1.0, "view").to_string().into_bytes();
@@ -495,4 +489,20 @@ fn a_gap_at_the_start_is_accepted_after_one_seek_and_a_wandering_start_is_an_err
         }
     }
     panic!("no error after six misplaced starts");
+}
+
+/// A state built while the input topic had 3 partitions, opened after it got 4: refused with the
+/// reason (keys moved partitions), whatever `missingCheckpoint` says; the same count opens it.
+#[test]
+fn a_state_built_under_another_partition_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |n: usize| {
+        let mut engine = bare_engine(config("fraud-logreg"), dir.path(), Arc::new(Metrics::new()));
+        engine.set_input_partitions(n);
+        engine.open_partition(0, &BTreeMap::new()).map(|_| ())
+    };
+    open(3).unwrap();
+    open(3).unwrap();
+    let err = open(4).unwrap_err().to_string();
+    assert!(err.contains("the input topic has 4 partitions") && err.contains("when it had 3"), "{err}");
 }

@@ -323,6 +323,9 @@ fn parse_timer_key(k: &[u8]) -> Option<(i64, String)> {
 
 const OFFSET_PREFIX: &str = "m/offset/";
 const FINGERPRINT_KEY: &str = "m/fingerprint";
+/// The input topic's partition count when the state was first written (keys map to partitions
+/// by it: under another count, a key's history is in another partition).
+const PARTITIONS_KEY: &str = "m/input-partitions";
 const FORMAT_KEY: &str = "m/format";
 const MAX_TIME_KEY: &str = "m/max_time";
 
@@ -404,6 +407,19 @@ impl<R: Record> PartitionStore<R> {
     pub fn fingerprint(&self) -> Result<Option<String>, StateError> {
         let v = self.db.get(FINGERPRINT_KEY).map_err(|e| self.rocks(e))?;
         Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// The input topic's partition count this state was built under (None: not recorded).
+    pub fn input_partitions(&self) -> Result<Option<usize>, StateError> {
+        let v = self.db.get(PARTITIONS_KEY).map_err(|e| self.rocks(e))?;
+        Ok(v.and_then(|b| String::from_utf8_lossy(&b).parse().ok()))
+    }
+
+    /// Records the input topic's partition count this state is built under (synced).
+    pub fn set_input_partitions(&self, n: usize) -> Result<(), StateError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_opt(PARTITIONS_KEY, n.to_string().as_bytes(), &wo).map_err(|e| self.rocks(e))
     }
 
     /// Records the fingerprint of the definitions the state is computed with (synced).

@@ -33,7 +33,17 @@ impl ConsumerCtx {
                 }
             }
         }
+        // The input topic's partition count now (a change moves keys between partitions).
+        let first = tpl.elements().first().map(|e| e.topic().to_owned());
+        let partitions = first.as_deref().and_then(|t| {
+            let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).ok()?;
+            md.topics().first().map(|t| t.partitions().len())
+        });
         let mut engine = self.shared.engine.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = partitions {
+            self.shared.health.input_partitions.store(n, Ordering::Relaxed);
+            engine.set_input_partitions(n);
+        }
         for (p, committed) in by_partition {
             let started = Instant::now();
             let assigned = match engine.open_partition(p, &committed) {
