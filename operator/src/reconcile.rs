@@ -1246,20 +1246,13 @@ async fn plan_upgrade(
     let strategy = &tm.spec.upgrade;
     let available = live_dep.and_then(|d| d.status.as_ref()?.available_replicas).unwrap_or(0);
     let rescaling = tm.status.as_ref().is_some_and(|s| s.operation.is_some());
-    let gated = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features) && strategy.kind == UpgradeType::BlueGreen;
-    if gated && rescaling {
-        // Queued, not applied ungated: the blue/green upgrade starts when the rescale ends.
-        let text = format!(
-            "{}; queued: starts as a blue/green upgrade when the rescale in progress ends",
-            upgrade::plan_text(kind, None, live_color, strategy).split(':').next().unwrap_or_default()
-        );
-        if up.plan.as_deref() != Some(text.as_str()) {
-            publish(ctx, tm, EventType::Normal, "UpgradeQueued", text.clone()).await;
-        }
-        up.plan = Some(text);
-        return Ok(keep);
-    }
-    let bluegreen = gated && available > 0;
+    // A change during a rescale is applied in place (with the rescale's replica count): the
+    // live Deployment must be applied for the rescale to go on, and applying it with the new
+    // spec is what changes the model. (Queuing it needs the replica count applied on its own.)
+    let bluegreen = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features)
+        && strategy.kind == UpgradeType::BlueGreen
+        && available > 0
+        && !rescaling;
     if !bluegreen {
         if kind != ChangeKind::None {
             let text = upgrade::plan_text(kind, None, live_color, strategy);
