@@ -111,11 +111,49 @@ GO
   (cd "$mod" && go mod tidy && GOBIN="$WEED_BIN" go install -ldflags "-s -w" github.com/seaweedfs/seaweedfs/weed)
 }
 
+# The node (scripts/node.sh): kubelet and kube-proxy from the same module and wrapper as the control plane (same
+# version, same ldflags).
+build_node() {
+  local out="$K8S_BIN" v="$KUBERNETES_VERSION"
+  [[ -x $out/kubelet && -x $out/kube-proxy ]] && return 0
+  build_kubernetes
+  local minor="${v#*.}"; minor="${minor%%.*}"
+  local mod="$CACHE/kubernetes-v$v/src"
+  log "building the kubelet and kube-proxy v$v (about 6 min cold on 2 cores after the control plane)"
+  cat > "$mod/node_tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-proxy/app"
+	_ "k8s.io/kubernetes/cmd/kubelet/app"
+)
+GO
+  (
+    cd "$mod"
+    go mod tidy
+    local vpkg=k8s.io/component-base/version
+    local ld="-s -w -X $vpkg.gitVersion=v$v -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor -X $vpkg.gitTreeState=clean"
+    go build -ldflags "$ld" -o "$out/" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
+  )
+}
+
+# kube-router, for its NetworkPolicy firewall on the local node (iptables + ipset).
+build_kube_router() {
+  local out="$CACHE/kube-router-v$KUBE_ROUTER_VERSION/bin"
+  [[ -x $out/kube-router ]] && return 0
+  mkdir -p "$out"
+  log "building kube-router v$KUBE_ROUTER_VERSION (NetworkPolicy enforcement on the local node; about 3 min cold)"
+  GOBIN="$out" go install -ldflags "-s -w" "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@v$KUBE_ROUTER_VERSION"
+}
+
 case "${1:-all}" in
   kubernetes) build_kubernetes ;;
   etcd) build_etcd ;;
   helm) build_helm ;;
   seaweedfs) build_seaweedfs ;;
+  node) build_node; build_kube_router ;;
   all) build_etcd; build_kubernetes; build_helm; build_seaweedfs ;;
-  *) die "usage: $0 [all|kubernetes|etcd|helm|seaweedfs]" ;;
+  *) die "usage: $0 [all|kubernetes|etcd|helm|seaweedfs|node]" ;;
 esac

@@ -11,53 +11,45 @@
 # State lives in $STREAMSCORE_DEV_DIR (default .dev/); ports start at
 # $STREAMSCORE_PORT_BASE (default 27000) so a developer's environment and a
 # test run (make test uses .dev/test and 28000) never collide.
+#
+# With STREAMSCORE_NETNS=1 (root only), every component runs inside a network namespace the
+# script creates (streamscore-<port base>), the one the local node (scripts/node.sh) runs its
+# pods in: pods reach the API server, the broker (a second listener, PODS) and the S3 gateway at
+# the namespace's node address ($NODE_IP), which exists nowhere else. The host reaches the same
+# 127.0.0.1 ports as without it, through scripts/nsforward.py; nothing inside the namespace can
+# reach any address outside it (it has no route out).
 . "$(dirname "$0")/lib.sh"
 
-B="${STREAMSCORE_PORT_BASE:-27000}"
-ETCD_PORT=$((B + 79)); ETCD_PEER_PORT=$((B + 80))
-APISERVER_PORT=$((B + 43)); KCM_PORT=$((B + 57)); SCHED_PORT=$((B + 59))
-KAFKA_PORT=$((B + 92)); KAFKA_CONTROLLER_PORT=$((B + 93))
-# SeaweedFS: master, volume, filer, S3 gateway, and their gRPC ports (all in this range).
-WEED_MASTER_PORT=$((B + 33)); WEED_VOLUME_PORT=$((B + 34)); WEED_FILER_PORT=$((B + 35)); S3_PORT=$((B + 36))
-WEED_MASTER_GRPC=$((B + 37)); WEED_VOLUME_GRPC=$((B + 38)); WEED_FILER_GRPC=$((B + 39)); S3_GRPC=$((B + 40))
-PKI="$DEV/pki"; LOGS="$DEV/logs"; PIDS="$DEV/pids"; DATA="$DEV/data"
-SERVICE_CIDR=10.96.0.0/16
+# shellcheck source=env-vars.sh
+. "$ROOT/scripts/env-vars.sh"
 export PATH="$K8S_BIN:$HELM_BIN:$PATH"
 
-running() { local f="$PIDS/$1.pid"; [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null; }
+# start_in name command...: start, inside the network namespace when there is one.
+start_in() { local name=$1; shift; start "$name" "${NSX[@]}" "$@"; }
 
-start() { # name command...
-  local name=$1; shift
-  if running "$name"; then return 0; fi
-  mkdir -p "$LOGS" "$PIDS"
-  setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
-  echo $! > "$PIDS/$name.pid"
-}
-
-wait_for() { # name timeout-seconds check-command...
-  local name=$1 timeout=$2; shift 2
-  local deadline=$((SECONDS + timeout))
-  until "$@" >/dev/null 2>&1; do
-    if ! running "$name"; then
-      tail -n 30 "$LOGS/$name.log" >&2 || true
-      die "$name exited during start-up (log: $LOGS/$name.log)"
-    fi
-    if (( SECONDS > deadline )); then
-      tail -n 30 "$LOGS/$name.log" >&2 || true
-      die "$name did not answer within ${timeout}s (log: $LOGS/$name.log)"
-    fi
-    sleep 0.5
+# netns_up: the namespace, its loopback with the node's address too, and the
+# host's forwarder into it (the same 127.0.0.1 ports as every component's).
+netns_up() {
+  [[ -n $NETNS ]] || return 0
+  [[ $(id -u) -eq 0 ]] || die "STREAMSCORE_NETNS=1 needs root (ip netns add)"
+  if [[ ! -e /run/netns/$NETNS ]]; then
+    ip netns add "$NETNS"
+    ip -n "$NETNS" link set lo up
+    ip -n "$NETNS" addr add "$NODE_IP/32" dev lo
+  fi
+  echo "$NETNS" >"$DEV/netns"
+  local p specs=()
+  for p in "$ETCD_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHED_PORT" "$KAFKA_PORT" "$S3_PORT"; do
+    specs+=("to-ns:127.0.0.1:$p=127.0.0.1:$p")
   done
+  start forward python3 "$ROOT/scripts/nsforward.py" "/run/netns/$NETNS" "${specs[@]}"
 }
 
-gen_pki() {
-  [[ -f $PKI/.complete ]] && return 0
-  command -v openssl >/dev/null || die "openssl is required"
-  mkdir -p "$PKI"; cd "$PKI"
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=streamscore-local-ca" 2>/dev/null
-  openssl genrsa -out sa.key 2048 2>/dev/null
-  openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
-  cert() { # name subject [sans]
+# pki_cert name subject [sans]: a key and a certificate signed by the local CA, unless present.
+pki_cert() {
+  [[ -f $PKI/$1.crt ]] && return 0
+  (
+    cd "$PKI"
     openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2" 2>/dev/null
     local ext; ext=$(mktemp)
     if [[ -n ${3:-} ]]; then
@@ -67,13 +59,25 @@ gen_pki() {
     fi
     openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$1.crt" -days 3650 -extfile "$ext" 2>/dev/null
     rm -f "$ext" "$1.csr"
-  }
-  cert apiserver "/CN=kube-apiserver" "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
-  cert admin "/O=system:masters/CN=streamscore-admin"
-  cert controller-manager "/CN=system:kube-controller-manager"
-  cert scheduler "/CN=system:kube-scheduler"
-  cd - >/dev/null
-  touch "$PKI/.complete"
+  )
+}
+
+gen_pki() {
+  command -v openssl >/dev/null || die "openssl is required"
+  mkdir -p "$PKI"
+  if [[ ! -f $PKI/ca.crt ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" -days 3650 -subj "/CN=streamscore-local-ca" 2>/dev/null
+    openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
+    openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
+  fi
+  pki_cert apiserver "/CN=kube-apiserver" "IP:127.0.0.1,IP:10.96.0.1,IP:$NODE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  pki_cert admin "/O=system:masters/CN=streamscore-admin"
+  pki_cert controller-manager "/CN=system:kube-controller-manager"
+  pki_cert scheduler "/CN=system:kube-scheduler"
+  # The API server's client certificate towards kubelets (logs, exec), and the local node's.
+  pki_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
+  pki_cert kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" "IP:$NODE_IP,DNS:$NODE_NAME"
+  pki_cert kube-proxy "/CN=system:kube-proxy"
 }
 
 kubeconfig() { # file user
@@ -106,15 +110,17 @@ kafka_answers() {
 
 start_kafka() {
   local dir="$DEV/kafka"; mkdir -p "$dir" "$DATA/kafka" "$LOGS"
+  local pods_listener=""
+  if [[ -n $NETNS ]]; then pods_listener=",PODS://$NODE_IP:$KAFKA_PODS_PORT"; fi
   cat > "$dir/server.properties" <<P
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT$pods_listener
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT$pods_listener
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PODS:PLAINTEXT
 log.dirs=$DATA/kafka
 num.partitions=4
 auto.create.topics.enable=true
@@ -144,13 +150,15 @@ P
       kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" >"$LOGS/kafka-format.log" 2>&1 \
       || { cat "$LOGS/kafka-format.log" >&2; die "formatting Kafka storage failed"; }
   fi
-  start kafka java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
+  start_in kafka java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j.configuration="file:$dir/log4j.properties" -cp "$(kafka_cp)" kafka.Kafka "$dir/server.properties"
 }
 
 start_seaweedfs() {
   mkdir -p "$DATA/seaweedfs"
-  start seaweedfs "$WEED_BIN/weed" server -dir="$DATA/seaweedfs" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+  local bind=127.0.0.1
+  if [[ -n $NETNS ]]; then bind=0.0.0.0; fi
+  start_in seaweedfs "$WEED_BIN/weed" server -dir="$DATA/seaweedfs" -ip=127.0.0.1 -ip.bind="$bind" \
     -master.port="$WEED_MASTER_PORT" -master.port.grpc="$WEED_MASTER_GRPC" \
     -volume.port="$WEED_VOLUME_PORT" -volume.port.grpc="$WEED_VOLUME_GRPC" \
     -filer.port="$WEED_FILER_PORT" -filer.port.grpc="$WEED_FILER_GRPC" \
@@ -172,14 +180,23 @@ start_control_plane() {
   kubeconfig "$DEV/admin.kubeconfig" admin
   kubeconfig "$DEV/controller-manager.kubeconfig" controller-manager
   kubeconfig "$DEV/scheduler.kubeconfig" scheduler
+  kubeconfig "$DEV/kubelet.kubeconfig" kubelet
+  kubeconfig "$DEV/kube-proxy.kubeconfig" kube-proxy
   mkdir -p "$DATA/etcd"
-  start etcd "$ETCD_BIN/etcd" --name local --data-dir "$DATA/etcd" \
+  start_in etcd "$ETCD_BIN/etcd" --name local --data-dir "$DATA/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster "local=http://127.0.0.1:$ETCD_PEER_PORT" --unsafe-no-fsync --log-level warn
   wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
-  start kube-apiserver "$K8S_BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+  # In the namespace: every address of it (the node's too), and the kubernetes Service's endpoint
+  # is the node's address.
+  local bind=127.0.0.1 advertise=127.0.0.1
+  if [[ -n $NETNS ]]; then bind=0.0.0.0; advertise=$NODE_IP; fi
+  start_in kube-apiserver "$K8S_BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address "$bind" --advertise-address "$advertise" --secure-port "$APISERVER_PORT" \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-preferred-address-types InternalIP \
+    --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" --service-account-key-file "$PKI/sa.pub" \
     --service-account-signing-key-file "$PKI/sa.key" \
@@ -188,7 +205,7 @@ start_control_plane() {
     --allow-privileged=true --profiling=false --cert-dir "$DEV/apiserver-certs" --v 1
   wait_for kube-apiserver 90 curl -sf --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
     "https://127.0.0.1:$APISERVER_PORT/readyz"
-  start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+  start_in kube-controller-manager "$K8S_BIN/kube-controller-manager" \
     --kubeconfig "$DEV/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$DEV/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$DEV/controller-manager.kubeconfig" \
@@ -196,7 +213,7 @@ start_control_plane() {
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
     --use-service-account-credentials --controllers '*' --cert-dir "$DEV/kcm-certs" --v 1
-  start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig "$DEV/scheduler.kubeconfig" \
+  start_in kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig "$DEV/scheduler.kubeconfig" \
     --authentication-kubeconfig "$DEV/scheduler.kubeconfig" \
     --authorization-kubeconfig "$DEV/scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --leader-elect=false --v 1
@@ -225,12 +242,23 @@ export AWS_ACCESS_KEY_ID=streamscore
 export AWS_SECRET_ACCESS_KEY=streamscore
 export PATH="$K8S_BIN:$HELM_BIN:\$PATH"
 E
+  if [[ -n $NETNS ]]; then
+    cat >> "$DEV/env.sh" <<E
+# The network namespace every component runs in (scripts/node.sh runs the node's pods there);
+# the addresses pods use for the broker and the S3 gateway.
+export STREAMSCORE_NETNS_NAME="$NETNS"
+export STREAMSCORE_NODE_IP="$NODE_IP"
+export STREAMSCORE_KAFKA_PODS="$NODE_IP:$KAFKA_PODS_PORT"
+export STREAMSCORE_S3_PODS="http://$NODE_IP:$S3_PORT"
+E
+  fi
 }
 
 up() {
   bash "$ROOT/scripts/build-k8s.sh" all
   bash "$ROOT/scripts/fetch-kafka.sh"
   local t0=$SECONDS
+  netns_up
   start_kafka
   start_seaweedfs
   start_control_plane
@@ -248,24 +276,17 @@ up() {
 M
 }
 
-stop_one() { # name [signal]
-  local name=$1 sig=${2:-TERM} pid
-  [[ -f $PIDS/$name.pid ]] || return 0
-  pid=$(cat "$PIDS/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "-$sig" -- "-$pid" 2>/dev/null || kill "-$sig" "$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    log "stopped $name (pid $pid)"
-  fi
-  rm -f "$PIDS/$name.pid"
-}
-
 down() {
   local name
-  for name in kube-scheduler kube-controller-manager kube-apiserver etcd kafka seaweedfs; do
+  if [[ -f $PIDS/kubelet.pid || -f $PIDS/containerd.pid ]]; then bash "$ROOT/scripts/node.sh" down; fi
+  for name in kube-scheduler kube-controller-manager kube-apiserver etcd kafka seaweedfs forward; do
     stop_one "$name"
   done
+  if [[ -n $NETNS && -e /run/netns/$NETNS ]]; then
+    ip netns del "$NETNS"
+    log "removed the network namespace $NETNS"
+  fi
+  rm -f "$DEV/netns"
 }
 
 status() {

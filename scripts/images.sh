@@ -7,6 +7,8 @@
 #   scripts/images.sh check         env/runtime-libs.txt and the Dockerfiles against what the
 #                                   built binaries load (ldd); exit 1 with the difference
 #   scripts/images.sh update-libs   rewrite env/runtime-libs.txt from the built binaries
+#   scripts/images.sh pause         the local node's pod sandbox image (env/pause.c, static);
+#                                   prints its archive's path
 #
 # The base is distroless-like, assembled from this machine's Debian packages (bookworm, like
 # gcr.io/distroless/cc-debian12): no shell, no package manager, only
@@ -50,23 +52,6 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 OUT="$CACHE/images"
 VERSION=$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml")
 [[ -n $VERSION ]] || die "no version in $ROOT/Cargo.toml [workspace.package]"
-
-# ensure_packages PKG...: installs the Debian packages that are missing (as install-deps.sh does).
-ensure_packages() {
-  local p missing=()
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  ((${#missing[@]})) || return 0
-  log "installing Debian packages: ${missing[*]}"
-  local sudo=""
-  [[ $(id -u) -ne 0 ]] && sudo=sudo
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    $sudo apt-get update >/dev/null
-    $sudo apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
-  }
-}
 
 # binary IMAGE: the built binary of IMAGE.
 binary() {
@@ -326,16 +311,7 @@ build_image() {
   umoci config --image "$oci:$VERSION" --created "$created" --history.created "$created" \
     --history.created_by "scripts/images.sh: config" "${cfg[@]}"
   umoci gc --layout "$oci"
-  # containerd names an imported image after this annotation (the tag alone would become
-  # import-<date>:<tag>); the OCI ref.name stays the plain tag.
-  python3 - "$oci/index.json" "docker.io/library/$name:$VERSION" <<'EOF'
-import json, sys
-path, ref = sys.argv[1], sys.argv[2]
-index = json.load(open(path))
-for m in index["manifests"]:
-    m.setdefault("annotations", {})["io.containerd.image.name"] = ref
-json.dump(index, open(path, "w"), separators=(",", ":"))
-EOF
+  name_for_containerd "$oci/index.json" "docker.io/library/$name:$VERSION"
   touch -h -d "@$epoch" "$oci" "$oci"/* "$oci"/blobs/* "$oci"/blobs/sha256/*
   tar --sort=name --owner=0 --group=0 --numeric-owner --mode=go+rX --mtime="@$epoch" --format=gnu \
     -C "$oci" -cf "$archive.tmp" .
@@ -364,6 +340,54 @@ build() {
   done
 }
 
+# build_pause: the sandbox image containerd's CRI starts first in every pod of the local node
+# (scripts/node.sh): one static binary from env/pause.c, user 65535, named
+# docker.io/library/streamscore-pause:$VERSION.
+build_pause() {
+  ensure_packages umoci gcc libc6-dev
+  local archive="$OUT/streamscore-pause-$VERSION.oci.tar" work oci epoch created
+  if [[ -f $archive && $archive -nt $ROOT/env/pause.c ]]; then
+    printf '%s\n' "$archive"
+    return 0
+  fi
+  epoch=${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct -- env/pause.c 2>/dev/null || true)}
+  [[ -n $epoch ]] || epoch=$(date +%s)
+  created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
+  mkdir -p "$OUT"
+  work=$(mktemp -d "$OUT/.pause.XXXXXX")
+  oci="$work/oci"
+  mkdir -p "$work/layer"
+  gcc -static -Os -s -o "$work/layer/pause" "$ROOT/env/pause.c"
+  (cd "$work/layer" && tar --numeric-owner --owner=0 --group=0 --mtime="@$epoch" --format=gnu -cf "$work/layer.tar" pause)
+  {
+    umoci init --layout "$oci"
+    umoci new --image "$oci:$VERSION"
+    umoci raw add-layer --image "$oci:$VERSION" --history.created "$created" \
+      --history.created_by "scripts/images.sh pause: env/pause.c" "$work/layer.tar"
+    umoci config --image "$oci:$VERSION" --created "$created" --history.created "$created" \
+      --config.user 65535:65535 --config.entrypoint /pause --config.workingdir / \
+      --config.label "org.opencontainers.image.title=streamscore-pause"
+    umoci gc --layout "$oci"
+  } >&2
+  name_for_containerd "$oci/index.json" "docker.io/library/streamscore-pause:$VERSION"
+  tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$epoch" --format=gnu -C "$oci" -cf "$archive" .
+  rm -rf "$work"
+  printf '%s\n' "$archive"
+}
+
+# name_for_containerd INDEX REF: containerd names an imported image after this annotation (the
+# tag alone would become import-<date>:<tag>); the OCI ref.name stays the plain tag.
+name_for_containerd() {
+  python3 - "$1" "$2" <<'EOF'
+import json, sys
+path, ref = sys.argv[1], sys.argv[2]
+index = json.load(open(path))
+for m in index["manifests"]:
+    m.setdefault("annotations", {})["io.containerd.image.name"] = ref
+json.dump(index, open(path, "w"), separators=(",", ":"))
+EOF
+}
+
 # layer_sizes OCI: the compressed sizes of the image's layers.
 layer_sizes() {
   python3 - "$1" <<'EOF'
@@ -381,10 +405,11 @@ case "${1:-build}" in
     scan
     check
     ;;
+  pause) build_pause ;;
   update-libs)
     scan
     write_list
     log "wrote $LIBS_LIST"
     ;;
-  *) die "usage: $0 [build | check | update-libs]" ;;
+  *) die "usage: $0 [build | check | update-libs | pause]" ;;
 esac

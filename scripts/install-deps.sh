@@ -5,19 +5,7 @@
 . "$(dirname "$0")/lib.sh"
 
 PKGS=(libclang-dev libcurl4-openssl-dev libsasl2-dev libssl-dev cmake openssl curl pkg-config shellcheck procps)
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
-  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    $SUDO apt-get update >/dev/null
-    $SUDO apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
-  }
-fi
+ensure_packages "${PKGS[@]}"
 for tool in go java mvn cargo python3; do
   command -v "$tool" >/dev/null || die "$tool is required (see README: prerequisites)"
 done

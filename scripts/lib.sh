@@ -58,4 +58,67 @@ HELM_BIN="$CACHE/helm-v$HELM_VERSION/bin"
 # shellcheck disable=SC2034
 KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
 # shellcheck disable=SC2034
+KUBE_ROUTER_BIN="$CACHE/kube-router-v$KUBE_ROUTER_VERSION/bin"
+# shellcheck disable=SC2034
 WEED_BIN="$CACHE/seaweedfs-$SEAWEEDFS_VERSION/bin"
+
+# ensure_packages PKG...: installs the Debian packages that are missing (as install-deps.sh does).
+ensure_packages() {
+  local p missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  ((${#missing[@]})) || return 0
+  log "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [[ $(id -u) -ne 0 ]] && sudo=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+    $sudo apt-get update >/dev/null
+    $sudo apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
+  }
+}
+
+# The local environment's processes (scripts/env.sh, scripts/node.sh): each started in its own
+# session with its log in $LOGS/<name>.log and its pid in $PIDS/<name>.pid.
+LOGS="$DEV/logs"; PIDS="$DEV/pids"
+
+running() { local f="$PIDS/$1.pid"; [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null; }
+
+start() { # name command...
+  local name=$1; shift
+  if running "$name"; then return 0; fi
+  mkdir -p "$LOGS" "$PIDS"
+  setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo $! > "$PIDS/$name.pid"
+}
+
+wait_for() { # name timeout-seconds check-command...
+  local name=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if ! running "$name"; then
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      die "$name exited during start-up (log: $LOGS/$name.log)"
+    fi
+    if (( SECONDS > deadline )); then
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      die "$name did not answer within ${timeout}s (log: $LOGS/$name.log)"
+    fi
+    sleep 0.5
+  done
+}
+
+stop_one() { # name [signal]
+  local name=$1 sig=${2:-TERM} pid
+  [[ -f $PIDS/$name.pid ]] || return 0
+  pid=$(cat "$PIDS/$name.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "-$sig" -- "-$pid" 2>/dev/null || kill "-$sig" "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    log "stopped $name (pid $pid)"
+  fi
+  rm -f "$PIDS/$name.pid"
+}
+

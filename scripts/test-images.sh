@@ -21,19 +21,7 @@ cd "$ROOT"
 t0=$SECONDS
 [[ $(id -u) -eq 0 ]] || die "scripts/test-images.sh runs as root (containerd and runc)"
 
-PKGS=(containerd runc umoci)
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
-    apt-get update >/dev/null
-    apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
-  }
-fi
+ensure_packages containerd runc umoci
 
 VERSION=$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
 log "building the images (scripts/images.sh)"
