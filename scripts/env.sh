@@ -278,7 +278,9 @@ M
 
 down() {
   local name
-  if [[ -f $PIDS/kubelet.pid || -f $PIDS/containerd.pid ]]; then bash "$ROOT/scripts/node.sh" down; fi
+  if [[ -f $PIDS/kubelet.pid || -f $PIDS/containerd.pid ]]; then
+    bash "$ROOT/scripts/node.sh" down || log "stopping the node failed; stopping the rest"
+  fi
   for name in kube-scheduler kube-controller-manager kube-apiserver etcd kafka seaweedfs forward; do
     stop_one "$name"
   done

@@ -35,3 +35,12 @@ bash "$ROOT/scripts/env.sh" up
 . "$STREAMSCORE_DEV_DIR/env.sh"
 log "cargo test"
 cargo test --workspace --locked -- --test-threads "${STREAMSCORE_TEST_THREADS:-4}"
+# The local node's cases run in their own environment (.dev/node-test, ports from 29000), inside
+# its network namespace; this one is stopped first (2 cores).
+bash "$ROOT/scripts/env.sh" down
+if [[ $(id -u) -eq 0 ]]; then
+  log "the end-to-end cases on the local node: kubelet, containerd, runc, kube-proxy, kube-router"
+  bash "$ROOT/scripts/test-node.sh"
+else
+  log "SKIPPED the local node's cases (scripts/test-node.sh): they run as root"
+fi

@@ -121,11 +121,12 @@ pub fn compute(
                 set_condition(conds, "Progressing", true, "RestoringState", &msg, now, generation);
             } else {
                 st.phase = Some(if available > 0 { Phase::Progressing } else { Phase::Pending });
-                let msg = match waiting {
-                    Some(p) => format!("{msg}; {}", p.message),
-                    None => msg,
+                // The REASON column says why they wait: Unschedulable, with the scheduler's message.
+                let (reason, msg) = match waiting {
+                    Some(p) => (p.reason.as_str(), format!("{msg}; {}", p.message)),
+                    None => ("WorkersNotAvailable", msg),
                 };
-                set_condition(conds, "Ready", false, "WorkersNotAvailable", &msg, now, generation);
+                set_condition(conds, "Ready", false, reason, &msg, now, generation);
                 set_condition(conds, "Progressing", true, "RollingOut", &msg, now, generation);
             }
             st.active_color = Some((*color).to_owned());
@@ -274,7 +275,7 @@ mod tests {
         let s = compute(None, Some(1), "v1", &obs, "t1");
         assert_eq!(s.phase, Some(Phase::Pending));
         let ready = s.conditions.iter().find(|c| c.kind == "Ready").unwrap();
-        assert_eq!(ready.reason, "WorkersNotAvailable");
+        assert_eq!(ready.reason, "Unschedulable");
         assert!(ready.message.ends_with("0/3 nodes are available"), "{}", ready.message);
         let degraded = s.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
         assert_eq!(degraded.status, "False");

@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# The end-to-end cases on the local node (part of `make test`; scripts/node.sh): the images
+# built by `make images`, imported into the node's containerd, installed with Helm; the
+# operator runs in-cluster under the chart's RBAC (its ServiceAccount's token), its workers as
+# runc containers in their own network namespaces on the CNI bridge, and kube-router enforces
+# the NetworkPolicies the operator writes. Cases:
+#  - the fraud example scores every event (the broker at its PODS listener, checkpoints in the
+#    S3 gateway), its pods are containers (own network namespace, non-root, read-only root);
+#  - the workers' NetworkPolicy: a worker reaches the broker, not the API server (the operator,
+#    under its own policy, does);
+#  - what the status says: an image that does not exist (ImagePullBackOff), a memory limit too
+#    small (OOMKilled), a pod that cannot be scheduled (Pending, the scheduler's message);
+#  - a worker that stops answering its liveness probe is restarted by the kubelet.
+#
+# Environment: STREAMSCORE_NODE_TEST_DIR (default .dev/node-test), STREAMSCORE_NODE_TEST_PORT_BASE
+# (default 29000), NODE_TEST_KEEP=1 leaves the environment running. Needs root and the binaries
+# of `cargo build` (scripts/test.sh builds them first).
+. "$(dirname "$0")/lib.sh"
+export STREAMSCORE_DEV_DIR="${STREAMSCORE_NODE_TEST_DIR:-$ROOT/.dev/node-test}"
+export STREAMSCORE_PORT_BASE="${STREAMSCORE_NODE_TEST_PORT_BASE:-29000}"
+export STREAMSCORE_NETNS=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
+DEV="$STREAMSCORE_DEV_DIR"
+# shellcheck source=env-vars.sh
+. "$ROOT/scripts/env-vars.sh"
+cd "$ROOT"
+t0=$SECONDS
+[[ $(id -u) -eq 0 ]] || die "scripts/test-node.sh runs as root (the node: containerd, runc, iptables)"
+BIN="$CARGO_TARGET_DIR/debug"
+VERSION=$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
+failures=0
+ok() { printf '[streamscore]   ok  %s\n' "$*" >&2; }
+fail() {
+  printf '[streamscore]   FAIL %s\n' "$*" >&2
+  failures=$((failures + 1))
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  if ((rc != 0 || failures != 0)) && [[ -f $DEV/env.sh ]]; then
+    log "state at the failure:"
+    kubectl get tm,deploy,pods -A -o wide >&2
+    kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -30 >&2
+    tail -20 "$DEV/logs/kubelet.log" >&2
+  fi
+  if [[ -z ${NODE_TEST_KEEP:-} ]]; then bash "$ROOT/scripts/env.sh" down >/dev/null 2>&1; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [[ -d $DEV ]]; then bash scripts/env.sh down >/dev/null || die "could not stop the environment an earlier run left in $DEV"; fi
+rm -rf "$DEV"
+bash scripts/env.sh up >/dev/null
+bash scripts/node.sh up
+# shellcheck disable=SC1091
+. "$DEV/env.sh"
+mapfile -t archives < <(bash scripts/images.sh build)
+((${#archives[@]} == 2)) || die "scripts/images.sh did not build both images"
+bash scripts/node.sh import "${archives[@]}"
+log "node and images ready in $((SECONDS - t0)) s"
+
+kafka_tool() { java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$STREAMSCORE_KAFKA_LOG4J" "$@"; }
+topic() {
+  kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
+    --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 1 >/dev/null
+}
+in_ns() { "${NSX[@]}" "$@"; }
+ctr_() { in_ns ctr -a "$DEV/node/containerd.sock" -n k8s.io "$@"; }
+# tcp_open NETNS_FILE HOST PORT: a TCP connection from that network namespace within 3 s.
+tcp_open() { nsenter "--net=$1" timeout 3 bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null; }
+# container_pid NAMESPACE POD_PREFIX CONTAINER: the host PID of that running container.
+container_pid() {
+  local id info
+  for id in $(ctr_ containers ls -q); do
+    info=$(ctr_ containers info "$id")
+    if python3 -c '
+import json, sys
+l = json.load(sys.stdin)["Labels"]
+ns, pod, c = sys.argv[1:4]
+ok = l.get("io.kubernetes.pod.namespace") == ns and l.get("io.kubernetes.pod.name", "").startswith(pod) \
+    and l.get("io.kubernetes.container.name") == c
+sys.exit(0 if ok else 1)' "$1" "$2" "$3" <<<"$info"; then
+      ctr_ tasks ls | awk -v id="$id" '$1 == id && $3 == "RUNNING" { print $2 }'
+      return 0
+    fi
+  done
+}
+# tm_json NAME EXTRA_JSON: the fraud example as TenantModel NAME, its own output topics, this
+# environment's addresses, EXTRA_JSON merged into its spec.
+tm_json() {
+  sed -e "s|kafka.kafka.svc:9092|$STREAMSCORE_KAFKA_PODS|" -e "s|s3://streamscore/|s3://$STREAMSCORE_S3_BUCKET/|" \
+    examples/fraud-detection.yaml | kubectl create --dry-run=client -o json -f - | python3 -c '
+import json, sys
+tm = json.load(sys.stdin)
+name, extra = sys.argv[1], json.loads(sys.argv[2])
+tm["metadata"] = {"name": name}
+if name != "fraud":
+    s = tm["spec"]
+    s["parallelism"] = 1
+    s["sink"] = {"topic": name + "-scored", "deadLetterTopic": name + "-dlq"}
+    s["features"].pop("emitted", None)
+    s.pop("upgrade", None)
+tm["spec"].update(extra)
+print(json.dumps(tm))' "$1" "$2"
+}
+phase_reason() {
+  kubectl -n payments get tm "$1" -o jsonpath='{.status.phase}/{.status.conditions[?(@.type=="Ready")].reason}' 2>/dev/null
+}
+# wait_reason NAME PHASE/REASON-REGEX TIMEOUT: until the TenantModel's phase/Ready reason matches.
+wait_reason() {
+  local got deadline=$((SECONDS + $3))
+  while ((SECONDS < deadline)); do
+    got=$(phase_reason "$1")
+    [[ $got =~ ^($2)$ ]] && { printf '%s\n' "$got"; return 0; }
+    sleep 1
+  done
+  printf '%s\n' "$got"
+  return 1
+}
+
+log "helm install (operator image, chart RBAC, workers' NetworkPolicy with egress)"
+kubectl create namespace payments >/dev/null
+helm install streamscore charts/streamscore -n streamscore-system --create-namespace \
+  --set image.repository=streamscore-operator --set "image.tag=$VERSION" --set image.pullPolicy=Never \
+  --set workerImage.repository=streamscore-worker --set "workerImage.tag=$VERSION" \
+  --set logFormat=plain --set 'watchNamespaces={payments}' \
+  --set 'tenantPolicy.allowedImages={streamscore-missing:*}' \
+  --set "workerNetworkPolicy.egress.objectStorePorts={$S3_PORT}" \
+  --wait --timeout 3m >/dev/null
+op_pod=$(kubectl -n streamscore-system get pods -l app.kubernetes.io/name=streamscore-operator -o jsonpath='{.items[0].metadata.name}')
+sa=$(kubectl -n streamscore-system get pod "$op_pod" -o jsonpath='{.spec.serviceAccountName}')
+if [[ $sa == streamscore-* ]] && ! kubectl -n streamscore-system get pod "$op_pod" -o json | grep -q KUBECONFIG; then
+  ok "the operator runs in-cluster as pod $op_pod, ServiceAccount $sa (no kubeconfig)"
+else
+  fail "operator pod $op_pod: ServiceAccount '$sa'"
+fi
+
+for t in payments:4 payments-scored:4 payments-dlq:1 payments-features:4; do topic "${t%%:*}" "${t##*:}"; done
+kubectl -n payments create configmap fraud-model --from-file=model.onnx=models/fraud-logreg.onnx >/dev/null
+kubectl -n payments create secret generic checkpoint-credentials --from-literal=AWS_ENDPOINT="$STREAMSCORE_S3_PODS" \
+  --from-literal=AWS_ALLOW_HTTP=true --from-literal=AWS_REGION="$AWS_REGION" \
+  --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" >/dev/null
+kubectl -n payments label secret checkpoint-credentials streamscore.io/tenant-access=true >/dev/null
+tm_json fraud '{}' | kubectl -n payments apply -f - >/dev/null
+if got=$(wait_reason fraud 'Running/[A-Za-z]*' 240) && kubectl -n payments wait --for=condition=Ready tm/fraud --timeout=60s >/dev/null; then
+  ok "tm/fraud Ready on the node: $got"
+else
+  fail "tm/fraud not Ready: $got"
+fi
+
+N=3000
+log "producing $N events"
+"$BIN/streamscore-loadgen" gen --topic payments --count "$N" --users 200 --seed 7 >/dev/null
+scored=$(kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
+  --topic payments-scored --from-beginning --isolation-level read_committed --max-messages "$N" --timeout-ms 120000 \
+  2>/dev/null | wc -l)
+if ((scored == N)); then ok "$scored/$N events scored by the workers in containers"; else fail "$scored/$N events scored"; fi
+
+# The worker as a container: its own network namespace (neither the host's nor the node's),
+# a runc shim for parent, non-root, read-only root file system.
+wpid=$(container_pid payments fraud- worker)
+if [[ -n $wpid ]]; then
+  host_ns=$(readlink /proc/self/ns/net)
+  node_ns=$(in_ns readlink /proc/self/ns/net)
+  pod_ns=$(readlink "/proc/$wpid/ns/net")
+  parent=$(ps -o comm= -p "$(ps -o ppid= -p "$wpid" | tr -d ' ')")
+  uid=$(awk '/^Uid:/ {print $2}' "/proc/$wpid/status")
+  root_opts=$(awk '$5 == "/" {print $6}' "/proc/$wpid/mountinfo" | head -1)
+  if [[ $pod_ns != "$host_ns" && $pod_ns != "$node_ns" && $parent == containerd-shim* && $uid == 65532 && $root_opts == ro* ]]; then
+    ok "worker pid $wpid: network namespace $pod_ns (host $host_ns, node $node_ns), parent $parent, uid $uid, root $root_opts"
+  else
+    fail "worker pid $wpid: netns $pod_ns (host $host_ns, node $node_ns), parent $parent, uid $uid, root $root_opts"
+  fi
+else
+  fail "no running worker container of tm/fraud"
+fi
+
+# NetworkPolicies, enforced by kube-router: the worker reaches the broker, not the API server
+# (neither its Service address nor the node's); the operator's pod reaches the API server.
+if [[ -n $wpid ]]; then
+  opid=$(container_pid streamscore-system streamscore- operator)
+  if tcp_open "/proc/$wpid/ns/net" "$NODE_IP" "$KAFKA_PODS_PORT"; then
+    ok "worker → broker $NODE_IP:$KAFKA_PODS_PORT connects"
+  else
+    fail "worker → broker $NODE_IP:$KAFKA_PODS_PORT refused or dropped"
+  fi
+  if tcp_open "/proc/$wpid/ns/net" 10.96.0.1 443 || tcp_open "/proc/$wpid/ns/net" "$NODE_IP" "$APISERVER_PORT"; then
+    fail "worker → API server connects (the workers' NetworkPolicy is not enforced)"
+  else
+    ok "worker → API server (10.96.0.1:443, $NODE_IP:$APISERVER_PORT) dropped by the workers' NetworkPolicy"
+  fi
+  if [[ -n $opid ]] && tcp_open "/proc/$opid/ns/net" 10.96.0.1 443; then
+    ok "operator → API server 10.96.0.1:443 connects (kube-proxy's Service)"
+  else
+    fail "operator (pid '$opid') → API server 10.96.0.1:443 does not connect"
+  fi
+fi
+
+# What the status says, from the pods the kubelet reports.
+tm_json missing-image '{"image": "streamscore-missing:'"$VERSION"'"}' | kubectl -n payments apply -f - >/dev/null
+tm_json oom '{"resources": {"requests": {"cpu": "50m", "memory": "12Mi"}, "limits": {"memory": "12Mi"}}}' \
+  | kubectl -n payments apply -f - >/dev/null
+tm_json unschedulable '{"resources": {"requests": {"cpu": "64", "memory": "64Mi"}}}' | kubectl -n payments apply -f - >/dev/null
+for c in "missing-image Degraded/(ImagePullBackOff|ErrImagePull)" "oom Degraded/OOMKilled" "unschedulable Pending/Unschedulable"; do
+  name=${c%% *}
+  if got=$(wait_reason "$name" "${c#* }" 120); then
+    msg=$(kubectl -n payments get tm "$name" -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}')
+    ok "tm/$name: $got: $msg"
+  else
+    fail "tm/$name: phase/reason '$got', want ${c#* }"
+  fi
+done
+if kubectl -n payments get tm -o wide | grep -q 'ImagePullBackOff\|ErrImagePull'; then
+  ok "kubectl get tm shows the reason: $(kubectl -n payments get tm missing-image --no-headers | tr -s ' ')"
+else
+  fail "kubectl get tm has no REASON ImagePullBackOff: $(kubectl -n payments get tm missing-image --no-headers)"
+fi
+kubectl -n payments delete tm missing-image oom unschedulable --wait=false >/dev/null
+
+# Liveness: a worker that stops answering (SIGSTOP) is killed by the kubelet and restarted.
+if [[ -n $wpid ]]; then
+  pod=$(kubectl -n payments get pods -l streamscore.io/tenantmodel=fraud -o json | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["items"]:
+    for c in p["status"].get("containerStatuses", []):
+        if c["name"] == "worker" and c.get("containerID", "").split("//")[-1]:
+            print(p["metadata"]["name"], c["containerID"].split("//")[-1]); break' | while read -r p cid; do
+    if [[ $(ctr_ tasks ls | awk -v id="$cid" '$1 == id {print $2}') == "$wpid" ]]; then echo "$p"; fi
+  done)
+  kill -STOP "$wpid"
+  log "worker pid $wpid of pod $pod stopped (SIGSTOP); waiting for its liveness probe to fail (period 10 s, 6 failures)"
+  # The kubelet kills it (event Killing "failed liveness probe"); SIGCONT then lets the stopped
+  # process take the pending SIGTERM (a graceful stop instead of the 60 s grace period's SIGKILL).
+  killed=""
+  for _ in $(seq 1 180); do
+    if kubectl -n payments get events --field-selector "involvedObject.name=$pod,reason=Killing" -o jsonpath='{.items[*].message}' \
+      | grep -q 'failed liveness probe'; then
+      killed=yes
+      break
+    fi
+    sleep 1
+  done
+  kill -CONT "$wpid" 2>/dev/null
+  restarted=""
+  if [[ -n $killed ]]; then
+    for _ in $(seq 1 120); do
+      if [[ $(kubectl -n payments get pod "$pod" -o jsonpath='{.status.containerStatuses[?(@.name=="worker")].restartCount}') -ge 1 ]]; then
+        restarted=yes
+        break
+      fi
+      sleep 1
+    done
+  fi
+  if [[ -n $restarted ]]; then
+    ok "pod $pod: liveness probe failed, the kubelet killed and restarted the worker (restartCount ≥ 1)"
+  else
+    fail "pod $pod: not restarted by its liveness probe (killed: ${killed:-no})"
+  fi
+  if kubectl -n payments wait --for=condition=Ready tm/fraud --timeout=120s >/dev/null; then
+    "$BIN/streamscore-loadgen" gen --topic payments --count 1000 --users 200 --seed 8 >/dev/null
+    scored=$(kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
+      --topic payments-scored --from-beginning --isolation-level read_committed --max-messages $((N + 1000)) \
+      --timeout-ms 120000 2>/dev/null | wc -l)
+    if ((scored >= N + 1000)); then ok "after the restart: $scored outputs for $((N + 1000)) events"; else fail "after the restart: $scored outputs for $((N + 1000)) events"; fi
+  else
+    fail "tm/fraud not Ready again after the liveness restart"
+  fi
+fi
+
+if ((failures)); then die "$failures case(s) failed on the local node"; fi
+log "the local node's cases passed in $((SECONDS - t0)) s"
