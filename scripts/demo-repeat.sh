@@ -5,6 +5,9 @@
 # rescale done; the second must adopt what the first and the manifests left.
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
+# The environment between the two runs is the one make demo uses (in a network namespace when
+# the demo runs its pods on the local node).
+if [[ $(demo_node) == kubelet ]]; then export STREAMSCORE_NETNS=1; fi
 log "make demo, first run"
 bash "$ROOT/scripts/demo.sh"
 log "kubectl apply -f manifests/ (the plain-YAML install), then make demo again"

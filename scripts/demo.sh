@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# `make demo`: streamscore end to end on this machine, no containers:
+# `make demo`: streamscore end to end on this machine:
 #
 #  1. starts the local environment (Kafka + Kubernetes control plane) and builds streamscore;
-#  2. starts the node agent (a test/dev harness, not a kubelet) that runs the pods scheduled
-#     to it as local processes, mapping the images to the binaries just built;
+#  2. as root (where a network namespace can be made): starts the local node (scripts/node.sh:
+#     kubelet, containerd, runc, kube-proxy, kube-router) inside the environment's network
+#     namespace and imports the images `make images` builds; otherwise (or with
+#     STREAMSCORE_DEMO_NODE=agent) the node agent, a test/dev harness that runs the pods
+#     scheduled to it as local processes, mapping the images to the binaries just built. It
+#     says which;
 #  3. installs streamscore with Helm: the CRD, RBAC and the operator Deployment, whose pod the
-#     node agent runs;
+#     node runs;
 #  4. applies two tenants' TenantModels (fraud detection, personalization); the operator
 #     creates their worker Deployments, whose pods the agent runs;
 #  5. produces a realistic event stream (users, actions, amounts, fraud-like bursts, malformed
@@ -18,6 +22,10 @@
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/cargo-target}"
 cd "$ROOT"
 t0=$SECONDS
+NODE=$(demo_node)
+if [[ $NODE == kubelet ]]; then export STREAMSCORE_NETNS=1; fi
+# shellcheck source=env-vars.sh
+. "$ROOT/scripts/env-vars.sh"
 bash "$ROOT/scripts/install-deps.sh"
 bash "$ROOT/scripts/env.sh" up
 # shellcheck disable=SC1091
@@ -25,6 +33,10 @@ bash "$ROOT/scripts/env.sh" up
 log "building streamscore (cold: ~25 min; warm: seconds)"
 cargo build -q --bins
 BIN="$CARGO_TARGET_DIR/debug"
+# Where pods reach the broker and the S3 gateway.
+PODS_KAFKA=$KAFKA_BOOTSTRAP_SERVERS
+PODS_S3=$AWS_ENDPOINT
+VERSION=$(sed -n '/^\[workspace\.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
 DEMO="$DEV/demo"; rm -rf "$DEMO"; mkdir -p "$DEMO"
 agent_pid=""
 # The tenants' namespaces are deleted while the node agent still runs: their pods are only
@@ -36,6 +48,7 @@ cleanup() {
   kubectl delete ns payments recs --ignore-not-found --timeout=120s >/dev/null 2>&1 \
     || log "the tenants' namespaces are still terminating; the next make demo waits for them"
   if [[ -n $agent_pid ]]; then kill -TERM "$agent_pid" 2>/dev/null; wait "$agent_pid" 2>/dev/null; fi
+  if [[ $NODE == kubelet && -z ${DEMO_KEEP:-} ]]; then bash "$ROOT/scripts/node.sh" down >/dev/null; fi
   if [[ -z ${DEMO_KEEP:-} ]]; then bash "$ROOT/scripts/env.sh" down; fi
 }
 trap cleanup EXIT
@@ -45,11 +58,23 @@ kafka_tool() { java -cp "$STREAMSCORE_KAFKA_CLASSPATH" -Dlog4j.configuration="$S
 topic() { kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
   --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 1 >/dev/null; }
 
-log "starting the node agent (pods run as local processes on 127.0.77.x)"
-"$BIN/streamscore-node-agent" --node-name streamscore-demo --work-dir "$DEMO/node" --subnet 77 \
-  --image "streamscore-worker=$BIN/streamscore-worker" --image "streamscore-operator=$BIN/streamscore-operator" \
-  --env "KUBECONFIG=$KUBECONFIG" > "$DEMO/node-agent.log" 2>&1 &
-agent_pid=$!
+helm_node=()
+if [[ $NODE == kubelet ]]; then
+  log "the local node: a kubelet, containerd and runc run the pods, in the network namespace $NETNS"
+  bash "$ROOT/scripts/node.sh" up
+  mapfile -t archives < <(bash "$ROOT/scripts/images.sh" build)
+  bash "$ROOT/scripts/node.sh" import "${archives[@]}"
+  PODS_KAFKA=$STREAMSCORE_KAFKA_PODS
+  PODS_S3=$STREAMSCORE_S3_PODS
+  helm_node=(--set "image.tag=$VERSION" --set "workerNetworkPolicy.egress.objectStorePorts={$S3_PORT}")
+else
+  log "the node agent (no kubelet: pods run as local processes on 127.0.77.x; $NODE)"
+  "$BIN/streamscore-node-agent" --node-name streamscore-demo --work-dir "$DEMO/node" --subnet 77 \
+    --image "streamscore-worker=$BIN/streamscore-worker" --image "streamscore-operator=$BIN/streamscore-operator" \
+    --env "KUBECONFIG=$KUBECONFIG" > "$DEMO/node-agent.log" 2>&1 &
+  agent_pid=$!
+  helm_node=(--set image.tag=demo)
+fi
 
 # Namespaces an interrupted earlier run left Terminating: the agent now runs and stops their
 # pods, then they go.
@@ -80,7 +105,7 @@ if ! helm status streamscore -n streamscore-system >/dev/null 2>&1; then
   if kubectl get crd tenantmodels.streamscore.io >/dev/null 2>&1; then adopt crd/tenantmodels.streamscore.io; fi
 fi
 helm upgrade --install streamscore charts/streamscore -n streamscore-system \
-  --set image.repository=streamscore-operator --set image.tag=demo --set logFormat=plain \
+  --set image.repository=streamscore-operator "${helm_node[@]}" --set logFormat=plain \
   --set 'watchNamespaces={payments,recs}' >/dev/null
 kubectl wait --for condition=established crd/tenantmodels.streamscore.io --timeout=60s >/dev/null
 kubectl -n streamscore-system rollout status deployment/streamscore-streamscore-operator --timeout=120s
@@ -98,18 +123,18 @@ for ns in payments recs; do
   kubectl -n "$ns" create configmap "${CM[$ns]}" --from-file=model.onnx="models/${MODEL[$ns]}.onnx" \
     --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null
   # The S3 gateway's endpoint and keys for spec.checkpointSecret, opted in by the platform team.
-  kubectl -n "$ns" create secret generic checkpoint-credentials --from-literal=AWS_ENDPOINT="$AWS_ENDPOINT" \
+  kubectl -n "$ns" create secret generic checkpoint-credentials --from-literal=AWS_ENDPOINT="$PODS_S3" \
     --from-literal=AWS_ALLOW_HTTP=true --from-literal=AWS_REGION="$AWS_REGION" \
     --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" \
     --dry-run=client -o yaml | kubectl apply --server-side -f - >/dev/null
   kubectl -n "$ns" label secret checkpoint-credentials streamscore.io/tenant-access=true --overwrite >/dev/null
-  sed -e "s|kafka.kafka.svc:9092|$KAFKA_BOOTSTRAP_SERVERS|" -e "s|s3://streamscore/|s3://$STREAMSCORE_S3_BUCKET/|" \
+  sed -e "s|kafka.kafka.svc:9092|$PODS_KAFKA|" -e "s|s3://streamscore/|s3://$STREAMSCORE_S3_BUCKET/|" \
     "examples/${EX[$ns]}.yaml" | kubectl -n "$ns" apply -f - >/dev/null
 done
 log "waiting for both TenantModels to be Ready"
 for ns in payments recs; do
   kubectl -n "$ns" wait --for=condition=Ready "tm/${TM[$ns]}" --timeout=180s >/dev/null \
-    || { kubectl get tm -A; tail -20 "$DEMO/node-agent.log"; die "tm/${TM[$ns]} did not become Ready"; }
+    || { kubectl get tm -A; tail -20 "$DEMO/node-agent.log" 2>/dev/null; die "tm/${TM[$ns]} did not become Ready"; }
 done
 
 log "producing events: 20000 payments (1 in 1000 malformed), 20000 clicks"
@@ -120,7 +145,7 @@ for ns in payments recs; do
   for _ in $(seq 1 120); do
     total=0
     for ip in $(pod_ips "$ns" "${TM[$ns]}"); do
-      n=$(curl -s "$ip:8080/metrics" | awk '/^streamscore_worker_records_in_total/ {print $2}')
+      n=$("${NSX[@]}" curl -s "$ip:8080/metrics" | awk '/^streamscore_worker_records_in_total/ {print $2}')
       total=$((total + ${n%.*}))
     done
     [[ $total -ge 20000 ]] && break; sleep 0.5
@@ -130,7 +155,11 @@ sleep 1
 
 echo; echo "== kubectl get tm -A"
 kubectl get tm -A
-echo; echo "== worker pods (run by the node agent as local processes)"
+if [[ $NODE == kubelet ]]; then
+  echo; echo "== worker pods (runc containers on the local node $NODE_NAME)"
+else
+  echo; echo "== worker pods (run by the node agent as local processes)"
+fi
 kubectl get pods -n payments -o wide; kubectl get pods -n recs -o wide
 echo; echo "== scored records (payments-scored, first 3)"
 kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
@@ -139,10 +168,10 @@ echo; echo "== dead-lettered records (payments-dlq, with headers)"
 kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
   --topic payments-dlq --from-beginning --max-messages 3 --property print.headers=true 2>/dev/null
 echo; echo "== query API: GET /v1/entities/user-42 (recs); a pod that does not own the key answers 409"
-for ip in $(pod_ips recs propensity); do curl -s "$ip:8080/v1/entities/user-42"; echo; done
+for ip in $(pod_ips recs propensity); do "${NSX[@]}" curl -s "$ip:8080/v1/entities/user-42"; echo; done
 echo; echo "== worker metrics (payments)"
 for ip in $(pod_ips payments fraud); do
-  curl -s "$ip:8080/metrics" | grep -E '^streamscore_worker_(records_(in|out)_total|dead_letters_total\{reason="malformed"|commits_total)'
+  "${NSX[@]}" curl -s "$ip:8080/metrics" | grep -E '^streamscore_worker_(records_(in|out)_total|dead_letters_total\{reason="malformed"|commits_total)'
 done
 echo; echo "== kubectl scale tm fraud --replicas 3 (payments): drain + checkpoint, new count, restore"
 kubectl -n payments scale tm fraud --replicas 3 >/dev/null
@@ -158,5 +187,5 @@ kubectl -n payments get tm fraud -o wide
 log "demo finished in $((SECONDS - t0))s"
 if [[ -n ${DEMO_KEEP:-} ]]; then
   log "DEMO_KEEP set: everything keeps running (. $DEV/env.sh); Ctrl-C stops it"
-  wait "$agent_pid"
+  if [[ -n $agent_pid ]]; then wait "$agent_pid"; else sleep infinity; fi
 fi

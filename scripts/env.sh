@@ -258,6 +258,9 @@ up() {
   bash "$ROOT/scripts/build-k8s.sh" all
   bash "$ROOT/scripts/fetch-kafka.sh"
   local t0=$SECONDS
+  if [[ -n $NETNS && ! -f $DEV/netns ]] && running kube-apiserver; then
+    die "an environment outside a network namespace runs in $DEV: stop it first (make env-down)"
+  fi
   netns_up
   start_kafka
   start_seaweedfs

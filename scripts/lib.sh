@@ -122,3 +122,12 @@ stop_one() { # name [signal]
   rm -f "$PIDS/$name.pid"
 }
 
+# demo_node: what runs the demo's pods: "kubelet" (the local node, scripts/node.sh) as root
+# where a network namespace can be made, otherwise the node agent ("agent (why)");
+# STREAMSCORE_DEMO_NODE=agent chooses the node agent.
+demo_node() {
+  if [[ ${STREAMSCORE_DEMO_NODE:-} == agent ]]; then echo "agent (STREAMSCORE_DEMO_NODE=agent)"; return; fi
+  if [[ $(id -u) -ne 0 ]]; then echo "agent (the local node needs root)"; return; fi
+  if ! unshare --net true 2>/dev/null; then echo "agent (no network namespaces here)"; return; fi
+  echo kubelet
+}
