@@ -66,7 +66,10 @@ if [[ $NODE == kubelet ]]; then
   bash "$ROOT/scripts/node.sh" import "${archives[@]}"
   PODS_KAFKA=$STREAMSCORE_KAFKA_PODS
   PODS_S3=$STREAMSCORE_S3_PODS
-  helm_node=(--set "image.tag=$VERSION" --set "workerNetworkPolicy.egress.objectStorePorts={$S3_PORT}")
+  # The node has this machine's 2 CPUs: workers request 100m (not 500m) so that the rescale to
+  # 3 fits beside the other tenant.
+  helm_node=(--set "image.tag=$VERSION" --set "workerNetworkPolicy.egress.objectStorePorts={$S3_PORT}"
+    --set workerResources.requests.cpu=100m)
 else
   log "the node agent (no kubelet: pods run as local processes on 127.0.77.x; $NODE)"
   "$BIN/streamscore-node-agent" --node-name streamscore-demo --work-dir "$DEMO/node" --subnet 77 \
