@@ -10,7 +10,13 @@
 #    under its own policy, does);
 #  - what the status says: an image that does not exist (ImagePullBackOff), a memory limit too
 #    small (OOMKilled), a pod that cannot be scheduled (Pending, the scheduler's message);
-#  - a worker that stops answering its liveness probe is restarted by the kubelet.
+#  - a worker that stops answering its liveness probe is restarted by the kubelet;
+#  - a model ConfigMap edited in place: the kubelet swaps the mounted file (`..data`), the
+#    running worker keeps the model it loaded, the status says the digest no longer matches,
+#    and putting the ConfigMap back clears it;
+#  - blue/green while events flow: a model-only change cut over (the operator drives the
+#    workers' admin API across the pod network and their NetworkPolicy), a model that scores
+#    NaN rolled back by its ErrorRate gate.
 #
 # Environment: STREAMSCORE_NODE_TEST_DIR (default .dev/node-test), STREAMSCORE_NODE_TEST_PORT_BASE
 # (default 29000), NODE_TEST_KEEP=1 leaves the environment running. Needs root and the binaries
@@ -127,6 +133,7 @@ helm install streamscore charts/streamscore -n streamscore-system --create-names
   --set logFormat=plain --set 'watchNamespaces={payments}' \
   --set 'tenantPolicy.allowedImages={streamscore-missing:*}' \
   --set "workerNetworkPolicy.egress.objectStorePorts={$S3_PORT}" \
+  --set workerResources.requests.cpu=100m \
   --wait --timeout 3m >/dev/null
 op_pod=$(kubectl -n streamscore-system get pods -l app.kubernetes.io/name=streamscore-operator -o jsonpath='{.items[0].metadata.name}')
 sa=$(kubectl -n streamscore-system get pod "$op_pod" -o jsonpath='{.spec.serviceAccountName}')
@@ -267,6 +274,80 @@ for p in json.load(sys.stdin)["items"]:
     fail "tm/fraud not Ready again after the liveness restart"
   fi
 fi
+
+# A model ConfigMap edited in place, seen through the kubelet's atomic `..data` swap.
+logreg_sha=$(sha256sum models/fraud-logreg.onnx | cut -d' ' -f1)
+mlp_sha=$(sha256sum models/fraud-mlp.onnx | cut -d' ' -f1)
+kubectl -n payments create configmap swap-model --from-file=model.onnx=models/fraud-logreg.onnx >/dev/null
+tm_json swap '{"model": {"configMap": {"name": "swap-model", "key": "model.onnx"}, "sha256": "'"$logreg_sha"'", "version": "swap-1",
+  "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud", "output": 0, "column": 0}]}}' \
+  | kubectl -n payments apply -f - >/dev/null
+if got=$(wait_reason swap 'Running/WorkersAvailable' 120); then
+  spid=$(container_pid payments swap- worker)
+  mounted() { sha256sum "/proc/$spid/root/etc/streamscore/model/model.onnx" 2>/dev/null | cut -d' ' -f1; }
+  data_link() { readlink "/proc/$spid/root/etc/streamscore/model/..data" 2>/dev/null; }
+  link0=$(data_link)
+  kubectl -n payments create configmap swap-model --from-file=model.onnx=models/fraud-mlp.onnx --dry-run=client -o yaml \
+    | kubectl -n payments replace -f - >/dev/null
+  swapped=""
+  for _ in $(seq 1 90); do
+    if [[ $(mounted) == "$mlp_sha" ]]; then swapped=yes; break; fi
+    sleep 1
+  done
+  got=$(wait_reason swap 'Degraded/ModelDigestMismatch' 60)
+  if [[ -n $swapped && $(data_link) != "$link0" && $got == Degraded/ModelDigestMismatch ]] \
+    && [[ $(kubectl -n payments get pods -l streamscore.io/tenantmodel=swap -o jsonpath='{.items[0].status.containerStatuses[0].ready}') == true ]] \
+    && [[ -d /proc/$spid ]]; then
+    ok "ConfigMap edited in place: the kubelet swapped ..data ($link0 → $(data_link)), the worker (pid $spid) runs on with its loaded model and stays ready, tm/swap $got"
+  else
+    fail "ConfigMap edited in place: swapped '${swapped:-no}' (..data $link0 → $(data_link)), tm/swap '$got'"
+  fi
+  kubectl -n payments create configmap swap-model --from-file=model.onnx=models/fraud-logreg.onnx --dry-run=client -o yaml \
+    | kubectl -n payments replace -f - >/dev/null
+  if got=$(wait_reason swap 'Running/WorkersAvailable' 90); then
+    ok "ConfigMap put back: tm/swap $got"
+  else
+    fail "ConfigMap put back: tm/swap '$got'"
+  fi
+else
+  fail "tm/swap not Running: '$got'"
+fi
+kubectl -n payments delete tm swap --wait=false >/dev/null
+
+# Blue/green on the node, events flowing (300/s in the background).
+"$BIN/streamscore-loadgen" gen --topic payments --count 60000 --users 200 --rate 300 --seed 9 >/dev/null 2>&1 &
+gen_pid=$!
+# upgrade_result VERSION TIMEOUT: status.lastUpgrade's result once its toVersion is VERSION.
+upgrade_result() {
+  local got deadline=$((SECONDS + $2))
+  while ((SECONDS < deadline)); do
+    got=$(kubectl -n payments get tm fraud -o jsonpath='{.status.lastUpgrade.toVersion} {.status.lastUpgrade.result}')
+    if [[ $got == "$1 "?* ]]; then printf '%s\n' "${got#* }"; return 0; fi
+    sleep 2
+  done
+  printf 'none (%s)\n' "$(kubectl -n payments get tm fraud -o jsonpath='{.status.upgrade.phase} {.status.operation.message}')"
+}
+before=$(kubectl -n payments get tm fraud -o jsonpath='{.status.activeColor}')
+kubectl -n payments patch tm fraud --type merge -p '{"spec":{"model":{"version":"logreg-v2"}}}' >/dev/null
+result=$(upgrade_result logreg-v2 300)
+after=$(kubectl -n payments get tm fraud -o jsonpath='{.status.activeColor}')
+if [[ $result == Succeeded && $after != "$before" ]]; then
+  ok "blue/green logreg-2026-11 → logreg-v2: $result, live colour $before → $after ($(kubectl -n payments get tm fraud -o jsonpath='{.status.lastUpgrade.message}'))"
+else
+  fail "blue/green to logreg-v2: result '$result', colour $before → $after"
+fi
+kubectl -n payments create configmap nan-model --from-file=model.onnx=models/nan-score.onnx >/dev/null
+nan_sha=$(sha256sum models/nan-score.onnx | cut -d' ' -f1)
+kubectl -n payments patch tm fraud --type merge \
+  -p '{"spec":{"model":{"configMap":{"name":"nan-model","key":"model.onnx"},"sha256":"'"$nan_sha"'","version":"nan-v3"}}}' >/dev/null
+result=$(upgrade_result nan-v3 300)
+if [[ $result == RolledBack ]] && [[ $(kubectl -n payments get tm fraud -o jsonpath='{.status.activeColor}') == "$after" ]]; then
+  ok "blue/green to a NaN-scoring model: $result ($(kubectl -n payments get tm fraud -o jsonpath='{.status.lastUpgrade.message}'))"
+else
+  fail "blue/green to nan-v3: result '$result'"
+fi
+kill "$gen_pid" 2>/dev/null
+wait "$gen_pid" 2>/dev/null
 
 if ((failures)); then die "$failures case(s) failed on the local node"; fi
 log "the local node's cases passed in $((SECONDS - t0)) s"
