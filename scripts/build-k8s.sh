@@ -45,15 +45,24 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-scheduler/app"
 )
 GO
+  k8s_go_build "$mod" "$out" k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/cmd/kubectl
+}
+
+# k8s_go_build MODULE_DIR OUT PACKAGE...: go mod tidy, then the packages built into OUT with
+# the version stamped as the Kubernetes release builds do.
+k8s_go_build() {
+  local mod=$1 out=$2 v="$KUBERNETES_VERSION"
+  shift 2
+  local minor="${v#*.}"; minor="${minor%%.*}"
   (
     cd "$mod"
     go mod tidy
     local vpkg=k8s.io/component-base/version
     local ld="-s -w -X $vpkg.gitVersion=v$v -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor -X $vpkg.gitTreeState=clean"
     ld="$ld -X k8s.io/client-go/pkg/version.gitVersion=v$v -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-    go build -ldflags "$ld" -o "$out/" k8s.io/kubernetes/cmd/kube-apiserver \
-      k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler \
-      k8s.io/kubernetes/cmd/kubectl
+    go build -ldflags "$ld" -o "$out/" "$@"
   )
 }
 
@@ -117,7 +126,6 @@ build_node() {
   local out="$K8S_BIN" v="$KUBERNETES_VERSION"
   [[ -x $out/kubelet && -x $out/kube-proxy ]] && return 0
   build_kubernetes
-  local minor="${v#*.}"; minor="${minor%%.*}"
   local mod="$CACHE/kubernetes-v$v/src"
   log "building the kubelet and kube-proxy v$v (about 6 min cold on 2 cores after the control plane)"
   cat > "$mod/node_tools.go" <<'GO'
@@ -130,13 +138,7 @@ import (
 	_ "k8s.io/kubernetes/cmd/kubelet/app"
 )
 GO
-  (
-    cd "$mod"
-    go mod tidy
-    local vpkg=k8s.io/component-base/version
-    local ld="-s -w -X $vpkg.gitVersion=v$v -X $vpkg.gitMajor=1 -X $vpkg.gitMinor=$minor -X $vpkg.gitTreeState=clean"
-    go build -ldflags "$ld" -o "$out/" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
-  )
+  k8s_go_build "$mod" "$out" k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
 }
 
 # kube-router, for its NetworkPolicy firewall on the local node (iptables + ipset).

@@ -131,3 +131,28 @@ demo_node() {
   if ! unshare --net true 2>/dev/null; then echo "agent (no network namespaces here)"; return; fi
   echo kubelet
 }
+
+# containerd_config DIR SOCKET [PLUGIN...]: the start of a private containerd's config.toml: its
+# root and state under DIR, its socket, no debug or metrics endpoint, the snapshotters and
+# tracing this machine has no use for disabled, and the PLUGINs too.
+containerd_config() {
+  local dir=$1 sock=$2 p disabled=""
+  shift 2
+  for p in "$@" io.containerd.tracing.processor.v1.otlp io.containerd.internal.v1.tracing \
+    io.containerd.snapshotter.v1.aufs io.containerd.snapshotter.v1.btrfs \
+    io.containerd.snapshotter.v1.devmapper io.containerd.snapshotter.v1.zfs; do
+    disabled+="${disabled:+, }\"$p\""
+  done
+  cat <<EOF
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+disabled_plugins = [$disabled]
+[grpc]
+  address = "$sock"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+EOF
+}

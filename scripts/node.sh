@@ -47,17 +47,9 @@ sysctls() {
 
 write_configs() {
   mkdir -p "$NODE_DIR"/{containerd,cni,cni-ipam,kubelet,pod-logs}
-  cat >"$NODE_DIR/containerd.toml" <<EOF
-version = 2
-root = "$NODE_DIR/containerd/root"
-state = "$NODE_DIR/containerd/state"
-disabled_plugins = ["io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
-[grpc]
-  address = "$SOCK"
-[debug]
-  address = ""
-[metrics]
-  address = ""
+  {
+    containerd_config "$NODE_DIR/containerd" "$SOCK"
+    cat <<EOF
 [plugins."io.containerd.internal.v1.opt"]
   path = "$NODE_DIR/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
@@ -80,6 +72,7 @@ disabled_plugins = ["io.containerd.tracing.processor.v1.otlp", "io.containerd.in
     conf_dir = "$NODE_DIR/cni"
     max_conf_num = 1
 EOF
+  } >"$NODE_DIR/containerd.toml"
   cat >"$NODE_DIR/cni/10-streamscore.conflist" <<EOF
 {
   "cniVersion": "0.4.0",

@@ -81,18 +81,7 @@ trap cleanup EXIT
 
 # A private containerd: no CRI plugin, nothing under /var/lib/containerd or /run/containerd
 # except the shims' sockets (named by a hash of this socket's path).
-cat >"$WORK/config.toml" <<EOF
-version = 2
-root = "$WORK/root"
-state = "$WORK/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
-[grpc]
-  address = "$SOCK"
-[debug]
-  address = ""
-[metrics]
-  address = ""
-EOF
+containerd_config "$WORK" "$SOCK" io.containerd.grpc.v1.cri io.containerd.internal.v1.opt >"$WORK/config.toml"
 t1=$SECONDS
 containerd --config "$WORK/config.toml" </dev/null >"$WORK/containerd.log" 2>&1 &
 containerd_pid=$!
