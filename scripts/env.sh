@@ -32,6 +32,7 @@ start_in() { local name=$1; shift; start "$name" "${NSX[@]}" "$@"; }
 netns_up() {
   [[ -n $NETNS ]] || return 0
   [[ $(id -u) -eq 0 ]] || die "STREAMSCORE_NETNS=1 needs root (ip netns add)"
+  ensure_packages iproute2 util-linux
   if [[ ! -e /run/netns/$NETNS ]]; then
     ip netns add "$NETNS"
     ip -n "$NETNS" link set lo up

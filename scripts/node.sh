@@ -167,7 +167,7 @@ import_images() {
 
 up() {
   require_env
-  ensure_packages containerd runc containernetworking-plugins iptables ipset conntrack umoci gcc libc6-dev
+  ensure_packages containerd runc containernetworking-plugins iptables ipset conntrack iproute2 util-linux umoci gcc libc6-dev
   bash "$ROOT/scripts/build-k8s.sh" node
   local t0=$SECONDS pause
   pause=$(bash "$ROOT/scripts/images.sh" pause)
