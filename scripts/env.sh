@@ -159,7 +159,10 @@ start_seaweedfs() {
   mkdir -p "$DATA/seaweedfs"
   local bind=127.0.0.1
   if [[ -n $NETNS ]]; then bind=0.0.0.0; fi
-  start_in seaweedfs "$WEED_BIN/weed" server -dir="$DATA/seaweedfs" -ip=127.0.0.1 -ip.bind="$bind" \
+  # Without the caller's AWS_* variables: the S3 gateway would make them an admin identity
+  # and refuse anonymous requests (403), where the tests and the demo expect any key to work.
+  start_in seaweedfs env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN \
+    "$WEED_BIN/weed" server -dir="$DATA/seaweedfs" -ip=127.0.0.1 -ip.bind="$bind" \
     -master.port="$WEED_MASTER_PORT" -master.port.grpc="$WEED_MASTER_GRPC" \
     -volume.port="$WEED_VOLUME_PORT" -volume.port.grpc="$WEED_VOLUME_GRPC" \
     -filer.port="$WEED_FILER_PORT" -filer.port.grpc="$WEED_FILER_GRPC" \

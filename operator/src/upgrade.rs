@@ -193,7 +193,10 @@ pub fn start(
     let now_s = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let seeded = kind == ChangeKind::ModelOnly && checkpoints;
     Upgrade {
-        id: format!("u{}", now.timestamp()),
+        // The candidate's consumer group and checkpoint prefix are named after it: an upgrade
+        // started in the same second as an earlier one, or by a leader whose clock is behind the
+        // previous leader's, must not meet that one's committed offsets or checkpoints.
+        id: format!("u{}-{:08x}", now.timestamp(), rand::random::<u32>()),
         candidate: candidate.into(),
         kind: kind.as_str().into(),
         step: "Shadow".into(),
@@ -732,10 +735,13 @@ state: {checkpointStore: "s3://b/ns/fraud"}
         let now = chrono::DateTime::from_timestamp(1_764_480_000, 0).unwrap();
         let s = UpgradeStrategy::default();
         let up = start("blue", ChangeKind::ModelOnly, "v1", &desired, "h".into(), true, now);
-        assert_eq!((up.candidate.as_str(), up.id.as_str()), ("green", "u1764480000"));
+        assert_eq!(up.candidate, "green");
+        assert!(up.id.starts_with("u1764480000-") && up.id.len() == "u1764480000-".len() + 8, "{}", up.id);
+        let again = start("blue", ChangeKind::ModelOnly, "v1", &desired, "h".into(), true, now);
+        assert_ne!(up.id, again.id, "two upgrades started in the same second get different ids");
         let c = candidate_pipeline(&desired, &live, &up, &s);
-        assert_eq!(c.source.group_id, "g.u1764480000");
-        assert_eq!(c.state.checkpoint_store.as_deref(), Some("s3://b/ns/fraud/u1764480000"));
+        assert_eq!(c.source.group_id, format!("g.{}", up.id));
+        assert_eq!(c.state.checkpoint_store, Some(format!("s3://b/ns/fraud/{}", up.id)));
         assert_eq!(c.state.seed_store.as_deref(), Some("s3://b/ns/fraud"));
         let sh = c.shadow.unwrap();
         assert_eq!((sh.topic.as_str(), sh.dead_letter_topic.as_str()), ("scores.shadow", "dlq.shadow"));
