@@ -127,7 +127,7 @@ build_node() {
   [[ -x $out/kubelet && -x $out/kube-proxy ]] && return 0
   build_kubernetes
   local mod="$CACHE/kubernetes-v$v/src"
-  log "building the kubelet and kube-proxy v$v (about 6 min cold on 2 cores after the control plane)"
+  log "building the kubelet and kube-proxy v$v (41 s on 2 cores after the control plane's build)"
   cat > "$mod/node_tools.go" <<'GO'
 //go:build tools
 
