@@ -335,16 +335,22 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         op: tm.status.as_ref().and_then(|s| s.operation.clone()),
         last: tm.status.as_ref().and_then(|s| s.last_rescale.clone()),
     };
-    let replicas = if up.current.is_some() {
-        live_dep.as_ref().and_then(|d| d.spec.as_ref()?.replicas).unwrap_or(tm.spec.parallelism)
+    let replicas = if let Some(u) = up.current.as_ref() {
+        upgrade_replicas(&client, tm, u, live_dep.as_ref()).await.map_err(Error::at(Step::Observe))?
     } else {
         drive_rescale(ctx, tm, &tms, &mut written, &mut rescale, live_dep.as_ref(), &live_color)
             .await
             .map_err(Error::at(Step::Rescale))?
     };
+    // During an upgrade the live colour keeps its count (0 once the barrier is recorded);
+    // `replicas` is the candidate's.
+    let live_replicas = match (up.current.as_ref(), live_dep.as_ref().and_then(|d| d.spec.as_ref()?.replicas)) {
+        (Some(_), Some(n)) => n,
+        _ => replicas,
+    };
     let mut children = children;
     if let Some(spec) = children.deployment.spec.as_mut() {
-        spec.replicas = Some(replicas);
+        spec.replicas = Some(live_replicas);
     }
 
     // the upgrade in progress: the candidate's children, its gates and cut-over
@@ -429,8 +435,9 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         }
         held_back(up.last.as_ref(), &upgrade::spec_hash(&desired, upgrade::retry_token(tm)))
     });
+    let counted = if up.completed_to.is_some() { replicas } else { live_replicas };
     let Applied { status, available, running_version } =
-        observe_applied(ctx, tm, &live, &live_color, replicas, &mut rescale, &up, held.as_deref())
+        observe_applied(ctx, tm, &live, &live_color, counted, &mut rescale, &up, held.as_deref())
             .await
             .map_err(Error::at(Step::Status))?;
     let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
@@ -442,6 +449,30 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {running_version}")).await;
     }
     Ok(Action::requeue(next_reconcile(tm, &rescale, &up, barrier_applied, available)))
+}
+
+/// The worker count during an upgrade: the live colour's, which the candidate runs too. Once
+/// the barrier is recorded the old colour is scaled to 0 (below): from then on the candidate's
+/// own Deployment keeps the count (read back, or the candidate would be scaled to 0 with it).
+async fn upgrade_replicas(
+    client: &Client,
+    tm: &TenantModel,
+    u: &Upgrade,
+    live_dep: Option<&Deployment>,
+) -> Result<i32, kube::Error> {
+    let live = live_dep.and_then(|d| d.spec.as_ref()?.replicas);
+    if let (None, Some(n)) = (u.live_from.as_ref(), live) {
+        return Ok(n);
+    }
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &tm.namespace().unwrap_or_default());
+    let cand = deps.get_opt(&format!("{}-{}", tm.name_any(), u.candidate)).await?;
+    Ok(stopped_colour_replicas(live, cand.as_ref().and_then(|d| d.spec.as_ref()?.replicas), tm.spec.parallelism))
+}
+
+/// [`upgrade_replicas`] after the barrier: the candidate's count, else the live colour's while
+/// it still has workers, else the spec's.
+fn stopped_colour_replicas(live: Option<i32>, candidate: Option<i32>, spec: i32) -> i32 {
+    candidate.filter(|n| *n > 0).or(live.filter(|n| *n > 0)).unwrap_or(spec)
 }
 
 /// The status after this reconcile's actions, and what it was computed from.
@@ -1040,8 +1071,21 @@ async fn apply_children(
     apply(&Api::<Service>::namespaced(client.clone(), ns), &c.headless).await?;
     apply(&Api::<PodDisruptionBudget>::namespaced(client.clone(), ns), &c.pdb).await?;
     if let (false, Some(live)) = (apply_live, live_dep) {
-        // The live workers keep what they run (an upgrade is in progress, or held back).
-        return Ok(live.clone());
+        // The live workers keep what they run (an upgrade is in progress, queued or held back),
+        // but a rescale's worker count is applied on its own: a rescale must not wait for the
+        // spec (the pods' template, and so what they run, is untouched).
+        let want = c.deployment.spec.as_ref().and_then(|s| s.replicas);
+        if want.is_none() || want == live.spec.as_ref().and_then(|s| s.replicas) {
+            return Ok(live.clone());
+        }
+        return Api::<Deployment>::namespaced(client.clone(), ns)
+            .patch(
+                &live.name_any(),
+                &PatchParams { field_manager: Some(format!("{FIELD_MANAGER}-scale")), ..Default::default() },
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": want}})),
+            )
+            .await
+            .map_err(|source| ApplyFailure { kind: "Deployment".into(), name: live.name_any(), source });
     }
     apply(&Api::<ConfigMap>::namespaced(client.clone(), ns), &c.config_map).await?;
     apply(&Api::<Deployment>::namespaced(client.clone(), ns), &c.deployment).await
@@ -1246,13 +1290,23 @@ async fn plan_upgrade(
     let strategy = &tm.spec.upgrade;
     let available = live_dep.and_then(|d| d.status.as_ref()?.available_replicas).unwrap_or(0);
     let rescaling = tm.status.as_ref().is_some_and(|s| s.operation.is_some());
-    // A change during a rescale is applied in place (with the rescale's replica count): the
-    // live Deployment must be applied for the rescale to go on, and applying it with the new
-    // spec is what changes the model. (Queuing it needs the replica count applied on its own.)
-    let bluegreen = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features)
-        && strategy.kind == UpgradeType::BlueGreen
-        && available > 0
-        && !rescaling;
+    let gated = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features) && strategy.kind == UpgradeType::BlueGreen;
+    if gated && rescaling {
+        // Queued, not applied ungated: the live workers keep what they run (the rescale's
+        // worker count alone is applied, see `apply_children`); the blue/green upgrade starts
+        // in the first reconcile after the rescale ends.
+        let what = upgrade::plan_text(kind, None, live_color, strategy);
+        let what = what.split(':').next().unwrap_or_default();
+        let text = format!("{what}: queued: starts as a blue/green upgrade when the rescale in progress ends");
+        if up.plan.as_deref() != Some(text.as_str()) {
+            publish(ctx, tm, EventType::Normal, "UpgradeQueued", text.clone()).await;
+        }
+        up.plan = Some(text);
+        return Ok(keep);
+    }
+    // With no live worker available there is nothing to compare a candidate with (and the
+    // change may be what makes them work again): applied in place, and status.plan says so.
+    let bluegreen = gated && available > 0;
     if !bluegreen {
         if kind != ChangeKind::None {
             let text = upgrade::plan_text(kind, None, live_color, strategy);
@@ -1454,7 +1508,8 @@ async fn drive_upgrade(
                     crate::fault::point("upgrade-went-live");
                     ctx.workers.resume(&cand_pods).await;
                     let answers = ctx.workers.status(&cand_pods).await;
-                    let live_everywhere = cand_pods.len() as i32 == want
+                    let live_everywhere = want > 0
+                        && cand_pods.len() as i32 == want
                         && answers.iter().all(|(_, a)| {
                             a.as_ref().is_ok_and(|s| {
                                 s.drain == rescale::DrainState::Idle

@@ -142,3 +142,13 @@ async fn an_api_failure_names_the_step_it_failed_in_and_applies_nothing() {
         ctx.metrics.encode()
     );
 }
+
+#[test]
+fn after_the_barrier_the_candidate_keeps_its_own_worker_count() {
+    // The old colour was scaled to 0: never the candidate's count.
+    assert_eq!(stopped_colour_replicas(Some(0), Some(3), 2), 3);
+    // The candidate's Deployment not read back yet: the live count while it has workers.
+    assert_eq!(stopped_colour_replicas(Some(4), None, 2), 4);
+    assert_eq!(stopped_colour_replicas(Some(0), None, 2), 2);
+    assert_eq!(stopped_colour_replicas(Some(0), Some(0), 5), 5);
+}

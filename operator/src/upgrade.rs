@@ -237,7 +237,7 @@ pub fn plan_text(kind: ChangeKind, up: Option<&Upgrade>, live_color: &str, strat
             if strategy.kind == UpgradeType::BlueGreen {
                 format!(
                     "{what}: applied in place without gates: no live worker is available to compare a candidate \
-                     with, or a rescale is in progress (the workers restart with it)"
+                     with (the workers restart with it)"
                 )
             } else {
                 format!("{what}: the workers restart in place (upgrade.type Recreate)")

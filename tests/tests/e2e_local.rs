@@ -619,6 +619,68 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }
 
+/// A model change made while a rescale runs is queued, not applied ungated: the rescale goes
+/// on with the workers' current model (its new count applied on its own), Event
+/// `UpgradeQueued` and status.plan say so, and the blue/green upgrade starts once the rescale
+/// has ended (the live colour still on the old model, the candidate on the new one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_change_during_a_rescale_is_queued_until_it_ends() {
+    let _node = NODE.lock().await;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Patch, PatchParams};
+
+    let env = CheckpointedEnv::start("queue", "84", 2).await;
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let operator = Operator::start(&client, &ns);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let tm: TenantModel = serde_json::from_value(env.tenant_model("queued", "queue-v1")).unwrap();
+    tms.create(&PostParams::default(), &tm).await.unwrap();
+    eventually(Duration::from_secs(120), "TenantModel Running with 2 workers", || async {
+        let st = tms.get("queued").await.ok()?.status?;
+        (st.phase == Some(Phase::Running) && st.parallelism == Some(2)).then_some(())
+    })
+    .await;
+
+    tms.patch_scale("queued", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}})))
+        .await
+        .expect("scale subresource");
+    eventually(Duration::from_secs(60), "the rescale to 3 in status.operation", || async {
+        tms.get("queued").await.ok()?.status?.operation.filter(|o| o.to == 3)
+    })
+    .await;
+    tms.patch("queued", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": {"version": "queue-v2"}}})))
+        .await
+        .unwrap();
+    let plan = eventually(Duration::from_secs(30), "status.plan says the change is queued", || async {
+        tms.get("queued").await.ok()?.status?.plan.filter(|p| p.contains("queued"))
+    })
+    .await;
+    eprintln!("plan during the rescale: {plan}");
+    let (steps, _) = watch_rescale(&tms, "queued", 3, None).await;
+    eprintln!("rescale steps: {steps:?}");
+
+    // The rescale ended with the old model on three workers; then the upgrade started.
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let version = |d: &Deployment| {
+        d.spec.as_ref()?.template.metadata.as_ref()?.annotations.as_ref()?.get("streamscore.io/model-version").cloned()
+    };
+    let up = eventually(Duration::from_secs(60), "a blue/green upgrade to queue-v2", || async {
+        tms.get("queued").await.ok()?.status?.upgrade.filter(|u| u.to_version == "queue-v2")
+    })
+    .await;
+    let blue = deps.get("queued-blue").await.unwrap();
+    assert_eq!(version(&blue).as_deref(), Some("queue-v1"), "the live colour kept its model");
+    assert_eq!(blue.spec.as_ref().and_then(|s| s.replicas), Some(3), "the rescale's count was applied");
+    assert_eq!((up.from_version.as_str(), up.candidate.as_str()), ("queue-v1", "green"), "{up:?}");
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> =
+        evs.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    for r in ["UpgradeQueued", "RescaleCompleted", "UpgradePlanned"] {
+        assert!(reasons.iter().any(|x| x == r), "Event {r} published: {reasons:?}");
+    }
+    tear_down(client, &ns, "queued", operator).await;
+}
+
 /// A rescale whose checkpoints cannot be written (the store's bucket does not exist) rolls
 /// back: the Deployment never changes, the drained worker resumes and scores what arrives
 /// next, and the reason is in status.lastRescale, the Progressing condition and a Warning Event.

@@ -294,6 +294,107 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }
 
+/// Creates the two-worker TenantModel `name`, lets an operator apply it (blue is live) and
+/// stops that operator.
+async fn applied_as_blue(client: &kube::Client, ns: &str, name: &str, sha: &str) -> TenantModel {
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), ns);
+    let cancel = CancellationToken::new();
+    let (op, _metrics) =
+        streamscore_tests::spawn_operator_observed(client, ns, "streamscore-worker:test", Default::default(), &cancel);
+    let tm: TenantModel = serde_json::from_value(tenant_model(name, sha)).unwrap();
+    let tm = tms.create(&PostParams::default(), &tm).await.unwrap();
+    dep(&Api::namespaced(client.clone(), ns), &format!("{name}-blue")).await;
+    eventually(Duration::from_secs(30), "status.activeColor blue", || async {
+        (tms.get(name).await.ok()?.status?.active_color.as_deref() == Some("blue")).then_some(())
+    })
+    .await;
+    cancel.cancel();
+    op.await.unwrap();
+    tm
+}
+
+/// An upgrade whose cut-over barrier is recorded: the operator has scaled the old colour
+/// (blue) to 0 and the candidate (green) goes live. A reconcile in that state (the operator
+/// restarted, or the candidate still confirming the barrier) must keep green's worker count:
+/// taken from blue's Deployment, now 0, it would stop the candidate that is about to be live
+/// (and complete the cut-over to a colour without workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_cut_over_barrier_the_candidate_keeps_its_workers() {
+    let client = kube_client().await;
+    let (ns, sha) = namespace_with_model(&client, "barrier").await;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    applied_as_blue(&client, &ns, "bar", &sha).await;
+
+    // What the operator leaves once the barrier is recorded: green (the candidate, model v2)
+    // with blue's two workers, blue scaled to 0, status.upgrade with liveFrom.
+    tms.patch("bar", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": {"version": "v2"}}})))
+        .await
+        .unwrap();
+    let mut green = deps.get("bar-blue").await.unwrap();
+    green.metadata = kube::api::ObjectMeta {
+        name: Some("bar-green".into()),
+        labels: green.metadata.labels.clone(),
+        owner_references: green.metadata.owner_references.clone(),
+        ..Default::default()
+    };
+    green.status = None;
+    let spec = green.spec.as_mut().unwrap();
+    spec.replicas = Some(2);
+    for labels in [spec.selector.match_labels.as_mut(), spec.template.metadata.as_mut().and_then(|m| m.labels.as_mut())]
+        .into_iter()
+        .flatten()
+    {
+        labels.insert("streamscore.io/color".into(), "green".into());
+    }
+    deps.create(&PostParams::default(), &green).await.unwrap();
+    deps.patch("bar-blue", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 0}}))).await.unwrap();
+    let mut st = tms.get_status("bar").await.unwrap().status.unwrap();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let t = streamscore_operator::rescale::millis_rfc3339(now_ms);
+    st.upgrade = Some(
+        serde_json::from_value(json!({
+            "id": "u1-test", "candidate": "green", "kind": "ModelOnly", "step": "CuttingOver",
+            "fromVersion": "v1", "toVersion": "v2", "specHash": "recorded", "message": "",
+            "startedAt": t, "stepStartedAt": t,
+            "candidateAt": r#"{"payments":{"0":10}}"#, "liveFrom": r#"{"payments":{"0":10}}"#, "fencedAt": t,
+        }))
+        .unwrap(),
+    );
+    tms.patch_status(
+        "bar",
+        &PatchParams::apply("streamscore-operator").force(),
+        &Patch::Apply(json!({"apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel", "status": st})),
+    )
+    .await
+    .unwrap();
+
+    let cancel = CancellationToken::new();
+    let (op, metrics) = streamscore_tests::spawn_operator_observed(
+        &client,
+        &ns,
+        "streamscore-worker:test",
+        Default::default(),
+        &cancel,
+    );
+    eventually(Duration::from_secs(30), "three reconciles", || async {
+        (streamscore_tests::reconciles_done(&metrics) >= 3).then_some(())
+    })
+    .await;
+    let st = tms.get_status("bar").await.unwrap().status.unwrap();
+    assert!(
+        st.upgrade.as_ref().is_some_and(|u| u.live_from.is_some()),
+        "the cut-over waits for green's two workers to confirm the barrier: {:?}, last {:?}",
+        st.upgrade,
+        st.last_upgrade
+    );
+    let replicas = |d: Option<Deployment>| d.map(|d| d.spec.and_then(|s| s.replicas));
+    assert_eq!(replicas(deps.get_opt("bar-green").await.unwrap()), Some(Some(2)), "the candidate kept its two workers");
+    assert_eq!(replicas(deps.get_opt("bar-blue").await.unwrap()), Some(Some(0)), "the old colour stays stopped");
+    cancel.cancel();
+    op.await.unwrap();
+}
+
 /// A TenantModel read with a status older than its children: a cut-over to green completed
 /// (green's pipeline went live, blue's ConfigMap and Deployment were removed), but the
 /// TenantModel the operator reads still says `activeColor: blue` (a watch cache behind the
@@ -308,23 +409,7 @@ async fn a_status_older_than_a_completed_cut_over_never_resurrects_the_old_colou
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
 
-    let cancel = CancellationToken::new();
-    let (op, op_metrics) = streamscore_tests::spawn_operator_observed(
-        &client,
-        &ns,
-        "streamscore-worker:test",
-        Default::default(),
-        &cancel,
-    );
-    let tm: TenantModel = serde_json::from_value(tenant_model("cut", &sha)).unwrap();
-    let tm = tms.create(&PostParams::default(), &tm).await.unwrap();
-    dep(&deps, "cut-blue").await;
-    eventually(Duration::from_secs(30), "status.activeColor blue", || async {
-        (tms.get("cut").await.ok()?.status?.active_color.as_deref() == Some("blue")).then_some(())
-    })
-    .await;
-    cancel.cancel();
-    op.await.unwrap();
+    let tm = applied_as_blue(&client, &ns, "cut", &sha).await;
 
     // What a completed cut-over leaves: green's pipeline live from a barrier, blue removed.
     let blue = cms.get("cut-pipeline").await.unwrap();
@@ -390,5 +475,4 @@ async fn a_status_older_than_a_completed_cut_over_never_resurrects_the_old_colou
     assert!(deps.get_opt("cut-blue").await.unwrap().is_none(), "blue's Deployment was recreated");
     cancel.cancel();
     op.await.unwrap();
-    drop(op_metrics);
 }
