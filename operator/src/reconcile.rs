@@ -320,6 +320,11 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     )
     .await
     .map_err(Error::at(Step::Upgrade))?;
+    // The barrier is recorded but the old colour still runs: if its fence may have lapsed
+    // (the operator away longer than the hold), fence it again and raise the barrier first.
+    let refencing = refence_if_lapsed(ctx, tm, &tms, &mut written, &mut up, &live_color, live_dep.as_ref())
+        .await
+        .map_err(Error::at(Step::Upgrade))?;
     let children = build_live(tm, &build_ctx, &live_color, plan.live_pipeline.clone());
     let blocked =
         name_conflicts(&client, &ns, &uid, &children, live_dep.as_ref()).await.map_err(Error::at(Step::Observe))?;
@@ -384,6 +389,7 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     // Its workers are fenced already; stopped, a fence that lapses while the operator is away,
     // or a replacement pod that was never fenced, cannot resume it beside the live candidate.
     if up.current.as_ref().is_some_and(|u| u.live_from.is_some())
+        && !refencing
         && live.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1) != 0
     {
         let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -401,7 +407,7 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         .as_ref()
         .and_then(|c| c.config_map.data.as_ref()?.get("pipeline.yaml").cloned())
         .is_some_and(|t| t.contains("liveFrom"));
-    if let (Some(_), Some(cand)) = (up.current.as_ref(), live_candidate.as_ref()) {
+    if let (Some(_), Some(cand), false) = (up.current.as_ref(), live_candidate.as_ref(), refencing) {
         drive_upgrade(ctx, tm, &tms, &mut written, &mut up, &live_color, cand, barrier_applied)
             .await
             .map_err(Error::at(Step::Upgrade))?;
@@ -449,6 +455,79 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {running_version}")).await;
     }
     Ok(Action::requeue(next_reconcile(tm, &rescale, &up, barrier_applied, available)))
+}
+
+/// After the barrier is recorded and before the old colour is stopped (scaled to 0), an
+/// operator away for longer than the fence's hold leaves a window: the fenced workers resume by
+/// themselves and write live outputs past the barrier, which the candidate would write again.
+/// So when the fence may have lapsed, the old colour is fenced again and the barrier raised to
+/// where it stopped (recorded, with a new `fencedAt`, before it is stopped), and the candidate
+/// goes live from there. Returns true while that fence is in progress (nothing else moves).
+/// Workers that cannot answer (gone, crashed) are stopped as they are, with a Warning.
+#[allow(clippy::too_many_arguments)]
+async fn refence_if_lapsed(
+    ctx: &Context,
+    tm: &TenantModel,
+    tms: &Api<TenantModel>,
+    written: &mut Option<TenantModelStatus>,
+    up: &mut UpgradeState,
+    live_color: &str,
+    live_dep: Option<&Deployment>,
+) -> Result<bool, kube::Error> {
+    let Some(mut u) = up.current.clone() else { return Ok(false) };
+    let (Some(mut barrier), Some(fenced_at)) = (upgrade::parse_barrier(u.live_from.as_deref()), u.fenced_at.clone())
+    else {
+        return Ok(false);
+    };
+    if live_dep.and_then(|d| d.spec.as_ref()?.replicas).unwrap_or(0) == 0 {
+        return Ok(false);
+    }
+    let fenced = chrono::DateTime::parse_from_rfc3339(&fenced_at).map(|t| t.with_timezone(&chrono::Utc));
+    let elapsed = fenced.map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default()).unwrap_or(Duration::MAX);
+    let hold = upgrade::cutover_hold_seconds();
+    if !upgrade::fence_may_have_lapsed(elapsed, hold) {
+        return Ok(false);
+    }
+    let ns = tm.namespace().unwrap_or_default();
+    let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color), None).await?;
+    // One id per recorded fence: a restarted operator asks the same question again.
+    let id = format!("{}-refence-{}", u.id, fenced_at.chars().filter(char::is_ascii_digit).collect::<String>());
+    let answers = ctx.workers.drain_with(&pods, &id, hold, false, true).await;
+    let title = format!("Upgrading {}→{}", u.from_version, u.to_version);
+    let moved = match upgrade::drained_positions(&answers, &id) {
+        Ok(None) => {
+            u.message = format!(
+                "{title}: {live_color}'s fence may have lapsed ({elapsed:?} since it was placed); fencing it again"
+            );
+            up.current = Some(u);
+            return Ok(true);
+        }
+        Ok(Some(at)) => upgrade::raise_barrier(&mut barrier, &at),
+        Err(e) => {
+            let msg = format!(
+                "{title}: {live_color}'s fence may have lapsed and a worker did not answer ({e}): it is stopped as it \
+                 is; outputs it wrote past the barrier may be written again by {}",
+                u.candidate
+            );
+            publish(ctx, tm, EventType::Warning, "UpgradeFenceLapsed", msg.clone()).await;
+            warn!(upgrade = %u.id, %msg, "re-fence failed");
+            Vec::new()
+        }
+    };
+    if !moved.is_empty() {
+        let msg = format!(
+            "{title}: {live_color} resumed after its fence lapsed; the barrier is raised to where it stopped ({})",
+            moved.join(", ")
+        );
+        publish(ctx, tm, EventType::Warning, "UpgradeBarrierRaised", msg.clone()).await;
+        warn!(upgrade = %u.id, %msg, "barrier raised");
+        u.message = msg;
+    }
+    u.live_from = Some(upgrade::barrier_text(&barrier));
+    u.fenced_at = Some(rescale::millis_rfc3339(chrono::Utc::now().timestamp_millis()));
+    up.current = Some(u);
+    record_upgrade(tms, tm, written, up).await?;
+    Ok(false)
 }
 
 /// The worker count during an upgrade: the live colour's, which the candidate runs too. Once
@@ -1276,7 +1355,7 @@ async fn plan_upgrade(
         let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color), None).await?;
         let unresumed = ctx.workers.resume(&pods).await;
         if !unresumed.is_empty() {
-            // Their fence hold ends it by itself (upgrade::CUTOVER_HOLD_SECONDS).
+            // Their fence hold ends it by itself (upgrade::cutover_hold_seconds()).
             warn!(upgrade = %u.id, ?unresumed, "superseded upgrade: live workers did not confirm their resume");
         }
         let msg = format!("upgrade {}→{} superseded by a newer spec", u.from_version, u.to_version);
@@ -1468,7 +1547,7 @@ async fn drive_upgrade(
         if let (Some(cat), None, None) = (cat, u.live_from.as_ref(), failure.as_ref()) {
             let n = u.fence_attempt.unwrap_or(1);
             let id = format!("{}-live-{n}", u.id);
-            let answers = ctx.workers.drain_with(&live_pods, &id, upgrade::CUTOVER_HOLD_SECONDS, false, true).await;
+            let answers = ctx.workers.drain_with(&live_pods, &id, upgrade::cutover_hold_seconds(), false, true).await;
             match upgrade::drained_positions(&answers, &id) {
                 Err(e) => failure = Some(format!("stopping {live_color}: {e}")),
                 Ok(None) => u.message = format!("{title}: stopping {live_color}"),
@@ -1557,7 +1636,7 @@ async fn drive_upgrade(
             None
         };
         let hold_over = rolling_since.is_some_and(|t| {
-            (now_t - t).to_std().unwrap_or_default() > Duration::from_secs(upgrade::CUTOVER_HOLD_SECONDS)
+            (now_t - t).to_std().unwrap_or_default() > Duration::from_secs(upgrade::cutover_hold_seconds())
         });
         if !unresumed.is_empty() && !hold_over {
             if u.step != "RollingBack" {

@@ -71,6 +71,43 @@ pub const RETRY_ANNOTATION: &str = "streamscore.io/retry-upgrade";
 /// How long drained workers stay paused without the operator asking again, during a cut-over.
 pub const CUTOVER_HOLD_SECONDS: u64 = 300;
 
+/// [`CUTOVER_HOLD_SECONDS`], or `STREAMSCORE_CUTOVER_HOLD_SECONDS` when set (the
+/// fault-injection suite shortens it to see an operator outage longer than the hold).
+pub fn cutover_hold_seconds() -> u64 {
+    static HOLD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HOLD.get_or_init(|| {
+        std::env::var("STREAMSCORE_CUTOVER_HOLD_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(CUTOVER_HOLD_SECONDS)
+    })
+}
+
+/// Whether a fence placed `elapsed` ago may have lapsed by now (its hold, less a margin for
+/// the requests in flight): the fenced workers may have resumed by themselves.
+pub fn fence_may_have_lapsed(elapsed: std::time::Duration, hold_seconds: u64) -> bool {
+    let margin = (hold_seconds / 10).clamp(1, 30);
+    elapsed.as_secs() + margin >= hold_seconds
+}
+
+/// The barrier raised to where the old colour's workers stopped when fenced again: per
+/// partition the further of the two (what they wrote past the first barrier is live already).
+/// Returns the partitions it moved, with their old and new offsets.
+pub fn raise_barrier(barrier: &mut Barrier, stopped: &Barrier) -> Vec<String> {
+    let mut moved = Vec::new();
+    for (t, ps) in stopped {
+        for (p, o) in ps {
+            let at = barrier.entry(t.clone()).or_default().entry(*p).or_insert(0);
+            if *o > *at {
+                moved.push(format!("{t}/{p}: {at}→{o}"));
+                *at = *o;
+            }
+        }
+    }
+    moved
+}
+
 /// How long a candidate paused for its cut-over stays paused without hearing from the operator
 /// (the most the worker accepts). Paused is safe for a candidate (it writes to shadow topics
 /// only); resumed before it goes live it would move past the barrier.
@@ -679,6 +716,28 @@ pub fn retry_token(tm: &TenantModel) -> Option<&str> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn a_barrier_is_raised_only_where_the_old_colour_went_past_it() {
+        let mut b: Barrier = [("tx".to_owned(), [(0, 100), (1, 50)].into())].into();
+        let stopped: Barrier = [("tx".to_owned(), [(0, 100), (1, 80), (2, 7)].into())].into();
+        assert_eq!(raise_barrier(&mut b, &stopped), vec!["tx/1: 50→80".to_owned(), "tx/2: 0→7".to_owned()]);
+        assert_eq!(b, [("tx".to_owned(), [(0, 100), (1, 80), (2, 7)].into())].into());
+        // Never lowered.
+        let behind: Barrier = [("tx".to_owned(), [(0, 90)].into())].into();
+        assert!(raise_barrier(&mut b, &behind).is_empty());
+        assert_eq!(b["tx"][&0], 100);
+    }
+
+    #[test]
+    fn a_fence_may_have_lapsed_shortly_before_its_hold() {
+        let s = std::time::Duration::from_secs;
+        assert!(!fence_may_have_lapsed(s(5), 300));
+        assert!(!fence_may_have_lapsed(s(269), 300));
+        assert!(fence_may_have_lapsed(s(270), 300));
+        assert!(fence_may_have_lapsed(s(3), 4));
+        assert!(!fence_may_have_lapsed(s(2), 4));
+    }
 
     fn pipeline() -> PipelineConfig {
         PipelineConfig::from_yaml(

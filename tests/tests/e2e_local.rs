@@ -1125,18 +1125,26 @@ struct SupervisedOperator {
 }
 
 impl SupervisedOperator {
+    /// Crashes once at every step, started again at once.
     fn start(ns: &str, dir: &std::path::Path) -> Self {
+        Self::with(ns, dir, "each", Duration::ZERO, &[])
+    }
+
+    /// Crashes at `crash_at` (a point or `each`), started again `away` later, with `env`.
+    fn with(ns: &str, dir: &std::path::Path, crash_at: &str, away: Duration, env: &[(&str, &str)]) -> Self {
         let crash_log = dir.join("operator-crashes");
         let log = dir.join("operator.log");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let spawn = {
-            let (ns, crash_log, log) = (ns.to_owned(), crash_log.clone(), log.clone());
+            let (ns, crash_log, log, crash_at) = (ns.to_owned(), crash_log.clone(), log.clone(), crash_at.to_owned());
             move || {
                 let listen = format!("127.0.0.1:{}", streamscore_tests::free_port());
                 Command::new(built_binary("streamscore-operator"))
                     .args(["--namespaces", &ns, "--worker-image", "streamscore-worker:e2e", "--listen", &listen])
                     .args(["--operator-namespace", &ns, "--identity", "streamscore-operator-0"])
-                    .env("STREAMSCORE_CRASH_AT", "each")
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .env("STREAMSCORE_CRASH_AT", &crash_at)
                     .env("STREAMSCORE_CRASH_LOG", &crash_log)
                     .env("RUST_LOG", "info")
                     .stdout(Stdio::null())
@@ -1159,8 +1167,9 @@ impl SupervisedOperator {
                             st.signal() == Some(6) && at.is_some(),
                             "the operator exited other than by its fault injection: {st:?}\n{text}"
                         );
-                        eprintln!("operator crashed at {}; starting it again", at.unwrap());
+                        eprintln!("operator crashed at {}; starting it again in {away:?}", at.unwrap());
                         crashes.push(at.unwrap().to_owned());
+                        std::thread::sleep(away);
                         child = spawn();
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -1186,6 +1195,137 @@ impl Drop for SupervisedOperator {
     }
 }
 
+/// Events produced at a steady pace (200 every 500 ms: 400 events/s) until stopped.
+struct Steady {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Steady {
+    fn start(input: &str, all: &[streamscore_tests::oracle::Ev]) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let (input, all, stop, sent) = (input.to_owned(), all.to_vec(), stop.clone(), sent.clone());
+            async move {
+                let p = producer();
+                for chunk in all.chunks(200) {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let recs: Vec<_> = chunk.iter().map(streamscore_tests::oracle::Ev::record).collect();
+                    produce(&p, &input, &recs).await;
+                    sent.fetch_add(chunk.len(), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        });
+        Self { stop, sent, task }
+    }
+
+    /// Stops producing; returns how many events were sent (the first n of the stream).
+    async fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The window after the cut-over barrier is recorded and before the old colour is stopped:
+/// the operator aborts right after recording the barrier and stays away longer than the
+/// fence's hold (shortened to 4 s for the test), so the old colour's workers resume by
+/// themselves and write live outputs past the barrier while events flow. Back, the operator
+/// fences them again and raises the barrier to where they stopped (Event
+/// `UpgradeBarrierRaised`); the candidate goes live from there. With exactly-once delivery,
+/// every input has exactly one committed live output with the features recomputed from the
+/// raw input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_away_longer_than_the_fence_hold_after_the_barrier_duplicates_nothing() {
+    let _node = NODE.lock().await;
+    use kube::api::{Patch, PatchParams};
+    use streamscore_tests::oracle::{check, events as stream, oracle, outputs};
+
+    let env = CheckpointedEnv::start("hold", "85", 2).await;
+    let (client, ns, input, out, dlq) =
+        (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.dlq.clone());
+    create_topics(&[&format!("{out}.shadow"), &format!("{dlq}.shadow")], 2).await;
+    let dir = tempfile::Builder::new()
+        .prefix("e2e-hold-operator-")
+        .tempdir_in(std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
+        .unwrap()
+        .keep();
+    let operator = SupervisedOperator::with(
+        &ns,
+        &dir,
+        "upgrade-barrier-recorded",
+        Duration::from_secs(12),
+        &[("STREAMSCORE_CUTOVER_HOLD_SECONDS", "4")],
+    );
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let mut tm = env.tenant_model("hold", "v1");
+    tm["spec"]["upgrade"] = json!({"minScoredEvents": 300, "deadline": "4m"});
+    tm["spec"]["sink"]["delivery"] = json!("exactlyOnce");
+    tms.create(&PostParams::default(), &serde_json::from_value(tm).unwrap()).await.unwrap();
+    eventually(Duration::from_secs(120), "TenantModel Running with 2 workers", || async {
+        let st = tms.get("hold").await.ok()?.status?;
+        (st.phase == Some(Phase::Running) && st.parallelism == Some(2)).then_some(())
+    })
+    .await;
+    let all = stream(0, 200_000, 4_000, 1_795_200_000_000);
+    let steady = Steady::start(&input, &all);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tms.patch("hold", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": env.model("v2")}})))
+        .await
+        .unwrap();
+    let last = eventually(Duration::from_secs(300), "the upgrade to v2 finished", || async {
+        let st = tms.get("hold").await.ok()?.status?;
+        st.last_upgrade.filter(|l| l.to_version == "v2" && st.upgrade.is_none())
+    })
+    .await;
+    assert_eq!(last.result, "Succeeded", "{last:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = steady.stop().await;
+    assert_eq!(operator.stop(), ["upgrade-barrier-recorded"], "the operator crashed once, at the barrier");
+
+    let want = oracle(&all[..n]);
+    let got = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || outputs(&out, n, Duration::from_secs(240))
+    })
+    .await
+    .unwrap();
+    let seen = check(&got, &want);
+    let duplicated: usize = seen.values().map(|c| c - 1).sum();
+    eprintln!("{n} inputs, {} outputs, 0 lost, {duplicated} duplicated, 0 wrong", got.len());
+    // The path taken: the old colour resumed past the barrier and the barrier was raised.
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let raised: Vec<String> = evs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("UpgradeBarrierRaised"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert_eq!(duplicated, 0, "no input has two committed live outputs");
+    assert!(!raised.is_empty(), "Event UpgradeBarrierRaised: the old colour had resumed past the barrier");
+    eprintln!("{}", raised.join("\n"));
+    let cleanup = SupervisedOperator::with(&ns, &dir, "none", Duration::ZERO, &[]);
+    tms.delete("hold", &DeleteParams::foreground()).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let lp = ListParams::default().labels("streamscore.io/tenantmodel=hold");
+    eventually(Duration::from_secs(90), "worker pods gone", || async {
+        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    drop(cleanup);
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+}
+
 /// Fault-injection suite, operator side: with exactly-once delivery, a rescale 2 → 3 and a
 /// model-only blue/green upgrade run while events flow, and the operator process aborts once
 /// at every step of both (between each action and the status write that records it) and is
@@ -1196,8 +1336,7 @@ impl Drop for SupervisedOperator {
 async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_duplicates_nothing() {
     let _node = NODE.lock().await;
     use kube::api::{Patch, PatchParams};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use streamscore_tests::oracle::{check, events as stream, oracle, outputs, Ev};
+    use streamscore_tests::oracle::{check, events as stream, oracle, outputs};
 
     let started = std::time::Instant::now();
     let env = CheckpointedEnv::start("opkill", "82", 4).await;
@@ -1224,22 +1363,7 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
 
     // A steady stream (400 events/s over 4,000 keys) until both operations are over.
     let all = stream(0, 200_000, 4_000, 1_795_200_000_000);
-    let (stop, sent) = (std::sync::Arc::new(AtomicBool::new(false)), std::sync::Arc::new(AtomicUsize::new(0)));
-    let producing = tokio::spawn({
-        let (input, all, stop, sent) = (input.clone(), all.clone(), stop.clone(), sent.clone());
-        async move {
-            let p = producer();
-            for chunk in all.chunks(200) {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let recs: Vec<_> = chunk.iter().map(Ev::record).collect();
-                produce(&p, &input, &recs).await;
-                sent.fetch_add(chunk.len(), Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    });
+    let steady = Steady::start(&input, &all);
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // Rescale 2 → 3 (`kubectl scale tm opkill --replicas 3`).
@@ -1266,8 +1390,7 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
     assert_eq!(last.result, "Succeeded", "{last:?}");
     eprintln!("upgrade: {} ({:.0} s in)", last.message, started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    producing.await.unwrap();
+    let n = steady.stop().await;
     let crashes = operator.stop();
 
     // Every step crashed once.
@@ -1289,7 +1412,6 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
     assert_eq!(crashes, want_points, "the supervisor saw a crash at each step");
 
     // Every input exactly once, with the right features (read_committed).
-    let n = sent.load(Ordering::Relaxed);
     let want = oracle(&all[..n]);
     let got = tokio::task::spawn_blocking({
         let out = out.clone();
