@@ -16,7 +16,9 @@
 #    and putting the ConfigMap back clears it;
 #  - blue/green while events flow: a model-only change cut over (the operator drives the
 #    workers' admin API across the pod network and their NetworkPolicy), a model that scores
-#    NaN rolled back by its ErrorRate gate.
+#    NaN rolled back by its ErrorRate gate;
+#  - the Rust end-to-end cases of rescale (2 → 4 → 1, features exact), blue/green (good and
+#    broken models, exact cut-over) and the operator killed at every step, on this node.
 #
 # Environment: STREAMSCORE_NODE_TEST_DIR (default .dev/node-test), STREAMSCORE_NODE_TEST_PORT_BASE
 # (default 29000), NODE_TEST_KEEP=1 leaves the environment running. Needs root and the binaries
@@ -348,6 +350,37 @@ else
 fi
 kill "$gen_pid" 2>/dev/null
 wait "$gen_pid" 2>/dev/null || true
+kubectl -n payments delete tm fraud --wait=false >/dev/null
+
+# The Rust end-to-end cases (tests/tests/e2e_local.rs) on this node: the test binary runs
+# inside the network namespace (pod, broker and S3 addresses are reachable there only), its
+# operator out of cluster as in the node agent runs, the workers as containers of the imported
+# image under the NetworkPolicies the operator writes (kube-router enforcing them).
+E2E_CASES=(
+  scaling_a_tenantmodel_moves_each_partition_with_its_state
+  upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or_rolls_back
+  an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_duplicates_nothing
+)
+e2e_bin=$(cargo test --workspace --locked --test e2e_local --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "e2e_local" and m.get("executable"):
+        print(m["executable"])')
+[[ -x $e2e_bin ]] || die "the e2e_local test binary was not built"
+for case in "${E2E_CASES[@]}"; do
+  started=$SECONDS
+  if in_ns env STREAMSCORE_E2E_NODE=real "STREAMSCORE_E2E_WORKER_IMAGE=streamscore-worker:$VERSION" \
+    "KAFKA_BOOTSTRAP_SERVERS=$STREAMSCORE_KAFKA_PODS" "AWS_ENDPOINT=$STREAMSCORE_S3_PODS" \
+    'STREAMSCORE_WORKER_RESOURCES={"requests":{"cpu":"100m"}}' \
+    "STREAMSCORE_WORKER_EGRESS={\"objectStorePorts\":[$S3_PORT]}" \
+    "$e2e_bin" --exact "$case" --test-threads 1 --nocapture >"$DEV/logs/e2e-$case.log" 2>&1; then
+    ok "$case on the node ($((SECONDS - started)) s): $(grep -E '^(rescale|upgrade|operator crashed at [0-9]|v[0-9]:)' "$DEV/logs/e2e-$case.log" | tail -2 | tr '\n' ' ' | cut -c1-300)"
+  else
+    fail "$case on the node ($((SECONDS - started)) s):"
+    grep -E 'panicked|^thread|left:|right:|timed out' "$DEV/logs/e2e-$case.log" | head -8 >&2
+  fi
+done
 
 if ((failures)); then die "$failures case(s) failed on the local node"; fi
 log "the local node's cases passed in $((SECONDS - t0)) s"

@@ -92,6 +92,10 @@ pub struct TenantModelSpec {
     /// from there to the committed offsets without writing outputs twice. Unset: a moved
     /// partition is rebuilt from the input topic's retained records (see
     /// `state.missingCheckpoint`). Object-store credentials come from the worker's environment.
+    /// Added, moved or removed on a running TenantModel, with `upgrade.type: BlueGreen` and
+    /// workers available: a blue/green upgrade of kind `CheckpointStore` (the candidate writes to
+    /// the new store, starting from the old store's checkpoints when both exist, else rebuilt
+    /// from the input) and a cut-over; otherwise the workers restart in place with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_store: Option<String>,
     /// Object-store credentials for `checkpointStore`: a Secret in the TenantModel's namespace
@@ -400,8 +404,10 @@ pub struct Upgrade {
     pub id: String,
     /// The candidate's colour (`blue` or `green`).
     pub candidate: String,
-    /// `ModelOnly` (the candidate starts from the live version's checkpoints) or `Features`
-    /// (the candidate rebuilds its state from the input).
+    /// `ModelOnly` (the candidate starts from the live version's checkpoints), `Features`
+    /// (the candidate rebuilds its state from the input) or `CheckpointStore` (only
+    /// `checkpointStore` changed: the candidate writes its checkpoints to the new store,
+    /// starting from the old store's, or rebuilt when either has none).
     pub kind: String,
     /// `Shadow` (candidate on the shadow topics, gates checked), `CuttingOver` (offset barrier:
     /// candidate paused, live version stopped and fenced, candidate live from the barrier),

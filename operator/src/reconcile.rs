@@ -1364,12 +1364,23 @@ async fn plan_upgrade(
         up.current = None;
         ctx.baselines.lock().unwrap_or_else(|e| e.into_inner()).remove(&u.id);
     }
-    let desired_live = upgrade::with_identity(desired, live_p);
-    let kind = upgrade::classify(live_p, &desired_live);
+    let mut desired_live = upgrade::with_identity(desired, live_p);
+    let store_changed = upgrade::store_changed(live_p, desired);
+    let kind = match upgrade::classify(live_p, &desired_live) {
+        ChangeKind::None if store_changed => ChangeKind::CheckpointStore,
+        k => k,
+    };
+    if store_changed {
+        // Applied in place (below), the live colour moves to the new store (no seed: its own
+        // group's offsets are far past what another run's checkpoints hold).
+        desired_live.state.checkpoint_store = desired.state.checkpoint_store.clone();
+        desired_live.state.seed_store = None;
+    }
     let strategy = &tm.spec.upgrade;
     let available = live_dep.and_then(|d| d.status.as_ref()?.available_replicas).unwrap_or(0);
     let rescaling = tm.status.as_ref().is_some_and(|s| s.operation.is_some());
-    let gated = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features) && strategy.kind == UpgradeType::BlueGreen;
+    let gated = matches!(kind, ChangeKind::ModelOnly | ChangeKind::Features | ChangeKind::CheckpointStore)
+        && strategy.kind == UpgradeType::BlueGreen;
     if gated && rescaling {
         // Queued, not applied ungated: the live workers keep what they run (the rescale's
         // worker count alone is applied, see `apply_children`); the blue/green upgrade starts
@@ -1406,7 +1417,8 @@ async fn plan_upgrade(
         &from_version,
         desired,
         hash,
-        live_p.state.checkpoint_store.is_some(),
+        // Seeded only from a store into a store (a candidate without one cannot read a seed).
+        live_p.state.checkpoint_store.is_some() && desired.state.checkpoint_store.is_some(),
         chrono::Utc::now(),
     );
     let text = upgrade::plan_text(kind, Some(&u), live_color, strategy);

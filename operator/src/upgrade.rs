@@ -125,9 +125,22 @@ pub enum ChangeKind {
     ModelOnly,
     /// Features, validation or how events are read changed: the candidate rebuilds its state.
     Features,
+    /// Only `checkpointStore` was added, moved or removed: the candidate computes the same
+    /// thing with its checkpoints in the new store (seeded from the old one when both exist,
+    /// else rebuilt from the input), and the cut-over moves the live colour there.
+    CheckpointStore,
 }
 
 impl ChangeKind {
+    /// As the plan's text names it.
+    fn what(self) -> &'static str {
+        match self {
+            ChangeKind::ModelOnly => "model-only change",
+            ChangeKind::CheckpointStore => "checkpoint store change",
+            _ => "feature change",
+        }
+    }
+
     /// As in `status.upgrade.kind`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -135,6 +148,7 @@ impl ChangeKind {
             ChangeKind::Config => "Config",
             ChangeKind::ModelOnly => "ModelOnly",
             ChangeKind::Features => "Features",
+            ChangeKind::CheckpointStore => "CheckpointStore",
         }
     }
 }
@@ -180,6 +194,20 @@ pub fn classify(live: &PipelineConfig, desired: &PipelineConfig) -> ChangeKind {
         return ChangeKind::ModelOnly;
     }
     ChangeKind::Config
+}
+
+/// Whether `desired` names another checkpoint store than the one `live` writes to (a live
+/// colour that came from an upgrade writes under `<store>/<upgrade id>`: the same store).
+pub fn store_changed(live: &PipelineConfig, desired: &PipelineConfig) -> bool {
+    match (&live.state.checkpoint_store, &desired.state.checkpoint_store) {
+        (None, None) => false,
+        (Some(l), Some(d)) => {
+            let root = d.trim_end_matches('/');
+            let under = l.strip_prefix(root).and_then(|rest| rest.strip_prefix("/u"));
+            !(l.trim_end_matches('/') == root || under.is_some_and(|id| !id.is_empty() && !id.contains('/')))
+        }
+        _ => true,
+    }
 }
 
 /// Hash of what a pipeline computes (its normalised form, the model digest) and the retry
@@ -228,7 +256,7 @@ pub fn start(
 ) -> Upgrade {
     let candidate = if live_color == "blue" { "green" } else { "blue" };
     let now_s = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let seeded = kind == ChangeKind::ModelOnly && checkpoints;
+    let seeded = matches!(kind, ChangeKind::ModelOnly | ChangeKind::CheckpointStore) && checkpoints;
     Upgrade {
         // The candidate's consumer group and checkpoint prefix are named after it: an upgrade
         // started in the same second as an earlier one, or by a leader whose clock is behind the
@@ -254,7 +282,7 @@ pub fn plan_text(kind: ChangeKind, up: Option<&Upgrade>, live_color: &str, strat
         (ChangeKind::None, _) => "no change of what the workers compute".into(),
         (ChangeKind::Config, _) => "configuration change: the live workers restart in place".into(),
         (k, Some(up)) => {
-            let what = if k == ChangeKind::ModelOnly { "model-only change" } else { "feature change" };
+            let what = k.what();
             let state = match up.rebuild_from_ms {
                 None => format!("{} starts from {live_color}'s newest checkpoints", up.candidate),
                 Some(ms) => format!(
@@ -270,7 +298,7 @@ pub fn plan_text(kind: ChangeKind, up: Option<&Upgrade>, live_color: &str, strat
             )
         }
         (k, None) => {
-            let what = if k == ChangeKind::ModelOnly { "model-only change" } else { "feature change" };
+            let what = k.what();
             if strategy.kind == UpgradeType::BlueGreen {
                 format!(
                     "{what}: applied in place without gates: no live worker is available to compare a candidate \
@@ -783,6 +811,19 @@ state: {checkpointStore: "s3://b/ns/fraud"}
         d.state.checkpoint_store = Some("s3://b/ns/fraud/u1".into());
         assert_eq!(classify(&live, &d), ChangeKind::None);
         assert_eq!(spec_hash(&live, None), spec_hash(&d, None));
+        // ... nor is the store a colour from an upgrade writes under; another store is.
+        let mut root = live.clone();
+        root.state.checkpoint_store = Some("s3://b/ns/fraud".into());
+        assert!(!store_changed(&d, &root) && !store_changed(&root, &root));
+        let mut moved = root.clone();
+        moved.state.checkpoint_store = Some("s3://other/ns/fraud".into());
+        assert!(store_changed(&d, &moved) && store_changed(&root, &moved));
+        let mut nested = root.clone();
+        nested.state.checkpoint_store = Some("s3://b/ns".into());
+        assert!(store_changed(&root, &nested), "a parent prefix is another store");
+        let mut none = root.clone();
+        none.state.checkpoint_store = None;
+        assert!(store_changed(&root, &none) && store_changed(&none, &root) && !store_changed(&none, &none));
         assert_ne!(spec_hash(&live, None), spec_hash(&live, Some("again")), "the retry annotation retries");
     }
 

@@ -295,6 +295,43 @@ pub fn spawn_operator(
     spawn_operator_with_policy(client, ns, worker_image, Default::default(), cancel)
 }
 
+/// Whether the end-to-end tests run on the real node (`scripts/test-node.sh` runs them inside
+/// its network namespace with `STREAMSCORE_E2E_NODE=real`: kubelet, containerd, runc, the
+/// workers' image) rather than on the node agent.
+pub fn on_real_node() -> bool {
+    std::env::var("STREAMSCORE_E2E_NODE").is_ok_and(|v| v == "real")
+}
+
+/// The worker image the end-to-end operator gives TenantModels: `STREAMSCORE_E2E_WORKER_IMAGE`
+/// (the image imported into the real node's containerd), else `default` (a name the node agent
+/// maps to the built binary).
+pub fn e2e_worker_image(default: &str) -> String {
+    std::env::var("STREAMSCORE_E2E_WORKER_IMAGE").unwrap_or_else(|_| default.to_owned())
+}
+
+/// SIGKILLs the worker process of the pod with this uid; false when there is none. On the
+/// node agent the process's command line names the pod; on the real node the process is in
+/// the pod's cgroup (`.../pod<uid>/<container>`, the kubelet's cgroupfs layout) and is the
+/// worker binary (the pause process of the sandbox is left alone).
+pub fn kill_worker_of_pod(uid: &str) -> bool {
+    if !on_real_node() {
+        return std::process::Command::new("pkill").args(["-KILL", "-f", uid]).status().is_ok_and(|s| s.success());
+    }
+    let mut killed = false;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if cgroup.contains(&format!("pod{uid}/")) && comm.starts_with("streamscore-wor") {
+            killed |= std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+        }
+    }
+    killed
+}
+
 /// [`spawn_operator`] with the platform team's tenant policy (image allowlist, digests).
 pub fn spawn_operator_with_policy(
     client: &kube::Client,
@@ -326,10 +363,18 @@ pub fn spawn_operator_observed(
             default_image: worker_image.into(),
             operator_namespace: "streamscore-system".into(),
             kafka_prefix: None,
-            default_resources: None,
+            // The operator binary's settings of the same names (JSON), as the chart passes
+            // them: on the real node, workers request less CPU than the default and the
+            // object store's port is opened to them.
+            default_resources: std::env::var("STREAMSCORE_WORKER_RESOURCES")
+                .ok()
+                .map(|v| serde_json::from_str(&v).expect("STREAMSCORE_WORKER_RESOURCES is a ResourceRequirements")),
             // As the chart's default: the e2e tests apply the egress rules (the local node
-            // agent does not enforce NetworkPolicies; the API server validates them).
-            worker_egress: Some(Default::default()),
+            // agent does not enforce NetworkPolicies, the real node does).
+            worker_egress: Some(std::env::var("STREAMSCORE_WORKER_EGRESS").map_or_else(
+                |_| Default::default(),
+                |v| serde_json::from_str(&v).expect("STREAMSCORE_WORKER_EGRESS is a WorkerEgress"),
+            )),
             metrics_from: None,
         },
         metrics: metrics.clone(),

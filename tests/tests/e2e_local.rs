@@ -210,7 +210,7 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     let crashed = pods.list(&lp).await.unwrap().items[0].clone();
     let crashed_name = crashed.metadata.name.clone().unwrap();
     let uid = crashed.metadata.uid.clone().unwrap();
-    assert!(Command::new("pkill").args(["-KILL", "-f", &uid]).status().unwrap().success(), "no process for pod {uid}");
+    assert!(streamscore_tests::kill_worker_of_pod(&uid), "no worker process for pod {uid}");
     eventually(Duration::from_secs(60), "container restart counted", || async {
         let p = pods.get(&crashed_name).await.ok()?;
         let restarts = p.status?.container_statuses?.first()?.restart_count;
@@ -271,7 +271,8 @@ struct Operator {
 impl Operator {
     fn start(client: &kube::Client, ns: &str) -> Self {
         let cancel = CancellationToken::new();
-        let task = streamscore_tests::spawn_operator(client, ns, "streamscore-worker:e2e", &cancel);
+        let image = streamscore_tests::e2e_worker_image("streamscore-worker:e2e");
+        let task = streamscore_tests::spawn_operator(client, ns, &image, &cancel);
         Self { cancel, task }
     }
 
@@ -329,7 +330,8 @@ struct CheckpointedEnv {
     out: String,
     dlq: String,
     sha: String,
-    _agent: Agent,
+    /// None on the real node.
+    _agent: Option<Agent>,
 }
 
 impl CheckpointedEnv {
@@ -369,6 +371,9 @@ impl CheckpointedEnv {
             .create(&PostParams::default(), &secret)
             .await
             .unwrap();
+        if streamscore_tests::on_real_node() {
+            return Self { client, ns, input, out, dlq, sha, _agent: None };
+        }
         let mut agent = Command::new(built_binary("streamscore-node-agent"));
         agent
             .args(["--node-name", &unique("node"), "--work-dir", work.as_path().to_str().unwrap(), "--subnet", subnet])
@@ -383,7 +388,7 @@ impl CheckpointedEnv {
                 .spawn()
                 .expect("node agent starts"),
         );
-        Self { client, ns, input, out, dlq, sha, _agent: agent }
+        Self { client, ns, input, out, dlq, sha, _agent: Some(agent) }
     }
 }
 
@@ -679,6 +684,77 @@ async fn a_model_change_during_a_rescale_is_queued_until_it_ends() {
         assert!(reasons.iter().any(|x| x == r), "Event {r} published: {reasons:?}");
     }
     tear_down(client, &ns, "queued", operator).await;
+}
+
+/// `checkpointStore` moved on a running TenantModel while events flow: a blue/green upgrade of
+/// kind `CheckpointStore` whose candidate starts from the old store's checkpoints and writes
+/// its own to the new store; after the cut-over the live colour's pipeline names the new store,
+/// and every input has exactly one live output with the features recomputed from the raw input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_checkpoint_store_is_taken_over_by_a_blue_green_cut_over() {
+    let _node = NODE.lock().await;
+    use kube::api::{Patch, PatchParams};
+    use streamscore_tests::oracle::{check, events as stream, oracle, outputs};
+
+    let env = CheckpointedEnv::start("store", "86", 2).await;
+    let (client, ns, out, dlq) = (env.client.clone(), env.ns.clone(), env.out.clone(), env.dlq.clone());
+    create_topics(&[&format!("{out}.shadow"), &format!("{dlq}.shadow")], 2).await;
+    let operator = Operator::start(&client, &ns);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let mut tm = env.tenant_model("stored", "v1");
+    tm["spec"]["upgrade"] = json!({"minScoredEvents": 300, "deadline": "4m"});
+    tms.create(&PostParams::default(), &serde_json::from_value(tm).unwrap()).await.unwrap();
+    eventually(Duration::from_secs(120), "TenantModel Running with 2 workers", || async {
+        let st = tms.get("stored").await.ok()?.status?;
+        (st.phase == Some(Phase::Running) && st.parallelism == Some(2)).then_some(())
+    })
+    .await;
+    let all = stream(0, 200_000, 4_000, 1_795_200_000_000);
+    let steady = Steady::start(&env.input, &all);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let bucket = std::env::var("STREAMSCORE_S3_BUCKET").unwrap();
+    let moved = format!("s3://{bucket}/{}", unique("moved"));
+    tms.patch("stored", &PatchParams::default(), &Patch::Merge(json!({"spec": {"checkpointStore": moved}})))
+        .await
+        .unwrap();
+    let up = eventually(Duration::from_secs(60), "a CheckpointStore upgrade", || async {
+        tms.get("stored").await.ok()?.status?.upgrade.filter(|u| u.kind == "CheckpointStore")
+    })
+    .await;
+    assert!(up.rebuild_from_ms.is_none(), "the candidate starts from the old store's checkpoints: {up:?}");
+    let last = eventually(Duration::from_secs(240), "the store's upgrade finished", || async {
+        let st = tms.get("stored").await.ok()?.status?;
+        st.last_upgrade.filter(|l| st.upgrade.is_none() && l.started_at == up.started_at)
+    })
+    .await;
+    assert_eq!(last.result, "Succeeded", "{last:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = steady.stop().await;
+
+    // The live colour (the former candidate) writes to the new store, seeded from the old one.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let live = cms.get(&streamscore_operator::build::config_map_name("stored", &up.candidate)).await.unwrap();
+    let pipeline: streamscore_crds::PipelineConfig =
+        serde_yaml::from_str(&live.data.unwrap()["pipeline.yaml"]).unwrap();
+    let store = pipeline.state.checkpoint_store.unwrap_or_default();
+    assert!(store.starts_with(&format!("{moved}/{ns}/stored/u")), "{store}");
+    let want = oracle(&all[..n]);
+    let got = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || outputs(&out, n, Duration::from_secs(240))
+    })
+    .await
+    .unwrap();
+    let seen = check(&got, &want);
+    let duplicated: usize = seen.values().map(|c| c - 1).sum();
+    eprintln!(
+        "store moved ({}); {n} inputs, {} outputs, 0 lost, {duplicated} duplicated, 0 wrong",
+        last.message,
+        got.len()
+    );
+    assert_eq!(duplicated, 0, "one live output per input across the cut-over");
+    tear_down(client, &ns, "stored", operator).await;
 }
 
 /// A rescale whose checkpoints cannot be written (the store's bucket does not exist) rolls
@@ -985,7 +1061,7 @@ async fn upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or
     let lp_blue = ListParams::default().labels("streamscore.io/tenantmodel=upgraded,streamscore.io/color=blue");
     let victim = pods.list(&lp_blue).await.unwrap().items[0].clone();
     let (victim_name, uid) = (victim.metadata.name.clone().unwrap(), victim.metadata.uid.clone().unwrap());
-    assert!(Command::new("pkill").args(["-KILL", "-f", &uid]).status().unwrap().success(), "no process for pod {uid}");
+    assert!(streamscore_tests::kill_worker_of_pod(&uid), "no worker process for pod {uid}");
     let ip = eventually(Duration::from_secs(60), "the killed worker restarted", || async {
         let p = pods.get(&victim_name).await.ok()?;
         let st = p.status?;
@@ -1141,7 +1217,8 @@ impl SupervisedOperator {
             move || {
                 let listen = format!("127.0.0.1:{}", streamscore_tests::free_port());
                 Command::new(built_binary("streamscore-operator"))
-                    .args(["--namespaces", &ns, "--worker-image", "streamscore-worker:e2e", "--listen", &listen])
+                    .args(["--namespaces", &ns, "--listen", &listen])
+                    .args(["--worker-image", &streamscore_tests::e2e_worker_image("streamscore-worker:e2e")])
                     .args(["--operator-namespace", &ns, "--identity", "streamscore-operator-0"])
                     .envs(env.iter().map(|(k, v)| (k, v)))
                     .env("STREAMSCORE_CRASH_AT", &crash_at)
