@@ -602,11 +602,18 @@ async fn observe_applied(
         .and_then(|s| s.template.metadata.as_ref()?.annotations.as_ref()?.get("streamscore.io/model-version").cloned())
         .unwrap_or_else(|| tm.spec.model.version.clone());
     let mut status = compute(tm.status.as_ref(), generation, &running_version, &observed, &now());
-    if tm.spec.checkpoint_store.is_some() && rescale.op.is_none() && up.current.is_none() && available > 0 {
-        // The workers say what their newest checkpoints are (admin API).
+    if rescale.op.is_none() && up.current.is_none() && available > 0 {
+        // The workers say what their newest checkpoints are, and whether some partition's
+        // state misses records the input no longer retains (admin API).
         let pods = worker_pods(&ctx.client, &ns, &selector, None).await?;
-        if let Some(lc) = rescale::last_checkpoint(&ctx.workers.status(&pods).await) {
-            status.last_checkpoint = Some(lc);
+        let answers = ctx.workers.status(&pods).await;
+        if tm.spec.checkpoint_store.is_some() {
+            if let Some(lc) = rescale::last_checkpoint(&answers) {
+                status.last_checkpoint = Some(lc);
+            }
+        }
+        if let Some(missing) = rescale::incomplete_state(&answers) {
+            note_incomplete_state(ctx, tm, &mut status, &missing).await;
         }
     }
     status.operation = rescale.op.clone();
@@ -620,6 +627,43 @@ async fn observe_applied(
         note_rescale_rolled_back(&mut status, tm, rescale, replicas);
     }
     Ok(Applied { status, available, running_version })
+}
+
+/// The `StateComplete` condition: False (reason `InputRetention`, a Warning Event when it
+/// becomes so) while some partition's state was restored or rebuilt without records the input
+/// no longer retains: features whose window reaches back before them miss those events.
+async fn note_incomplete_state(ctx: &Context, tm: &TenantModel, status: &mut TenantModelStatus, missing: &[String]) {
+    let generation = tm.metadata.generation;
+    if missing.is_empty() {
+        crate::status::set_condition(
+            &mut status.conditions,
+            "StateComplete",
+            true,
+            "AllRecordsRetained",
+            "every partition's state was built from every record it needs",
+            &now(),
+            generation,
+        );
+        return;
+    }
+    let msg = format!(
+        "state built without records the input no longer retains (features whose window reaches back before them \
+         miss those events; a longer retention of the input topic avoids it): {}",
+        missing.join("; ")
+    );
+    let before = tm.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.kind == "StateComplete"));
+    if before.is_none_or(|c| c.status != "False" || c.message != msg) {
+        publish(ctx, tm, EventType::Warning, "InputRetention", msg.clone()).await;
+    }
+    crate::status::set_condition(
+        &mut status.conditions,
+        "StateComplete",
+        false,
+        "InputRetention",
+        &msg,
+        &now(),
+        generation,
+    );
 }
 
 /// What the live colour runs: its colour (`status.activeColor`), its pipeline (from its

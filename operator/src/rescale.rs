@@ -60,6 +60,9 @@ pub struct WorkerStatus {
     /// Shadow mode (a blue/green candidate): None when every output is live.
     #[serde(default)]
     pub shadow: Option<ShadowView>,
+    /// Owned partitions whose state misses records the input no longer retains.
+    #[serde(default)]
+    pub incomplete: Vec<String>,
 }
 
 /// A worker's shadow mode, as the admin API reports it.
@@ -83,6 +86,17 @@ pub struct PartitionCheckpoint {
     pub manifest: String,
     /// When it was written (Unix ms).
     pub at_ms: i64,
+}
+
+/// The partitions whose state misses records the input no longer retains, as the workers
+/// report them (None when a worker did not answer: unknown).
+pub fn incomplete_state(answers: &[Answer]) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for (_, a) in answers {
+        out.extend(a.as_ref().ok()?.incomplete.iter().cloned());
+    }
+    out.sort();
+    Some(out)
 }
 
 /// `status.lastCheckpoint`: when every input partition has a checkpoint, the time of the
@@ -600,5 +614,17 @@ mod tests {
         let all = vec![("a".to_owned(), w(&[(0, t), (1, t - 5_000)])), ("b".to_owned(), w(&[(2, t - 1_000)]))];
         assert_eq!(last_checkpoint(&all), Some(format!("{} (3/3 partitions)", millis_rfc3339(t - 5_000))));
         assert_eq!(last_checkpoint(&[]), None);
+    }
+
+    #[test]
+    fn incomplete_state_is_every_workers_list_or_unknown() {
+        let w = |what: &[&str]| -> Result<WorkerStatus, String> {
+            Ok(WorkerStatus { incomplete: what.iter().map(|s| (*s).to_owned()).collect(), ..WorkerStatus::default() })
+        };
+        let two = vec![("b".to_owned(), w(&["tx/1: 5 records"])), ("a".to_owned(), w(&["tx/0: 9 records"]))];
+        assert_eq!(incomplete_state(&two), Some(vec!["tx/0: 9 records".to_owned(), "tx/1: 5 records".to_owned()]));
+        assert_eq!(incomplete_state(&[("a".to_owned(), w(&[]))]), Some(vec![]));
+        let silent = vec![("a".to_owned(), w(&[])), ("b".to_owned(), Err("connection refused".to_owned()))];
+        assert_eq!(incomplete_state(&silent), None, "a worker that did not answer: unknown, not complete");
     }
 }

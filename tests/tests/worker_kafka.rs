@@ -967,3 +967,67 @@ async fn a_worker_killed_while_fenced_restarts_fenced() {
     let _ = worker.kill();
     let _ = worker.wait();
 }
+
+/// A partition rebuilt after the input's retention dropped records its state needs (a worker
+/// with an empty state directory and no checkpoint store, the first 100 of 300 committed
+/// records deleted from the topic): the worker rebuilds from what is left and says what is
+/// missing, in its metric and in its admin status (which the operator turns into the
+/// TenantModel's `StateComplete` condition and a Warning Event), instead of scoring with the
+/// incomplete state silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_after_retention_dropped_records_says_what_is_missing() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use streamscore_tests::oracle::{self, metric, Ev};
+    let (input, out, dlq) = (unique("r-in"), unique("r-out"), unique("r-dlq"));
+    create_topics(&[&input, &out, &dlq], 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = streamscore_tests::oracle_pipeline(&input, &out, &dlq, &unique("r-group"), "/unused");
+    cfg.runtime.commit_interval = streamscore_crds::Duration::from_secs(1);
+    let admin = format!("127.0.0.1:{}", streamscore_tests::free_port());
+    cfg.runtime.admin_listen = Some(admin.clone());
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
+    let all = oracle::events(0, 300, 10, 1_795_700_000_000);
+    produce(&producer(), &input, &all.iter().map(Ev::record).collect::<Vec<_>>()).await;
+
+    let mut first = WorkerProcess::spawn(&file, &dir.path().join("state-1"), dir.path().join("worker-1.log"));
+    eventually(Duration::from_secs(60), "300 inputs consumed", || async {
+        let text = first.try_metrics().await?;
+        (metric(&text, "streamscore_worker_records_in_total") >= 300.0).then_some(())
+    })
+    .await;
+    let complete = first.metrics().await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // a commit at 300
+    first.kill();
+    let label = format!("streamscore_worker_restore_missing_records{{topic=\"{input}\",partition=\"0\"}}");
+    assert_eq!(metric(&complete, &label), 0.0, "nothing missing before the deletion:\n{complete}");
+
+    // The topic's retention drops the first 100 records.
+    let client: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&input, 0, rdkafka::Offset::Offset(100)).unwrap();
+    client.delete_records(&tpl, &AdminOptions::new()).await.expect("records deleted");
+
+    let second = WorkerProcess::spawn(&file, &dir.path().join("state-2"), dir.path().join("worker-2.log"));
+    let status: serde_json::Value =
+        eventually(Duration::from_secs(60), "the admin status says what is missing", || async {
+            let v: serde_json::Value =
+                reqwest::get(format!("http://{admin}/v1/admin/status")).await.ok()?.json().await.ok()?;
+            v["incomplete"].as_array().is_some_and(|a| !a.is_empty()).then_some(v)
+        })
+        .await;
+    let what = status["incomplete"][0].as_str().unwrap_or_default().to_owned();
+    eprintln!("incomplete: {what}");
+    assert!(
+        what.contains(&format!("{input}/0: 100 records before offset 100")) && what.contains("rebuilt"),
+        "{status}"
+    );
+    let text = second.metrics().await;
+    assert_eq!(metric(&text, &label), 100.0, "{text}");
+    assert!(
+        metric(&text, "streamscore_worker_partition_assignments_total{source=\"rebuild\"}") >= 1.0,
+        "the partition was rebuilt:\n{text}"
+    );
+}

@@ -124,7 +124,8 @@ async fn admin_status(State(s): State<AppState>) -> Response {
 }
 
 /// The body of `GET /v1/admin/status`: drain state, readiness, owned partitions, how many
-/// replay, and the input topic's partition count.
+/// replay, the input topic's partition count, and owned partitions whose state misses records
+/// the input no longer retains (`incomplete`).
 pub fn admin_status_body(health: &Health) -> Value {
     let (ready, not_ready) = match health.readiness() {
         Ok(()) => (true, Vec::new()),
@@ -142,7 +143,16 @@ pub fn admin_status_body(health: &Health) -> Value {
         })
         .unwrap_or_default();
     let shadow = health.admin.shadow().as_ref().map(|s| json!({"topic": s.topic, "liveFrom": s.live_from}));
+    let incomplete: Vec<String> = health
+        .incomplete
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .filter(|(p, _)| partitions.contains(p))
+        .map(|(_, what)| what.clone())
+        .collect();
     json!({
+        "incomplete": incomplete,
         "drain": health.admin.view(),
         "shadow": shadow,
         "checkpoints": checkpoints,

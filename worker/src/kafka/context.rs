@@ -85,6 +85,22 @@ impl ConsumerCtx {
                 };
                 let label = PartitionLabel { topic: topic.clone(), partition: p };
                 self.shared.metrics.restore_missing_records.get_or_create(&label).set(missing);
+                let mut incomplete = self.shared.health.incomplete.write().unwrap_or_else(|e| e.into_inner());
+                if missing > 0 {
+                    let what = format!(
+                        "{topic}/{p}: {missing} records before offset {low} are no longer retained (the state was {} \
+                         without them)",
+                        if matches!(assigned.source, crate::engine::StateSource::Rebuild) {
+                            "rebuilt"
+                        } else {
+                            "restored"
+                        }
+                    );
+                    incomplete.insert(format!("{topic}/{p}"), (p, what));
+                } else {
+                    incomplete.remove(&format!("{topic}/{p}"));
+                }
+                drop(incomplete);
                 if missing > 0 {
                     // Records needed to restore the state are no longer retained: say so.
                     warn!(

@@ -34,6 +34,9 @@ pub struct Health {
     /// Set while a state write waits for space on the state volume (the error); consumption is
     /// paused meanwhile.
     pub state_volume_full: RwLock<Option<String>>,
+    /// Per input partition (`topic/partition`) whose state was restored or rebuilt without
+    /// records the input no longer retains: what is missing (admin status, `incomplete`).
+    pub incomplete: RwLock<std::collections::BTreeMap<String, (i32, String)>>,
 }
 
 /// When the processing loop last came round, and the long operation it is in (a restore, a
