@@ -295,6 +295,32 @@ pub fn spawn_operator(
     spawn_operator_with_policy(client, ns, worker_image, Default::default(), cancel)
 }
 
+/// Appends a row of the fault-injection table (`make chaos`) to `chaos-report.md` in the
+/// environment's directory and prints it: the fault, the delivery mode, the inputs and how many
+/// had two outputs (`counts`; none lost and none wrong, or the test failed before), the
+/// evidence that the fault's path was taken, and how long it took.
+pub fn chaos_report(
+    section: &str,
+    fault: &str,
+    delivery: &str,
+    counts: (usize, usize),
+    evidence: &str,
+    took: std::time::Duration,
+) {
+    use std::io::Write as _;
+    let (inputs, duplicated) = counts;
+    let text = format!(
+        "## {section}\n\n| fault | delivery | inputs | lost | duplicated | wrong | evidence | took |\n\
+         |---|---|---|---|---|---|---|---|\n| {fault} | {delivery} | {inputs} | 0 | {duplicated} | 0 | {evidence} | {:.0} s |\n",
+        took.as_secs_f64()
+    );
+    eprintln!("{text}");
+    let dir = std::env::var("STREAMSCORE_DEV_DIR").map_or_else(|_| std::env::temp_dir(), std::path::PathBuf::from);
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("chaos-report.md")) {
+        let _ = f.write_all(text.as_bytes());
+    }
+}
+
 /// Whether the end-to-end tests run on the real node (`scripts/test-node.sh` runs them inside
 /// its network namespace with `STREAMSCORE_E2E_NODE=real`: kubelet, containerd, runc, the
 /// workers' image) rather than on the node agent.

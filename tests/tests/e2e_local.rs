@@ -1324,6 +1324,7 @@ async fn an_operator_away_longer_than_the_fence_hold_after_the_barrier_duplicate
     use kube::api::{Patch, PatchParams};
     use streamscore_tests::oracle::{check, events as stream, oracle, outputs};
 
+    let started = std::time::Instant::now();
     let env = CheckpointedEnv::start("hold", "85", 2).await;
     let (client, ns, input, out, dlq) =
         (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.dlq.clone());
@@ -1390,6 +1391,14 @@ async fn an_operator_away_longer_than_the_fence_hold_after_the_barrier_duplicate
     assert_eq!(duplicated, 0, "no input has two committed live outputs");
     assert!(!raised.is_empty(), "Event UpgradeBarrierRaised: the old colour had resumed past the barrier");
     eprintln!("{}", raised.join("\n"));
+    streamscore_tests::chaos_report(
+        "Cut-over",
+        "operator aborted after recording the barrier, away 12 s (fence hold 4 s)",
+        "exactly-once",
+        (n, duplicated),
+        &raised.join("; "),
+        started.elapsed(),
+    );
     let cleanup = SupervisedOperator::with(&ns, &dir, "none", Duration::ZERO, &[]);
     tms.delete("hold", &DeleteParams::foreground()).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -1505,6 +1514,14 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
         started.elapsed().as_secs_f64()
     );
     assert_eq!(duplicated, 0, "exactly-once: no input has two committed outputs");
+    streamscore_tests::chaos_report(
+        "Cut-over",
+        "operator aborted at every step of a rescale 2→3 and an upgrade",
+        "exactly-once",
+        (n, duplicated),
+        &format!("crashed at {}", crashes.join(", ")),
+        started.elapsed(),
+    );
     tms.delete("opkill", &DeleteParams::foreground()).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let lp = ListParams::default().labels("streamscore.io/tenantmodel=opkill");

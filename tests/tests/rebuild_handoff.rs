@@ -161,21 +161,16 @@ async fn one_run(run: usize, store: Option<String>) -> (usize, usize, String) {
 
 /// Appends the runs' row to `chaos-report.md` in the environment's directory (`make chaos`).
 fn report(fault: &str, rows: &[(usize, usize, String)], took: Duration) {
-    use std::io::Write as _;
     let inputs: usize = rows.iter().map(|r| r.0).sum();
     let duplicated: usize = rows.iter().map(|r| r.1).sum();
-    let text = format!(
-        "## Handoff without local state\n\n| fault | delivery | inputs | lost | duplicated | wrong | evidence | took |\n\
-         |---|---|---|---|---|---|---|---|\n| {fault}, {} runs | at-least-once | {inputs} | 0 | {duplicated} | 0 | {} | {:.0} s |\n",
-        rows.len(),
+    streamscore_tests::chaos_report(
+        "Handoff without local state",
+        &format!("{fault}, {} runs", rows.len()),
+        "at-least-once",
+        (inputs, duplicated),
         rows.last().map_or("", |r| r.2.as_str()),
-        took.as_secs_f64()
+        took,
     );
-    eprintln!("{text}");
-    let dir = std::env::var("STREAMSCORE_DEV_DIR").map_or_else(|_| std::env::temp_dir(), std::path::PathBuf::from);
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("chaos-report.md")) {
-        let _ = f.write_all(text.as_bytes());
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
