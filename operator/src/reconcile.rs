@@ -490,8 +490,10 @@ async fn refence_if_lapsed(
     }
     let ns = tm.namespace().unwrap_or_default();
     let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color), None).await?;
-    // One id per recorded fence: a restarted operator asks the same question again.
-    let id = format!("{}-refence-{}", u.id, fenced_at.chars().filter(char::is_ascii_digit).collect::<String>());
+    // One id per recorded fence and attempt: a restarted operator asks the same question again.
+    let attempt = u.fence_attempt.unwrap_or(1);
+    let digits: String = fenced_at.chars().filter(char::is_ascii_digit).collect();
+    let id = format!("{}-refence-{digits}-{attempt}", u.id);
     let answers = ctx.workers.drain_with(&pods, &id, hold, false, true).await;
     let title = format!("Upgrading {}→{}", u.from_version, u.to_version);
     let moved = match upgrade::drained_positions(&answers, &id) {
@@ -500,6 +502,20 @@ async fn refence_if_lapsed(
                 "{title}: {live_color}'s fence may have lapsed ({elapsed:?} since it was placed); fencing it again"
             );
             up.current = Some(u);
+            return Ok(true);
+        }
+        Ok(Some(at)) if !upgrade::uncovered(&at, &answers).is_empty() => {
+            // A partition no worker owned at this drain (a rebalance while the fence was
+            // lapsed): where it stopped is unknown; let them run and ask again.
+            let missing = upgrade::uncovered(&at, &answers);
+            let unresumed = ctx.workers.resume(&pods).await;
+            if !unresumed.is_empty() {
+                warn!(upgrade = %u.id, ?unresumed, "workers did not confirm their resume");
+            }
+            u.fence_attempt = Some(attempt + 1);
+            u.message = format!("{title}: {live_color} fenced again without partitions {missing:?}; asking again");
+            up.current = Some(u);
+            record_upgrade(tms, tm, written, up).await?;
             return Ok(true);
         }
         Ok(Some(at)) => upgrade::raise_barrier(&mut barrier, &at),

@@ -938,6 +938,26 @@ state: {checkpointStore: "s3://b/ns/fraud"}
     }
 
     #[test]
+    fn a_barrier_must_name_every_input_partition() {
+        use crate::rescale::WorkerStatus;
+        let answers: Vec<Answer> = vec![
+            ("a".into(), Ok(WorkerStatus { input_partitions: 3, ..WorkerStatus::default() })),
+            ("b".into(), Err("connection refused".into())),
+        ];
+        let all: Barrier = BTreeMap::from([("tx".into(), BTreeMap::from([(0, 1), (1, 2), (2, 3)]))]);
+        assert!(uncovered(&all, &answers).is_empty());
+        let two: Barrier = BTreeMap::from([("tx".into(), BTreeMap::from([(0, 1), (2, 3)]))]);
+        assert_eq!(uncovered(&two, &answers), vec![1], "partition 1 had no owner at the drain");
+        // Two topics: a partition must be named for each.
+        let mixed: Barrier = BTreeMap::from([
+            ("tx".into(), BTreeMap::from([(0, 1), (1, 2), (2, 3)])),
+            ("rides".into(), BTreeMap::from([(0, 1), (1, 2)])),
+        ]);
+        assert_eq!(uncovered(&mixed, &answers), vec![2]);
+        assert_eq!(uncovered(&Barrier::new(), &answers), vec![0, 1, 2], "an empty barrier names nothing");
+    }
+
+    #[test]
     fn the_fence_must_cover_the_candidate() {
         let c: Barrier = BTreeMap::from([("tx".into(), BTreeMap::from([(0, 10), (1, 20)]))]);
         let ok: Barrier = BTreeMap::from([("tx".into(), BTreeMap::from([(0, 10), (1, 25)]))]);

@@ -1310,6 +1310,79 @@ impl Steady {
     }
 }
 
+/// What the operator-fault cases share: the exactly-once TenantModel `prefix` (4,000 keys'
+/// stream, shadow topics created, upgrade gates on 300 scored events within 4 min), Running with
+/// 2 workers under the operator binary `operator` starts (supervised: its crashes restarted).
+struct ExactlyOnceCase {
+    env: CheckpointedEnv,
+    dir: std::path::PathBuf,
+    tms: Api<TenantModel>,
+    name: String,
+}
+
+impl ExactlyOnceCase {
+    async fn start(
+        prefix: &str,
+        subnet: &str,
+        partitions: i32,
+        operator: impl FnOnce(&str, &std::path::Path) -> SupervisedOperator,
+    ) -> (Self, SupervisedOperator) {
+        let env = CheckpointedEnv::start(prefix, subnet, partitions).await;
+        let (out, dlq) = (&env.out, &env.dlq);
+        create_topics(&[&format!("{out}.shadow"), &format!("{dlq}.shadow")], partitions).await;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("e2e-{prefix}-operator-"))
+            .tempdir_in(
+                std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
+            )
+            .unwrap()
+            .keep();
+        let running = operator(&env.ns, &dir);
+        let tms: Api<TenantModel> = Api::namespaced(env.client.clone(), &env.ns);
+        let mut tm = env.tenant_model(prefix, "v1");
+        tm["spec"]["upgrade"] = json!({"minScoredEvents": 300, "deadline": "4m"});
+        tm["spec"]["sink"]["delivery"] = json!("exactlyOnce");
+        tms.create(&PostParams::default(), &serde_json::from_value(tm).unwrap()).await.unwrap();
+        eventually(Duration::from_secs(120), "TenantModel Running with 2 workers", || async {
+            let st = tms.get(prefix).await.ok()?.status?;
+            (st.phase == Some(Phase::Running) && st.parallelism == Some(2)).then_some(())
+        })
+        .await;
+        (Self { env, dir, tms, name: prefix.to_owned() }, running)
+    }
+
+    /// Every one of the first `n` inputs of `all` has a committed output (read_committed) with
+    /// the features recomputed from the raw input; returns the outputs and how many inputs had
+    /// two.
+    async fn outputs_once(&self, all: &[streamscore_tests::oracle::Ev], n: usize) -> (usize, usize) {
+        use streamscore_tests::oracle::{check, oracle, outputs};
+        let want = oracle(&all[..n]);
+        let got = tokio::task::spawn_blocking({
+            let out = self.env.out.clone();
+            move || outputs(&out, n, Duration::from_secs(240))
+        })
+        .await
+        .unwrap();
+        let seen = check(&got, &want);
+        (got.len(), seen.values().map(|c| c - 1).sum())
+    }
+
+    /// Deletes the TenantModel (with an operator that never crashes) and its namespace.
+    async fn tear_down(self) {
+        self.tms.delete(&self.name, &DeleteParams::foreground()).await.unwrap();
+        let pods: Api<Pod> = Api::namespaced(self.env.client.clone(), &self.env.ns);
+        let lp = ListParams::default().labels(&format!("streamscore.io/tenantmodel={}", self.name));
+        let cleanup = SupervisedOperator::with(&self.env.ns, &self.dir, "none", Duration::ZERO, &[]);
+        eventually(Duration::from_secs(90), "worker pods gone", || async {
+            pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+        })
+        .await;
+        drop(cleanup);
+        let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.env.client.clone());
+        let _ = nsapi.delete(&self.env.ns, &DeleteParams::default()).await;
+    }
+}
+
 /// The window after the cut-over barrier is recorded and before the old colour is stopped:
 /// the operator aborts right after recording the barrier and stays away longer than the
 /// fence's hold (shortened to 4 s for the test), so the old colour's workers resume by
@@ -1322,39 +1395,24 @@ impl Steady {
 async fn an_operator_away_longer_than_the_fence_hold_after_the_barrier_duplicates_nothing() {
     let _node = NODE.lock().await;
     use kube::api::{Patch, PatchParams};
-    use streamscore_tests::oracle::{check, events as stream, oracle, outputs};
+    use streamscore_tests::oracle::events as stream;
 
     let started = std::time::Instant::now();
-    let env = CheckpointedEnv::start("hold", "85", 2).await;
-    let (client, ns, input, out, dlq) =
-        (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.dlq.clone());
-    create_topics(&[&format!("{out}.shadow"), &format!("{dlq}.shadow")], 2).await;
-    let dir = tempfile::Builder::new()
-        .prefix("e2e-hold-operator-")
-        .tempdir_in(std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
-        .unwrap()
-        .keep();
-    let operator = SupervisedOperator::with(
-        &ns,
-        &dir,
-        "upgrade-barrier-recorded",
-        Duration::from_secs(12),
-        &[("STREAMSCORE_CUTOVER_HOLD_SECONDS", "4")],
-    );
-    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
-    let mut tm = env.tenant_model("hold", "v1");
-    tm["spec"]["upgrade"] = json!({"minScoredEvents": 300, "deadline": "4m"});
-    tm["spec"]["sink"]["delivery"] = json!("exactlyOnce");
-    tms.create(&PostParams::default(), &serde_json::from_value(tm).unwrap()).await.unwrap();
-    eventually(Duration::from_secs(120), "TenantModel Running with 2 workers", || async {
-        let st = tms.get("hold").await.ok()?.status?;
-        (st.phase == Some(Phase::Running) && st.parallelism == Some(2)).then_some(())
+    let (case, operator) = ExactlyOnceCase::start("hold", "85", 2, |ns, dir| {
+        SupervisedOperator::with(
+            ns,
+            dir,
+            "upgrade-barrier-recorded",
+            Duration::from_secs(12),
+            &[("STREAMSCORE_CUTOVER_HOLD_SECONDS", "4")],
+        )
     })
     .await;
+    let tms = case.tms.clone();
     let all = stream(0, 200_000, 4_000, 1_795_200_000_000);
-    let steady = Steady::start(&input, &all);
+    let steady = Steady::start(&case.env.input, &all);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    tms.patch("hold", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": env.model("v2")}})))
+    tms.patch("hold", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": case.env.model("v2")}})))
         .await
         .unwrap();
     let last = eventually(Duration::from_secs(300), "the upgrade to v2 finished", || async {
@@ -1367,18 +1425,10 @@ async fn an_operator_away_longer_than_the_fence_hold_after_the_barrier_duplicate
     let n = steady.stop().await;
     assert_eq!(operator.stop(), ["upgrade-barrier-recorded"], "the operator crashed once, at the barrier");
 
-    let want = oracle(&all[..n]);
-    let got = tokio::task::spawn_blocking({
-        let out = out.clone();
-        move || outputs(&out, n, Duration::from_secs(240))
-    })
-    .await
-    .unwrap();
-    let seen = check(&got, &want);
-    let duplicated: usize = seen.values().map(|c| c - 1).sum();
-    eprintln!("{n} inputs, {} outputs, 0 lost, {duplicated} duplicated, 0 wrong", got.len());
+    let (outputs, duplicated) = case.outputs_once(&all, n).await;
+    eprintln!("{n} inputs, {outputs} outputs, 0 lost, {duplicated} duplicated, 0 wrong");
     // The path taken: the old colour resumed past the barrier and the barrier was raised.
-    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(case.env.client.clone(), &case.env.ns);
     let raised: Vec<String> = evs
         .list(&ListParams::default())
         .await
@@ -1399,17 +1449,7 @@ async fn an_operator_away_longer_than_the_fence_hold_after_the_barrier_duplicate
         &raised.join("; "),
         started.elapsed(),
     );
-    let cleanup = SupervisedOperator::with(&ns, &dir, "none", Duration::ZERO, &[]);
-    tms.delete("hold", &DeleteParams::foreground()).await.unwrap();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let lp = ListParams::default().labels("streamscore.io/tenantmodel=hold");
-    eventually(Duration::from_secs(90), "worker pods gone", || async {
-        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
-    })
-    .await;
-    drop(cleanup);
-    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
-    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+    case.tear_down().await;
 }
 
 /// Fault-injection suite, operator side: with exactly-once delivery, a rescale 2 → 3 and a
@@ -1422,34 +1462,15 @@ async fn an_operator_away_longer_than_the_fence_hold_after_the_barrier_duplicate
 async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_duplicates_nothing() {
     let _node = NODE.lock().await;
     use kube::api::{Patch, PatchParams};
-    use streamscore_tests::oracle::{check, events as stream, oracle, outputs};
+    use streamscore_tests::oracle::events as stream;
 
     let started = std::time::Instant::now();
-    let env = CheckpointedEnv::start("opkill", "82", 4).await;
-    let (client, ns, input, out, dlq) =
-        (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone(), env.dlq.clone());
-    create_topics(&[&format!("{out}.shadow"), &format!("{dlq}.shadow")], 4).await;
-    let dir = tempfile::Builder::new()
-        .prefix("e2e-opkill-operator-")
-        .tempdir_in(std::env::var("STREAMSCORE_DEV_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()))
-        .unwrap()
-        .keep();
-    let operator = SupervisedOperator::start(&ns, &dir);
-    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
-    let mut tm = env.tenant_model("opkill", "v1");
-    tm["spec"]["upgrade"] = json!({"minScoredEvents": 300, "deadline": "4m"});
-    tm["spec"]["sink"]["delivery"] = json!("exactlyOnce");
-    let tm: TenantModel = serde_json::from_value(tm).unwrap();
-    tms.create(&PostParams::default(), &tm).await.unwrap();
-    eventually(Duration::from_secs(120), "TenantModel Running with 2 workers", || async {
-        let st = tms.get("opkill").await.ok()?.status?;
-        (st.phase == Some(Phase::Running) && st.parallelism == Some(2)).then_some(())
-    })
-    .await;
+    let (case, operator) = ExactlyOnceCase::start("opkill", "82", 4, SupervisedOperator::start).await;
+    let (tms, env) = (case.tms.clone(), &case.env);
 
     // A steady stream (400 events/s over 4,000 keys) until both operations are over.
     let all = stream(0, 200_000, 4_000, 1_795_200_000_000);
-    let steady = Steady::start(&input, &all);
+    let steady = Steady::start(&env.input, &all);
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // Rescale 2 → 3 (`kubectl scale tm opkill --replicas 3`).
@@ -1493,24 +1514,15 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
         "upgrade-completed",
         "upgrade-recorded",
     ];
-    let logged = std::fs::read_to_string(dir.join("operator-crashes")).unwrap_or_default();
+    let logged = std::fs::read_to_string(case.dir.join("operator-crashes")).unwrap_or_default();
     assert_eq!(logged.lines().collect::<Vec<_>>(), want_points, "crash log");
     assert_eq!(crashes, want_points, "the supervisor saw a crash at each step");
 
     // Every input exactly once, with the right features (read_committed).
-    let want = oracle(&all[..n]);
-    let got = tokio::task::spawn_blocking({
-        let out = out.clone();
-        move || outputs(&out, n, Duration::from_secs(240))
-    })
-    .await
-    .unwrap();
-    let seen = check(&got, &want);
-    let duplicated: usize = seen.values().map(|c| c - 1).sum();
+    let (outputs, duplicated) = case.outputs_once(&all, n).await;
     eprintln!(
-        "operator crashed at {} steps; {n} inputs, {} outputs, 0 lost, {duplicated} duplicated, 0 wrong ({:.0} s)",
+        "operator crashed at {} steps; {n} inputs, {outputs} outputs, 0 lost, {duplicated} duplicated, 0 wrong ({:.0} s)",
         crashes.len(),
-        got.len(),
         started.elapsed().as_secs_f64()
     );
     assert_eq!(duplicated, 0, "exactly-once: no input has two committed outputs");
@@ -1522,15 +1534,5 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
         &format!("crashed at {}", crashes.join(", ")),
         started.elapsed(),
     );
-    tms.delete("opkill", &DeleteParams::foreground()).await.unwrap();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let lp = ListParams::default().labels("streamscore.io/tenantmodel=opkill");
-    let cleanup = SupervisedOperator::start(&ns, &dir);
-    eventually(Duration::from_secs(90), "worker pods gone", || async {
-        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
-    })
-    .await;
-    drop(cleanup);
-    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
-    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
+    case.tear_down().await;
 }

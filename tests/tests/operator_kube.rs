@@ -476,3 +476,69 @@ async fn a_status_older_than_a_completed_cut_over_never_resurrects_the_old_colou
     cancel.cancel();
     op.await.unwrap();
 }
+
+/// Leader election judges expiry on the candidate's own clock, never by comparing the holder's
+/// `renewTime` with it, against the real API server: a holder whose clock runs an hour ahead
+/// and that stopped renewing is taken over once the Lease has gone unchanged for its duration
+/// (compared with the candidate's clock, its renewTime would look valid for an hour); a holder
+/// whose clock runs an hour behind and that keeps renewing is never taken over (compared, it
+/// would look expired at once: two leaders). The holder itself stops leading once it has not
+/// renewed for two thirds of the duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_expires_on_the_candidates_clock_not_on_the_holders() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use streamscore_operator::lease::LeaseLock;
+    let client = kube_client().await;
+    let ns = streamscore_tests::namespace(&client, "lease").await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let at = |offset_s: i64| {
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        // MicroTime: RFC 3339 with microseconds.
+        streamscore_operator::rescale::millis_rfc3339(ms + offset_s * 1000).replace('Z', "000Z")
+    };
+    let lease = |name: &str, renew: String| -> Lease {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 2, "acquireTime": renew, "renewTime": renew}
+        }))
+        .unwrap()
+    };
+
+    // Ahead by an hour, not renewing: taken over after 2 s of no change.
+    leases.create(&PostParams::default(), &lease("ahead", at(3600))).await.unwrap();
+    let me = LeaseLock::new(leases.clone(), "ahead", "me", Duration::from_secs(2));
+    assert!(!me.try_acquire_or_renew().await.unwrap(), "a Lease just seen is not expired");
+    let t0 = std::time::Instant::now();
+    eventually(Duration::from_secs(10), "the unchanged Lease taken over", || async {
+        me.try_acquire_or_renew().await.unwrap().then_some(())
+    })
+    .await;
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_secs(2), "taken over after {waited:?}, before the Lease's duration");
+    assert!(me.still_leading());
+    let holder = leases.get("ahead").await.unwrap().spec.unwrap().holder_identity;
+    assert_eq!(holder.as_deref(), Some("me"));
+    tokio::time::sleep(me.renew_deadline() + Duration::from_millis(200)).await;
+    assert!(!me.still_leading(), "no renewal for two thirds of the duration: no longer leading");
+
+    // Behind by an hour, renewing every 500 ms: never taken over.
+    leases.create(&PostParams::default(), &lease("behind", at(-3600))).await.unwrap();
+    let renewing = tokio::spawn({
+        let leases = leases.clone();
+        async move {
+            for i in 0..12 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut l = leases.get("behind").await.unwrap();
+                let spec = l.spec.as_mut().unwrap();
+                spec.renew_time = Some(serde_json::from_value(json!(at(-3600 + i))).unwrap());
+                leases.replace("behind", &PostParams::default(), &l).await.unwrap();
+            }
+        }
+    });
+    let candidate = LeaseLock::new(leases.clone(), "behind", "me", Duration::from_secs(2));
+    for _ in 0..16 {
+        assert!(!candidate.try_acquire_or_renew().await.unwrap(), "a Lease renewed by its holder was taken over");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    renewing.await.unwrap();
+}
