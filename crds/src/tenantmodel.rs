@@ -592,7 +592,9 @@ pub enum Phase {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Progressing` or `Degraded`.
+    /// `Ready`, `Progressing`, `Degraded`, or `StateComplete` (False with reason
+    /// `InputRetention` while some partition's state was built without records the input no
+    /// longer retains).
     #[serde(rename = "type")]
     pub kind: String,
     /// `True`, `False` or `Unknown`.
