@@ -150,12 +150,21 @@ build_kube_router() {
   GOBIN="$out" go install -ldflags "-s -w" "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@v$KUBE_ROUTER_VERSION"
 }
 
+# promtool, to check and unit-test the chart's PrometheusRules (tests/tests/helm_chart.rs).
+build_promtool() {
+  [[ -x $PROMTOOL_BIN/promtool ]] && return 0
+  mkdir -p "$PROMTOOL_BIN"
+  log "building promtool ($PROMETHEUS_VERSION; about 8 min cold on 2 cores: it links every service discovery)"
+  GOBIN="$PROMTOOL_BIN" go install -ldflags "-s -w" "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+}
+
 case "${1:-all}" in
   kubernetes) build_kubernetes ;;
   etcd) build_etcd ;;
   helm) build_helm ;;
   seaweedfs) build_seaweedfs ;;
   node) build_node; build_kube_router ;;
-  all) build_etcd; build_kubernetes; build_helm; build_seaweedfs ;;
-  *) die "usage: $0 [all|kubernetes|etcd|helm|seaweedfs|node]" ;;
+  promtool) build_promtool ;;
+  all) build_etcd; build_kubernetes; build_helm; build_seaweedfs; build_promtool ;;
+  *) die "usage: $0 [all|kubernetes|etcd|helm|seaweedfs|promtool|node]" ;;
 esac

@@ -22,7 +22,7 @@
 
 # shellcheck source=env-vars.sh
 . "$ROOT/scripts/env-vars.sh"
-export PATH="$K8S_BIN:$HELM_BIN:$PATH"
+export PATH="$K8S_BIN:$HELM_BIN:$PROMTOOL_BIN:$PATH"
 
 # start_in name command...: start, inside the network namespace when there is one.
 start_in() { local name=$1; shift; start "$name" "${NSX[@]}" "$@"; }
@@ -244,7 +244,7 @@ export AWS_ALLOW_HTTP=true
 export AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=streamscore
 export AWS_SECRET_ACCESS_KEY=streamscore
-export PATH="$K8S_BIN:$HELM_BIN:\$PATH"
+export PATH="$K8S_BIN:$HELM_BIN:$PROMTOOL_BIN:\$PATH"
 E
   if [[ -n $NETNS ]]; then
     cat >> "$DEV/env.sh" <<E

@@ -615,6 +615,10 @@ fn worker_container(tm: &TenantModel, ctx: &BuildContext, mounts: Vec<VolumeMoun
         liveness_probe: Some(probe("/healthz", 10, 6)),
         resources: s.resources.clone().or_else(|| ctx.default_resources.clone()),
         volume_mounts: Some(mounts),
+        // The worker writes `Reason: message` to /dev/termination-log when it stops (the
+        // operator's `pods::WORKER_REASONS`); a panic leaves the file empty and its log's tail
+        // becomes the message.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),

@@ -36,7 +36,6 @@ use streamscore_crds::tenantmodel::TenantModel;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::metrics::PhaseLabel;
 use crate::reconcile::{error_policy, reconcile, Context};
 
 /// Runs one controller per namespace in `namespaces` (all namespaces when empty) until
@@ -46,6 +45,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespaces: &[String], cancel: C
     let scopes: Vec<Option<String>> =
         if namespaces.is_empty() { vec![None] } else { namespaces.iter().cloned().map(Some).collect() };
     let mut tasks = Vec::new();
+    let mut stores = Vec::new();
     for ns in scopes {
         let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=streamscore-operator");
         // Every kind of child is watched: one changed or deleted by hand is put back at once
@@ -59,25 +59,7 @@ pub async fn run_controllers(ctx: Arc<Context>, namespaces: &[String], cancel: C
             .owns(scoped::<PodDisruptionBudget>(&client, &ns), owned.clone())
             .owns(scoped::<NetworkPolicy>(&client, &ns), owned)
             .graceful_shutdown_on(cancel.clone().cancelled_owned());
-        let store = controller.store();
-        let m = ctx.metrics.clone();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            while !c.is_cancelled() {
-                let mut counts = std::collections::BTreeMap::<String, i64>::new();
-                for tm in store.state() {
-                    let phase =
-                        tm.status.as_ref().and_then(|s| s.phase).map_or("Unknown".to_owned(), |p| format!("{p:?}"));
-                    *counts.entry(phase).or_default() += 1;
-                }
-                for p in ["Pending", "Running", "Progressing", "Degraded", "Unknown"] {
-                    m.tenantmodels
-                        .get_or_create(&PhaseLabel { phase: p.into() })
-                        .set(counts.get(p).copied().unwrap_or(0));
-                }
-                tokio::select! { _ = c.cancelled() => {}, _ = tokio::time::sleep(Duration::from_secs(10)) => {} }
-            }
-        });
+        stores.push(controller.store());
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(async move {
             controller
@@ -90,6 +72,16 @@ pub async fn run_controllers(ctx: Arc<Context>, namespaces: &[String], cancel: C
                 .await;
         }));
     }
+    // The per-TenantModel metrics and the phase counts, from every watched namespace's cache.
+    let m = ctx.metrics.clone();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        while !c.is_cancelled() {
+            let all: Vec<_> = stores.iter().flat_map(|s| s.state()).collect();
+            m.observe(all.iter().map(|tm| tm.as_ref()));
+            tokio::select! { _ = c.cancelled() => {}, _ = tokio::time::sleep(Duration::from_secs(10)) => {} }
+        }
+    });
     for t in tasks {
         let _ = t.await;
     }

@@ -4,6 +4,7 @@
 //!
 //! | seen on | reason | from |
 //! |---|---|---|
+//! | a worker container waiting | the worker's reason (`InputPartitionsChanged`, `MissingCheckpoint`, ...) | `state.waiting` `CrashLoopBackOff` whose last termination message starts with `Reason: ` (the worker writes it to `/dev/termination-log` when it stops) |
 //! | a container waiting | `CrashLoopBackOff` | `state.waiting`, with the last termination (exit code, reason, message) |
 //! | a container waiting | `ImagePullBackOff`, `ErrImagePull`, `InvalidImageName` | `state.waiting` |
 //! | a container waiting | `CreateContainerConfigError`, `CreateContainerError` | `state.waiting` (a missing ConfigMap or Secret key) |
@@ -47,6 +48,26 @@ const WAITING: [&str; 6] = [
     "CreateContainerError",
 ];
 
+/// The reasons a worker stops with, first in its termination message (`Reason: message`); the
+/// worker's `kafka::REASONS` (a test keeps the two in step).
+pub const WORKER_REASONS: [&str; 7] = [
+    "InputPartitionsChanged",
+    "InvalidPipeline",
+    "MissingCheckpoint",
+    "InputMisplaced",
+    "TransactionalIdFenced",
+    "InvalidClientConfig",
+    "WorkerFailed",
+];
+
+/// The worker's own reason and message from the last termination of `c`, when it wrote one.
+fn worker_stop(c: &ContainerStatus) -> Option<(&'static str, &str)> {
+    let msg = c.last_state.as_ref()?.terminated.as_ref()?.message.as_deref()?.trim();
+    let (reason, rest) = msg.split_once(": ")?;
+    let reason = WORKER_REASONS.iter().find(|r| **r == reason)?;
+    Some((reason, rest.trim()))
+}
+
 fn last_termination(c: &ContainerStatus) -> String {
     let Some(t) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) else { return String::new() };
     let mut s = format!("; last exit code {}", t.exit_code);
@@ -83,6 +104,15 @@ pub fn pod_problem(pod: &Pod) -> Option<Problem> {
         if let Some(w) = state.and_then(|s| s.waiting.as_ref()) {
             let reason = w.reason.as_deref().unwrap_or_default();
             if WAITING.contains(&reason) {
+                if reason == "CrashLoopBackOff" {
+                    if let Some((why, msg)) = worker_stop(c) {
+                        // The worker's own words first: the message is cut at 600 characters.
+                        return Some(Problem::new(
+                            why,
+                            format!("pod {name}: the worker stopped: {msg} ({reason}, {} restarts)", c.restart_count),
+                        ));
+                    }
+                }
                 let detail = w.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
                 let last = if reason == "CrashLoopBackOff" { last_termination(c) } else { String::new() };
                 return Some(Problem::new(
@@ -127,6 +157,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn the_worker_reasons_are_the_ones_the_worker_writes() {
+        // The worker's list, read from its source (the operator does not link the worker).
+        let src = include_str!("../../worker/src/kafka/error.rs");
+        let list =
+            src.split("pub const REASONS").nth(1).and_then(|s| s.split("];").next()).expect("REASONS in the worker");
+        let theirs: Vec<&str> = list.split('"').skip(1).step_by(2).collect();
+        assert_eq!(theirs, WORKER_REASONS, "worker/src/kafka/error.rs REASONS and pods::WORKER_REASONS differ");
+    }
+
     fn pod(status: serde_json::Value) -> Pod {
         serde_json::from_value(json!({"metadata": {"name": "fraud-blue-7d9f-abcde"}, "status": status})).unwrap()
     }
@@ -145,6 +185,28 @@ mod tests {
             "pod fraud-blue-7d9f-abcde: container worker CrashLoopBackOff: back-off 40s restarting failed container; \
              last exit code 1 (Error): model not loaded: digest mismatch (4 restarts)"
         );
+
+        // The worker's own reason, from its termination message.
+        let stopped = pod(json!({"containerStatuses": [{
+            "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 2,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s restarting failed container"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                "message": "InputPartitionsChanged: opening the state of partition 0: partition 0: the input topic has 6 partitions"}}
+        }]}));
+        let p = pod_problem(&stopped).unwrap();
+        assert_eq!(p.reason, "InputPartitionsChanged");
+        assert_eq!(
+            p.message,
+            "pod fraud-blue-7d9f-abcde: the worker stopped: opening the state of partition 0: partition 0: the input \
+             topic has 6 partitions (CrashLoopBackOff, 2 restarts)"
+        );
+        // A message that only looks like one stays a CrashLoopBackOff.
+        let other = pod(json!({"containerStatuses": [{
+            "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 1,
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": "Oops: something"}}
+        }]}));
+        assert_eq!(pod_problem(&other).unwrap().reason, "CrashLoopBackOff");
 
         let pull = pod(json!({"containerStatuses": [{
             "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 0,

@@ -214,6 +214,7 @@ async fn publish(ctx: &Context, tm: &TenantModel, type_: EventType, reason: &str
     } else {
         note
     };
+    ctx.metrics.event(tm, reason);
     let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&ev, &tm.object_ref(&())).await {
         warn!(error = %e, "cannot publish event");

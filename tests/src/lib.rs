@@ -39,6 +39,22 @@ pub async fn create_topics(names: &[&str], partitions: i32) {
     }
 }
 
+/// Raises `topic`'s partition count to `total` (keys move to other partitions).
+pub async fn add_partitions(topic: &str, total: usize) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap()).create().expect("admin client");
+    let res = admin
+        .create_partitions(
+            &[rdkafka::admin::NewPartitions::new(topic, total)],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create_partitions request");
+    for r in res {
+        r.expect("partitions added");
+    }
+}
+
 /// A producer with the Java clients' partitioner.
 pub fn producer() -> FutureProducer {
     ClientConfig::new()

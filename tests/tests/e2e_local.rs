@@ -205,6 +205,59 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     assert_eq!(cond.reason, "ModelNotLoaded");
     assert!(cond.message.contains("ModelInvalid"), "{}", cond.message);
 
+    // A third tenant whose input topic grows from 2 to 4 partitions: keys move to other
+    // partitions, whose state does not hold their history. The worker refuses to score with it
+    // and says why in its termination message; the TenantModel is Degraded with that reason.
+    let (g_in, g_out, g_dlq) = (unique("e2e-g-in"), unique("e2e-g-out"), unique("e2e-g-dlq"));
+    create_topics(&[&g_in, &g_out, &g_dlq], 2).await;
+    let grown: TenantModel = serde_json::from_value(json!({
+        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+        "metadata": {"name": "grown"},
+        "spec": {
+            "parallelism": 1,
+            // The consumer sees the new partitions within seconds (librdkafka's default: 5 min).
+            "source": {"bootstrapServers": bootstrap(), "topics": [g_in], "keyField": "user_id", "eventTime": {"field": "ts"},
+                       "properties": {"topic.metadata.refresh.interval.ms": "2000"}},
+            "features": {"windows": [
+                {"name": "tx_1h", "aggregation": "count", "window": "1h"},
+                {"name": "amount_24h", "aggregation": "sum", "field": "amount", "window": "24h"},
+                {"name": "rides_1h", "aggregation": "count", "window": "1h", "filter": {"field": "action", "oneOf": ["ride_requested"]}}
+            ]},
+            "model": {"configMap": {"name": "model", "key": "model.onnx"}, "sha256": sha, "version": "e2e-v1",
+                      "features": ["tx_1h", "amount_24h", "rides_1h", "event.amount"], "outputs": [{"name": "fraud"}]},
+            "sink": {"topic": g_out, "deadLetterTopic": g_dlq}
+        }
+    }))
+    .unwrap();
+    tms.create(&PostParams::default(), &grown).await.unwrap();
+    eventually(Duration::from_secs(120), "grown tenant Running", || async {
+        tms.get("grown").await.ok()?.status.filter(|s| s.phase == Some(Phase::Running))
+    })
+    .await;
+    let g_events = events(10, 3, 0);
+    produce(&producer(), &g_in, &g_events).await;
+    let g_scored = tokio::task::spawn_blocking({
+        let g_out = g_out.clone();
+        move || consume(&g_out, 30, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(ids(&g_scored), input_ids(&g_events), "the grown tenant scores before the change");
+    streamscore_tests::add_partitions(&g_in, 4).await;
+    let st = eventually(Duration::from_secs(180), "grown tenant Degraded (InputPartitionsChanged)", || async {
+        let st = tms.get("grown").await.ok()?.status?;
+        st.conditions.iter().any(|c| c.kind == "Degraded" && c.reason == "InputPartitionsChanged").then_some(st)
+    })
+    .await;
+    let cond = st.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
+    assert!(
+        cond.message.contains("the input topic has 4 partitions") && cond.message.contains("when it had 2"),
+        "{}",
+        cond.message
+    );
+    assert_eq!(st.phase, Some(Phase::Degraded));
+    tms.delete("grown", &DeleteParams::default()).await.unwrap();
+
     // Crash one worker process (SIGKILL): the agent restarts the container, and the events
     // produced below are all scored, as are the ones it was processing.
     let crashed = pods.list(&lp).await.unwrap().items[0].clone();

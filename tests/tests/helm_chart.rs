@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+use serde::Deserialize;
+
 use streamscore_tests::{kube_client, namespace, repo_root, unique};
 
 fn run(cmd: &str, args: &[&str]) -> String {
@@ -57,6 +59,137 @@ fn chart_lints_and_manifests_are_in_sync() {
         .output()
         .unwrap();
     assert!(!bad.status.success(), "values.schema.json must reject a wildcard inside a name");
+}
+
+/// Metric names a PromQL expression uses (`streamscore_…`).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("streamscore_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        out.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The monitoring pack: the chart renders a PodMonitor, a ServiceMonitor, PrometheusRules and a
+/// Grafana dashboard; every metric their queries name is one the worker or the operator exports
+/// (a renamed metric fails here); promtool checks the rules and runs their unit tests
+/// (tests/promtool/rules-test.yaml: each alert fires, and does not fire, on recorded series).
+#[test]
+fn the_monitoring_pack_queries_exported_metrics_and_its_alerts_fire_as_written() {
+    let out = run(
+        "helm",
+        &[
+            "template",
+            "x",
+            "charts/streamscore",
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "podMonitor.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "grafanaDashboard.enabled=true",
+            "--set",
+            "watchNamespaces={t1,t2}",
+        ],
+    );
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&out)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|d| !d.is_null())
+        .collect();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("no {k} in\n{out}"));
+    let pm = kind("PodMonitor");
+    assert_eq!(
+        pm["spec"]["namespaceSelector"]["matchNames"],
+        serde_yaml::from_str::<serde_yaml::Value>("[t1, t2]").unwrap()
+    );
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(kind("ServiceMonitor")["spec"]["endpoints"][0]["honorLabels"], true);
+    let rule = kind("PrometheusRule");
+    let dashboard = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("the dashboard ConfigMap");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["streamscore.json"].as_str().unwrap()).expect("dashboard JSON");
+
+    // Every query names exported metrics only (a family is described once it has a series).
+    let worker = streamscore_worker::metrics::Metrics::new();
+    for family in [&worker.consumer_lag, &worker.restore_missing_records] {
+        family.get_or_create(&streamscore_worker::metrics::PartitionLabel { topic: "in".into(), partition: 0 }).set(0);
+    }
+    let operator = streamscore_operator::metrics::OperatorMetrics::new();
+    let tm: streamscore_crds::tenantmodel::TenantModel = serde_json::from_value(serde_json::json!({
+        "apiVersion": "streamscore.io/v1alpha1", "kind": "TenantModel",
+        "metadata": {"name": "fraud", "namespace": "t1"},
+        "spec": {"parallelism": 1,
+                 "source": {"bootstrapServers": "k:9092", "topics": ["in"], "keyField": "u", "eventTime": {"field": "ts"}},
+                 "model": {"uri": "file:///m", "sha256": "00", "version": "v", "features": [], "outputs": [{"name": "s"}]},
+                 "sink": {"topic": "out", "deadLetterTopic": "dlq"}},
+        "status": {"conditions": streamscore_operator::metrics::CONDITIONS.map(|c| serde_json::json!({
+            "type": c, "status": "True", "reason": "R", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}))}
+    }))
+    .unwrap();
+    operator.observe([&tm]);
+    let exported: std::collections::BTreeSet<String> = [worker.encode(), operator.encode()]
+        .iter()
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("# TYPE "))
+                .filter_map(|l| l.split_whitespace().next())
+                .flat_map(|n| ["", "_total", "_bucket", "_sum", "_count"].map(|s| format!("{n}{s}")))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut exprs: Vec<String> = rule["spec"]["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r["expr"].as_str().unwrap().to_owned())
+        .collect();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    for v in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["definition"].as_str() {
+            exprs.push(q.to_owned());
+        }
+    }
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    let mut checked = 0;
+    for e in &exprs {
+        for name in metric_names(e) {
+            assert!(exported.contains(&name), "{name} (in `{e}`) is not a metric streamscore exports");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 25, "{checked} metric references");
+
+    // promtool: the rules as Prometheus loads them, and their unit tests.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), serde_yaml::to_string(&rule["spec"]).unwrap()).unwrap();
+    std::fs::copy(repo_root().join("tests/promtool/rules-test.yaml"), dir.path().join("rules-test.yaml")).unwrap();
+    let promtool = |args: &[&str]| {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("promtool on PATH (scripts/build-k8s.sh promtool; scripts/env.sh puts it there)");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "promtool {args:?}:\n{text}");
+        text
+    };
+    let checked = promtool(&["check", "rules", "rules.yaml"]);
+    assert!(checked.contains("SUCCESS: 5 rules found"), "{checked}");
+    let tested = promtool(&["test", "rules", "rules-test.yaml"]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
 }
 
 /// The chart (default, cluster-wide and demo values) and the objects the operator creates for

@@ -637,6 +637,7 @@ impl Checkpointer {
             warn!(partition, stored = ?manifest.offsets, expected = ?offsets, "checkpoint offsets differ from the commit's");
         }
         self.metrics.checkpoints.inc();
+        self.metrics.checkpoint_last_success.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
         self.metrics.checkpoint_uploaded_bytes.inc_by(up.bytes_uploaded);
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
         info!(

@@ -53,16 +53,51 @@ fn main() -> std::process::ExitCode {
     streamscore_telemetry::init_logging(&args.log_format);
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            eprintln!("streamscore-worker: {e}");
+        Err(Stop { reason, message }) => {
+            error!(reason, "{message}");
+            eprintln!("streamscore-worker: {message}");
+            write_termination_message(reason, &message);
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
-    let cfg = Arc::new(config::load(&args.pipeline)?);
+/// Why the worker stops: a reason (one of `kafka::REASONS`) and what happened.
+struct Stop {
+    reason: &'static str,
+    message: String,
+}
+
+impl From<String> for Stop {
+    fn from(message: String) -> Self {
+        Stop { reason: "WorkerFailed", message }
+    }
+}
+
+/// Writes `Reason: message` to the container's termination-message file (the kubelet mounts
+/// `/dev/termination-log`; `STREAMSCORE_TERMINATION_LOG` names another), when it exists: the
+/// kubelet puts it in the pod's `lastState.terminated.message`, and the operator names the
+/// failure by its reason in the TenantModel's conditions. At most 4,096 bytes are kept.
+fn write_termination_message(reason: &str, message: &str) {
+    let path = std::env::var_os("STREAMSCORE_TERMINATION_LOG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/dev/termination-log".into());
+    if !path.exists() {
+        return;
+    }
+    let mut text = format!("{reason}: {message}");
+    let mut end = text.len().min(4096);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    if let Err(e) = std::fs::write(&path, text) {
+        warn!(path = %path.display(), error = %e, "cannot write the termination message");
+    }
+}
+
+fn run(args: Args) -> Result<(), Stop> {
+    let cfg = Arc::new(config::load(&args.pipeline).map_err(|message| Stop { reason: "InvalidPipeline", message })?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -147,7 +182,7 @@ fn run(args: Args) -> Result<(), String> {
     let result = kafka::run(cfg, engine, metrics, health, cancel.clone());
     cancel.cancel();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    result.map_err(|e| e.to_string())
+    result.map_err(|e| Stop { reason: e.reason(), message: e.to_string() })
 }
 
 /// Binds `listen` (the setting `setting` names it) and serves `app` on `rt` until `cancel`.

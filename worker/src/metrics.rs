@@ -76,6 +76,11 @@ pub struct Metrics {
     pub windows_emitted: Counter,
     /// Checkpoints completed (manifest written).
     pub checkpoints: Counter,
+    /// When the last checkpoint completed, or the worker started, Unix seconds (0: no checkpoint
+    /// store).
+    pub checkpoint_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// `state.checkpointInterval` in seconds while checkpoints go to a store (0: none).
+    pub checkpoint_interval: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Checkpoints that failed (taken or uploaded).
     pub checkpoint_failures: Counter,
     /// Periodic checkpoints not taken because the partition's previous one was still queued
@@ -173,6 +178,8 @@ impl Metrics {
             checkpoints_skipped: Counter::default(),
             checkpoint_uploaded_bytes: Counter::default(),
             checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            checkpoint_last_success: Gauge::default(),
+            checkpoint_interval: Gauge::default(),
             checkpoint_fallbacks: Counter::default(),
             assignments: Family::default(),
             restore_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
@@ -250,6 +257,16 @@ impl Metrics {
                 m.checkpoint_uploaded_bytes.clone(),
             );
             r.register("checkpoint_seconds", "Duration of a checkpoint upload", m.checkpoint_seconds.clone());
+            r.register(
+                "checkpoint_last_success_timestamp_seconds",
+                "When this worker last completed a checkpoint, or started (Unix seconds; 0: no checkpoint store)",
+                m.checkpoint_last_success.clone(),
+            );
+            r.register(
+                "checkpoint_interval_seconds",
+                "state.checkpointInterval while checkpoints go to an object store (0: no checkpoint store)",
+                m.checkpoint_interval.clone(),
+            );
             r.register(
                 "checkpoint_fallbacks",
                 "Checkpoints skipped at restore because a manifest or file was unusable",

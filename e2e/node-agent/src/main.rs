@@ -323,8 +323,15 @@ impl Agent {
             env.push((e.name.clone(), rewrite(&v, &mounts, &ip)));
         }
         env.extend(self.args.env.iter().cloned());
+        // The container's termination-message file (the kubelet bind-mounts one at
+        // terminationMessagePath): a host process cannot write /dev, so the worker is told the
+        // local file's path.
+        let termination_log = root.join("termination-log");
+        env.push(("STREAMSCORE_TERMINATION_LOG".into(), termination_log.display().to_string()));
         let started_at = now();
         let mut restarts = 0i32;
+        // The last termination, kept in lastState across restarts (as the kubelet does).
+        let mut last_state: Option<serde_json::Value> = None;
         let mut backoff = Duration::from_secs(1);
         let log_path = root.join("container.log");
         let readiness = c.readiness_probe.clone();
@@ -335,6 +342,7 @@ impl Agent {
         let grace = spec.termination_grace_period_seconds.unwrap_or(30).max(1) as u64;
         loop {
             let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+            std::fs::write(&termination_log, "")?;
             let mut child: Child = Command::new(binary)
                 .args(&argv)
                 .envs(env.iter().cloned())
@@ -349,7 +357,8 @@ impl Agent {
             let pid = child.id().unwrap_or(0) as i32;
             info!(pod = %format!("{ns}/{name}"), %ip, pid, restarts, "container started");
             let container_started = now();
-            self.patch_status(&api, &name, &ip, &started_at, &container_started, false, restarts, None).await;
+            self.patch_status(&api, &name, &ip, &started_at, &container_started, false, restarts, last_state.clone())
+                .await;
             let mut ready = false;
             let mut live_failures = 0;
             let mut ready_tick = tokio::time::interval(Duration::from_secs(
@@ -375,7 +384,7 @@ impl Agent {
                         let ok = match &readiness { Some(p) => probe(&http, p, &ip, &ports).await, None => true };
                         if ok != ready {
                             ready = ok;
-                            self.patch_status(&api, &name, &ip, &started_at, &container_started, ready, restarts, None).await;
+                            self.patch_status(&api, &name, &ip, &started_at, &container_started, ready, restarts, last_state.clone()).await;
                         }
                     }
                     _ = live_tick.tick() => {
@@ -393,8 +402,10 @@ impl Agent {
             warn!(pod = %format!("{ns}/{name}"), code, "container exited");
             let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
             let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
+            let message =
+                termination_message(&termination_log, &log_path, code, c.termination_message_policy.as_deref());
             let terminated = json!({"terminated": {"exitCode": code, "reason": if code == 0 {"Completed"} else {"Error"},
-                "startedAt": container_started, "finishedAt": now()}});
+                "message": message, "startedAt": container_started, "finishedAt": now()}});
             if !restart {
                 let phase = if code == 0 { "Succeeded" } else { "Failed" };
                 let st = json!({"status": {"phase": phase, "containerStatuses": [{"name": c.name, "image": image,
@@ -403,13 +414,32 @@ impl Agent {
                 return Ok(());
             }
             restarts += 1;
-            self.patch_status(&api, &name, &ip, &started_at, &container_started, false, restarts, Some(terminated))
+            // Like the kubelet: waiting in CrashLoopBackOff until the back-off ends.
+            let waiting = json!({"waiting": {"reason": "CrashLoopBackOff",
+                "message": format!("back-off {}s restarting failed container={} pod={name}", backoff.as_secs(), c.name)}});
+            last_state = Some(terminated);
+            self.patch_status(&api, &name, &ip, &started_at, &container_started, false, restarts, last_state.clone())
                 .await;
+            self.patch_waiting(&api, &name, waiting).await;
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(20));
+        }
+    }
+
+    /// Replaces the container's current state with `waiting` (after a `patch_status`).
+    async fn patch_waiting(&self, api: &Api<Pod>, name: &str, waiting: serde_json::Value) {
+        let Ok(pod) = api.get_status(name).await else { return };
+        let Some(mut statuses) = pod.status.and_then(|s| s.container_statuses) else { return };
+        for cs in &mut statuses {
+            cs.state = serde_json::from_value(waiting.clone()).ok();
+            cs.started = Some(false);
+        }
+        let patch = json!({"status": {"containerStatuses": statuses}});
+        if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            warn!(pod = name, error = %e, "status update");
         }
     }
 
@@ -453,6 +483,25 @@ impl Agent {
             warn!(pod = name, error = %e, "status update");
         }
     }
+}
+
+/// A terminated container's message, as the kubelet makes it: the termination-message file
+/// (at most 4,096 bytes), or with `FallbackToLogsOnError` and a failure, the log's last 80 lines
+/// (at most 2,048 bytes) when the file is empty.
+fn termination_message(file: &Path, log: &Path, code: i32, policy: Option<&str>) -> String {
+    let text = std::fs::read(file).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[..text.len().min(4096)]).into_owned();
+    if !text.trim().is_empty() || code == 0 || policy != Some("FallbackToLogsOnError") {
+        return text;
+    }
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    let mut start = tail.len().saturating_sub(2048);
+    while !tail.is_char_boundary(start) {
+        start += 1;
+    }
+    tail[start..].to_owned()
 }
 
 /// Rewrites container paths to local directories and the wildcard address to the pod IP.

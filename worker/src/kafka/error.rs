@@ -95,7 +95,37 @@ pub enum Error {
     },
 }
 
+/// Reasons the worker stops with, written first in its termination message (`Reason: message`,
+/// see `streamscore-worker`'s `main`): the operator names the worker's failure by it in the
+/// TenantModel's conditions instead of a bare `CrashLoopBackOff`. Keep in step with
+/// `WORKER_REASONS` in the operator's `pods` module.
+pub const REASONS: [&str; 7] = [
+    "InputPartitionsChanged",
+    "InvalidPipeline",
+    "MissingCheckpoint",
+    "InputMisplaced",
+    "TransactionalIdFenced",
+    "InvalidClientConfig",
+    "WorkerFailed",
+];
+
 impl Error {
+    /// The CamelCase reason of this error (one of [`REASONS`]): what a user must look at.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::During { source, .. } => source.reason(),
+            Error::Engine { source, .. } => match source.as_ref() {
+                EngineError::PartitionsChanged { .. } => "InputPartitionsChanged",
+                EngineError::MissingState { .. } => "MissingCheckpoint",
+                EngineError::Misplaced { .. } => "InputMisplaced",
+                _ => "WorkerFailed",
+            },
+            Error::Fenced(_) => "TransactionalIdFenced",
+            Error::Config { .. } => "InvalidClientConfig",
+            _ => "WorkerFailed",
+        }
+    }
+
     /// A failed Kafka client call.
     pub(super) fn client(doing: impl Into<String>, source: KafkaError) -> Self {
         Error::Client { doing: doing.into(), source }

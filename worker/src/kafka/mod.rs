@@ -93,7 +93,7 @@ use commit::*;
 use config::client_config;
 pub use config::{resolve_property, transactional_id};
 use context::*;
-pub use error::Error;
+pub use error::{Error, REASONS};
 pub use health::{Health, Heartbeat};
 pub use routing::{murmur2, partition_for};
 
@@ -216,6 +216,9 @@ pub fn run(
     let checkpoints = engine.checkpointer().cloned();
     if let Some(cp) = &checkpoints {
         let _ = health.checkpointer.set(cp.clone());
+        metrics.checkpoint_interval.set(cfg.state.checkpoint_interval.as_millis() as f64 / 1000.0);
+        // Checkpoint age counts from the start until the first one completes.
+        metrics.checkpoint_last_success.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
     }
     let producer: ThreadedProducer<ProducerCtx> = pc
         .create_with_context(ProducerCtx {
