@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, EphemeralVolumeSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimTemplate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, EphemeralVolumeSource, HTTPGetAction, KeyToPath, LocalObjectReference, ObjectFieldSelector,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -76,6 +76,66 @@ pub struct BuildContext {
     /// Who may scrape the workers' metrics port (Helm `workerNetworkPolicy.metricsFrom`, as
     /// NetworkPolicyPeers); `None`: any pod in any namespace.
     pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
+    /// Scheduling and identity the platform gives every worker pod (Helm `workerPodTemplate`).
+    pub worker_pod_template: WorkerPodTemplate,
+}
+
+/// What the platform team sets on every worker pod (Helm `workerPodTemplate`, operator flag
+/// `--worker-pod-template` as JSON): where workers run, how they spread, their priority, the
+/// registry credentials, and annotations of the worker ServiceAccount (workload identity). In
+/// `serviceAccountAnnotations` and `podAnnotations` values, `{namespace}` and `{name}` stand for
+/// the TenantModel's namespace and name (one cloud role per tenant). Labels and annotations
+/// never replace the operator's own.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerPodTemplate {
+    /// Node labels a worker pod's node must have.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints worker pods tolerate (dedicated nodes).
+    #[serde(default)]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity.
+    #[serde(default)]
+    pub affinity: Option<Affinity>,
+    /// How a TenantModel's workers spread over zones or nodes; a constraint without a
+    /// `labelSelector` selects the TenantModel's own workers of one colour.
+    #[serde(default)]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// PriorityClass of worker pods.
+    #[serde(default)]
+    pub priority_class_name: Option<String>,
+    /// Secrets of the TenantModel's namespace for pulling the worker image (they must exist in
+    /// every tenant namespace).
+    #[serde(default)]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Annotations of each TenantModel's worker ServiceAccount, e.g.
+    /// `eks.amazonaws.com/role-arn: arn:aws:iam::123:role/streamscore-{namespace}-{name}` or
+    /// `iam.gke.io/gcp-service-account`.
+    #[serde(default)]
+    pub service_account_annotations: BTreeMap<String, String>,
+    /// Extra annotations of worker pods.
+    #[serde(default)]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Extra labels of worker pods (e.g. for the platform's own NetworkPolicies or cost reports).
+    #[serde(default)]
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+impl WorkerPodTemplate {
+    /// `{namespace}` and `{name}` replaced by `tm`'s.
+    fn expand(tm: &TenantModel, values: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let ns = tm.namespace().unwrap_or_default();
+        let name = tm.name_any();
+        values.iter().map(|(k, v)| (k.clone(), v.replace("{namespace}", &ns).replace("{name}", &name))).collect()
+    }
+}
+
+/// `extra` added to `base`, never replacing a key `base` has.
+fn add_missing(base: &mut BTreeMap<String, String>, extra: BTreeMap<String, String>) {
+    for (k, v) in extra {
+        base.entry(k).or_insert(v);
+    }
 }
 
 /// Where worker pods may connect to (Helm `workerNetworkPolicy.egress`, operator flag
@@ -350,11 +410,13 @@ pub fn build(tm: &TenantModel, ctx: &BuildContext) -> Children {
 pub fn build_live(tm: &TenantModel, ctx: &BuildContext, color: &str, pipeline: PipelineConfig) -> Children {
     let name = tm.name_any();
     let Colour { config_hash, config_map, deployment } = colour(tm, ctx, color, &pipeline);
-    let service_account = ServiceAccount {
-        metadata: meta(tm, format!("{name}-worker"), &[]),
-        automount_service_account_token: Some(false),
-        ..ServiceAccount::default()
-    };
+    let mut sa_meta = meta(tm, format!("{name}-worker"), &[]);
+    let sa_annotations = WorkerPodTemplate::expand(tm, &ctx.worker_pod_template.service_account_annotations);
+    if !sa_annotations.is_empty() {
+        sa_meta.annotations = Some(sa_annotations);
+    }
+    let service_account =
+        ServiceAccount { metadata: sa_meta, automount_service_account_token: Some(false), ..ServiceAccount::default() };
     let (service, headless) = services(tm, color);
     Children {
         pipeline,
@@ -633,8 +695,31 @@ fn worker_container(tm: &TenantModel, ctx: &BuildContext, mounts: Vec<VolumeMoun
 fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &str, version: &str) -> Deployment {
     let name = tm.name_any();
     let s = &tm.spec;
+    let pt = &ctx.worker_pod_template;
     let mut pod_labels = child_labels(&name);
     pod_labels.extend(selector(tm, color));
+    add_missing(&mut pod_labels, pt.pod_labels.clone());
+    let mut pod_annotations = BTreeMap::from([
+        ("streamscore.io/config-hash".to_owned(), config_hash.to_owned()),
+        ("streamscore.io/model-version".to_owned(), version.to_owned()),
+        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+        ("prometheus.io/port".to_owned(), METRICS_PORT.to_string()),
+        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+    ]);
+    add_missing(&mut pod_annotations, WorkerPodTemplate::expand(tm, &pt.pod_annotations));
+    // A spread constraint without a selector spreads this TenantModel's workers of this colour.
+    let spread: Vec<TopologySpreadConstraint> = pt
+        .topology_spread_constraints
+        .iter()
+        .cloned()
+        .map(|mut c| {
+            if c.label_selector.is_none() {
+                c.label_selector =
+                    Some(LabelSelector { match_labels: Some(selector(tm, color)), ..LabelSelector::default() });
+            }
+            c
+        })
+        .collect();
     let (volumes, mounts) = volumes(tm, color);
     let container = worker_container(tm, ctx, mounts);
     Deployment {
@@ -647,13 +732,7 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([
-                        ("streamscore.io/config-hash".to_owned(), config_hash.to_owned()),
-                        ("streamscore.io/model-version".to_owned(), version.to_owned()),
-                        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
-                        ("prometheus.io/port".to_owned(), METRICS_PORT.to_string()),
-                        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
-                    ])),
+                    annotations: Some(pod_annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -671,6 +750,12 @@ fn deployment(tm: &TenantModel, ctx: &BuildContext, config_hash: &str, color: &s
                         ..PodSecurityContext::default()
                     }),
                     termination_grace_period_seconds: Some(60),
+                    node_selector: Some(pt.node_selector.clone()).filter(|m| !m.is_empty()),
+                    tolerations: Some(pt.tolerations.clone()).filter(|t| !t.is_empty()),
+                    affinity: pt.affinity.clone(),
+                    topology_spread_constraints: Some(spread).filter(|t| !t.is_empty()),
+                    priority_class_name: pt.priority_class_name.clone(),
+                    image_pull_secrets: Some(pt.image_pull_secrets.clone()).filter(|t| !t.is_empty()),
                     containers: vec![container],
                     volumes: Some(volumes),
                     ..PodSpec::default()
@@ -754,6 +839,7 @@ mod tests {
             default_resources: None,
             worker_egress: Some(WorkerEgress { kafka_cidrs: vec!["10.1.0.0/16".into()], ..WorkerEgress::default() }),
             metrics_from: None,
+            worker_pod_template: Default::default(),
         };
         let spec = build(&tm, &ctx).network_policy.spec.unwrap();
         assert_eq!(spec.policy_types.unwrap(), ["Ingress", "Egress"]);

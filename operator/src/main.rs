@@ -59,6 +59,11 @@ struct Args {
     /// Empty: any pod in any namespace.
     #[arg(long, env = "STREAMSCORE_WORKER_METRICS_FROM", default_value = "")]
     worker_metrics_from: String,
+    /// What every worker pod gets from the platform (JSON, Helm `workerPodTemplate`):
+    /// nodeSelector, tolerations, affinity, topologySpreadConstraints, priorityClassName,
+    /// imagePullSecrets, serviceAccountAnnotations, podAnnotations, podLabels.
+    #[arg(long, env = "STREAMSCORE_WORKER_POD_TEMPLATE", default_value = "")]
+    worker_pod_template: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "STREAMSCORE_LISTEN", default_value = "0.0.0.0:8081")]
     listen: SocketAddr,
@@ -117,6 +122,10 @@ async fn main() -> anyhow::Result<()> {
         "off" => None,
         "" => Some(Default::default()),
         json => Some(serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--worker-egress: {e}"))?),
+    };
+    let worker_pod_template = match args.worker_pod_template.trim() {
+        "" | "{}" => Default::default(),
+        json => serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--worker-pod-template: {e}"))?,
     };
     let default_resources = if args.worker_resources.trim().is_empty() {
         None
@@ -233,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
             default_resources,
             worker_egress,
             metrics_from,
+            worker_pod_template,
         },
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),

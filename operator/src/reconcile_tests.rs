@@ -61,6 +61,7 @@ fn context(client: Client) -> Arc<Context> {
             default_resources: None,
             worker_egress: None,
             metrics_from: None,
+            worker_pod_template: Default::default(),
         },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: Recorder::new(

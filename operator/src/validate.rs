@@ -125,6 +125,7 @@ mod tests {
             default_resources: None,
             worker_egress: None,
             metrics_from: None,
+            worker_pod_template: Default::default(),
         };
         let c = crate::build::build(&tm, &ctx);
         let names = [

@@ -394,31 +394,46 @@ pub fn spawn_operator_observed(
     policy: streamscore_operator::policy::TenantPolicy,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> (tokio::task::JoinHandle<()>, std::sync::Arc<streamscore_operator::metrics::OperatorMetrics>) {
+    spawn_operator_with_build(client, ns, build_context(worker_image), policy, cancel)
+}
+
+/// The operator's settings as the chart passes them (the operator binary's flags of the same
+/// names, as JSON, from the environment): on the real node, workers request less CPU than the
+/// default and the object store's port is opened to them.
+pub fn build_context(worker_image: &str) -> streamscore_operator::build::BuildContext {
+    streamscore_operator::build::BuildContext {
+        default_image: worker_image.into(),
+        operator_namespace: "streamscore-system".into(),
+        kafka_prefix: None,
+        default_resources: std::env::var("STREAMSCORE_WORKER_RESOURCES")
+            .ok()
+            .map(|v| serde_json::from_str(&v).expect("STREAMSCORE_WORKER_RESOURCES is a ResourceRequirements")),
+        // As the chart's default: the e2e tests apply the egress rules (the local node agent
+        // does not enforce NetworkPolicies, the real node does).
+        worker_egress: Some(std::env::var("STREAMSCORE_WORKER_EGRESS").map_or_else(
+            |_| Default::default(),
+            |v| serde_json::from_str(&v).expect("STREAMSCORE_WORKER_EGRESS is a WorkerEgress"),
+        )),
+        metrics_from: None,
+        worker_pod_template: Default::default(),
+    }
+}
+
+/// [`spawn_operator_observed`] with these settings.
+pub fn spawn_operator_with_build(
+    client: &kube::Client,
+    ns: &str,
+    build: streamscore_operator::build::BuildContext,
+    policy: streamscore_operator::policy::TenantPolicy,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> (tokio::task::JoinHandle<()>, std::sync::Arc<streamscore_operator::metrics::OperatorMetrics>) {
     use std::sync::Arc;
-    use streamscore_operator::build::BuildContext;
     use streamscore_operator::metrics::OperatorMetrics;
     use streamscore_operator::reconcile::Context;
     let metrics = Arc::new(OperatorMetrics::new());
     let ctx = Arc::new(Context {
         client: client.clone(),
-        build: BuildContext {
-            default_image: worker_image.into(),
-            operator_namespace: "streamscore-system".into(),
-            kafka_prefix: None,
-            // The operator binary's settings of the same names (JSON), as the chart passes
-            // them: on the real node, workers request less CPU than the default and the
-            // object store's port is opened to them.
-            default_resources: std::env::var("STREAMSCORE_WORKER_RESOURCES")
-                .ok()
-                .map(|v| serde_json::from_str(&v).expect("STREAMSCORE_WORKER_RESOURCES is a ResourceRequirements")),
-            // As the chart's default: the e2e tests apply the egress rules (the local node
-            // agent does not enforce NetworkPolicies, the real node does).
-            worker_egress: Some(std::env::var("STREAMSCORE_WORKER_EGRESS").map_or_else(
-                |_| Default::default(),
-                |v| serde_json::from_str(&v).expect("STREAMSCORE_WORKER_EGRESS is a WorkerEgress"),
-            )),
-            metrics_from: None,
-        },
+        build,
         metrics: metrics.clone(),
         recorder: kube::runtime::events::Recorder::new(
             client.clone(),

@@ -212,13 +212,60 @@ async fn chart_installs_upgrades_and_uninstalls() {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &rendered).unwrap();
     let dry = run("kubectl", &["apply", "--dry-run=server", "-f", file.path().to_str().unwrap()]);
-    // Namespaced by default: a Role in the release's namespace, no ClusterRole.
+    // Namespaced by default: a Role in the release's namespace; the only ClusterRoles are the
+    // ones aggregated into edit/admin/view for namespace users (nothing for the operator).
     assert!(dry.contains("deployment.apps/") && dry.contains("role.rbac.authorization.k8s.io/"), "{dry}");
-    assert!(!dry.contains("clusterrole"), "no cluster-wide RBAC by default: {dry}");
+    let cluster_roles: Vec<&str> = dry.lines().filter(|l| l.starts_with("clusterrole")).collect();
+    assert_eq!(
+        cluster_roles,
+        [
+            format!(
+                "clusterrole.rbac.authorization.k8s.io/{release}-streamscore-operator-edit created (server dry run)"
+            ),
+            format!(
+                "clusterrole.rbac.authorization.k8s.io/{release}-streamscore-operator-view created (server dry run)"
+            ),
+        ],
+        "{dry}"
+    );
+    assert!(!dry.contains("clusterrolebinding"), "no cluster-wide RBAC for the operator by default: {dry}");
     assert!(rendered.contains(&format!("--namespaces={ns}")), "the operator watches its own namespace");
     run("helm", &["install", &release, "charts/streamscore", "-n", &ns, "--set", "crds.install=false"]);
     let dep = format!("{release}-streamscore-operator");
     run("kubectl", &["get", "deployment", &dep, "-n", &ns]);
+    assert!(
+        run("kubectl", &["get", "deployment", &dep, "-n", &ns, "-o", "yaml"])
+            .contains(&format!("--lease-name={release}-streamscore-operator")),
+        "the leader Lease is named after the release"
+    );
+    // A namespace user with the built-in edit role manages TenantModels; one with view reads
+    // them only (the controller-manager aggregates the chart's ClusterRoles into both).
+    for (role, user) in [("edit", "alice"), ("view", "bob")] {
+        run(
+            "kubectl",
+            &["create", "rolebinding", &format!("{user}-{role}"), "-n", &ns, "--clusterrole", role, "--user", user],
+        );
+    }
+    let can = |user: &str, verb: &str, resource: &str| {
+        let out = Command::new("kubectl")
+            .args(["auth", "can-i", verb, resource, "-n", &ns, "--as", user])
+            .current_dir(repo_root())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    streamscore_tests::eventually(std::time::Duration::from_secs(30), "edit aggregated", || async {
+        can("alice", "create", "tenantmodels.streamscore.io").then_some(())
+    })
+    .await;
+    assert!(can("alice", "patch", "tenantmodels.streamscore.io/scale"), "edit scales (kubectl scale tm)");
+    assert!(can("alice", "delete", "tenantmodels.streamscore.io"));
+    streamscore_tests::eventually(std::time::Duration::from_secs(30), "view aggregated", || async {
+        can("bob", "list", "tenantmodels.streamscore.io").then_some(())
+    })
+    .await;
+    assert!(!can("bob", "create", "tenantmodels.streamscore.io"), "view cannot create");
+    assert!(!can("bob", "patch", "tenantmodels.streamscore.io/status"), "nobody but the operator writes status");
     run(
         "helm",
         &[
@@ -238,5 +285,7 @@ async fn chart_installs_upgrades_and_uninstalls() {
     run("helm", &["uninstall", &release, "-n", &ns]);
     let gone = Command::new("kubectl").args(["get", "deployment", &dep, "-n", &ns]).output().unwrap();
     assert!(!gone.status.success(), "Deployment left after uninstall");
+    let gone = Command::new("kubectl").args(["get", "clusterrole", &format!("{dep}-edit")]).output().unwrap();
+    assert!(!gone.status.success(), "aggregated ClusterRole left after uninstall");
     let _ = Command::new("kubectl").args(["delete", "ns", &ns, "--wait=false"]).output();
 }

@@ -544,6 +544,7 @@ async fn worker_resources_have_platform_defaults_and_a_maximum() {
             default_resources: Some(defaults.clone()),
             worker_egress: Some(Default::default()),
             metrics_from: None,
+            worker_pod_template: Default::default(),
         },
         metrics: Arc::new(OperatorMetrics::new()),
         recorder: kube::runtime::events::Recorder::new(

@@ -542,3 +542,64 @@ async fn a_lease_expires_on_the_candidates_clock_not_on_the_holders() {
     }
     renewing.await.unwrap();
 }
+
+/// The platform's `workerPodTemplate` (Helm values → `--worker-pod-template`) reaches every
+/// worker pod through the real API server: scheduling, priority, pull secrets, extra labels and
+/// annotations (never replacing the operator's), a spread constraint selecting the
+/// TenantModel's own workers, and per-tenant workload identity on the ServiceAccount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platforms_pod_template_reaches_every_worker() {
+    let client = kube_client().await;
+    let (ns, sha) = namespace_with_model(&client, "podtpl").await;
+    let mut build = streamscore_tests::build_context("streamscore-worker:test");
+    build.worker_pod_template = serde_json::from_value(json!({
+        "nodeSelector": {"pool": "streamscore"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "streamscore", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+        "priorityClassName": "streamscore-workers",
+        "imagePullSecrets": [{"name": "registry"}],
+        "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/ss-{namespace}-{name}"},
+        "podAnnotations": {"cost-center": "ml-{name}", "streamscore.io/model-version": "not-mine"},
+        "podLabels": {"team": "risk", "streamscore.io/tenantmodel": "someone-else"}
+    }))
+    .expect("a WorkerPodTemplate");
+    let cancel = CancellationToken::new();
+    let (op, _) = streamscore_tests::spawn_operator_with_build(&client, &ns, build, Default::default(), &cancel);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let tm: TenantModel = serde_json::from_value(tenant_model("fraud", &sha)).unwrap();
+    tms.create(&PostParams::default(), &tm).await.unwrap();
+
+    let d = dep(&Api::namespaced(client.clone(), &ns), "fraud-blue").await;
+    let template = d.spec.unwrap().template;
+    let meta = template.metadata.unwrap();
+    let labels = meta.labels.unwrap();
+    assert_eq!(labels["team"], "risk");
+    assert_eq!(labels["streamscore.io/tenantmodel"], "fraud", "the operator's labels win");
+    let annotations = meta.annotations.unwrap();
+    assert_eq!(annotations["cost-center"], "ml-fraud");
+    assert_eq!(annotations["streamscore.io/model-version"], "v1", "the operator's annotations win");
+    let pod = template.spec.unwrap();
+    assert_eq!(pod.node_selector.unwrap()["pool"], "streamscore");
+    let t = &pod.tolerations.unwrap()[0];
+    assert_eq!((t.key.as_deref(), t.effect.as_deref()), (Some("dedicated"), Some("NoSchedule")));
+    assert!(pod.affinity.unwrap().node_affinity.is_some());
+    assert_eq!(pod.priority_class_name.as_deref(), Some("streamscore-workers"));
+    assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+    let spread = &pod.topology_spread_constraints.unwrap()[0];
+    assert_eq!(spread.topology_key, "topology.kubernetes.io/zone");
+    let sel = spread.label_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+    assert_eq!(
+        (sel["streamscore.io/tenantmodel"].as_str(), sel["streamscore.io/color"].as_str()),
+        ("fraud", "blue"),
+        "a constraint without a selector spreads this TenantModel's workers"
+    );
+    let sa: ServiceAccount = Api::namespaced(client.clone(), &ns).get("fraud-worker").await.unwrap();
+    assert_eq!(
+        sa.metadata.annotations.unwrap()["eks.amazonaws.com/role-arn"],
+        format!("arn:aws:iam::123456789012:role/ss-{ns}-fraud")
+    );
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
+}

@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
             json => Some(serde_json::from_str(json).map_err(|e| anyhow::anyhow!("--worker-egress: {e}"))?),
         },
         metrics_from: None,
+        worker_pod_template: Default::default(),
     };
     let mut out = String::new();
     for file in &args.files {
