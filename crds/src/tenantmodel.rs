@@ -73,6 +73,17 @@ pub struct TenantModelSpec {
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1024))]
     pub parallelism: i32,
+    /// Stops the pipeline without deleting it. `true`: every worker stops consuming, commits
+    /// its offsets and (with a `checkpointStore`) checkpoints each partition, as in a rescale's
+    /// `Draining` step; then the workers are removed and the phase becomes `Suspended` (Event
+    /// `Suspended`). Input arriving meanwhile waits in Kafka. `false` again: `parallelism`
+    /// workers start from the committed offsets with state restored from those checkpoints
+    /// (or rebuilt from the input, `state.missingCheckpoint`). A blue/green upgrade in progress
+    /// finishes or rolls back first. A model or feature change made while suspended is applied
+    /// when it resumes, without the blue/green gates (no live workers to compare with), and
+    /// `status.plan` says so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
     /// Worker container image. Defaults to the operator's configured worker image. Any other
     /// image must match the operator's allowlist (Helm value `tenantPolicy.allowedImages`,
     /// possibly pinned by digest); otherwise the TenantModel is `Degraded` (`ImageNotAllowed`).
@@ -586,6 +597,8 @@ pub enum Phase {
     Progressing,
     /// The spec cannot be run as it is, or workers are failing; see conditions.
     Degraded,
+    /// `spec.suspend`: no workers run; offsets and checkpoints are kept for the resume.
+    Suspended,
 }
 
 /// A status condition, as in Kubernetes' `metav1.Condition`.

@@ -169,7 +169,7 @@ impl OperatorMetrics {
             }
             seen.insert(l);
         }
-        for p in ["Pending", "Running", "Progressing", "Degraded", "Unknown"] {
+        for p in ["Pending", "Running", "Progressing", "Degraded", "Suspended", "Unknown"] {
             self.tenantmodels.get_or_create(&PhaseLabel { phase: p.into() }).set(counts.get(p).copied().unwrap_or(0));
         }
         let mut exported = self.exported.lock().unwrap_or_else(|e| e.into_inner());

@@ -284,6 +284,16 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     if !blocked.is_empty() {
         return report_blocked(ctx, tm, &tms, &blocked).await.map_err(Error::at(Step::Status));
     }
+    // spec.suspend: the live colour's worker count goes to 0 through the rescale path (drain,
+    // commit, checkpoint, then scale), unless a blue/green upgrade runs (it ends first).
+    let suspended_tm;
+    let tm = match suspended(tm) {
+        Some(s) => {
+            suspended_tm = s;
+            &suspended_tm
+        }
+        None => tm,
+    };
 
     // what the live colour runs (its ConfigMap), and what the spec asks for
     let build_ctx = BuildContext { kafka_prefix: ctx.policy.kafka_prefix_for(&ns), ..ctx.build.clone() };
@@ -447,15 +457,38 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
         observe_applied(ctx, tm, &live, &live_color, counted, &mut rescale, &up, held.as_deref())
             .await
             .map_err(Error::at(Step::Status))?;
-    let was_ready = tm.status.as_ref().is_some_and(|s| s.phase == Some(streamscore_crds::tenantmodel::Phase::Running));
-    let ready = status.phase == Some(streamscore_crds::tenantmodel::Phase::Running);
-    if patch_status_from(&tms, &tm.name_any(), &mut written, status).await.map_err(Error::at(Step::Status))?
-        && ready
-        && !was_ready
-    {
-        publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {running_version}")).await;
+    use streamscore_crds::tenantmodel::Phase;
+    let was = tm.status.as_ref().and_then(|s| s.phase);
+    let now_phase = status.phase;
+    if patch_status_from(&tms, &tm.name_any(), &mut written, status).await.map_err(Error::at(Step::Status))? {
+        if now_phase == Some(Phase::Running) && was != Some(Phase::Running) {
+            publish(ctx, tm, EventType::Normal, "Ready", format!("all workers available, model {running_version}"))
+                .await;
+        }
+        if now_phase == Some(Phase::Suspended) && was != Some(Phase::Suspended) {
+            publish(ctx, tm, EventType::Normal, "Suspended", SUSPENDED_MESSAGE.to_owned()).await;
+        }
+        if was == Some(Phase::Suspended) && !tm.spec.suspend {
+            let msg = format!("resuming with {} workers from the committed offsets", tm.spec.parallelism);
+            publish(ctx, tm, EventType::Normal, "Resumed", msg).await;
+        }
     }
     Ok(Action::requeue(next_reconcile(tm, &rescale, &up, barrier_applied, available)))
+}
+
+/// The message of a suspended TenantModel's `Ready` condition and its `Suspended` Event.
+const SUSPENDED_MESSAGE: &str = "suspended (spec.suspend): no workers run; offsets are committed and, with a \
+     checkpointStore, every partition checkpointed; input waits in Kafka; set spec.suspend to false to resume";
+
+/// `tm` as the reconcile applies it while `spec.suspend` holds: no workers. None when not
+/// suspended, or while a blue/green upgrade runs (suspended once it ends).
+fn suspended(tm: &TenantModel) -> Option<TenantModel> {
+    if !tm.spec.suspend || tm.status.as_ref().is_some_and(|s| s.upgrade.is_some()) {
+        return None;
+    }
+    let mut s = tm.clone();
+    s.spec.parallelism = 0;
+    Some(s)
 }
 
 /// After the barrier is recorded and before the old colour is stopped (scaled to 0), an
@@ -642,6 +675,10 @@ async fn observe_applied(
     crate::status::with_upgrade(&mut status, held, &now(), generation);
     if up.current.is_none() {
         note_rescale_rolled_back(&mut status, tm, rescale, replicas);
+    }
+    let running = live.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    if tm.spec.suspend && replicas == 0 && rescale.op.is_none() && up.current.is_none() && running == 0 {
+        crate::status::suspended(&mut status, SUSPENDED_MESSAGE, &now(), generation);
     }
     Ok(Applied { status, available, running_version })
 }
@@ -973,14 +1010,12 @@ async fn drive_rescale(
         }
         let op = rescale::start(live, want, &now());
         info!(from = live, to = want, "rescale started");
-        publish(
-            ctx,
-            tm,
-            EventType::Normal,
-            "RescaleStarted",
-            format!("rescaling {live}→{want} workers: draining and checkpointing"),
-        )
-        .await;
+        let msg = if want == 0 {
+            format!("suspending: draining and checkpointing {live} workers, then stopping them")
+        } else {
+            format!("rescaling {live}→{want} workers: draining and checkpointing")
+        };
+        publish(ctx, tm, EventType::Normal, "RescaleStarted", msg).await;
         rescale.op = Some(op);
         record_step(tms, tm, written, rescale).await?;
     }
@@ -1031,7 +1066,9 @@ async fn drive_rescale(
         OperationStep::Restoring | OperationStep::RollingBack => {
             let rolling_back = op.step == OperationStep::RollingBack;
             let target = if rolling_back { op.from } else { op.to };
-            let answers = ctx.workers.resume_and_status(&pods).await;
+            // Suspending (to 0): the drained workers stop as they are, never resumed.
+            let answers =
+                if target == 0 { ctx.workers.status(&pods).await } else { ctx.workers.resume_and_status(&pods).await };
             match rescale::restore_decision(op, target, available, &answers, now_t, timeout) {
                 Decision::Wait(msg) => {
                     op.message = msg;
@@ -1040,12 +1077,16 @@ async fn drive_rescale(
                 Decision::Done { .. } if !rolling_back => {
                     crate::fault::point("rescale-restored");
                     let r = rescale::outcome(op, "Succeeded", String::new(), now_t, tm.metadata.generation);
-                    let msg = format!(
-                        "rescaled {}→{} workers; every partition restored; input paused {:.1}s",
-                        op.from,
-                        op.to,
-                        r.paused_seconds.unwrap_or(0.0)
-                    );
+                    let msg = if op.to == 0 {
+                        format!("suspended: {} workers drained, checkpointed and stopped", op.from)
+                    } else {
+                        format!(
+                            "rescaled {}→{} workers; every partition restored; input paused {:.1}s",
+                            op.from,
+                            op.to,
+                            r.paused_seconds.unwrap_or(0.0)
+                        )
+                    };
                     info!(%msg, "rescale complete");
                     rescale.last = Some(RescaleOutcome { message: msg.clone(), ..r });
                     rescale.op = None;

@@ -308,6 +308,10 @@ pub fn restore_decision(
         }
     }
     let all_owned = total > 0 && (0..total as i32).all(|p| owned.contains(&p));
+    // To 0 (spec.suspend): done once no worker is left (each committed as it stopped).
+    if want == 0 && answers.is_empty() && available == 0 {
+        return Decision::Done { paused_at_ms: None, checkpointed: None };
+    }
     if answers.len() == want as usize && problems.is_empty() && replaying == 0 && all_owned {
         return Decision::Done { paused_at_ms: None, checkpointed: None };
     }
@@ -527,6 +531,15 @@ mod tests {
             matches!(restore_decision(&o, 4, 4, &held, now(), T), Decision::Wait(m) if m.contains("d still drained"))
         );
         assert!(matches!(restore_decision(&o, 4, 4, &three, now(), Duration::from_secs(1)), Decision::Fail(_)));
+    }
+
+    #[test]
+    fn suspending_completes_once_no_worker_is_left() {
+        let o = op(OperationStep::Restoring);
+        let one = vec![("a".to_owned(), drained(&o, &[0, 1], 1, 2))];
+        assert!(matches!(restore_decision(&o, 0, 0, &one, now(), T), Decision::Wait(m) if m.contains("1/0 workers")));
+        assert!(matches!(restore_decision(&o, 0, 1, &[], now(), T), Decision::Wait(_)), "a pod still available");
+        assert!(matches!(restore_decision(&o, 0, 0, &[], now(), T), Decision::Done { .. }));
     }
 
     #[test]

@@ -138,6 +138,15 @@ pub fn compute(
     st
 }
 
+/// `spec.suspend` done (no worker runs, none is asked for): phase `Suspended`, `Ready` and
+/// `Progressing` False with reason `Suspended`.
+pub fn suspended(st: &mut TenantModelStatus, message: &str, now: &str, generation: Option<i64>) {
+    st.phase = Some(Phase::Suspended);
+    set_condition(&mut st.conditions, "Ready", false, "Suspended", message, now, generation);
+    set_condition(&mut st.conditions, "Progressing", false, "Suspended", message, now, generation);
+    set_condition(&mut st.conditions, "Degraded", false, "AsExpected", "", now, generation);
+}
+
 /// A rescale in progress shows as `Progressing` (unless something is wrong: `Degraded` wins),
 /// with the step in the Progressing condition, as `kubectl describe tm` prints it.
 pub fn with_operation(st: &mut TenantModelStatus, now: &str, generation: Option<i64>) {

@@ -677,6 +677,112 @@ async fn scaling_a_tenantmodel_moves_each_partition_with_its_state() {
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }
 
+/// `spec.suspend`: the workers drain, commit and checkpoint every partition, then stop (phase
+/// `Suspended`, no pods, Event `Suspended`); input produced meanwhile waits in Kafka (no output);
+/// resumed, the workers restore their partitions from those checkpoints and score everything
+/// with features equal to those recomputed from the raw input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_tenantmodel_stops_after_a_checkpoint_and_resumes_from_it() {
+    let _node = NODE.lock().await;
+    use kube::api::{Patch, PatchParams};
+    use streamscore_tests::oracle::{check, events as stream, metric, oracle, outputs, Ev};
+
+    let env = CheckpointedEnv::start("suspend", "87", 2).await;
+    let (client, ns, input, out) = (env.client.clone(), env.ns.clone(), env.input.clone(), env.out.clone());
+    let operator = Operator::start(&client, &ns);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let tm: TenantModel = serde_json::from_value(env.tenant_model("paused", "suspend-v1")).unwrap();
+    tms.create(&PostParams::default(), &tm).await.unwrap();
+    let phase = |want: Phase, workers: i32| {
+        let tms = tms.clone();
+        async move {
+            eventually(Duration::from_secs(180), &format!("TenantModel {want:?} with {workers} workers"), || async {
+                let st = tms.get("paused").await.ok()?.status?;
+                (st.phase == Some(want) && st.parallelism == Some(workers)).then_some(st)
+            })
+            .await
+        }
+    };
+    phase(Phase::Running, 2).await;
+    let all = stream(0, 4_000, 400, 1_795_200_000_000);
+    let want = oracle(&all);
+    let (before, during) = all.split_at(2_000);
+    let p = producer();
+    produce(&p, &input, &before.iter().map(Ev::record).collect::<Vec<_>>()).await;
+    let first = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || outputs(&out, 2_000, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.len(), 2_000, "every event before the suspend scored");
+
+    let suspend = |on: bool| {
+        let tms = tms.clone();
+        async move {
+            tms.patch("paused", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": on}})))
+                .await
+                .unwrap();
+        }
+    };
+    suspend(true).await;
+    let st = phase(Phase::Suspended, 0).await;
+    let ready = st.conditions.iter().find(|c| c.kind == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Suspended"), "{ready:?}");
+    let last = st.last_rescale.expect("status.lastRescale");
+    assert_eq!((last.from, last.to, last.result.as_str()), (2, 0, "Succeeded"), "{last:?}");
+    let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let notes: Vec<String> = evs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("RescaleCheckpointed"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(notes.iter().any(|n| n.contains("checkpoints 2/2 complete")), "every partition checkpointed: {notes:?}");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let lp = ListParams::default().labels("streamscore.io/tenantmodel=paused");
+    eventually(Duration::from_secs(60), "no worker pod", || async {
+        pods.list(&lp).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+    // Input produced while suspended waits: no output for it.
+    produce(&p, &input, &during.iter().map(Ev::record).collect::<Vec<_>>()).await;
+    let quiet = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || outputs(&out, 2_001, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert_eq!(quiet.len(), 2_000, "nothing scored while suspended");
+
+    suspend(false).await;
+    phase(Phase::Running, 2).await;
+    let got = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || outputs(&out, 4_000, Duration::from_secs(180))
+    })
+    .await
+    .unwrap();
+    check(&got, &want);
+    // The resumed workers restored their partitions from the suspend's checkpoints.
+    let mut restored = 0.0;
+    for pod in pods.list(&lp).await.unwrap().items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
+        let m = reqwest::get(format!("http://{ip}:9090/metrics")).await.unwrap().text().await.unwrap();
+        restored += metric(&m, "streamscore_worker_partition_assignments_total{source=\"checkpoint\"}");
+    }
+    assert!(restored >= 2.0, "both partitions restored from checkpoints ({restored})");
+    let reasons: Vec<String> =
+        evs.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    for r in ["Suspended", "Resumed"] {
+        assert!(reasons.iter().any(|x| x == r), "Event {r} published: {reasons:?}");
+    }
+    tear_down(client, &ns, "paused", operator).await;
+}
+
 /// A model change made while a rescale runs is queued, not applied ungated: the rescale goes
 /// on with the workers' current model (its new count applied on its own), Event
 /// `UpgradeQueued` and status.plan say so, and the blue/green upgrade starts once the rescale
