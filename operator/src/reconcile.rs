@@ -276,6 +276,14 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
     let version = tm.spec.model.version.clone();
 
+    // `streamscore.io/pause-reconciliation: "true"`: children, rescale and upgrade left as they are
+    if paused(tm) {
+        return report_paused(ctx, tm, &tms, true).await.map_err(Error::at(Step::Status));
+    }
+    if tm.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.kind == PAUSED && c.status == "True")) {
+        report_paused(ctx, tm, &tms, false).await.map_err(Error::at(Step::Status))?;
+    }
+
     // validate (pure), then what the spec names outside itself
     let mut blocked = check_spec(tm, ctx);
     if blocked.is_empty() {
@@ -1270,6 +1278,41 @@ async fn apply_children(
     }
     apply(&Api::<ConfigMap>::namespaced(client.clone(), ns), &c.config_map).await?;
     apply(&Api::<Deployment>::namespaced(client.clone(), ns), &c.deployment).await
+}
+
+/// The annotation that stops the operator from changing a TenantModel's children.
+pub const PAUSE_ANNOTATION: &str = "streamscore.io/pause-reconciliation";
+const PAUSED: &str = "ReconciliationPaused";
+
+fn paused(tm: &TenantModel) -> bool {
+    tm.annotations().get(PAUSE_ANNOTATION).is_some_and(|v| v == "true")
+}
+
+/// Sets the `ReconciliationPaused` condition (True while the annotation says so, with an Event
+/// when it becomes so; False once it is removed); nothing else is touched while paused.
+async fn report_paused(
+    ctx: &Context,
+    tm: &TenantModel,
+    tms: &Api<TenantModel>,
+    on: bool,
+) -> Result<Action, kube::Error> {
+    let mut status = tm.status.clone().unwrap_or_default();
+    let (reason, message) = if on {
+        (
+            "PauseAnnotation",
+            format!(
+                "{PAUSE_ANNOTATION} is \"true\": the operator changes nothing (workers, rescale, upgrade stay as they \
+                 are; drained workers resume by themselves after their hold); remove the annotation to reconcile"
+            ),
+        )
+    } else {
+        ("Resumed", "the operator reconciles this TenantModel".to_owned())
+    };
+    crate::status::set_condition(&mut status.conditions, PAUSED, on, reason, &message, &now(), tm.metadata.generation);
+    if patch_status(tms, tm, status).await? && on {
+        publish(ctx, tm, EventType::Normal, PAUSED, message).await;
+    }
+    Ok(Action::await_change())
 }
 
 /// Writes `Degraded` with the first problem's reason and every message, publishes a Warning

@@ -603,3 +603,53 @@ async fn the_platforms_pod_template_reaches_every_worker() {
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
 }
+
+/// `streamscore.io/pause-reconciliation: "true"`: a spec change is not applied while the
+/// annotation stands (condition `ReconciliationPaused` True says why), and is applied once it
+/// is removed (the condition turns False).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_tenantmodel_is_left_alone_until_the_annotation_goes() {
+    let client = kube_client().await;
+    let (ns, sha) = namespace_with_model(&client, "pause").await;
+    let cancel = CancellationToken::new();
+    let op = streamscore_tests::spawn_operator(&client, &ns, "streamscore-worker:test", &cancel);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let tm: TenantModel = serde_json::from_value(tenant_model("fraud", &sha)).unwrap();
+    tms.create(&PostParams::default(), &tm).await.unwrap();
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let replicas = |d: Deployment| d.spec.and_then(|s| s.replicas);
+    assert_eq!(replicas(dep(&deps, "fraud-blue").await), Some(2));
+
+    let annotate = |v: serde_json::Value| {
+        let tms = tms.clone();
+        async move {
+            let patch = json!({"metadata": {"annotations": {"streamscore.io/pause-reconciliation": v}}});
+            tms.patch("fraud", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        }
+    };
+    let paused_condition = |want: &'static str| {
+        let tms = tms.clone();
+        async move {
+            eventually(Duration::from_secs(30), &format!("ReconciliationPaused {want}"), || async {
+                let st = tms.get("fraud").await.ok()?.status?;
+                st.conditions.into_iter().find(|c| c.kind == "ReconciliationPaused" && c.status == want)
+            })
+            .await
+        }
+    };
+    annotate(json!("true")).await;
+    let c = paused_condition("True").await;
+    assert!(c.message.contains("changes nothing"), "{c:?}");
+    tms.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"parallelism": 3}}))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(replicas(deps.get("fraud-blue").await.unwrap()), Some(2), "applied while paused");
+
+    annotate(serde_json::Value::Null).await;
+    paused_condition("False").await;
+    eventually(Duration::from_secs(30), "parallelism 3 applied", || async {
+        (replicas(deps.get("fraud-blue").await.ok()?) == Some(3)).then_some(())
+    })
+    .await;
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), op).await;
+}
