@@ -228,6 +228,16 @@ fn egress_rules(tm: &TenantModel, e: &WorkerEgress) -> Vec<NetworkPolicyEgressRu
             ports: Some(e.object_store_ports.iter().map(|p| port(*p, "TCP")).collect()),
         });
     }
+    // The query port of the TenantModel's own workers: a query for a key another worker owns
+    // is forwarded to it.
+    rules.push(NetworkPolicyEgressRule {
+        to: Some(vec![NetworkPolicyPeer { pod_selector: Some(all_workers(tm)), ..NetworkPolicyPeer::default() }]),
+        ports: Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(WORKER_PORT)),
+            protocol: Some("TCP".into()),
+            ..NetworkPolicyPort::default()
+        }]),
+    });
     rules.extend(e.extra_rules.iter().cloned());
     rules
 }
@@ -639,6 +649,19 @@ fn worker_container(tm: &TenantModel, ctx: &BuildContext, mounts: Vec<VolumeMoun
         env: Some(vec![
             EnvVar { name: "STREAMSCORE_LOG_FORMAT".into(), value: Some("json".into()), ..EnvVar::default() },
             EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), ..EnvVar::default() },
+            // The query address each worker advertises in the consumer group (its client.id):
+            // any worker forwards a query to the key's owner.
+            EnvVar {
+                name: "STREAMSCORE_POD_IP".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "status.podIP".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
             // The exactly-once producer's identity: a restarted container keeps its pod's name
             // and so fences (aborts) the transaction its predecessor left open.
             EnvVar {
@@ -829,7 +852,7 @@ mod tests {
     }
 
     #[test]
-    fn workers_may_reach_dns_their_kafka_ports_and_their_object_store_only() {
+    fn workers_may_reach_dns_their_kafka_ports_their_object_store_and_their_peers_only() {
         let mut tm = example();
         tm.spec.sink.bootstrap_servers = "out-a:9093, out-b:9093".into();
         let ctx = BuildContext {
@@ -852,10 +875,14 @@ mod tests {
         assert_eq!(ports(&egress[1]), [tcp(9092), tcp(9093)], "source and sink bootstrap ports");
         assert_eq!(egress[1].to.as_ref().unwrap()[0].ip_block.as_ref().unwrap().cidr, "10.1.0.0/16");
         assert_eq!(ports(&egress[2]), [tcp(443)], "the checkpoint store");
-        assert_eq!(egress.len(), 3);
+        assert_eq!(ports(&egress[3]), [tcp(WORKER_PORT)], "the query port of the TenantModel's own workers");
+        let peers = egress[3].to.as_ref().unwrap();
+        assert_eq!(peers[0].pod_selector, Some(all_workers(&tm)));
+        assert_eq!(peers[0].namespace_selector, None, "in the TenantModel's namespace only");
+        assert_eq!(egress.len(), 4);
         // No object store: no rule for it.
         tm.spec.checkpoint_store = None;
-        assert_eq!(build(&tm, &ctx).network_policy.spec.unwrap().egress.unwrap().len(), 2);
+        assert_eq!(build(&tm, &ctx).network_policy.spec.unwrap().egress.unwrap().len(), 3);
         // Egress rules off: ingress only.
         let off = BuildContext { worker_egress: None, ..ctx };
         let spec = build(&tm, &off).network_policy.spec.unwrap();

@@ -148,29 +148,35 @@ async fn tenantmodel_runs_end_to_end_on_the_local_node() {
     let v = scored.iter().map(|r| r.json()).find(|v| v["key"] == "e2e-user-3" && v["features"]["tx_1h"] == json!(5.0));
     assert!(v.is_some(), "user 3's fifth event counts 5 transactions in the hour");
 
-    // The query API of a worker pod answers the key's features (the owner) or names the owner.
+    // Every worker pod answers the key's features: the owner from its state, the other one by
+    // forwarding the query to the owner (found from the consumer group's description), and
+    // both say which worker answered.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let lp = ListParams::default().labels("streamscore.io/tenantmodel=fraud");
     let ips: Vec<String> =
         pods.list(&lp).await.unwrap().items.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).collect();
     assert_eq!(ips.len(), 2);
     let http = reqwest::Client::new();
-    let mut answered = None;
+    let mut owners = BTreeSet::new();
     for ip in &ips {
-        let body = eventually(Duration::from_secs(10), "query answer", || async {
+        let (owner, body) = eventually(Duration::from_secs(20), "query answer", || async {
             let r = http.get(format!("http://{ip}:8080/v1/entities/e2e-user-3")).send().await.ok()?;
-            let s = r.status().as_u16();
+            let owner = r.headers().get("x-streamscore-owner")?.to_str().ok()?.to_owned();
+            let partition = r.headers().get("x-streamscore-partition")?.to_str().ok()?.to_owned();
+            let ok = r.status().as_u16() == 200;
             let j: serde_json::Value = r.json().await.ok()?;
             // 200 once the owner's state is flushed (at most one commit interval behind).
-            (s == 409 || (s == 200 && j["features"]["tx_1h"] == json!(5.0))).then_some((s, j))
+            (ok && j["features"]["tx_1h"] == json!(5.0)
+                && j["partition"].as_i64().map(|p| p.to_string()) == Some(partition))
+            .then_some((owner, j))
         })
         .await;
-        if body.0 == 200 {
-            answered = Some(body.1);
-        }
+        assert_eq!(body["key"], "e2e-user-3", "{body}");
+        owners.insert(owner);
     }
-    let answered = answered.expect("the owner pod answers");
-    assert_eq!(answered["features"]["tx_1h"], json!(5.0), "{answered}");
+    assert_eq!(owners.len(), 1, "both pods name the same owner: {owners:?}");
+    let owner = owners.into_iter().next().unwrap();
+    assert!(ips.iter().any(|ip| owner == format!("{ip}:8080")), "the owner {owner} is one of the pods {ips:?}");
 
     // A second tenant whose model file is corrupt (its digest matches, so only the worker can
     // tell): Degraded with the worker's own reason, while the first tenant keeps scoring below.

@@ -117,6 +117,7 @@ async fn worker_scores_dead_letters_answers_queries_and_survives_restart() {
         metrics: w.metrics.clone(),
         readers: w.readers.clone(),
         features: Arc::new(FeatureSet::new(&cfg.features, &streamscore_worker::decode::Schema::new(&cfg))),
+        owners: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -2,13 +2,17 @@
 //! `GET /v1/entities/{key}` (feature values and last score of a key this worker owns).
 //!
 //! Query answers come from the state flushed at the last commit (at most one commit
-//! interval old). A key owned by another worker gets 409 naming the owner partition.
+//! interval old). A key another worker owns is answered by that worker: the request is
+//! forwarded to it (`crate::owners` finds it from the consumer group's description), and the
+//! answer says which worker and partition answered (headers `x-streamscore-owner`,
+//! `x-streamscore-partition`). Without an owner map (the pod's IP unknown), or while the
+//! partition has no owner (a rebalance), 409 or 503 name the partition.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -32,6 +36,9 @@ pub struct AppState {
     pub readers: Readers,
     /// Feature definitions.
     pub features: Arc<FeatureSet>,
+    /// Who owns which partition (a query for a key another worker owns is forwarded there);
+    /// None when this worker does not know its own address.
+    pub owners: Option<Arc<crate::owners::Owners>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -185,13 +192,77 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn entity(State(s): State<AppState>, Path(key): Path<String>) -> Response {
+/// Marks a forwarded query: its receiver answers from its own state or says it does not own
+/// the key, never forwards again.
+const FORWARDED: &str = "x-streamscore-forwarded";
+/// The query address of the worker that answered.
+const OWNER: &str = "x-streamscore-owner";
+/// The key's input partition.
+const PARTITION: &str = "x-streamscore-partition";
+
+async fn entity(State(s): State<AppState>, Path(key): Path<String>, headers: HeaderMap) -> Response {
     let n = s.health.input_partitions.load(Ordering::Relaxed);
     if n == 0 {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "input topic metadata not known yet"})))
             .into_response();
     }
     let partition = partition_for(key.as_bytes(), n);
+    let me = s.owners.as_ref().map(|o| o.me.clone()).unwrap_or_default();
+    let mut resp = entity_here(&s, &key, partition);
+    if resp.status() == StatusCode::CONFLICT && !headers.contains_key(FORWARDED) {
+        if let Some(owners) = s.owners.clone() {
+            resp = forward(owners, &key, partition).await;
+        }
+    } else if let Ok(v) = HeaderValue::from_str(&me) {
+        resp.headers_mut().insert(OWNER, v);
+    }
+    resp.headers_mut().insert(PARTITION, HeaderValue::from(partition));
+    resp
+}
+
+/// Asks the worker that owns `partition` for `key`.
+async fn forward(owners: Arc<crate::owners::Owners>, key: &str, partition: i32) -> Response {
+    let unowned = |why: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(
+                json!({"error": format!("partition {partition} of key {key:?}: {why}; retry"), "partition": partition}),
+            ),
+        )
+            .into_response()
+    };
+    let o = owners.clone();
+    let owner = tokio::task::spawn_blocking(move || o.owner(partition)).await.ok().flatten();
+    let Some(owner) = owner.filter(|a| *a != owners.me) else {
+        return unowned("no worker owns it right now (a rebalance or a state move)".into());
+    };
+    let Ok(mut url) = reqwest::Url::parse(&format!("http://{owner}/v1/entities/")) else {
+        return unowned(format!("owner address {owner:?} is not usable"));
+    };
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().push(key);
+    }
+    let answer = match owners.http.get(url).header(FORWARDED, owners.me.as_str()).send().await {
+        Ok(a) => a,
+        Err(e) => return unowned(format!("its owner {owner} did not answer: {e}")),
+    };
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status == StatusCode::CONFLICT {
+        // The group's description was older than the move.
+        owners.forget();
+        return unowned(format!("{owner} no longer owns it"));
+    }
+    let body = answer.bytes().await.unwrap_or_default();
+    let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&owner) {
+        resp.headers_mut().insert(OWNER, v);
+    }
+    resp
+}
+
+/// The answer from this worker's own state (409 when it does not own `partition`).
+fn entity_here(s: &AppState, key: &str, partition: i32) -> Response {
     let reader = s.readers.read().unwrap_or_else(|e| e.into_inner()).get(&partition).cloned();
     let Some(reader) = reader else {
         return (
@@ -203,7 +274,7 @@ async fn entity(State(s): State<AppState>, Path(key): Path<String>) -> Response 
         )
             .into_response();
     };
-    let Some(state) = reader.get::<KeyState>(&key) else {
+    let Some(state) = reader.get::<KeyState>(key) else {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({"error": format!("no state for key {key:?}"), "partition": partition})),

@@ -43,6 +43,7 @@ pub mod json;
 pub mod kafka;
 pub mod metrics;
 pub mod model;
+pub mod owners;
 pub mod record;
 pub mod state;
 pub mod watermark;

@@ -112,7 +112,10 @@ fn run(args: Args) -> Result<(), Stop> {
     // Before the admin API answers: a restarted live colour reports (and keeps) its barrier,
     // a restarted fenced worker its fence, and neither overwrites an operator's request.
     health.admin.restore_after_restart(cfg.shadow.clone(), std::path::Path::new(&cfg.runtime.state_dir));
-    let state = AppState { health: health.clone(), metrics: metrics.clone(), readers: readers.clone(), features };
+    // Queries for keys another worker owns are forwarded to it (an owner map from the group).
+    let owners = kafka::owners(&cfg).map_err(|e| Stop { reason: e.reason(), message: e.to_string() })?.map(Arc::new);
+    let state =
+        AppState { health: health.clone(), metrics: metrics.clone(), readers: readers.clone(), features, owners };
     // The admin and metrics listeners are optional; the HTTP one (health, entities) is not.
     if let Some(listen) = &cfg.runtime.admin_listen {
         serve(&rt, listen, "runtime.adminListen", admin_router(state.clone()), &cancel)?;

@@ -16,6 +16,16 @@ pub fn resolve_property(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
+/// The owner map of the first input topic's partitions, when this worker knows its own query
+/// address (see `crate::owners`).
+pub fn owners(cfg: &PipelineConfig) -> Result<Option<crate::owners::Owners>, Error> {
+    let Some(me) = crate::owners::query_address(&cfg.runtime.http_listen) else { return Ok(None) };
+    let (consumer, _) = client_config(cfg)?;
+    crate::owners::Owners::new(me, consumer, &cfg.source.group_id, &cfg.source.topics[0])
+        .map(Some)
+        .map_err(|message| Error::Config { setting: "source".into(), message })
+}
+
 pub(super) fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, ClientConfig), Error> {
     let invalid = |setting: String| move |message: String| Error::Config { setting, message };
     let mut c = ClientConfig::new();
@@ -47,6 +57,11 @@ pub(super) fn client_config(cfg: &PipelineConfig) -> Result<(ClientConfig, Clien
                 _ => "earliest",
             },
         );
+    // The query address in the group's description: any worker finds a key's owner
+    // (`crate::owners`). A client.id of source.properties wins.
+    if let Some(addr) = crate::owners::query_address(&cfg.runtime.http_listen) {
+        c.set("client.id", crate::owners::client_id(&addr));
+    }
     for (k, v) in &cfg.source.properties {
         c.set(k, resolve_property(v).map_err(invalid(format!("source.properties.{k}")))?);
     }

@@ -91,7 +91,7 @@ mod routing;
 
 use commit::*;
 use config::client_config;
-pub use config::{resolve_property, transactional_id};
+pub use config::{owners, resolve_property, transactional_id};
 use context::*;
 pub use error::{Error, REASONS};
 pub use health::{Health, Heartbeat};
