@@ -289,3 +289,71 @@ async fn chart_installs_upgrades_and_uninstalls() {
     assert!(!gone.status.success(), "aggregated ClusterRole left after uninstall");
     let _ = Command::new("kubectl").args(["delete", "ns", &ns, "--wait=false"]).output();
 }
+
+/// The tenant policy at admission: installed with an image allowlist, a Kafka prefix and a CPU
+/// maximum, the chart's ValidatingAdmissionPolicy makes the real API server refuse a
+/// TenantModel that breaks any of them at `kubectl apply`, with the reason, and admit one that
+/// keeps them.
+#[tokio::test]
+async fn the_tenant_policy_refuses_a_tenantmodel_at_kubectl_apply() {
+    let client = kube_client().await;
+    streamscore_tests::install_crd(&client).await;
+    let ns = namespace(&client, "vap").await;
+    let release = unique("vap");
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        values.path(),
+        "crds: {install: false}\ntenantPolicy:\n  kafkaPrefix: \"{namespace}.\"\n  maxWorkerResources: {cpu: \"2\"}\n  \
+         allowedImages: [registry.example.com/ss/*]\n",
+    )
+    .unwrap();
+    run("helm", &["install", &release, "charts/streamscore", "-n", &ns, "-f", values.path().to_str().unwrap()]);
+    let tm = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = streamscore_tests::minimal_tenant_model("fraud", &"0".repeat(64));
+        v["metadata"]["namespace"] = ns.clone().into();
+        v["spec"]["source"]["topics"] = serde_json::json!([format!("{ns}.payments")]);
+        v["spec"]["sink"]["topic"] = format!("{ns}.scores").into();
+        v["spec"]["sink"]["deadLetterTopic"] = format!("{ns}.dlq").into();
+        f(&mut v);
+        v
+    };
+    let apply = |v: serde_json::Value| {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), v.to_string()).unwrap();
+        let out = Command::new("kubectl")
+            .args(["apply", "--dry-run=server", "-f", file.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    // The policy takes effect within seconds of its creation.
+    let refused = streamscore_tests::eventually(std::time::Duration::from_secs(30), "the policy in effect", || async {
+        let (ok, out) = apply(tm(&|v| v["spec"]["image"] = "evil.example.com/miner:1".into()));
+        (!ok).then_some(out)
+    })
+    .await;
+    assert!(
+        refused.contains("spec.image: evil.example.com/miner:1 is not in the platform's image allowlist"),
+        "{refused}"
+    );
+    let (ok, out) = apply(tm(&|v| v["spec"]["image"] = "registry.example.com/ss/worker:2".into()));
+    assert!(ok, "an allowed image: {out}");
+    let (ok, out) = apply(tm(&|v| v["spec"]["image"] = "registry.example.com/ss/nested/worker:2".into()));
+    assert!(ok, "`/*` allows nested paths: {out}");
+    let (ok, out) = apply(tm(&|v| v["spec"]["sink"]["deadLetterTopic"] = "shared.dlq".into()));
+    assert!(!ok && out.contains(&format!("must start with {ns}.")) && out.contains("shared.dlq"), "{out}");
+    let (ok, out) = apply(tm(&|v| v["spec"]["resources"] = serde_json::json!({"limits": {"cpu": 4}})));
+    assert!(
+        !ok && out.contains("spec.resources.limits.cpu: 4 is above the platform's maximum per worker (2)"),
+        "{out}"
+    );
+    let (ok, out) = apply(tm(&|v| v["spec"]["resources"] = serde_json::json!({"requests": {"cpu": "1500m"}})));
+    assert!(ok, "within the maximum: {out}");
+    let (ok, out) = apply(tm(&|_| {}));
+    assert!(ok, "a TenantModel that keeps the policy: {out}");
+    run("helm", &["uninstall", &release, "-n", &ns]);
+    let _ = Command::new("kubectl").args(["delete", "ns", &ns, "--wait=false"]).output();
+}
