@@ -577,8 +577,8 @@ pub struct PostprocessConfig {
     #[serde(default)]
     #[schemars(length(max = 64))]
     pub passthrough: Vec<String>,
-    /// Feature values included in the output record (all features when empty and
-    /// `includeAllFeatures` is true). At most 1024.
+    /// Feature values included in the output record, by name; empty: every feature. At most
+    /// 1024.
     #[serde(default)]
     #[schemars(length(max = 1024))]
     pub include_features: Vec<String>,

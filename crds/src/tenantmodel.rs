@@ -26,6 +26,9 @@ use crate::pipeline::{
     version = "v1alpha1",
     kind = "TenantModel",
     plural = "tenantmodels",
+    doc = "A tenant's model pipeline: Kafka input → streaming features per key (RocksDB, event time) → ONNX model → \
+           Kafka output, run by streamscore in isolated worker pods. `kubectl explain tenantmodel.spec` for every \
+           field; `kubectl get tm` shows the phase, the reason and the model version.",
     shortname = "tm",
     namespaced,
     status = "TenantModelStatus",
