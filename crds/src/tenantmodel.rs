@@ -408,6 +408,29 @@ pub struct TenantModelStatus {
     /// How the latest upgrade ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_upgrade: Option<UpgradeOutcome>,
+    /// The latest rescales (suspends included) and upgrades that ended, newest first, at most
+    /// 10: what changed, how it ended and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One ended operation in `status.history`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// `Rescale` or `Upgrade`.
+    pub kind: String,
+    /// What changed: `2→4 workers`, or the model versions `v1→v2`.
+    pub change: String,
+    /// `Succeeded` or `RolledBack`.
+    pub result: String,
+    /// Detail (for a rollback: the reason).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it ended (RFC 3339).
+    pub finished_at: String,
 }
 
 /// A blue/green upgrade in progress.

@@ -684,6 +684,7 @@ async fn observe_applied(
     if up.current.is_none() {
         note_rescale_rolled_back(&mut status, tm, rescale, replicas);
     }
+    crate::status::record_history(&mut status);
     let running = live.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
     if tm.spec.suspend && replicas == 0 && rescale.op.is_none() && up.current.is_none() && running == 0 {
         crate::status::suspended(&mut status, SUSPENDED_MESSAGE, &now(), generation);

@@ -3,7 +3,7 @@
 //! unchanged world yields an identical status and no status write.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use streamscore_crds::tenantmodel::{Condition, Phase, TenantModelStatus};
+use streamscore_crds::tenantmodel::{Condition, HistoryEntry, Phase, TenantModelStatus};
 
 /// What the reconcile observed.
 #[derive(Clone, Debug)]
@@ -136,6 +136,47 @@ pub fn compute(
         }
     }
     st
+}
+
+/// How many ended operations `status.history` keeps.
+pub const HISTORY: usize = 10;
+
+/// Adds the last rescale and the last upgrade to `status.history` unless it has them already
+/// (same kind, start and end: idempotent across reconciles and restarts), newest first, at
+/// most [`HISTORY`] entries.
+pub fn record_history(st: &mut TenantModelStatus) {
+    let mut new = Vec::new();
+    if let Some(r) = &st.last_rescale {
+        new.push(HistoryEntry {
+            kind: "Rescale".into(),
+            change: format!("{}→{} workers", r.from, r.to),
+            result: r.result.clone(),
+            message: r.message.clone(),
+            started_at: r.started_at.clone(),
+            finished_at: r.finished_at.clone(),
+        });
+    }
+    if let Some(u) = &st.last_upgrade {
+        new.push(HistoryEntry {
+            kind: "Upgrade".into(),
+            change: format!("{}→{}", u.from_version, u.to_version),
+            result: u.result.clone(),
+            message: u.message.clone(),
+            started_at: u.started_at.clone(),
+            finished_at: u.finished_at.clone(),
+        });
+    }
+    for e in new {
+        let known = st
+            .history
+            .iter()
+            .any(|h| h.kind == e.kind && h.started_at == e.started_at && h.finished_at == e.finished_at);
+        if !known {
+            st.history.push(e);
+        }
+    }
+    st.history.sort_by(|a, b| b.finished_at.cmp(&a.finished_at));
+    st.history.truncate(HISTORY);
 }
 
 /// `spec.suspend` done (no worker runs, none is asked for): phase `Suspended`, `Ready` and
@@ -303,5 +344,57 @@ mod tests {
         let d = s.conditions.iter().find(|c| c.kind == "Degraded").unwrap();
         assert_eq!((d.status.as_str(), d.reason.as_str(), d.message.as_str()), ("True", "InvalidSpec", "spec.x: bad"));
         assert_eq!(s.observed_generation, Some(3));
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+    use streamscore_crds::tenantmodel::{RescaleOutcome, UpgradeOutcome};
+
+    fn rescale(from: i32, to: i32, at: &str, result: &str) -> RescaleOutcome {
+        RescaleOutcome {
+            from,
+            to,
+            result: result.into(),
+            message: String::new(),
+            started_at: at.into(),
+            finished_at: at.into(),
+            paused_seconds: None,
+            generation: None,
+            attempts: None,
+        }
+    }
+
+    #[test]
+    fn history_keeps_each_ended_operation_once_newest_first_and_bounded() {
+        let mut st = TenantModelStatus {
+            last_rescale: Some(rescale(2, 4, "2026-01-01T00:01:00Z", "Succeeded")),
+            ..Default::default()
+        };
+        record_history(&mut st);
+        record_history(&mut st);
+        assert_eq!(st.history.len(), 1, "recorded once across reconciles");
+        assert_eq!(st.history[0].change, "2→4 workers");
+        st.last_upgrade = Some(UpgradeOutcome {
+            from_version: "v1".into(),
+            to_version: "v2".into(),
+            result: "RolledBack".into(),
+            message: "gate ErrorRate failed".into(),
+            started_at: "2026-01-01T00:02:00Z".into(),
+            finished_at: "2026-01-01T00:03:00Z".into(),
+            ..Default::default()
+        });
+        record_history(&mut st);
+        assert_eq!(
+            st.history.iter().map(|h| (h.kind.as_str(), h.change.as_str(), h.result.as_str())).collect::<Vec<_>>(),
+            [("Upgrade", "v1→v2", "RolledBack"), ("Rescale", "2→4 workers", "Succeeded")]
+        );
+        for i in 0..20 {
+            st.last_rescale = Some(rescale(4, 5, &format!("2026-01-02T00:{i:02}:00Z"), "Succeeded"));
+            record_history(&mut st);
+        }
+        assert_eq!(st.history.len(), HISTORY);
+        assert_eq!(st.history[0].finished_at, "2026-01-02T00:19:00Z", "newest first");
     }
 }

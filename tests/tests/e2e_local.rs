@@ -737,6 +737,12 @@ async fn a_suspended_tenantmodel_stops_after_a_checkpoint_and_resumes_from_it() 
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Suspended"), "{ready:?}");
     let last = st.last_rescale.expect("status.lastRescale");
     assert_eq!((last.from, last.to, last.result.as_str()), (2, 0, "Succeeded"), "{last:?}");
+    let h = &st.history[0];
+    assert_eq!(
+        (h.kind.as_str(), h.change.as_str(), h.result.as_str()),
+        ("Rescale", "2→0 workers", "Succeeded"),
+        "{h:?}"
+    );
     let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
     let notes: Vec<String> = evs
         .list(&ListParams::default())
