@@ -170,8 +170,11 @@ kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$
 echo; echo "== dead-lettered records (payments-dlq, with headers)"
 kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
   --topic payments-dlq --from-beginning --max-messages 3 --property print.headers=true 2>/dev/null
-echo; echo "== query API: GET /v1/entities/user-42 (recs); a pod that does not own the key answers 409"
-for ip in $(pod_ips recs propensity); do "${NSX[@]}" curl -s "$ip:8080/v1/entities/user-42"; echo; done
+echo; echo "== query API: GET /v1/entities/user-42 (recs) through every pod; one that does not own the key forwards to its owner"
+for ip in $(pod_ips recs propensity); do
+  printf '%s → ' "$ip"
+  "${NSX[@]}" curl -s -D - "$ip:8080/v1/entities/user-42" | tr -d '\r' | awk 'tolower($1) == "x-streamscore-owner:" {printf "owner %s: ", $2} /^\{/ {print}'
+done
 echo; echo "== worker metrics (payments)"
 for ip in $(pod_ips payments fraud); do
   "${NSX[@]}" curl -s "$ip:8080/metrics" | grep -E '^streamscore_worker_(records_(in|out)_total|dead_letters_total\{reason="malformed"|commits_total)'

@@ -206,6 +206,26 @@ if [[ -n $wpid ]]; then
   fi
 fi
 
+# A query through any worker: the one that does not own the key forwards it to the owner, across
+# the workers' NetworkPolicy (egress to their peers' query port only), and every answer names
+# the same owner.
+answers=()
+ips=$(kubectl -n payments get pods -l streamscore.io/tenantmodel=fraud --field-selector=status.phase=Running \
+  -o jsonpath='{.items[*].status.podIP}')
+for ip in $ips; do
+  head=$(in_ns curl -s -m 5 -o /dev/null -D - "$ip:8080/v1/entities/user-42" | tr -d '\r')
+  code=$(printf '%s\n' "$head" | awk 'NR == 1 {print $2}')
+  owner=$(printf '%s\n' "$head" | awk -F': ' 'tolower($1) == "x-streamscore-owner" {print $2}')
+  answers+=("$ip:$code:$owner")
+done
+owners=$(printf '%s\n' "${answers[@]}" | awk -F: '$2 == 200 {print $3}' | sort -u)
+if ((${#answers[@]} >= 2)) && [[ $(printf '%s\n' "${answers[@]}" | grep -c ':200:') == "${#answers[@]}" ]] &&
+  [[ $(printf '%s\n' "$owners" | wc -l) == 1 && -n $owners ]]; then
+  ok "GET /v1/entities/user-42 answered 200 by every worker (${answers[*]}), owner $owners"
+else
+  fail "queries through each worker: ${answers[*]:-none}"
+fi
+
 # What the status says, from the pods the kubelet reports.
 tm_json missing-image '{"image": "streamscore-missing:'"$VERSION"'"}' | kubectl -n payments apply -f - >/dev/null
 tm_json oom '{"resources": {"requests": {"cpu": "50m", "memory": "12Mi"}, "limits": {"memory": "12Mi"}}}' \
@@ -360,6 +380,7 @@ E2E_CASES=(
   scaling_a_tenantmodel_moves_each_partition_with_its_state
   upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or_rolls_back
   an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_duplicates_nothing
+  a_suspended_tenantmodel_stops_after_a_checkpoint_and_resumes_from_it
 )
 e2e_bin=$(cargo test --workspace --locked --test e2e_local --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
