@@ -106,7 +106,8 @@ async fn tenantmodel_lifecycle_against_the_real_api_server() {
     };
     assert_eq!(egress[0], [port(53, "UDP"), port(53, "TCP")], "{egress:?}");
     assert_eq!(egress[1], [port(kafka_port, "TCP")], "{egress:?}");
-    assert_eq!(egress.len(), 2, "no object store here, nothing else: {egress:?}");
+    assert_eq!(egress[2], [port(8080, "TCP")], "the peers' query port (forwarded queries): {egress:?}");
+    assert_eq!(egress.len(), 3, "no object store here, nothing else: {egress:?}");
     assert_eq!(np.policy_types.unwrap(), ["Ingress", "Egress"]);
 
     // A child deleted by hand is put back at once (every child kind is watched), well before
