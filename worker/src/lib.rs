@@ -15,6 +15,7 @@
 //! ```text
 //!  main, http ................... process, HTTP endpoints (health, metrics, entities, admin API)
 //!  kafka ........................ consume, produce, commit protocol, rebalances, readiness
+//!  owners ....................... who owns each partition (the group's description), query forwarding
 //!  admin ........................ drain and cut-over requests shared by http and kafka
 //!  engine ....................... per batch: decode → features → model → output records
 //!  model, checkpoint ............ tract inference; object-store checkpoints and restore
