@@ -21,7 +21,8 @@ log "fault-injection suite, long form (about 30 min)"
 cargo test --workspace --test chaos --locked -- --ignored --nocapture chaos_long
 log "handoffs without local state, 20 runs each (about 15 min)"
 STREAMSCORE_HANDOFF_RUNS=20 cargo test --workspace --test rebuild_handoff --locked -- --nocapture --test-threads 1
-log "cut-over: the operator aborted at every step, and away longer than the fence hold (about 5 min)"
+log "cut-over: the operator aborted at every step, away longer than the fence hold, a live worker stopped, a candidate killed (about 8 min)"
 cargo test --workspace --test e2e_local --locked -- --nocapture --test-threads 1 \
-  an_operator_killed_at_every_step an_operator_away_longer_than_the_fence_hold
+  an_operator_killed_at_every_step an_operator_away_longer_than_the_fence_hold \
+  a_rollback_asks_a_live_worker_that_missed_its_resume_again a_candidate_restarted_during_the_cut_over_stays_paused
 cat "$STREAMSCORE_DEV_DIR/chaos-report.md"

@@ -351,27 +351,36 @@ pub fn e2e_worker_image(default: &str) -> String {
     std::env::var("STREAMSCORE_E2E_WORKER_IMAGE").unwrap_or_else(|_| default.to_owned())
 }
 
-/// SIGKILLs the worker process of the pod with this uid; false when there is none. On the
-/// node agent the process's command line names the pod; on the real node the process is in
-/// the pod's cgroup (`.../pod<uid>/<container>`, the kubelet's cgroupfs layout) and is the
-/// worker binary (the pause process of the sandbox is left alone).
+/// SIGKILLs the worker process of the pod with this uid; false when there is none.
 pub fn kill_worker_of_pod(uid: &str) -> bool {
+    signal_worker_of_pod(uid, "KILL")
+}
+
+/// Sends `signal` (a `kill -s` name: `KILL`, `STOP`, `CONT`) to the worker process of the pod
+/// with this uid; false when there is none. On the node agent the process's command line names
+/// the pod; on the real node the process is in the pod's cgroup (`.../pod<uid>/<container>`,
+/// the kubelet's cgroupfs layout) and is the worker binary (the pause process of the sandbox is
+/// left alone).
+pub fn signal_worker_of_pod(uid: &str, signal: &str) -> bool {
     if !on_real_node() {
-        return std::process::Command::new("pkill").args(["-KILL", "-f", uid]).status().is_ok_and(|s| s.success());
+        return std::process::Command::new("pkill")
+            .args([&format!("-{signal}"), "-f", uid])
+            .status()
+            .is_ok_and(|s| s.success());
     }
-    let mut killed = false;
+    let mut sent = false;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
         let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
         if cgroup.contains(&format!("pod{uid}/")) && comm.starts_with("streamscore-wor") {
-            killed |= std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
+            sent |= std::process::Command::new("kill")
+                .args(["-s", signal, &pid.to_string()])
                 .status()
                 .is_ok_and(|s| s.success());
         }
     }
-    killed
+    sent
 }
 
 /// [`spawn_operator`] with the platform team's tenant policy (image allowlist, digests).

@@ -1523,14 +1523,14 @@ impl ExactlyOnceCase {
     }
 
     /// Every one of the first `n` inputs of `all` has a committed output (read_committed) with
-    /// the features recomputed from the raw input; returns the outputs and how many inputs had
-    /// two.
-    async fn outputs_once(&self, all: &[streamscore_tests::oracle::Ev], n: usize) -> (usize, usize) {
+    /// the features recomputed from the raw input, read within `within`; returns the outputs
+    /// and how many inputs had two.
+    async fn outputs_once(&self, all: &[streamscore_tests::oracle::Ev], n: usize, within: Duration) -> (usize, usize) {
         use streamscore_tests::oracle::{check, oracle, outputs};
         let want = oracle(&all[..n]);
         let got = tokio::task::spawn_blocking({
             let out = self.env.out.clone();
-            move || outputs(&out, n, Duration::from_secs(240))
+            move || outputs(&out, n, within)
         })
         .await
         .unwrap();
@@ -1596,7 +1596,7 @@ async fn an_operator_away_longer_than_the_fence_hold_after_the_barrier_duplicate
     let n = steady.stop().await;
     assert_eq!(operator.stop(), ["upgrade-barrier-recorded"], "the operator crashed once, at the barrier");
 
-    let (outputs, duplicated) = case.outputs_once(&all, n).await;
+    let (outputs, duplicated) = case.outputs_once(&all, n, Duration::from_secs(240)).await;
     eprintln!("{n} inputs, {outputs} outputs, 0 lost, {duplicated} duplicated, 0 wrong");
     // The path taken: the old colour resumed past the barrier and the barrier was raised.
     let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(case.env.client.clone(), &case.env.ns);
@@ -1690,7 +1690,7 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
     assert_eq!(crashes, want_points, "the supervisor saw a crash at each step");
 
     // Every input exactly once, with the right features (read_committed).
-    let (outputs, duplicated) = case.outputs_once(&all, n).await;
+    let (outputs, duplicated) = case.outputs_once(&all, n, Duration::from_secs(240)).await;
     eprintln!(
         "operator crashed at {} steps; {n} inputs, {outputs} outputs, 0 lost, {duplicated} duplicated, 0 wrong ({:.0} s)",
         crashes.len(),
@@ -1703,6 +1703,168 @@ async fn an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_
         "exactly-once",
         (n, duplicated),
         &format!("crashed at {}", crashes.join(", ")),
+        started.elapsed(),
+    );
+    case.tear_down().await;
+}
+
+/// Which pods of `tm` have the colour `color` (name, uid).
+async fn colour_pods(client: &kube::Client, ns: &str, tm: &str, color: &str) -> Vec<(String, String)> {
+    let lp = ListParams::default().labels(&format!("streamscore.io/tenantmodel={tm},streamscore.io/color={color}"));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut found: Vec<(String, String)> = pods
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| Some((p.metadata.name?, p.metadata.uid?)))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Waits until the supervised operator of `dir` has crashed at `point`.
+async fn crashed_at(dir: &std::path::Path, point: &str) {
+    let log = dir.join("operator-crashes");
+    eventually(Duration::from_secs(300), &format!("the operator crashed at {point}"), || async {
+        std::fs::read_to_string(&log).ok()?.lines().any(|l| l == point).then_some(())
+    })
+    .await;
+}
+
+/// Issue 28 item 8, a rollback whose live worker missed its resume: the operator aborts right
+/// after fencing the live colour (the barrier not recorded yet) and stays away 10 s; meanwhile
+/// one live worker is stopped (SIGSTOP). Back, the operator's drain of the live colour gets no
+/// answer from it, so the upgrade rolls back, and the stopped worker cannot confirm its resume
+/// either: the upgrade stays `RollingBack` ("asking live workers to resume again"). Continued
+/// (SIGCONT), the worker is asked again and resumes, so every input has exactly one committed
+/// output within 90 s, long before its fence's hold (300 s) would have resumed it by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_asks_a_live_worker_that_missed_its_resume_again() {
+    let _node = NODE.lock().await;
+    use kube::api::{Patch, PatchParams};
+    use streamscore_tests::oracle::events as stream;
+
+    let started = std::time::Instant::now();
+    let (case, operator) = ExactlyOnceCase::start("resume", "88", 2, |ns, dir| {
+        SupervisedOperator::with(ns, dir, "upgrade-live-fenced", Duration::from_secs(10), &[])
+    })
+    .await;
+    let tms = case.tms.clone();
+    let live = tms.get("resume").await.unwrap().status.and_then(|s| s.active_color).unwrap_or_else(|| "blue".into());
+    let all = stream(0, 200_000, 4_000, 1_795_200_000_000);
+    let steady = Steady::start(&case.env.input, &all);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tms.patch("resume", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": case.env.model("v2")}})))
+        .await
+        .unwrap();
+    crashed_at(&case.dir, "upgrade-live-fenced").await;
+    let (victim, uid) = colour_pods(&case.env.client, &case.env.ns, "resume", &live).await.remove(0);
+    assert!(streamscore_tests::signal_worker_of_pod(&uid, "STOP"), "no worker process for pod {victim}");
+    eprintln!("operator crashed with {live} fenced; {victim} stopped");
+    let rolling = eventually(Duration::from_secs(120), "the rollback waiting for the stopped worker", || async {
+        let u = tms.get("resume").await.ok()?.status?.upgrade?;
+        (u.step == "RollingBack" && u.message.contains(&victim)).then_some(u.message)
+    })
+    .await;
+    assert!(streamscore_tests::signal_worker_of_pod(&uid, "CONT"), "no worker process for pod {victim}");
+    let continued = std::time::Instant::now();
+    eprintln!("{rolling}");
+    assert!(rolling.contains("asking live workers to resume again"), "{rolling}");
+    let last = eventually(Duration::from_secs(120), "the rollback recorded", || async {
+        let st = tms.get("resume").await.ok()?.status?;
+        st.last_upgrade.filter(|l| l.to_version == "v2" && st.upgrade.is_none())
+    })
+    .await;
+    assert_eq!(last.result, "RolledBack", "{last:?}");
+    assert!(last.message.contains(&format!("stopping {live}")), "{last:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = steady.stop().await;
+    assert_eq!(operator.stop(), ["upgrade-live-fenced"], "the operator crashed once, with the live colour fenced");
+
+    let (outputs, duplicated) = case.outputs_once(&all, n, Duration::from_secs(90)).await;
+    let waited = continued.elapsed();
+    eprintln!("{n} inputs, {outputs} outputs, 0 lost, {duplicated} duplicated, 0 wrong; all {waited:?} after SIGCONT");
+    assert_eq!(duplicated, 0, "exactly-once: no input has two committed outputs");
+    assert!(waited < Duration::from_secs(upgrade_hold()), "resumed by the operator, not by the fence's hold");
+    streamscore_tests::chaos_report(
+        "Cut-over",
+        "live worker stopped while fenced; the upgrade rolled back without its resume",
+        "exactly-once",
+        (n, duplicated),
+        &format!("{victim} resumed on a retry {:.0} s after SIGCONT", waited.as_secs_f64()),
+        started.elapsed(),
+    );
+    case.tear_down().await;
+}
+
+/// The fence's hold the operator gives the live colour at the cut-over (its default).
+fn upgrade_hold() -> u64 {
+    streamscore_operator::upgrade::CUTOVER_HOLD_SECONDS
+}
+
+/// Issue 28 item 2, the candidate held paused from its drain until go-live across a container
+/// restart: the operator aborts right after fencing the live colour (the candidate's position
+/// recorded, the barrier not yet) and stays away 20 s; meanwhile a candidate worker is
+/// SIGKILLed and its container restarts. It must come back paused: resumed in shadow, it would
+/// move past the barrier while the live colour is stopped, and its outputs between the barrier
+/// and where it is at go-live would reach the shadow topics only (lost from the live ones).
+/// Back, the operator records the barrier and the candidate goes live: every input has exactly
+/// one committed live output with the features recomputed from the raw input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_restarted_during_the_cut_over_stays_paused_until_it_goes_live() {
+    let _node = NODE.lock().await;
+    use kube::api::{Patch, PatchParams};
+    use streamscore_tests::oracle::events as stream;
+
+    let started = std::time::Instant::now();
+    let (case, operator) = ExactlyOnceCase::start("paused", "89", 2, |ns, dir| {
+        SupervisedOperator::with(ns, dir, "upgrade-live-fenced", Duration::from_secs(20), &[])
+    })
+    .await;
+    let tms = case.tms.clone();
+    let all = stream(0, 200_000, 4_000, 1_795_200_000_000);
+    let steady = Steady::start(&case.env.input, &all);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tms.patch("paused", &PatchParams::default(), &Patch::Merge(json!({"spec": {"model": case.env.model("v2")}})))
+        .await
+        .unwrap();
+    crashed_at(&case.dir, "upgrade-live-fenced").await;
+    let u = tms.get("paused").await.unwrap().status.and_then(|s| s.upgrade).expect("the upgrade in status");
+    assert!(u.live_from.is_none(), "the crash came before the barrier was recorded: {u:?}");
+    let (victim, uid) = colour_pods(&case.env.client, &case.env.ns, "paused", &u.candidate).await.remove(0);
+    assert!(streamscore_tests::kill_worker_of_pod(&uid), "no worker process for pod {victim}");
+    let pods: Api<Pod> = Api::namespaced(case.env.client.clone(), &case.env.ns);
+    eventually(Duration::from_secs(60), "the candidate's container restarted", || async {
+        let p = pods.get(&victim).await.ok()?;
+        let cs = p.status?.container_statuses?;
+        cs.iter().any(|c| c.restart_count >= 1 && c.ready).then_some(())
+    })
+    .await;
+    let u = tms.get("paused").await.unwrap().status.and_then(|s| s.upgrade).expect("the upgrade in status");
+    assert!(u.live_from.is_none(), "the candidate restarted before the barrier was recorded: {u:?}");
+    eprintln!("operator crashed with the live colour fenced; candidate {victim} SIGKILLed and restarted");
+    let last = eventually(Duration::from_secs(300), "the upgrade to v2 finished", || async {
+        let st = tms.get("paused").await.ok()?.status?;
+        st.last_upgrade.filter(|l| l.to_version == "v2" && st.upgrade.is_none())
+    })
+    .await;
+    assert_eq!(last.result, "Succeeded", "{last:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = steady.stop().await;
+    assert_eq!(operator.stop(), ["upgrade-live-fenced"], "the operator crashed once, with the live colour fenced");
+
+    let (outputs, duplicated) = case.outputs_once(&all, n, Duration::from_secs(240)).await;
+    eprintln!("{n} inputs, {outputs} outputs, 0 lost, {duplicated} duplicated, 0 wrong");
+    assert_eq!(duplicated, 0, "exactly-once: no input has two committed live outputs");
+    streamscore_tests::chaos_report(
+        "Cut-over",
+        "candidate worker SIGKILLed between its drain and go-live (operator away 20 s)",
+        "exactly-once",
+        (n, duplicated),
+        &format!("{victim} restarted paused and went live from the barrier"),
         started.elapsed(),
     );
     case.tear_down().await;
