@@ -453,13 +453,7 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     }
 
     // status
-    // Also when the rollback happened in this reconcile.
-    let held = plan.held_back.clone().or_else(|| {
-        if up.current.is_some() {
-            return None;
-        }
-        held_back(up.last.as_ref(), &upgrade::spec_hash(&desired, upgrade::retry_token(tm)))
-    });
+    let held = held_back_shown(&plan, &up, &upgrade::spec_hash(&desired, upgrade::retry_token(tm)));
     let counted = if up.completed_to.is_some() { replicas } else { live_replicas };
     let Applied { status, available, running_version } =
         observe_applied(ctx, tm, &live, &live_color, counted, &mut rescale, &up, held.as_deref())
@@ -1470,6 +1464,21 @@ fn held_back(last: Option<&UpgradeOutcome>, hash: &str) -> Option<String> {
         last.from_version,
         upgrade::RETRY_ANNOTATION
     ))
+}
+
+/// Why the spec is not applied, as status shows it after this reconcile: the plan's reason,
+/// or, when the upgrade rolled back in this very reconcile (the plan kept the live colour
+/// while it was in progress), the rollback's. Never when the plan applies the spec to the live
+/// colour: then the spec runs (e.g. a rolled-back `checkpointStore` change reverted, which
+/// the spec hash does not see, as it leaves the colours' store prefixes out).
+fn held_back_shown(plan: &Plan, up: &UpgradeState, hash: &str) -> Option<String> {
+    if plan.held_back.is_some() {
+        return plan.held_back.clone();
+    }
+    if up.current.is_some() || plan.apply_live {
+        return None;
+    }
+    held_back(up.last.as_ref(), hash)
 }
 
 /// Classifies the spec change against what the live colour runs, and starts, keeps or

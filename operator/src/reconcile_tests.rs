@@ -153,3 +153,36 @@ fn after_the_barrier_the_candidate_keeps_its_own_worker_count() {
     assert_eq!(stopped_colour_replicas(Some(0), None, 2), 2);
     assert_eq!(stopped_colour_replicas(Some(0), Some(0), 5), 5);
 }
+
+#[test]
+fn a_rolled_back_spec_is_shown_held_back_only_while_it_stands() {
+    let pipeline = render_pipeline(&fraud(), None);
+    let rolled_back = |hash: &str| UpgradeState {
+        current: None,
+        last: Some(UpgradeOutcome {
+            from_version: "v1".into(),
+            to_version: "v1".into(),
+            result: "RolledBack".into(),
+            message: "gate Ready failed".into(),
+            spec_hash: hash.into(),
+            ..Default::default()
+        }),
+        plan: None,
+        completed_to: None,
+    };
+    let plan = |apply_live: bool, held_back: Option<&str>| Plan {
+        live_pipeline: pipeline.clone(),
+        apply_live,
+        held_back: held_back.map(str::to_owned),
+    };
+    // The plan's own reason.
+    assert_eq!(held_back_shown(&plan(false, Some("why")), &rolled_back("h"), "h").as_deref(), Some("why"));
+    // Rolled back in this reconcile (the plan kept the live colour): the rollback's reason.
+    let shown = held_back_shown(&plan(false, None), &rolled_back("h"), "h").unwrap_or_default();
+    assert!(shown.contains("rolled back (gate Ready failed)"), "{shown}");
+    // Another spec since: nothing held back.
+    assert_eq!(held_back_shown(&plan(false, None), &rolled_back("other"), "h"), None);
+    // The spec runs (e.g. a rolled-back checkpointStore change reverted: the same hash, as the
+    // hash leaves stores out): nothing held back, though the hash still matches.
+    assert_eq!(held_back_shown(&plan(true, None), &rolled_back("h"), "h"), None);
+}
