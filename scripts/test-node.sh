@@ -17,8 +17,13 @@
 #  - blue/green while events flow: a model-only change cut over (the operator drives the
 #    workers' admin API across the pod network and their NetworkPolicy), a model that scores
 #    NaN rolled back by its ErrorRate gate;
+#  - a second tenant (the personalization example) scores its own stream in its own namespace;
+#    its worker cannot reach fraud's workers, and fraud's workers reach each other's query port
+#    but not their admin port;
 #  - the Rust end-to-end cases of rescale (2 → 4 → 1, features exact), blue/green (good and
-#    broken models, exact cut-over) and the operator killed at every step, on this node.
+#    broken models, exact cut-over), the operator killed at every step, suspend/resume, a
+#    candidate container restarted by the kubelet during the cut-over, and a live worker
+#    stopped (SIGSTOP) through a rollback, on this node.
 #
 # Environment: STREAMSCORE_NODE_TEST_DIR (default .dev/node-test), STREAMSCORE_NODE_TEST_PORT_BASE
 # (default 29000), NODE_TEST_KEEP=1 leaves the environment running. Needs root and the binaries
@@ -129,10 +134,11 @@ wait_reason() {
 
 log "helm install (operator image, chart RBAC, workers' NetworkPolicy with egress)"
 kubectl create namespace payments >/dev/null
+kubectl create namespace recs >/dev/null
 helm install streamscore charts/streamscore -n streamscore-system --create-namespace \
   --set image.repository=streamscore-operator --set "image.tag=$VERSION" --set image.pullPolicy=Never \
   --set workerImage.repository=streamscore-worker --set "workerImage.tag=$VERSION" \
-  --set logFormat=plain --set 'watchNamespaces={payments}' \
+  --set logFormat=plain --set 'watchNamespaces={payments,recs}' \
   --set 'tenantPolicy.allowedImages={streamscore-missing:*}' \
   --set "workerNetworkPolicy.egress.objectStorePorts={$S3_PORT}" \
   --set workerResources.requests.cpu=100m \
@@ -224,6 +230,46 @@ if ((${#answers[@]} >= 2)) && [[ $(printf '%s\n' "${answers[@]}" | grep -c ':200
   ok "GET /v1/entities/user-42 answered 200 by every worker (${answers[*]}), owner $owners"
 else
   fail "queries through each worker: ${answers[*]:-none}"
+fi
+
+# A second tenant in its own namespace (the personalization example, another model): it scores
+# its own stream beside fraud's, and the NetworkPolicies keep the tenants apart: its worker
+# reaches the broker, not fraud's workers; fraud's workers reach each other's query port only.
+for t in clicks:2 clicks-scored:2 clicks-dlq:1; do topic "${t%%:*}" "${t##*:}"; done
+kubectl -n recs create configmap recs-model --from-file=model.onnx=models/fraud-mlp.onnx >/dev/null
+sed -e "s|kafka.kafka.svc:9092|$STREAMSCORE_KAFKA_PODS|" examples/personalization.yaml | kubectl -n recs apply -f - >/dev/null
+if kubectl -n recs wait --for=condition=Ready tm/propensity --timeout=180s >/dev/null; then
+  "$BIN/streamscore-loadgen" gen --topic clicks --count 2000 --users 100 --seed 8 >/dev/null
+  clicks=$(kafka_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$KAFKA_BOOTSTRAP_SERVERS" \
+    --topic clicks-scored --from-beginning --max-messages 2000 --timeout-ms 90000 2>/dev/null | grep -c '"propensity"')
+  if ((clicks == 2000)); then ok "tm/propensity (namespace recs): 2000/2000 clicks scored by its MLP"; else fail "tm/propensity: $clicks/2000 clicks scored"; fi
+else
+  fail "tm/propensity not Ready: $(phase_reason propensity)"
+fi
+rpid=$(container_pid recs propensity- worker)
+read -r -a fraud_ips <<<"$ips"
+if [[ -n $rpid && -n $wpid && ${#fraud_ips[@]} -ge 2 ]]; then
+  mine=$(nsenter "--net=/proc/$wpid/ns/net" ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -1)
+  peer=${fraud_ips[0]}
+  [[ $peer == "$mine" ]] && peer=${fraud_ips[1]}
+  if tcp_open "/proc/$rpid/ns/net" "$NODE_IP" "$KAFKA_PODS_PORT"; then ok "recs worker → broker connects"; else fail "recs worker → broker dropped"; fi
+  if tcp_open "/proc/$rpid/ns/net" "$peer" 8080; then
+    fail "recs worker → fraud worker $peer:8080 connects (tenants are not isolated)"
+  else
+    ok "recs worker → fraud worker $peer:8080 dropped (another tenant's namespace)"
+  fi
+  if tcp_open "/proc/$wpid/ns/net" "$peer" 8080; then
+    ok "fraud worker → its peer $peer:8080 connects (query forwarding)"
+  else
+    fail "fraud worker → its peer $peer:8080 dropped"
+  fi
+  if tcp_open "/proc/$wpid/ns/net" "$peer" 8090; then
+    fail "fraud worker → its peer's admin port $peer:8090 connects (only the operator may)"
+  else
+    ok "fraud worker → its peer's admin port $peer:8090 dropped (the operator's only)"
+  fi
+else
+  fail "no worker containers to check tenant isolation (recs '$rpid', fraud '$wpid', fraud pods: ${fraud_ips[*]:-none})"
 fi
 
 # What the status says, from the pods the kubelet reports.
@@ -381,6 +427,8 @@ E2E_CASES=(
   upgrading_a_model_goes_through_shadow_and_gates_to_an_exact_cut_over_or_rolls_back
   an_operator_killed_at_every_step_of_a_rescale_and_an_upgrade_loses_and_duplicates_nothing
   a_suspended_tenantmodel_stops_after_a_checkpoint_and_resumes_from_it
+  a_candidate_restarted_during_the_cut_over_stays_paused_until_it_goes_live
+  a_rollback_asks_a_live_worker_that_missed_its_resume_again
 )
 e2e_bin=$(cargo test --workspace --locked --test e2e_local --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
