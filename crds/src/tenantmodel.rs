@@ -130,6 +130,14 @@ pub struct TenantModelSpec {
     /// How changes of the model (or anything that changes scores) are rolled out.
     #[serde(default)]
     pub upgrade: UpgradeStrategy,
+    /// Sets `parallelism` from the measured input rate, lag and worker utilization (absent:
+    /// `parallelism` is set by hand). The operator writes the new count through the scale
+    /// subresource, as a HorizontalPodAutoscaler does, and it is applied by the same
+    /// checkpoint-and-restart rescale as `kubectl scale tm`; while autoscaling is set, the
+    /// autoscaler wins: a count set by hand stands until its next decision (after
+    /// `cooldown`), and one outside the bounds is brought within them then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
     /// Kafka input: topics, key, event time, watermarks.
     pub source: SourceConfig,
     /// Field checks; failing events are dead-lettered with reason `invalid`.
@@ -250,6 +258,95 @@ pub struct StateVolume {
     /// the rescale is rolled back to the previous parallelism. Default 5m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rescale_timeout: Option<Duration>,
+}
+
+/// Autoscaling on lag. Every ~10 s the operator reads each live worker's metrics (records
+/// consumed, consumer lag, time busy) and, over the last minute, measures the input rate, the
+/// lag and the records one worker processes per busy second (its capacity). It wants enough
+/// workers to process the input rate and work off the lag within `targetLagSeconds` while each
+/// is busy no more than `targetUtilization` of its time: `ceil((inputRate + lag /
+/// targetLagSeconds) / (capacity × targetUtilization))`, within `minParallelism`..
+/// `maxParallelism` and never more than the input topic's partitions. It scales out at once,
+/// and in only to the largest count it wanted during the last `scaleDownStabilization` (so a
+/// flapping rate does not make it oscillate). It decides nothing during a rescale, an upgrade,
+/// a suspension, or for `cooldown` after a rescale ended (the restart's own lag is not load).
+/// Its measurements and last decision are in `status.autoscaling`, each decision an Event
+/// `Autoscaled`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minParallelism <= self.maxParallelism",
+    "message": "spec.autoscaling.minParallelism must not exceed maxParallelism"
+}]))]
+pub struct Autoscaling {
+    /// Fewest workers. Default 1.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub min_parallelism: i32,
+    /// Most workers (the input topic's partition count caps it too).
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_parallelism: i32,
+    /// Within how many seconds the workers should be able to work off the current lag, on top
+    /// of keeping up with the input rate. Default 30.
+    #[serde(default = "default_target_lag_seconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub target_lag_seconds: i32,
+    /// The share of each worker's time (0.1–1) the autoscaler plans to use: headroom for
+    /// bursts and for catching up after a restart. Default 0.7.
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 0.1, max = 1.0))]
+    pub target_utilization: f64,
+    /// How long a lower count must have been enough before the autoscaler scales in. Default 5m.
+    #[serde(default = "default_scale_down_stabilization")]
+    pub scale_down_stabilization: Duration,
+    /// How long after a rescale ends before the autoscaler measures and decides again.
+    /// Default 1m.
+    #[serde(default = "default_autoscaling_cooldown")]
+    pub cooldown: Duration,
+}
+
+fn default_target_lag_seconds() -> i32 {
+    30
+}
+
+fn default_target_utilization() -> f64 {
+    0.7
+}
+
+fn default_scale_down_stabilization() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_autoscaling_cooldown() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// What the autoscaler measured and decided last (`spec.autoscaling`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// The worker count the autoscaler wants now (before stabilization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_parallelism: Option<i32>,
+    /// Records per second arriving on the input topic (consumed plus lag growth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_rate: Option<f64>,
+    /// Consumer lag in records, summed over partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_records: Option<i64>,
+    /// The lag as time: records behind divided by what the workers process per second at
+    /// full utilization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// The workers' mean utilization (0–1): the share of time they were not waiting for input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<f64>,
+    /// Why the count is what it is (or why nothing was decided: measuring, cooldown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the autoscaler last changed `parallelism` (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
 }
 
 /// How a change of what the workers compute (the model, the features, validation or
@@ -412,6 +509,9 @@ pub struct TenantModelStatus {
     /// 10: what changed, how it ended and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
+    /// The autoscaler's measurements and last decision (`spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
 }
 
 /// One ended operation in `status.history`.

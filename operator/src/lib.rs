@@ -9,6 +9,7 @@
 //! ```
 //! [`lease`] keeps two replicas safe; [`metrics`] is the Prometheus registry.
 
+pub mod autoscale;
 pub mod build;
 pub mod fault;
 pub mod lease;

@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::Router;
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::{Api, Client};
 use streamscore_operator::build::BuildContext;
 use streamscore_operator::lease::LeaseLock;
@@ -245,10 +245,11 @@ async fn main() -> anyhow::Result<()> {
             worker_pod_template,
         },
         metrics: metrics.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: streamscore_operator::reconcile::Events::new(client.clone(), reporter),
         policy,
         workers: Default::default(),
         baselines: Default::default(),
+        autoscalers: Default::default(),
     });
     let namespaces: Vec<String> = args.namespaces.iter().filter(|n| !n.is_empty()).cloned().collect();
     run_controllers(ctx, &namespaces, cancel.clone()).await;

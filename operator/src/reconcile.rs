@@ -130,7 +130,7 @@ pub struct Context {
     /// Metrics.
     pub metrics: Arc<OperatorMetrics>,
     /// Event recorder.
-    pub recorder: Recorder,
+    pub recorder: Events,
     /// What TenantModels may reference (images, Secrets), from the platform team.
     pub policy: TenantPolicy,
     /// The workers' admin API (rescale, upgrade).
@@ -138,6 +138,8 @@ pub struct Context {
     /// Gate baselines of the upgrades in progress, by upgrade id (a restarted operator takes
     /// them again when the candidate is caught up).
     pub baselines: std::sync::Mutex<std::collections::HashMap<String, upgrade::Baseline>>,
+    /// The autoscalers' samples and recommendations, by `<namespace>/<name>`.
+    pub autoscalers: std::sync::Mutex<std::collections::HashMap<String, crate::autoscale::State>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -203,6 +205,39 @@ where
     Ok(n)
 }
 
+/// Publishes Events: a repeat of the same reason and note for one TenantModel within a few
+/// minutes becomes a count on the Event already there (a series), and another note for the
+/// same reason a new Event. (`kube`'s `Recorder` alone keys its series without the note, so a
+/// second `Autoscaled` or `RescaleCompleted` would only count up the first one's text.)
+pub struct Events {
+    client: Client,
+    reporter: kube::runtime::events::Reporter,
+    /// Per (TenantModel uid, reason): the last note and the recorder that holds its series.
+    last: std::sync::Mutex<std::collections::HashMap<(String, String), (String, Recorder)>>,
+}
+
+impl Events {
+    /// Events reported as `reporter`.
+    pub fn new(client: Client, reporter: kube::runtime::events::Reporter) -> Self {
+        Self { client, reporter, last: Default::default() }
+    }
+
+    /// The recorder for `note`: the one of the previous Event of this reason when its note was
+    /// the same, else a new one (a new Event).
+    fn for_note(&self, uid: String, reason: &str, note: &str) -> Recorder {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (uid, reason.to_owned());
+        match last.get(&key) {
+            Some((n, r)) if n == note => r.clone(),
+            _ => {
+                let r = Recorder::new(self.client.clone(), self.reporter.clone());
+                last.insert(key, (note.to_owned(), r.clone()));
+                r
+            }
+        }
+    }
+}
+
 async fn publish(ctx: &Context, tm: &TenantModel, type_: EventType, reason: &str, note: String) {
     // The API server refuses notes above 1 kB; the full text is in the status condition.
     let note = if note.len() > 1000 {
@@ -215,8 +250,9 @@ async fn publish(ctx: &Context, tm: &TenantModel, type_: EventType, reason: &str
         note
     };
     ctx.metrics.event(tm, reason);
+    let recorder = ctx.recorder.for_note(tm.uid().unwrap_or_default(), reason, &note);
     let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&ev, &tm.object_ref(&())).await {
+    if let Err(e) = recorder.publish(&ev, &tm.object_ref(&())).await {
         warn!(error = %e, "cannot publish event");
     }
 }
@@ -455,10 +491,12 @@ async fn reconcile_inner(tm: &TenantModel, ctx: &Context) -> Result<Action, Erro
     // status
     let held = held_back_shown(&plan, &up, &upgrade::spec_hash(&desired, upgrade::retry_token(tm)));
     let counted = if up.completed_to.is_some() { replicas } else { live_replicas };
-    let Applied { status, available, running_version } =
+    let Applied { mut status, available, running_version } =
         observe_applied(ctx, tm, &live, &live_color, counted, &mut rescale, &up, held.as_deref())
             .await
             .map_err(Error::at(Step::Status))?;
+    let operating = rescale.op.is_some() || up.current.is_some() || tm.spec.suspend;
+    status.autoscaling = autoscale(ctx, tm, &tms, &live_color, &status, operating).await;
     use streamscore_crds::tenantmodel::Phase;
     let was = tm.status.as_ref().and_then(|s| s.phase);
     let now_phase = status.phase;
@@ -878,6 +916,10 @@ fn next_reconcile(
         let barrier_pending = u.live_from.is_some() && !barrier_applied;
         return if barrier_pending { Duration::from_millis(20) } else { Duration::from_secs(2) };
     }
+    if tm.spec.autoscaling.is_some() {
+        // The autoscaler samples the workers' metrics on every reconcile.
+        return Duration::from_secs(10);
+    }
     Duration::from_secs(if available < tm.spec.parallelism {
         10
     } else if tm.spec.checkpoint_store.is_some() {
@@ -885,6 +927,118 @@ fn next_reconcile(
     } else {
         300
     })
+}
+
+/// The autoscaler's turn (see [`crate::autoscale`]): samples the live workers' metrics and,
+/// when the measurement asks for another worker count, writes it through the scale
+/// subresource (the next reconcile rescales, as after `kubectl scale tm`) and publishes an
+/// Event `Autoscaled`. Returns what `status.autoscaling` shows (None without autoscaling).
+async fn autoscale(
+    ctx: &Context,
+    tm: &TenantModel,
+    tms: &Api<TenantModel>,
+    live_color: &str,
+    status: &TenantModelStatus,
+    operating: bool,
+) -> Option<streamscore_crds::tenantmodel::AutoscalingStatus> {
+    use crate::autoscale::{decide, desired, measure, prune, push_sample, Decision, Sample, MIN_WINDOW_MS};
+    use streamscore_crds::tenantmodel::{AutoscalingStatus, Phase};
+    let spec = tm.spec.autoscaling.as_ref()?;
+    let (ns, name) = (tm.namespace().unwrap_or_default(), tm.name_any());
+    let key = format!("{ns}/{name}");
+    let now_t = chrono::Utc::now();
+    let now_ms = now_t.timestamp_millis();
+    let previous = tm.status.as_ref().and_then(|s| s.autoscaling.clone()).unwrap_or_default();
+    let mut out = AutoscalingStatus { last_scale_time: previous.last_scale_time.clone(), ..Default::default() };
+    let current = tm.spec.parallelism;
+    let cooling = status.last_rescale.as_ref().and_then(|l| {
+        let done = chrono::DateTime::parse_from_rfc3339(&l.finished_at).ok()?.with_timezone(&chrono::Utc);
+        let until = done + chrono::Duration::milliseconds(spec.cooldown.as_millis() as i64);
+        (now_t < until).then(|| until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    });
+    let not_now = if operating {
+        Some("a rescale, upgrade or suspension is in progress".to_owned())
+    } else if status.phase != Some(Phase::Running) {
+        Some("waiting for every worker to be available".to_owned())
+    } else {
+        cooling.map(|until| format!("cooldown after the last rescale, until {until}"))
+    };
+    let mut states = ctx.autoscalers.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(why) = not_now {
+        states.remove(&key);
+        out.message = format!("not measuring: {why}");
+        return Some(out);
+    }
+    drop(states);
+    let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color), None).await.ok()?;
+    let Some(m) = ctx.workers.metrics(&pods).await else {
+        ctx.autoscalers.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        out.message = "not measuring: a worker's metrics could not be read".to_owned();
+        return Some(out);
+    };
+    let sample = Sample {
+        at_ms: now_ms,
+        workers: pods.len() as i32,
+        records_in: m.records_in,
+        lag: m.lag,
+        busy: m.busy,
+        partitions: m.partitions,
+    };
+    let decision = {
+        let mut states = ctx.autoscalers.lock().unwrap_or_else(|e| e.into_inner());
+        let st = states.entry(key.clone()).or_default();
+        push_sample(&mut st.samples, sample);
+        let Some(measured) = measure(&st.samples) else {
+            out.message = format!("measuring (a decision needs {} s of samples)", MIN_WINDOW_MS / 1000);
+            return Some(out);
+        };
+        let want = desired(&measured, current, spec);
+        st.recommendations.push_back((now_ms, want));
+        prune(&mut st.recommendations, now_ms, spec);
+        out.desired_parallelism = Some(want);
+        out.input_rate = Some((measured.input_rate * 10.0).round() / 10.0);
+        out.lag_records = Some(measured.lag as i64);
+        out.lag_seconds = measured.lag_seconds(current).map(|s| (s * 100.0).round() / 100.0);
+        out.utilization = Some((measured.utilization * 1000.0).round() / 1000.0);
+        let why = format!(
+            "input {:.0}/s, lag {} records{}, utilization {:.2} (targets: lag {} s, utilization {:.2})",
+            measured.input_rate,
+            measured.lag as i64,
+            measured.lag_seconds(current).map(|s| format!(" ({s:.1} s of work)")).unwrap_or_default(),
+            measured.utilization,
+            spec.target_lag_seconds,
+            spec.target_utilization
+        );
+        (decide(current, want, &st.recommendations, now_ms, spec), why)
+    };
+    match decision {
+        (Decision::Keep(keep), why) => out.message = format!("{keep}: {why}"),
+        (Decision::Scale(n), why) => {
+            let direction = if n > current { "out" } else { "in" };
+            let msg = format!("scaling {direction} {current} → {n} workers: {why}");
+            let pp = PatchParams { field_manager: Some("streamscore-autoscaler".into()), ..PatchParams::default() };
+            let mut decided = out.clone();
+            decided.last_scale_time = Some(now());
+            decided.message = msg.clone();
+            // The decision reaches status before the count does: the reconcile the new count
+            // starts reads it (a status written after could be overwritten from an older read).
+            let noted = Patch::Merge(serde_json::json!({"status": {"autoscaling": decided}}));
+            let scaled = match tms.patch_status(&name, &pp, &noted).await {
+                Ok(_) => tms.patch_scale(&name, &pp, &Patch::Merge(serde_json::json!({"spec": {"replicas": n}}))).await,
+                Err(e) => Err(e),
+            };
+            match scaled {
+                Ok(_) => {
+                    info!(tm = %key, %msg, "autoscaler");
+                    ctx.autoscalers.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    out = decided;
+                    publish(ctx, tm, EventType::Normal, "Autoscaled", msg).await;
+                }
+                Err(e) => out.message = format!("could not set parallelism to {n}: {}", api_message(&e)),
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Deletes the TenantModel's Deployments, ConfigMaps and Services other than those of

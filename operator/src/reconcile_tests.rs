@@ -64,13 +64,14 @@ fn context(client: Client) -> Arc<Context> {
             worker_pod_template: Default::default(),
         },
         metrics: Arc::new(OperatorMetrics::new()),
-        recorder: Recorder::new(
+        recorder: crate::reconcile::Events::new(
             client,
             kube::runtime::events::Reporter { controller: "streamscore-operator".into(), instance: None },
         ),
         policy: Default::default(),
         workers: Default::default(),
         baselines: Default::default(),
+        autoscalers: Default::default(),
     })
 }
 

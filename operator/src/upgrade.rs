@@ -356,6 +356,10 @@ pub struct WorkerMetrics {
     pub lag: f64,
     /// Main-score histogram: cumulative counts at 0.05, 0.10, …, 1.0 and +Inf.
     pub score: Vec<f64>,
+    /// Seconds the workers' processing loops were busy (not waiting for input).
+    pub busy: f64,
+    /// Input partitions owned.
+    pub partitions: f64,
 }
 
 impl WorkerMetrics {
@@ -372,6 +376,8 @@ impl WorkerMetrics {
             *self.dead_letters_by.entry(r.clone()).or_default() += v;
         }
         self.lag += o.lag;
+        self.busy += o.busy;
+        self.partitions += o.partitions;
         if self.score.len() < o.score.len() {
             self.score.resize(o.score.len(), 0.0);
         }
@@ -392,6 +398,8 @@ impl WorkerMetrics {
                 .map(|(r, v)| (r.clone(), d(*v, base.dead_letters_by.get(r).copied().unwrap_or(0.0))))
                 .collect(),
             lag: self.lag,
+            busy: d(self.busy, base.busy),
+            partitions: self.partitions,
             score: self
                 .score
                 .iter()
@@ -426,6 +434,8 @@ pub fn parse_metrics(text: &str) -> WorkerMetrics {
                 *m.dead_letters_by.entry(reason.to_owned()).or_default() += v;
             }
             "streamscore_worker_consumer_lag" => m.lag += v,
+            "streamscore_worker_busy_seconds_total" => m.busy += v,
+            "streamscore_worker_partitions" => m.partitions += v,
             "streamscore_worker_score_bucket" => {
                 let le = labels.split(',').find_map(|l| l.strip_prefix("le=")).map(|s| s.trim_matches('"'));
                 let i = match le {

@@ -76,6 +76,15 @@ pub async fn produce(p: &FutureProducer, topic: &str, records: &[(String, Vec<u8
     }
 }
 
+/// [`produce`] with every record in flight at once (the enqueue of one does not wait for the
+/// acknowledgement of the one before): thousands of records per second from one task.
+pub async fn produce_concurrently(p: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) {
+    let futs = records.iter().map(|(k, v)| p.send(FutureRecord::to(topic).key(k).payload(v), Duration::from_secs(10)));
+    for r in futures::future::join_all(futs).await {
+        r.expect("record acknowledged");
+    }
+}
+
 /// A consumed record.
 #[derive(Debug, Clone)]
 pub struct Consumed {
@@ -444,13 +453,14 @@ pub fn spawn_operator_with_build(
         client: client.clone(),
         build,
         metrics: metrics.clone(),
-        recorder: kube::runtime::events::Recorder::new(
+        recorder: streamscore_operator::reconcile::Events::new(
             client.clone(),
             kube::runtime::events::Reporter { controller: "streamscore-operator".into(), instance: None },
         ),
         policy,
         workers: Default::default(),
         baselines: Default::default(),
+        autoscalers: Default::default(),
     });
     let (ns, c) = (ns.to_owned(), cancel.clone());
     (tokio::spawn(async move { streamscore_operator::run_controllers(ctx, &[ns], c).await }), metrics)

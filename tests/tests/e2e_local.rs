@@ -395,6 +395,12 @@ struct CheckpointedEnv {
 
 impl CheckpointedEnv {
     async fn start(prefix: &str, subnet: &str, partitions: i32) -> Self {
+        Self::start_with(prefix, subnet, partitions, &[]).await
+    }
+
+    /// [`CheckpointedEnv::start`], with `worker_env` in every worker's environment (set by the
+    /// node agent: fault injection).
+    async fn start_with(prefix: &str, subnet: &str, partitions: i32, worker_env: &[(&str, &str)]) -> Self {
         let client = kube_client().await;
         install_crd(&client).await;
         let ns = namespace(&client, prefix).await;
@@ -437,6 +443,9 @@ impl CheckpointedEnv {
         agent
             .args(["--node-name", &unique("node"), "--work-dir", work.as_path().to_str().unwrap(), "--subnet", subnet])
             .arg(format!("--image=streamscore-worker={}", built_binary("streamscore-worker").display()));
+        for (k, v) in worker_env {
+            agent.arg(format!("--env={k}={v}"));
+        }
         for var in creds.keys() {
             agent.env_remove(var);
         }
@@ -1443,7 +1452,8 @@ impl Drop for SupervisedOperator {
     }
 }
 
-/// Events produced at a steady pace (200 every 500 ms: 400 events/s) until stopped.
+/// Events produced at a steady pace (by default 200 every 500 ms at most, each acknowledged
+/// before the next is sent) until stopped.
 struct Steady {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -1452,6 +1462,19 @@ struct Steady {
 
 impl Steady {
     fn start(input: &str, all: &[streamscore_tests::oracle::Ev]) -> Self {
+        Self::start_at(input, all, 200, Duration::from_millis(500), false)
+    }
+
+    /// `chunk` events every `every` until stopped; `concurrently`: each chunk's records in
+    /// flight at once (else one after the other, each acknowledged first: slower than the pace
+    /// asks for when a chunk is large).
+    fn start_at(
+        input: &str,
+        all: &[streamscore_tests::oracle::Ev],
+        chunk: usize,
+        every: Duration,
+        concurrently: bool,
+    ) -> Self {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1459,14 +1482,24 @@ impl Steady {
             let (input, all, stop, sent) = (input.to_owned(), all.to_vec(), stop.clone(), sent.clone());
             async move {
                 let p = producer();
-                for chunk in all.chunks(200) {
+                let mut next = tokio::time::Instant::now();
+                for part in all.chunks(chunk) {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let recs: Vec<_> = chunk.iter().map(streamscore_tests::oracle::Ev::record).collect();
-                    produce(&p, &input, &recs).await;
-                    sent.fetch_add(chunk.len(), Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let recs: Vec<_> = part.iter().map(streamscore_tests::oracle::Ev::record).collect();
+                    if concurrently {
+                        streamscore_tests::produce_concurrently(&p, &input, &recs).await;
+                    } else {
+                        produce(&p, &input, &recs).await;
+                    }
+                    sent.fetch_add(part.len(), Ordering::Relaxed);
+                    if concurrently {
+                        next += every;
+                        tokio::time::sleep_until(next).await;
+                    } else {
+                        tokio::time::sleep(every).await;
+                    }
                 }
             }
         });
@@ -1868,4 +1901,106 @@ async fn a_candidate_restarted_during_the_cut_over_stays_paused_until_it_goes_li
         started.elapsed(),
     );
     case.tear_down().await;
+}
+
+/// Issue 32 item 4, autoscaling on lag: a TenantModel with `autoscaling {min 1, max 3,
+/// targetLagSeconds 10, scaleDownStabilization 40s, cooldown 10s}` whose worker processes at most
+/// about 2,000 records/s (a fault-injection delay of 500 µs per record stands in for a heavier
+/// model). Events step from none to 1,600/s: one worker would be 80 % busy, above the 70 %
+/// target, so the autoscaler scales out 1 → 2 through the rescale path, and stays at 2 while the
+/// rate holds (one decision, no oscillation). The input stops: idle, it scales in 2 → 1 once
+/// the stabilization window has passed. Every input has an output with the features recomputed
+/// from the raw input; status shows the measurements; the Events are exactly the two decisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaler_scales_out_on_load_and_back_in_when_idle() {
+    let _node = NODE.lock().await;
+    use streamscore_tests::oracle::{check, events as stream, oracle, outputs};
+
+    let started = std::time::Instant::now();
+    let env = CheckpointedEnv::start_with("autoscale", "90", 4, &[("STREAMSCORE_SLOW_RECORD_MICROS", "500")]).await;
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let operator = Operator::start(&client, &ns);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    let mut tm = env.tenant_model("auto", "v1");
+    tm["spec"]["parallelism"] = json!(1);
+    tm["spec"]["autoscaling"] = json!({"minParallelism": 1, "maxParallelism": 3, "targetLagSeconds": 10,
+                                        "scaleDownStabilization": "40s", "cooldown": "10s"});
+    tms.create(&PostParams::default(), &serde_json::from_value(tm).unwrap()).await.unwrap();
+    let parallelism = |n: i32, within: u64| {
+        let tms = tms.clone();
+        async move {
+            eventually(Duration::from_secs(within), &format!("Running with {n} workers"), || async {
+                let st = tms.get("auto").await.ok()?.status?;
+                (st.phase == Some(Phase::Running) && st.parallelism == Some(n) && st.operation.is_none()).then_some(st)
+            })
+            .await
+        }
+    };
+    parallelism(1, 120).await;
+    let autoscaled = || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let evs: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, &ns);
+            let mut found: Vec<(String, String)> = evs
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("Autoscaled"))
+                .map(|e| {
+                    let at = e.event_time.map(|t| t.0.to_string()).or(e.first_timestamp.map(|t| t.0.to_string()));
+                    (at.unwrap_or_default(), e.message.unwrap_or_default())
+                })
+                .collect();
+            found.sort();
+            found.into_iter().map(|(_, m)| m).collect::<Vec<_>>()
+        }
+    };
+
+    // 1,600 events/s (800 every 500 ms) until stopped.
+    let all = stream(0, 400_000, 4_000, 1_795_200_000_000);
+    let steady = Steady::start_at(&env.input, &all, 800, Duration::from_millis(500), true);
+    let out2 = parallelism(2, 180).await;
+    eprintln!("scaled out after {:.0} s: {:?}", started.elapsed().as_secs_f64(), autoscaled().await);
+    // The rate holds for 40 s more: the count holds.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let st = tms.get("auto").await.unwrap().status.unwrap();
+    let a = st.autoscaling.clone().expect("status.autoscaling");
+    eprintln!("at 1,600/s with 2 workers: {a:?}");
+    assert_eq!(st.parallelism, Some(2), "{a:?}");
+    assert!(a.input_rate.is_some_and(|r| r > 1000.0), "the input rate measured: {a:?}");
+    assert!(a.utilization.is_some_and(|u| u > 0.2 && u < 0.7), "two workers' utilization: {a:?}");
+    assert!(a.last_scale_time.is_some(), "the decision's time in status: {a:?}");
+    let n = steady.stop().await;
+    eprintln!("{n} events sent; idle now");
+
+    // Idle: back to 1 after the stabilization window.
+    parallelism(1, 240).await;
+    let events = autoscaled().await;
+    eprintln!("Autoscaled events: {events:#?}");
+    assert_eq!(events.len(), 2, "one decision out, one in: {events:?}");
+    assert!(events[0].starts_with("scaling out 1 → 2 workers"), "{events:?}");
+    assert!(events[1].starts_with("scaling in 2 → 1 workers"), "{events:?}");
+    assert_eq!(out2.last_rescale.as_ref().map(|l| (l.from, l.to, l.result.as_str())), Some((1, 2, "Succeeded")));
+
+    let want = oracle(&all[..n]);
+    let got = tokio::task::spawn_blocking({
+        let out = env.out.clone();
+        move || outputs(&out, n, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    let seen = check(&got, &want);
+    eprintln!(
+        "{n} inputs, {} outputs, 0 lost, {} written twice, 0 wrong ({:.0} s)",
+        got.len(),
+        seen.values().map(|c| c - 1).sum::<usize>(),
+        started.elapsed().as_secs_f64()
+    );
+    operator.stop().await;
+    let _ = tms.delete("auto", &DeleteParams::default()).await;
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }

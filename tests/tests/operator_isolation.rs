@@ -547,13 +547,14 @@ async fn worker_resources_have_platform_defaults_and_a_maximum() {
             worker_pod_template: Default::default(),
         },
         metrics: Arc::new(OperatorMetrics::new()),
-        recorder: kube::runtime::events::Recorder::new(
+        recorder: streamscore_operator::reconcile::Events::new(
             client.clone(),
             kube::runtime::events::Reporter { controller: "streamscore-operator".into(), instance: None },
         ),
         policy,
         workers: Default::default(),
         baselines: Default::default(),
+        autoscalers: Default::default(),
     });
     let cancel = CancellationToken::new();
     let op = tokio::spawn({

@@ -38,3 +38,22 @@ pub fn point(name: &str) {
         std::process::abort();
     }
 }
+
+static SLOW: OnceLock<Option<std::time::Duration>> = OnceLock::new();
+
+/// With `STREAMSCORE_SLOW_RECORD_MICROS=<n>` (tests only), each processed batch takes `n` µs
+/// per record longer, as a heavier model would: the autoscaling test gives one worker a small,
+/// known capacity. Unset, one read of an initialised `OnceLock` per batch.
+pub fn slow_batch(records: usize) {
+    let per = SLOW.get_or_init(|| {
+        let us: u64 = std::env::var("STREAMSCORE_SLOW_RECORD_MICROS").ok()?.parse().ok()?;
+        tracing::warn!(
+            us,
+            "fault injection armed: every record takes this much longer (STREAMSCORE_SLOW_RECORD_MICROS)"
+        );
+        Some(std::time::Duration::from_micros(us))
+    });
+    if let Some(per) = per {
+        std::thread::sleep(*per * records as u32);
+    }
+}

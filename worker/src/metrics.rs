@@ -81,6 +81,9 @@ pub struct Metrics {
     pub checkpoint_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// `state.checkpointInterval` in seconds while checkpoints go to a store (0: none).
     pub checkpoint_interval: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Seconds the processing loop spent other than waiting for input (its rate is the
+    /// worker's utilization, 0..1: the operator's autoscaler sizes parallelism by it).
+    pub busy_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Checkpoints that failed (taken or uploaded).
     pub checkpoint_failures: Counter,
     /// Periodic checkpoints not taken because the partition's previous one was still queued
@@ -180,6 +183,7 @@ impl Metrics {
             checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             checkpoint_last_success: Gauge::default(),
             checkpoint_interval: Gauge::default(),
+            busy_seconds: Counter::default(),
             checkpoint_fallbacks: Counter::default(),
             assignments: Family::default(),
             restore_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
@@ -225,6 +229,11 @@ impl Metrics {
                 m.state_volume_full.clone(),
             );
             r.register("partitions", "Input partitions owned", m.partitions.clone());
+            r.register(
+                "busy_seconds",
+                "Time the processing loop spent other than waiting for input (its rate is the utilization)",
+                m.busy_seconds.clone(),
+            );
             r.register(
                 "commits",
                 "Offset commits after acknowledged outputs and durable state (exactlyOnce: transactions committed)",

@@ -20,6 +20,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [streamscore.io]
   resources: [tenantmodels/status]
   verbs: [patch]
+# The autoscaler (spec.autoscaling) sets the worker count as an HPA does.
+- apiGroups: [streamscore.io]
+  resources: [tenantmodels/scale]
+  verbs: [patch]
 # Watched and pruned children.
 - apiGroups: [""]
   resources: [configmaps, services]

@@ -243,6 +243,9 @@ pub(super) fn committer_loop(
 ) {
     let phase = |name: &'static str, since: Instant| shared.observe_phase(name, since);
     let mut last_lag = Instant::now() - Duration::from_secs(60);
+    // Where each partition's processing stands (its last committed position): the lag is
+    // refreshed from it every 5 s, also while idle (no new commits), so it never goes stale.
+    let mut positions: std::collections::BTreeMap<(String, i32), i64> = std::collections::BTreeMap::new();
     let mut stopping_since: Option<Instant> = None;
     while let Ok(job) = jobs.recv() {
         let started = Instant::now();
@@ -305,18 +308,21 @@ pub(super) fn committer_loop(
                     }
                     commit_offsets(&shared, &consumer, &commits, CommitMode::Sync);
                 }
-                if last_lag.elapsed() >= Duration::from_secs(5) {
-                    last_lag = Instant::now();
-                    let owned = shared.health.partitions.read().unwrap_or_else(|e| e.into_inner()).clone();
-                    for (topic, partition, next) in commits.iter().filter(|c| owned.contains(&c.1)) {
-                        if let Ok((_, high)) = consumer.fetch_watermarks(topic, *partition, Duration::from_millis(500))
-                        {
-                            shared
-                                .metrics
-                                .consumer_lag
-                                .get_or_create(&PartitionLabel { topic: topic.clone(), partition: *partition })
-                                .set((high - next).max(0));
-                        }
+                for (topic, partition, next) in &commits {
+                    positions.insert((topic.clone(), *partition), *next);
+                }
+            }
+            if job.commit_offsets && last_lag.elapsed() >= Duration::from_secs(5) {
+                last_lag = Instant::now();
+                let owned = shared.health.partitions.read().unwrap_or_else(|e| e.into_inner()).clone();
+                positions.retain(|(_, p), _| owned.contains(p));
+                for ((topic, partition), next) in &positions {
+                    if let Ok((_, high)) = consumer.fetch_watermarks(topic, *partition, Duration::from_millis(500)) {
+                        shared
+                            .metrics
+                            .consumer_lag
+                            .get_or_create(&PartitionLabel { topic: topic.clone(), partition: *partition })
+                            .set((high - next).max(0));
                     }
                 }
             }

@@ -382,7 +382,14 @@ fn consume(
     // acknowledged latency (which so includes the wait for the batch to fill).
     let mut polled_at: Vec<Instant> = Vec::with_capacity(max_batch);
     let mut paused_for_space = false;
+    // Utilization: each turn of the loop counts as busy but for its waits for input (polls
+    // with a timeout); a paused or drained worker waits too.
+    let mut turn_started = Instant::now();
+    let mut waited = Duration::ZERO;
     while !cancel.is_cancelled() {
+        let now = Instant::now();
+        shared.metrics.busy_seconds.inc_by(now.duration_since(turn_started).saturating_sub(waited).as_secs_f64());
+        (turn_started, waited) = (now, Duration::ZERO);
         if let Some(why) = shared.fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
             return Err(why);
         }
@@ -417,12 +424,18 @@ fn consume(
             // Once a batch has begun, queued records are taken without waiting; only an empty
             // queue waits, for what is left of `maxDelay` in whole milliseconds (librdkafka's
             // unit: the client library would spin through a wait shorter than 1 ms).
+            let waiting = |timeout: Duration, waited: &mut Duration| {
+                let t0 = Instant::now();
+                let polled = consumer.poll(timeout);
+                *waited += t0.elapsed();
+                polled
+            };
             let polled = match first_at {
-                None => consumer.poll(Duration::from_millis(100)),
+                None => waiting(Duration::from_millis(100), &mut waited),
                 Some(t) => match consumer.poll(Duration::ZERO) {
                     None => match max_delay.saturating_sub(t.elapsed()).as_millis() {
                         0 => break,
-                        ms => consumer.poll(Duration::from_millis(ms as u64)),
+                        ms => waiting(Duration::from_millis(ms as u64), &mut waited),
                     },
                     some => some,
                 },
@@ -482,6 +495,8 @@ fn consume(
                 *health.replaying.write().unwrap_or_else(|e| e.into_inner()) = engine.replaying();
             }
             drop(engine);
+            // (Outside the engine's lock: queries and /metrics go on meanwhile.)
+            crate::fault::slow_batch(batch.len());
             batch.clear();
             polled_at.clear();
         }
