@@ -332,6 +332,15 @@ async fn the_crd_bounds_names_lists_and_sizes() {
             "sink.properties.never inline values",
             Box::new(|tm| tm["spec"]["sink"]["properties"] = json!({"ssl.key.password": "hunter2"})),
         ),
+        // Autoscaling bounds.
+        (
+            "autoscaling.must not exceed maxParallelism",
+            Box::new(|tm| tm["spec"]["autoscaling"] = json!({"minParallelism": 3, "maxParallelism": 2})),
+        ),
+        (
+            "autoscaling.targetUtilization",
+            Box::new(|tm| tm["spec"]["autoscaling"] = json!({"maxParallelism": 2, "targetUtilization": 1.5})),
+        ),
         (
             "source.properties.at most 64",
             Box::new(|tm| {
