@@ -33,6 +33,11 @@
 //!   the dead-letter topic with reason `future_event_time` and changes neither state nor the
 //!   watermark.
 //! - Per key, values never depend on which other keys share the partition.
+//! - A lookup table (`features.lookups`) is a compacted topic every worker reads in full before
+//!   it takes partitions. An event's `lookups.<table>.<field>` is the field of the table's row
+//!   whose record key equals the event's `key` field (as text), as the worker holds it when the
+//!   event is processed: the latest value read so far, not versioned by event time. No row (or
+//!   no such field in it) reads as an absent field.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -325,6 +330,80 @@ pub struct FeaturesConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub emitted: Vec<EmittedWindow>,
+    /// Global lookup tables joined into each event (at most 16), e.g. a merchant's risk tier
+    /// keyed by the event's `merchant` field. Their fields are read as
+    /// `lookups.<table>.<field>` wherever an event field can be named: window, sequence and
+    /// emitted `field` and `filter.field`, `model.features`, `postprocess.passthrough`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub lookups: Vec<LookupTable>,
+}
+
+/// Largest number of lookup tables of one pipeline.
+pub const MAX_LOOKUP_TABLES: usize = 16;
+
+/// Largest number of fields read from one lookup table.
+pub const MAX_LOOKUP_FIELDS: usize = 64;
+
+/// Prefix of the field names that read a lookup table: `lookups.<table>.<field>`.
+pub const LOOKUP_PREFIX: &str = "lookups.";
+
+/// A global table: a compacted Kafka topic whose records are keyed by the table key (UTF-8
+/// text) with a JSON object as value (a null value deletes the row). Every worker reads all of
+/// its partitions from the beginning and is not ready, and takes no input partitions, until it
+/// has read up to the end offsets it found at start; it then keeps reading updates. An event
+/// reads the row whose key equals its `key` field as text (a string's content, a number's or
+/// boolean's JSON text): the latest row read so far when the event is processed (not
+/// versioned by event time; a replay after a restart may see a newer row). A record whose value
+/// is not a JSON object is skipped (the row keeps its previous value) and counted in
+/// `streamscore_worker_lookup_records_rejected_total`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LookupTable {
+    /// Table name (1-63 letters, digits or underscores, unique among lookups): its fields are
+    /// `lookups.<name>.<field>`.
+    pub name: String,
+    /// The compacted topic holding the table, on the source's Kafka cluster (read with
+    /// `source.properties`).
+    pub topic: String,
+    /// The event field whose value is the table key, e.g. `merchant`.
+    pub key: String,
+    /// The top-level fields of the table's JSON values that are kept (1-64).
+    #[schemars(length(min = 1, max = 64))]
+    pub fields: Vec<String>,
+}
+
+impl FeaturesConfig {
+    /// Every `lookups.<table>.<field>` name the tables declare.
+    pub fn lookup_field_names(&self) -> Vec<String> {
+        self.lookups
+            .iter()
+            .flat_map(|l| l.fields.iter().map(move |f| format!("{LOOKUP_PREFIX}{}.{f}", l.name)))
+            .collect()
+    }
+
+    /// What decides the state of a key: these features with only the lookup tables that
+    /// state features (windows, sequences, emitted windows) read. Lookup tables read only as
+    /// model inputs or passthrough fields leave state alone.
+    pub fn state_view(&self) -> FeaturesConfig {
+        let mut fields = BTreeSet::new();
+        for w in &self.windows {
+            fields.extend(w.field.iter().chain(w.filter.iter().map(|f| &f.field)));
+        }
+        for q in &self.sequences {
+            fields.extend(std::iter::once(&q.field).chain(q.filter.iter().map(|f| &f.field)));
+        }
+        for e in &self.emitted {
+            fields.extend(e.field.iter().chain(e.filter.iter().map(|f| &f.field)));
+        }
+        let read = |l: &LookupTable| {
+            let prefix = format!("{LOOKUP_PREFIX}{}.", l.name);
+            fields.iter().any(|f| f.starts_with(&prefix))
+        };
+        let mut v = self.clone();
+        v.lookups.retain(read);
+        v
+    }
 }
 
 /// Largest number of buckets of one window feature (window ÷ resolution).
@@ -908,6 +987,7 @@ impl PipelineConfig {
         let mut errs = Vec::new();
         validate_source(&self.source, &mut errs);
         validate_features(&self.features, &mut errs);
+        validate_lookups(self, &mut errs);
         validate_signature(&self.model.signature, "model", &self.feature_names(), &mut errs);
         if self.model.path.trim().is_empty() {
             errs.push(cerr("model.path", "must not be empty"));
@@ -1155,6 +1235,82 @@ pub(crate) fn validate_features(f: &FeaturesConfig, errs: &mut Vec<ConfigError>)
     }
 }
 
+/// The lookup tables, and every `lookups.<table>.<field>` name used anywhere: it must name a
+/// declared table and one of its fields.
+fn validate_lookups(c: &PipelineConfig, errs: &mut Vec<ConfigError>) {
+    let mut names = BTreeSet::new();
+    for (i, l) in c.features.lookups.iter().enumerate() {
+        let p = format!("features.lookups[{i}]");
+        let ok =
+            !l.name.is_empty() && l.name.len() <= 63 && l.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            errs.push(cerr(format!("{p}.name"), format!("{:?} must be 1-63 letters, digits or underscores", l.name)));
+        } else if !names.insert(l.name.as_str()) {
+            errs.push(cerr(format!("{p}.name"), format!("duplicate lookup table name {:?}", l.name)));
+        }
+        if !is_topic_name(&l.topic) {
+            errs.push(cerr(format!("{p}.topic"), format!("{:?} is not a valid Kafka topic name", l.topic)));
+        } else if c.source.topics.contains(&l.topic) {
+            errs.push(cerr(format!("{p}.topic"), "an input topic cannot also be a lookup table"));
+        } else if [&c.sink.topic, &c.sink.dead_letter_topic].contains(&&l.topic)
+            || c.sink.feature_topic.as_ref() == Some(&l.topic)
+        {
+            errs.push(cerr(format!("{p}.topic"), "an output topic cannot also be a lookup table"));
+        }
+        if l.key.trim().is_empty() {
+            errs.push(cerr(format!("{p}.key"), "must name the event field holding the table key"));
+        } else if l.key.starts_with(LOOKUP_PREFIX) {
+            errs.push(cerr(format!("{p}.key"), "must be a field of the event, not of a lookup table"));
+        }
+        if l.fields.is_empty() || l.fields.len() > MAX_LOOKUP_FIELDS {
+            errs.push(cerr(format!("{p}.fields"), format!("must list between 1 and {MAX_LOOKUP_FIELDS} fields")));
+        }
+        let mut seen = BTreeSet::new();
+        for (j, f) in l.fields.iter().enumerate() {
+            if f.trim().is_empty() {
+                errs.push(cerr(format!("{p}.fields[{j}]"), "must not be empty"));
+            } else if !seen.insert(f) {
+                errs.push(cerr(format!("{p}.fields[{j}]"), format!("duplicate field {f:?}")));
+            }
+        }
+    }
+    if c.features.lookups.len() > MAX_LOOKUP_TABLES {
+        errs.push(cerr("features.lookups", format!("at most {MAX_LOOKUP_TABLES} lookup tables")));
+    }
+    let declared = c.features.lookup_field_names();
+    let f = &c.features;
+    fn named<'a>(p: String, field: Option<&'a String>, filter: Option<&'a Filter>) -> Vec<(String, &'a String)> {
+        let mut v: Vec<(String, &String)> = field.map(|x| (format!("{p}.field"), x)).into_iter().collect();
+        v.extend(filter.map(|x| (format!("{p}.filter.field"), &x.field)));
+        v
+    }
+    let mut refs: Vec<(String, &String)> = Vec::new();
+    for (i, w) in f.windows.iter().enumerate() {
+        refs.extend(named(format!("features.windows[{i}]"), w.field.as_ref(), w.filter.as_ref()));
+    }
+    for (i, q) in f.sequences.iter().enumerate() {
+        refs.extend(named(format!("features.sequences[{i}]"), Some(&q.field), q.filter.as_ref()));
+    }
+    for (i, e) in f.emitted.iter().enumerate() {
+        refs.extend(named(format!("features.emitted[{i}]"), e.field.as_ref(), e.filter.as_ref()));
+    }
+    refs.extend(c.model.signature.features.iter().enumerate().map(|(i, x)| (format!("model.features[{i}]"), x)));
+    refs.extend(
+        c.postprocess.passthrough.iter().enumerate().map(|(i, x)| (format!("postprocess.passthrough[{i}]"), x)),
+    );
+    for (path, name) in refs {
+        if name.starts_with(LOOKUP_PREFIX) && !declared.contains(name) {
+            errs.push(cerr(
+                path,
+                format!(
+                    "{name:?} names no declared lookup field (features.lookups: {})",
+                    if declared.is_empty() { "none declared".to_owned() } else { declared.join(", ") }
+                ),
+            ));
+        }
+    }
+}
+
 /// What window features and emitted windows share: a unique name, the field their aggregation
 /// needs, and an optional filter.
 fn check_aggregate(
@@ -1271,10 +1427,14 @@ pub(crate) fn validate_signature(s: &ModelSignature, p: &str, features: &[&str],
     }
     for (i, f) in s.features.iter().enumerate() {
         let raw = f.strip_prefix("event.").is_some_and(|x| !x.is_empty());
-        if !raw && !features.contains(&f.as_str()) {
+        // `lookups.<table>.<field>` names are checked by `validate_lookups`.
+        let lookup = f.starts_with(LOOKUP_PREFIX);
+        if !raw && !lookup && !features.contains(&f.as_str()) {
             errs.push(cerr(
                 format!("{p}.features[{i}]"),
-                format!("{f:?} is neither a declared feature nor an `event.<field>` reference"),
+                format!(
+                    "{f:?} is neither a declared feature, an `event.<field>` nor a `lookups.<table>.<field>` reference"
+                ),
             ));
         }
     }
@@ -1452,6 +1612,67 @@ sink:
 
     fn fields(c: &PipelineConfig) -> Vec<String> {
         c.validate().err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+    }
+
+    fn with_lookups(lookups: &str) -> PipelineConfig {
+        PipelineConfig::from_yaml(&SAMPLE.replace("  sequences:\n", &format!("  lookups:\n{lookups}  sequences:\n")))
+            .unwrap()
+    }
+
+    #[test]
+    fn lookup_fields_are_named_lookups_table_field_and_every_reference_is_checked() {
+        let tier = "    - {name: merchants, topic: merchant-tiers, key: merchant, fields: [tier, risk]}\n";
+        let mut c = with_lookups(tier);
+        c.model.signature.features.push("lookups.merchants.risk".into());
+        c.postprocess.passthrough.push("lookups.merchants.tier".into());
+        c.features.windows[2].filter.as_mut().unwrap().field = "lookups.merchants.tier".into();
+        c.validate().unwrap();
+        assert_eq!(c.features.lookup_field_names(), ["lookups.merchants.tier", "lookups.merchants.risk"]);
+
+        // An undeclared table or field, wherever it is named.
+        c.model.signature.features.push("lookups.merchants.country".into());
+        c.postprocess.passthrough.push("lookups.stores.tier".into());
+        c.features.sequences[0].field = "lookups.merchant.tier".into();
+        let errs = c.validate().unwrap_err();
+        let named: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            named,
+            ["features.sequences[0].field", "model.features[5]", "postprocess.passthrough[2]"],
+            "{errs:?}"
+        );
+        assert!(errs[1].message.contains("lookups.merchants.tier, lookups.merchants.risk"), "{}", errs[1]);
+
+        // Bad tables: name, topic (an input topic), key, fields.
+        let c = with_lookups(concat!(
+            "    - {name: merchants, topic: events, key: '', fields: []}\n",
+            "    - {name: merchants, topic: 'a b', key: lookups.x.y, fields: [tier, tier]}\n",
+        ));
+        assert_eq!(
+            fields(&c),
+            [
+                "features.lookups[0].topic",
+                "features.lookups[0].key",
+                "features.lookups[0].fields",
+                "features.lookups[1].name",
+                "features.lookups[1].topic",
+                "features.lookups[1].key",
+                "features.lookups[1].fields[1]",
+            ]
+        );
+    }
+
+    #[test]
+    fn only_lookup_tables_read_by_state_features_are_part_of_the_state() {
+        let mut c = with_lookups(concat!(
+            "    - {name: merchants, topic: merchant-tiers, key: merchant, fields: [tier]}\n",
+            "    - {name: devices, topic: device-risk, key: device, fields: [risk]}\n",
+        ));
+        c.model.signature.features.push("lookups.devices.risk".into());
+        c.validate().unwrap();
+        assert!(c.features.state_view().lookups.is_empty(), "read only as a model input");
+        c.features.windows[2].filter.as_mut().unwrap().field = "lookups.merchants.tier".into();
+        let names: Vec<String> = c.features.state_view().lookups.into_iter().map(|l| l.name).collect();
+        assert_eq!(names, ["merchants"]);
     }
 
     #[test]

@@ -136,6 +136,9 @@ fn kafka_names(tm: &streamscore_crds::tenantmodel::TenantModel) -> Vec<(String, 
     if let Some(t) = &s.sink.feature_topic {
         names.push(("spec.sink.featureTopic".into(), t));
     }
+    for (i, l) in s.features.lookups.iter().enumerate() {
+        names.push((format!("spec.features.lookups[{i}].topic"), &l.topic));
+    }
     names
 }
 
@@ -316,6 +319,15 @@ mod tests {
         assert!(p.check_kafka_names(&other, "payments").is_empty());
         other.spec.source.group_id = "billing.streamscore.invoices".into();
         assert!(p.check_kafka_names(&other, "payments")[0].starts_with("spec.source.groupId"));
+        // A lookup table's topic too.
+        other.spec.source.group_id = String::new();
+        other.spec.features.lookups.push(streamscore_crds::pipeline::LookupTable {
+            name: "merchants".into(),
+            topic: "billing.merchants".into(),
+            key: "m".into(),
+            fields: vec!["tier".into()],
+        });
+        assert!(p.check_kafka_names(&other, "payments")[0].starts_with("spec.features.lookups[0].topic"));
         assert_eq!(crate::build::default_group_id(&tm, Some("payments.")), "payments.streamscore.fraud");
         assert_eq!(crate::build::default_group_id(&tm, None), "streamscore.payments.fraud");
     }

@@ -187,10 +187,11 @@ pub fn classify(live: &PipelineConfig, desired: &PipelineConfig) -> ChangeKind {
             s.max_key_bytes,
         )
     };
-    if a.features != b.features || a.validation != b.validation || reads(&a) != reads(&b) {
+    // Lookup tables read only as model inputs or passthrough fields do not change state.
+    if a.features.state_view() != b.features.state_view() || a.validation != b.validation || reads(&a) != reads(&b) {
         return ChangeKind::Features;
     }
-    if a.model != b.model || a.postprocess != b.postprocess {
+    if a.model != b.model || a.postprocess != b.postprocess || a.features != b.features {
         return ChangeKind::ModelOnly;
     }
     ChangeKind::Config
@@ -814,6 +815,18 @@ state: {checkpointStore: "s3://b/ns/fraud"}
         d.model.version = "v2".into();
         assert_eq!(classify(&live, &d), ChangeKind::ModelOnly);
         d.features.windows[0].window = streamscore_crds::duration::Duration::from_secs(7200);
+        assert_eq!(classify(&live, &d), ChangeKind::Features);
+        // A lookup table read only by the model leaves state alone; one a window reads does not.
+        let mut d = live.clone();
+        d.features.lookups.push(streamscore_crds::pipeline::LookupTable {
+            name: "merchants".into(),
+            topic: "merchant-tiers".into(),
+            key: "merchant".into(),
+            fields: vec!["risk".into()],
+        });
+        d.model.signature.features.push("lookups.merchants.risk".into());
+        assert_eq!(classify(&live, &d), ChangeKind::ModelOnly);
+        d.features.windows[0].field = Some("lookups.merchants.risk".into());
         assert_eq!(classify(&live, &d), ChangeKind::Features);
         // What identifies a run is not a change.
         let mut d = live.clone();

@@ -345,6 +345,16 @@ async fn the_tenant_policy_refuses_a_tenantmodel_at_kubectl_apply() {
     assert!(ok, "`/*` allows nested paths: {out}");
     let (ok, out) = apply(tm(&|v| v["spec"]["sink"]["deadLetterTopic"] = "shared.dlq".into()));
     assert!(!ok && out.contains(&format!("must start with {ns}.")) && out.contains("shared.dlq"), "{out}");
+    let lookup = |topic: String| {
+        move |v: &mut serde_json::Value| {
+            v["spec"]["features"]["lookups"] =
+                serde_json::json!([{"name": "merchants", "topic": topic, "key": "merchant", "fields": ["tier"]}])
+        }
+    };
+    let (ok, out) = apply(tm(&lookup("shared.merchants".into())));
+    assert!(!ok && out.contains("shared.merchants"), "a lookup table's topic: {out}");
+    let (ok, out) = apply(tm(&lookup(format!("{ns}.merchants"))));
+    assert!(ok, "a lookup table under the prefix: {out}");
     let (ok, out) = apply(tm(&|v| v["spec"]["resources"] = serde_json::json!({"limits": {"cpu": 4}})));
     assert!(
         !ok && out.contains("spec.resources.limits.cpu: 4 is above the platform's maximum per worker (2)"),

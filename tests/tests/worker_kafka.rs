@@ -1032,3 +1032,151 @@ async fn a_rebuild_after_retention_dropped_records_says_what_is_missing() {
         "the partition was rebuilt:\n{text}"
     );
 }
+
+/// Global lookup tables on the real broker: a worker whose table topic does not exist yet
+/// scores nothing and says why in readiness; once the compacted topic exists and holds rows
+/// (some overwritten before the start), the worker loads it, scores every waiting event with
+/// the latest row of its merchant (as the test's own map of the table says), and applies later
+/// updates and deletions to the events after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_tables_load_before_scoring_and_updates_reach_later_events() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let (input, out, dlq, table) = (unique("lk-in"), unique("lk-out"), unique("lk-dlq"), unique("lk-merchants"));
+    create_topics(&[&input, &out, &dlq], 2).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = pipeline(&input, &out, &dlq, &unique("lk-group"), state.path().to_str().unwrap());
+    cfg.features.lookups.push(streamscore_crds::pipeline::LookupTable {
+        name: "merchants".into(),
+        topic: table.clone(),
+        key: "merchant".into(),
+        fields: vec!["tier".into()],
+    });
+    cfg.features.windows.push(streamscore_crds::pipeline::WindowFeature {
+        name: "high_tier_1h".into(),
+        aggregation: streamscore_crds::pipeline::Aggregation::Count,
+        field: None,
+        window: streamscore_crds::duration::Duration::from_secs(3600),
+        resolution: None,
+        filter: Some(streamscore_crds::pipeline::Filter {
+            field: "lookups.merchants.tier".into(),
+            one_of: vec!["high".into()],
+        }),
+    });
+    cfg.postprocess.passthrough.push("lookups.merchants.tier".into());
+    cfg.validate().unwrap();
+    let p = producer();
+
+    // 8 users × 10 events, one a minute, over merchants m0..m9.
+    let base = now_ms() - 3_600_000;
+    let ev = |user: usize, i: i64, merchant: usize| -> (String, Vec<u8>) {
+        let u = format!("user-{user}");
+        let v = json!({"user_id": u, "ts": base + i * 60_000 + user as i64, "amount": 1.0, "action": "view",
+                       "merchant": format!("m{merchant}")});
+        (u, v.to_string().into_bytes())
+    };
+    let first: Vec<_> =
+        (0..10i64).flat_map(|i| (0..8).map(move |u| (u, i))).map(|(u, i)| ev(u, i, (u + i as usize) % 10)).collect();
+    produce(&p, &input, &first).await;
+
+    let w = start(&cfg);
+    // The table topic does not exist: not ready, with the reason; nothing scored.
+    let why = eventually(Duration::from_secs(20), "readiness naming the lookup table", || {
+        let h = w.health.clone();
+        async move { h.readiness().err().and_then(|w| w.into_iter().find(|r| r.contains("lookup tables"))) }
+    })
+    .await;
+    assert!(why.contains(&table), "{why}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let early = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 1, Duration::from_secs(2))
+    })
+    .await
+    .unwrap();
+    assert!(early.is_empty(), "scored before the table was loaded: {:?}", early[0].json());
+
+    // The compacted table, with rows overwritten before the worker reads them.
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let topic = NewTopic::new(&table, 3, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+    for r in admin.create_topics(&[topic], &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+    let row = |m: usize, tier: &str| (format!("m{m}"), json!({"tier": tier, "since": 2020}).to_string().into_bytes());
+    let mut tiers: BTreeMap<String, String> = BTreeMap::new();
+    let mut rows = Vec::new();
+    for m in 0..10 {
+        rows.push(row(m, "low"));
+        tiers.insert(format!("m{m}"), "low".into());
+    }
+    for m in [0, 3, 4, 7] {
+        rows.push(row(m, "high"));
+        tiers.insert(format!("m{m}"), "high".into());
+    }
+    produce(&p, &table, &rows).await;
+
+    let scored = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 80, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(scored.len(), 80);
+    // The oracle: per user, events in (t − 1h, t] whose merchant's tier is high in the test's map.
+    let check = |scored: &[streamscore_tests::Consumed],
+                 tiers: &BTreeMap<String, String>,
+                 history: &mut BTreeMap<String, Vec<(i64, bool)>>| {
+        let mut vs: Vec<serde_json::Value> = scored.iter().map(|s| s.json()).collect();
+        vs.sort_by_key(|v| v["eventTime"].as_i64().unwrap());
+        for v in vs {
+            let merchant = v["fields"]["merchant"].as_str().unwrap().to_owned();
+            let tier = tiers.get(&merchant);
+            assert_eq!(v["fields"]["lookups.merchants.tier"].as_str(), tier.map(String::as_str), "{v}");
+            let t = v["eventTime"].as_i64().unwrap();
+            let h = history.entry(v["key"].as_str().unwrap().to_owned()).or_default();
+            h.push((t, tier.is_some_and(|x| x == "high")));
+            let want = h.iter().filter(|(x, high)| *high && *x > t - 3_600_000 && *x <= t).count();
+            assert_eq!(v["features"]["high_tier_1h"], json!(want as f64), "{v}");
+        }
+    };
+    let mut history = BTreeMap::new();
+    check(&scored, &tiers, &mut history);
+    assert!(w.health.readiness().is_ok(), "{:?}", w.health.readiness());
+    let metrics = w.metrics.encode();
+    assert!(metrics.contains("streamscore_worker_lookup_rows{table=\"merchants\"} 10"), "{metrics}");
+    assert!(metrics.contains("streamscore_worker_lookup_loaded{table=\"merchants\"} 1"), "{metrics}");
+
+    // Updates and a deletion, then more events: they read the new rows.
+    let updates = vec![row(1, "high"), row(0, "low"), (String::from("m5"), b"not json".to_vec())];
+    tiers.insert("m1".into(), "high".into());
+    tiers.insert("m0".into(), "low".into());
+    produce(&p, &table, &updates).await;
+    let tombstone = rdkafka::producer::FutureRecord::<str, [u8]>::to(&table).key("m9");
+    p.send(tombstone, Duration::from_secs(10)).await.unwrap();
+    tiers.remove("m9");
+    eventually(Duration::from_secs(20), "the updates applied", || {
+        let m = w.metrics.clone();
+        async move { m.encode().contains("streamscore_worker_lookup_rows{table=\"merchants\"} 9").then_some(()) }
+    })
+    .await;
+    let second: Vec<_> =
+        (10..20i64).flat_map(|i| (0..8).map(move |u| (u, i))).map(|(u, i)| ev(u, i, (u + i as usize) % 10)).collect();
+    produce(&p, &input, &second).await;
+    let all = tokio::task::spawn_blocking({
+        let out = out.clone();
+        move || consume(&out, 160, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(all.len(), 160);
+    let later: Vec<_> =
+        all.into_iter().filter(|s| s.json()["eventTime"].as_i64().unwrap() >= base + 10 * 60_000).collect();
+    assert_eq!(later.len(), 80);
+    check(&later, &tiers, &mut history);
+    let metrics = w.metrics.encode();
+    assert!(metrics.contains("streamscore_worker_lookup_records_rejected_total{table=\"merchants\"} 1"), "{metrics}");
+    tokio::task::spawn_blocking(move || w.stop()).await.unwrap();
+}

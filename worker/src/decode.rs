@@ -56,6 +56,10 @@ impl Schema {
             }
         }
         s.intern_all(cfg.postprocess.passthrough.iter());
+        for l in &cfg.features.lookups {
+            s.intern(&l.key);
+        }
+        s.intern_all(cfg.features.lookup_field_names().iter());
         s
     }
 
@@ -86,6 +90,16 @@ impl Schema {
     /// The id of `name`, if the pipeline reads it.
     pub fn id(&self, name: &str) -> Option<FieldId> {
         self.index.get(name).copied()
+    }
+
+    /// Number of fields.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether the schema reads no field.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
     }
 
     /// Field name of `id`.
@@ -128,7 +142,7 @@ pub struct Field<'a> {
     /// The value.
     pub val: Val<'a>,
     /// The JSON text of the value (copied verbatim into passthrough fields).
-    pub raw: &'a str,
+    pub raw: Cow<'a, str>,
 }
 
 impl<'a> Field<'a> {
@@ -146,7 +160,16 @@ impl<'a> Field<'a> {
                 int: !raw.bytes().any(|b| matches!(b, b'.' | b'e' | b'E')),
             },
         };
-        Ok(Self { val, raw })
+        Ok(Self { val, raw: Cow::Borrowed(raw) })
+    }
+
+    /// The value as table-key text: a string's content, a number's or boolean's JSON text.
+    pub fn key_text(&self) -> Option<&str> {
+        match &self.val {
+            Val::Str(s) => Some(s),
+            Val::Num { .. } | Val::Bool(_) => Some(&self.raw),
+            Val::Null | Val::Nested => None,
+        }
     }
 
     /// The number, if the value is one.
@@ -166,6 +189,36 @@ impl<'a> Fields<'a> {
     /// The field `id`, if present in the event.
     pub fn get(&self, id: FieldId) -> Option<&Field<'a>> {
         self.0.get(id).and_then(Option::as_ref)
+    }
+
+    /// Sets (or clears) the field `id` (lookup fields joined into an event).
+    pub fn set(&mut self, id: FieldId, field: Option<Field<'a>>) {
+        if self.0.len() <= id {
+            self.0.resize(id + 1, None);
+        }
+        self.0[id] = field;
+    }
+
+    /// Fields from (id, field) pairs (tests).
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (FieldId, Field<'a>)>) -> Self {
+        let mut f = Self::default();
+        for (id, field) in pairs {
+            f.set(id, Some(field));
+        }
+        f
+    }
+}
+
+impl Val<'_> {
+    /// The value, owning its string.
+    pub fn into_owned(self) -> Val<'static> {
+        match self {
+            Val::Null => Val::Null,
+            Val::Bool(b) => Val::Bool(b),
+            Val::Num { value, int } => Val::Num { value, int },
+            Val::Str(s) => Val::Str(Cow::Owned(s.into_owned())),
+            Val::Nested => Val::Nested,
+        }
     }
 }
 
@@ -328,7 +381,7 @@ pub fn decode<'a>(cfg: &PipelineConfig, schema: &Schema, payload: Option<&'a [u8
         Err(e) => return Err(reject(Reason::Malformed, e.to_string())),
     };
     let key_field = &cfg.source.key_field;
-    let key = match fields.get(schema.key).map(|f| (&f.val, f.raw)) {
+    let key = match fields.get(schema.key).map(|f| (&f.val, f.raw.as_ref())) {
         Some((Val::Str(s), _)) if !s.is_empty() => s.clone(),
         Some((Val::Num { .. }, raw)) => Cow::Owned(
             serde_json::from_str::<serde_json::Number>(raw).map_or_else(|_| raw.to_owned(), |n| n.to_string()),

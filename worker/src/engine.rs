@@ -34,6 +34,7 @@ use crate::decode::{check_not_future, decode, Event, FieldId, Reason, Schema};
 use crate::emitted::{Emitted, EmittedSet};
 use crate::features::{aggregation_input, FeatureSet, Input};
 use crate::json::{self, write_f64, write_str};
+use crate::lookup::{Joins, Tables};
 use crate::metrics::{Metrics, SourceLabel};
 use crate::model::Model;
 use crate::record::{self, KeyState, LastScore};
@@ -287,7 +288,8 @@ pub fn state_fingerprint(cfg: &PipelineConfig) -> String {
         "maxOutOfOrderness": s.max_out_of_orderness,
         "allowedLateness": s.allowed_lateness,
         "validation": cfg.validation,
-        "features": cfg.features,
+        // Lookup tables only model inputs read leave state alone.
+        "features": cfg.features.state_view(),
     });
     let digest = Sha256::digest(serde_json::to_vec(&v).unwrap_or_default());
     format!("v{}-{}", record::FORMAT, hex::encode(&digest[..12]))
@@ -396,6 +398,8 @@ pub struct Engine {
     seeks: Vec<Seek>,
     /// The input topic's partition count, when known ([`Engine::set_input_partitions`]).
     input_partitions: Option<usize>,
+    /// The lookup tables joined into each event (`features.lookups`), when declared.
+    lookups: Option<Joins>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -429,6 +433,9 @@ impl Engine {
             .iter()
             .map(|f| match f.strip_prefix("event.") {
                 Some(field) => RowSource::Field(schema.id(field).unwrap_or(usize::MAX)),
+                None if f.starts_with(streamscore_crds::pipeline::LOOKUP_PREFIX) => {
+                    RowSource::Field(schema.id(f).unwrap_or(usize::MAX))
+                }
                 None => RowSource::Feature(idx(f).unwrap_or(usize::MAX)),
             })
             .collect();
@@ -455,6 +462,8 @@ impl Engine {
         let emitted_inputs =
             cfg.features.emitted.iter().map(|d| Input::new(&schema, d.field.as_deref(), d.filter.as_ref())).collect();
         let fingerprint = state_fingerprint(&cfg);
+        let lookups = (!cfg.features.lookups.is_empty())
+            .then(|| Joins::new(&cfg.features, &schema, Arc::new(Tables::new(&cfg.features))));
         let primary_score = if cfg.postprocess.score.is_empty() {
             (model.score_names().count() > 0).then_some(0)
         } else {
@@ -490,7 +499,13 @@ impl Engine {
             replay_changed: false,
             seeks: Vec::new(),
             input_partitions: None,
+            lookups,
         }
+    }
+
+    /// The lookup tables this engine joins (filled by `kafka::lookups`), when declared.
+    pub fn lookup_tables(&self) -> Option<Arc<Tables>> {
+        self.lookups.as_ref().map(|j| j.tables().clone())
     }
 
     /// An engine for `cfg`, with checkpoints when `state.checkpointStore` is set.
@@ -839,7 +854,7 @@ impl Engine {
             }
             let decoded = decode(&self.cfg, &self.schema, rec.payload)
                 .and_then(|e| check_not_future(e.time, now, self.max_future_skew).map(|()| e));
-            let event = match decoded {
+            let mut event = match decoded {
                 Ok(e) => e,
                 Err(rej) => {
                     if !replay {
@@ -849,6 +864,9 @@ impl Engine {
                     continue;
                 }
             };
+            if let Some(joins) = &self.lookups {
+                joins.enrich(&mut event.fields, &self.metrics);
+            }
             if ctx.watermark.forget_beyond(now.saturating_add(self.max_future_skew)) {
                 tracing::warn!(
                     partition = rec.partition,

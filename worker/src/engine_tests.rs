@@ -506,3 +506,77 @@ fn a_state_built_under_another_partition_count_is_refused() {
     let err = open(4).unwrap_err().to_string();
     assert!(err.contains("the input topic has 4 partitions") && err.contains("when it had 3"), "{err}");
 }
+
+/// `config` with a merchants table: a window counting events of high-tier merchants, the
+/// merchant's risk as the model's fourth input (instead of `event.amount`), its tier passed
+/// through.
+fn with_merchants(mut cfg: PipelineConfig) -> PipelineConfig {
+    cfg.features.lookups.push(streamscore_crds::pipeline::LookupTable {
+        name: "merchants".into(),
+        topic: "merchant-tiers".into(),
+        key: "merchant".into(),
+        fields: vec!["tier".into(), "risk".into()],
+    });
+    let mut w = cfg.features.windows[2].clone();
+    w.name = "high_tier_1h".into();
+    w.filter = Some(streamscore_crds::pipeline::Filter {
+        field: "lookups.merchants.tier".into(),
+        one_of: vec!["high".into()],
+    });
+    cfg.features.windows.push(w);
+    cfg.model.signature.features[3] = "lookups.merchants.risk".into();
+    cfg.postprocess.passthrough.push("lookups.merchants.tier".into());
+    cfg.validate().unwrap();
+    cfg
+}
+
+#[test]
+fn lookup_rows_join_each_event_as_the_engine_holds_them_and_feed_filters_model_and_output() {
+    let mut h = Harness::new(with_merchants(config("fraud-logreg")));
+    let tables = h.engine.lookup_tables().expect("a table is declared");
+    let put = |k: &str, v: Value| tables.tables[0].apply(Some(k.as_bytes()), Some(v.to_string().as_bytes()));
+    assert_eq!(put("m1", json!({"tier": "high", "risk": 7, "other": [1]})), crate::lookup::Applied::Put);
+    put("m2", json!({"tier": "low", "risk": 1}));
+    let ev = |i: i64, merchant: &str| json!({"user_id": "u", "ts": NOW - 10 * MIN + i, "amount": 3.0, "action": "view", "merchant": merchant});
+    let out = sorted(h.events(&[ev(0, "m1"), ev(1, "m2"), ev(2, "m9"), ev(3, "m1")]));
+    let got: Vec<(Value, Value)> = out
+        .iter()
+        .map(scored_json)
+        .map(|v| (v["features"]["high_tier_1h"].clone(), v["fields"]["lookups.merchants.tier"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (json!(1.0), json!("high")),
+            (json!(1.0), json!("low")),
+            (json!(1.0), Value::Null), // no row m9: absent, and not counted
+            (json!(2.0), json!("high")),
+        ]
+    );
+    // Updates apply to the events processed after them; a tombstone deletes the row.
+    put("m2", json!({"tier": "high", "risk": 2}));
+    assert_eq!(tables.tables[0].apply(Some(b"m1"), None), crate::lookup::Applied::Deleted);
+    assert!(matches!(tables.tables[0].apply(Some(b"m3"), Some(b"[1]")), crate::lookup::Applied::Rejected(_)));
+    let out = sorted(h.events(&[ev(4, "m2"), ev(5, "m1")]));
+    let tiers: Vec<Value> =
+        out.iter().map(scored_json).map(|v| v["fields"]["lookups.merchants.tier"].clone()).collect();
+    assert_eq!(tiers, [json!("high"), Value::Null]);
+    let counts: Vec<Value> = out.iter().map(scored_json).map(|v| v["features"]["high_tier_1h"].clone()).collect();
+    assert_eq!(counts, [json!(3.0), json!(3.0)]);
+    let text = h.metrics.encode();
+    assert!(text.contains("streamscore_worker_lookup_misses_total{table=\"merchants\"} 2"), "{text}");
+
+    // The model reads the row's risk exactly as it reads an event field of the same value.
+    let mut plain = Harness::new(config("fraud-logreg"));
+    let same = json!({"user_id": "u", "ts": NOW - 10 * MIN, "amount": 7.0, "action": "view", "merchant": "m1"});
+    let a = scored_json(&plain.events(&[same])[0]);
+    let mut joined = Harness::new(with_merchants(config("fraud-logreg")));
+    let t = joined.engine.lookup_tables().unwrap();
+    t.tables[0].apply(Some(b"m1"), Some(br#"{"tier": "low", "risk": 7.0}"#));
+    let b = scored_json(
+        &joined.events(&[
+            json!({"user_id": "u", "ts": NOW - 10 * MIN, "amount": 7.0, "action": "view", "merchant": "m1"}),
+        ])[0],
+    );
+    assert_eq!(a["scores"], b["scores"]);
+}

@@ -42,6 +42,7 @@ pub mod features;
 pub mod http;
 pub mod json;
 pub mod kafka;
+pub mod lookup;
 pub mod metrics;
 pub mod model;
 pub mod owners;

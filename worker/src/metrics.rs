@@ -112,6 +112,16 @@ pub struct Metrics {
     pub score: Histogram,
     /// Records written to the shadow topics (a blue/green candidate before its cut-over).
     pub shadow_out: Counter,
+    /// Rows held per lookup table.
+    pub lookup_rows: Family<TableLabel, Gauge>,
+    /// 1 once a lookup table was read up to the end offsets found at start.
+    pub lookup_loaded: Family<TableLabel, Gauge>,
+    /// Lookup table records applied (rows written or deleted).
+    pub lookup_updates: Family<TableLabel, Counter>,
+    /// Lookup table records skipped: the value is not a JSON object (the row is unchanged).
+    pub lookup_rejected: Family<TableLabel, Counter>,
+    /// Events whose key field names no row of the table (or have no key field).
+    pub lookup_misses: Family<TableLabel, Counter>,
 }
 
 /// Upper bounds of the score histogram's buckets: 0.05, 0.10, …, 1.0 (and +Inf).
@@ -131,6 +141,13 @@ pub fn latency_buckets() -> impl Iterator<Item = f64> {
 }
 
 /// `source` label: where an assigned partition's state came from.
+/// A lookup table (`features.lookups[].name`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    /// Table name.
+    pub table: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     /// `local`, `checkpoint`, `rebuild` or `empty`.
@@ -192,6 +209,11 @@ impl Metrics {
             partitions_replaying: Gauge::default(),
             score: Histogram::new(score_buckets()),
             shadow_out: Counter::default(),
+            lookup_rows: Family::default(),
+            lookup_loaded: Family::default(),
+            lookup_updates: Family::default(),
+            lookup_rejected: Family::default(),
+            lookup_misses: Family::default(),
         };
         m.registry = MetricsRegistry::new("streamscore_worker", |r| {
             r.register("records_in", "Records consumed from the input topics", m.records_in.clone());
@@ -229,6 +251,27 @@ impl Metrics {
                 m.state_volume_full.clone(),
             );
             r.register("partitions", "Input partitions owned", m.partitions.clone());
+            r.register("lookup_rows", "Rows held per lookup table", m.lookup_rows.clone());
+            r.register(
+                "lookup_loaded",
+                "1 once the lookup table was read up to the end offsets found at start (scoring waits for it)",
+                m.lookup_loaded.clone(),
+            );
+            r.register(
+                "lookup_updates",
+                "Lookup table records applied (rows written or deleted)",
+                m.lookup_updates.clone(),
+            );
+            r.register(
+                "lookup_records_rejected",
+                "Lookup table records skipped because the value is not a JSON object (the row keeps its value)",
+                m.lookup_rejected.clone(),
+            );
+            r.register(
+                "lookup_misses",
+                "Events whose key field names no row of the lookup table",
+                m.lookup_misses.clone(),
+            );
             r.register(
                 "busy_seconds",
                 "Time the processing loop spent other than waiting for input (its rate is the utilization)",

@@ -37,6 +37,9 @@ pub struct Health {
     /// Per input partition (`topic/partition`) whose state was restored or rebuilt without
     /// records the input no longer retains: what is missing (admin status, `incomplete`).
     pub incomplete: RwLock<std::collections::BTreeMap<String, (i32, String)>>,
+    /// While the lookup tables are being read before the first assignment: how far (or why
+    /// not); `None` once loaded or when there are none.
+    pub lookups: RwLock<Option<String>>,
 }
 
 /// When the processing loop last came round, and the long operation it is in (a restore, a
@@ -125,6 +128,7 @@ impl Health {
         if !self.joined.load(Ordering::Relaxed) {
             why.push("consumer has not joined its group yet".into());
         }
+        why.extend(self.lookups.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
         why.extend(self.replaying.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
         if let Some(e) = self.volume_full() {
             why.push(format!(

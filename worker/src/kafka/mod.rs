@@ -87,6 +87,7 @@ mod config;
 mod context;
 mod error;
 mod health;
+mod lookups;
 mod routing;
 
 use commit::*;
@@ -209,6 +210,19 @@ pub fn run(
     cancel: CancellationToken,
 ) -> Result<(), Error> {
     let (cc, pc) = client_config(&cfg)?;
+    // Lookup tables are read in full before the worker joins its group: no event is scored
+    // against a half-read table. Dropping the loader (on return) stops it.
+    let _tables = match engine.lookup_tables() {
+        Some(tables) => {
+            let loader = lookups::start(&cfg, tables, metrics.clone(), health.clone(), cancel.clone())?;
+            if !loader.wait_loaded(&cancel) {
+                info!("stopped while loading the lookup tables: nothing was consumed");
+                return Ok(());
+            }
+            Some(loader)
+        }
+        None => None,
+    };
     health.heartbeat.set_bound(Duration::from_millis(cfg.runtime.stall_timeout.as_millis()));
     let state_dir = std::path::Path::new(&cfg.runtime.state_dir);
     health.admin.restore_after_restart(cfg.shadow.clone(), state_dir);
