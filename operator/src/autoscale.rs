@@ -26,6 +26,11 @@ use streamscore_crds::tenantmodel::Autoscaling;
 pub const WINDOW_MS: i64 = 60_000;
 /// The shortest window a decision is made on.
 pub const MIN_WINDOW_MS: i64 = 20_000;
+
+/// Shortest time between two samples. A sample changes `status.autoscaling`, and a status
+/// change wakes the controller at once: without this bound every reconcile would sample,
+/// write status and so start the next one, as fast as the API server answers.
+pub const SAMPLE_EVERY_MS: i64 = 9_000;
 /// Below this many busy seconds per second the workers count as idle.
 const IDLE_BUSY: f64 = 0.01;
 

@@ -941,7 +941,9 @@ async fn autoscale(
     status: &TenantModelStatus,
     operating: bool,
 ) -> Option<streamscore_crds::tenantmodel::AutoscalingStatus> {
-    use crate::autoscale::{decide, desired, measure, prune, push_sample, Decision, Sample, MIN_WINDOW_MS};
+    use crate::autoscale::{
+        decide, desired, measure, prune, push_sample, Decision, Sample, MIN_WINDOW_MS, SAMPLE_EVERY_MS,
+    };
     use streamscore_crds::tenantmodel::{AutoscalingStatus, Phase};
     let spec = tm.spec.autoscaling.as_ref()?;
     let (ns, name) = (tm.namespace().unwrap_or_default(), tm.name_any());
@@ -963,13 +965,22 @@ async fn autoscale(
     } else {
         cooling.map(|until| format!("cooldown after the last rescale, until {until}"))
     };
-    let mut states = ctx.autoscalers.lock().unwrap_or_else(|e| e.into_inner());
+    let recent = {
+        let mut states = ctx.autoscalers.lock().unwrap_or_else(|e| e.into_inner());
+        if not_now.is_some() {
+            states.remove(&key);
+        }
+        states.get(&key).and_then(|st| st.samples.back()).is_some_and(|s| now_ms - s.at_ms < SAMPLE_EVERY_MS)
+    };
     if let Some(why) = not_now {
-        states.remove(&key);
         out.message = format!("not measuring: {why}");
         return Some(out);
     }
-    drop(states);
+    // Sampled moments ago (this reconcile was woken by the status that sample wrote): status
+    // stays as it is, and the periodic reconcile takes the next sample.
+    if recent && tm.status.as_ref().is_some_and(|s| s.autoscaling.is_some()) {
+        return Some(previous);
+    }
     let pods = worker_pods(&ctx.client, &ns, &selector_string(tm, live_color), None).await.ok()?;
     let Some(m) = ctx.workers.metrics(&pods).await else {
         ctx.autoscalers.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);

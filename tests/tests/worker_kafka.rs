@@ -1124,7 +1124,7 @@ async fn lookup_tables_load_before_scoring_and_updates_reach_later_events() {
     })
     .await
     .unwrap();
-    assert_eq!(scored.len(), 80);
+    assert_eq!(scored.len(), 80, "{:?}", w.health.readiness());
     // The oracle: per user, events in (t − 1h, t] whose merchant's tier is high in the test's map.
     let check = |scored: &[streamscore_tests::Consumed],
                  tiers: &BTreeMap<String, String>,

@@ -60,11 +60,13 @@ impl Drop for Loader {
     }
 }
 
-/// The table consumer's settings: the source's cluster and `source.properties` (security), no
-/// group, no commits.
+/// The table consumer's settings: the source's cluster and `source.properties` (security); it
+/// never joins a group nor commits (librdkafka wants a `group.id` for `assign` all the same:
+/// `<groupId>.lookups`, which keeps a per-namespace prefix).
 fn client_config(cfg: &PipelineConfig) -> Result<ClientConfig, Error> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.source.bootstrap_servers)
+        .set("group.id", format!("{}.lookups", cfg.source.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
