@@ -1,7 +1,8 @@
 //! streamscore worker: the data plane of one TenantModel.
 //!
 //! ```text
-//!  Kafka input ─► kafka (consume, batch) ─► engine ─► decode/validate ─► features (RocksDB state)
+//!  Kafka input ─► kafka (consume, batch) ─► engine ─► decode/validate ─► lookup (join tables)
+//!                                                  ├─► features (RocksDB state)
 //!                                                  ├─► model (tract, micro-batched) ─► postprocess
 //!                                                  └─► emitted windows, closed by the watermark
 //!  state stores ─► checkpoint ─► object store (s3://, gs://, az://, file://) ─► restore on assignment
@@ -21,7 +22,7 @@
 //!  model, checkpoint ............ tract inference; object-store checkpoints and restore
 //!  record ....................... the stored per-key record: its layout and format version
 //!  state ........................ RocksDB stores of bytes, write-back cache, snapshots, timers
-//!  features, emitted ............ windowed and sequence features; emitted (closed) windows
+//!  features, emitted, lookup .... windowed and sequence features; emitted (closed) windows; lookup tables
 //!  agg .......................... Scalar, Entry, Agg, FeatureValue
 //!  metrics ...................... the Prometheus registry of the worker
 //!  decode, watermark ............ record decoding and validation (dead-letter reasons); event time
