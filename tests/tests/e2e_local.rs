@@ -2015,3 +2015,79 @@ async fn the_autoscaler_scales_out_on_load_and_back_in_when_idle() {
     let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     let _ = nsapi.delete(&ns, &DeleteParams::default()).await;
 }
+
+/// A TenantModel with a lookup table, through the operator: the CRD admits `features.lookups`,
+/// the operator renders it into the workers' pipeline, the worker pods read the compacted table
+/// before they take partitions, and every event's output carries its merchant's tier and a
+/// window that counts high-tier merchants' events, equal to the test's own map of the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenantmodel_with_a_lookup_table_scores_with_its_rows() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let _node = NODE.lock().await;
+    let env = CheckpointedEnv::start("lookup", "91", 2).await;
+    let (client, ns) = (env.client.clone(), env.ns.clone());
+    let table = unique("lookup-merchants");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let topic = NewTopic::new(&table, 2, TopicReplication::Fixed(1)).set("cleanup.policy", "compact");
+    for r in admin.create_topics(&[topic], &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+    let tiers: Vec<&str> = vec!["high", "low", "low", "high", "low"];
+    let rows: Vec<(String, Vec<u8>)> =
+        tiers.iter().enumerate().map(|(m, t)| (format!("m{m}"), json!({"tier": t}).to_string().into_bytes())).collect();
+    produce(&producer(), &table, &rows).await;
+
+    let operator = Operator::start(&client, &ns);
+    let mut tm = env.tenant_model("lk", "v1");
+    tm["spec"]["features"]["lookups"] =
+        json!([{"name": "merchants", "topic": table, "key": "merchant", "fields": ["tier"]}]);
+    tm["spec"]["features"]["windows"].as_array_mut().unwrap().push(json!(
+        {"name": "high_tier_1h", "aggregation": "count", "window": "1h", "resolution": "1s",
+         "filter": {"field": "lookups.merchants.tier", "oneOf": ["high"]}}));
+    tm["spec"]["postprocess"]["passthrough"] = json!(["id", "merchant", "lookups.merchants.tier"]);
+    let tms: Api<TenantModel> = Api::namespaced(client.clone(), &ns);
+    tms.create(&PostParams::default(), &serde_json::from_value(tm).unwrap()).await.unwrap();
+    eventually(Duration::from_secs(120), "TenantModel Running", || async {
+        tms.get("lk").await.ok()?.status.filter(|s| s.phase == Some(Phase::Running))
+    })
+    .await;
+
+    // 6 users × 15 events, one a second, merchants m0..m5 (m5 has no row).
+    let base = 1_795_600_000_000i64;
+    let mut input = Vec::new();
+    for i in 0..15i64 {
+        for u in 0..6usize {
+            let user = format!("lk-user-{u}");
+            let merchant = format!("m{}", (u + i as usize) % 6);
+            let ev = json!({"user_id": user, "ts": base + i * 1_000, "amount": 1, "action": "view", "merchant": merchant,
+                            "id": i});
+            input.push((user, ev.to_string().into_bytes()));
+        }
+    }
+    produce(&producer(), &env.input, &input).await;
+    let scored = tokio::task::spawn_blocking({
+        let out = env.out.clone();
+        move || consume(&out, 90, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    assert_eq!(scored.len(), 90, "every event scored");
+    let mut by_user: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
+    for s in &scored {
+        let v = s.json();
+        by_user.entry(v["key"].as_str().unwrap().to_owned()).or_default().push(v);
+    }
+    for (user, mut outs) in by_user {
+        outs.sort_by_key(|v| v["fields"]["id"].as_i64().unwrap());
+        let mut high = 0;
+        for v in outs {
+            let m: usize = v["fields"]["merchant"].as_str().unwrap()[1..].parse().unwrap();
+            let tier = tiers.get(m).copied();
+            high += usize::from(tier == Some("high"));
+            assert_eq!(v["fields"]["lookups.merchants.tier"].as_str(), tier, "{user}: {v}");
+            assert_eq!(v["features"]["high_tier_1h"], json!(high as f64), "{user}: {v}");
+        }
+    }
+    tear_down(client, &ns, "lk", operator).await;
+}
