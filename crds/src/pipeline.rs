@@ -355,8 +355,9 @@ pub const LOOKUP_PREFIX: &str = "lookups.";
 /// reads the row whose key equals its `key` field as text (a string's content, a number's or
 /// boolean's JSON text): the latest row read so far when the event is processed (not
 /// versioned by event time; a replay after a restart may see a newer row). A record whose value
-/// is not a JSON object is skipped (the row keeps its previous value) and counted in
-/// `streamscore_worker_lookup_records_rejected_total`.
+/// is not a JSON object, or holds a number beyond f64 in a kept field, is skipped (the row keeps
+/// its previous value) and counted in `streamscore_worker_lookup_records_rejected_total`.
+/// Partitions added to the topic later are read after the worker restarts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LookupTable {
@@ -1277,6 +1278,23 @@ fn validate_lookups(c: &PipelineConfig, errs: &mut Vec<ConfigError>) {
     if c.features.lookups.len() > MAX_LOOKUP_TABLES {
         errs.push(cerr("features.lookups", format!("at most {MAX_LOOKUP_TABLES} lookup tables")));
     }
+    // Read while the record is decoded, before the tables are joined.
+    let early = [
+        ("source.keyField".to_owned(), &c.source.key_field),
+        ("source.eventTime.field".to_owned(), &c.source.event_time.field),
+    ]
+    .into_iter()
+    .chain(c.validation.fields.iter().enumerate().map(|(i, r)| (format!("validation.fields[{i}].name"), &r.name)));
+    for (path, name) in early {
+        if name.starts_with(LOOKUP_PREFIX) {
+            errs.push(cerr(
+                path,
+                format!(
+                    "{name:?}: lookup fields are joined after the record is decoded and validated; name an event field"
+                ),
+            ));
+        }
+    }
     let declared = c.features.lookup_field_names();
     let f = &c.features;
     fn named<'a>(p: String, field: Option<&'a String>, filter: Option<&'a Filter>) -> Vec<(String, &'a String)> {
@@ -1641,6 +1659,12 @@ sink:
             "{errs:?}"
         );
         assert!(errs[1].message.contains("lookups.merchants.tier, lookups.merchants.risk"), "{}", errs[1]);
+
+        // Fields read before the join cannot be lookup fields.
+        let mut early = with_lookups(tier);
+        early.validation.fields[0].name = "lookups.merchants.risk".into();
+        early.source.key_field = "lookups.merchants.tier".into();
+        assert_eq!(fields(&early), ["source.keyField", "validation.fields[0].name"]);
 
         // Bad tables: name, topic (an input topic), key, fields.
         let c = with_lookups(concat!(

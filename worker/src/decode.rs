@@ -245,12 +245,13 @@ impl<'de> Visitor<'de> for FieldsSeed<'_> {
         let mut vals = vec![None; self.schema.names.len()];
         while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
             match self.schema.index.get(k.as_ref()) {
-                Some(&id) => {
+                // An event's own field named like a lookup field is not read: the join sets it.
+                Some(&id) if !k.starts_with(streamscore_crds::pipeline::LOOKUP_PREFIX) => {
                     let raw: &'de RawValue = map.next_value()?;
                     // Duplicate keys: the last one wins.
                     vals[id] = Some(Field::from_raw(raw.get()).map_err(serde::de::Error::custom)?);
                 }
-                None => {
+                _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }

@@ -72,6 +72,16 @@ impl Table {
             Ok(f) => f,
             Err(e) => return Applied::Rejected(format!("the value of key {key:?} is not a JSON object: {e}")),
         };
+        // A number beyond f64 (`1e400`) reads as ±infinity: it would poison sums and scores.
+        for id in 0..self.schema.len() {
+            if let Some(f) = fields.get(id).filter(|f| f.as_f64().is_some_and(|x| !x.is_finite())) {
+                return Applied::Rejected(format!(
+                    "the value of key {key:?}: {}: {} is not a finite number",
+                    self.schema.name(id),
+                    f.raw
+                ));
+            }
+        }
         let row: Vec<Option<Field<'static>>> = (0..self.schema.len())
             .map(|id| fields.get(id).map(|f| Field { val: f.val.clone().into_owned(), raw: f.raw.to_string().into() }))
             .collect();
@@ -205,6 +215,7 @@ sink: {topic: out, deadLetterTopic: dlq}
             (Some(b"m1"), Some(b"[1, 2]")),
             (Some(b"m1"), Some(b"{\"tier\": ")),
             (Some(b"m1"), Some(&[0xff, 0xfe][..])),
+            (Some(b"m1"), Some(br#"{"tier": "x", "risk": 1e400}"#)),
             (None, Some(b"{}")),
             (Some(&[0xff][..]), Some(b"{}")),
         ] {
@@ -237,6 +248,12 @@ sink: {topic: out, deadLetterTopic: dlq}
         assert_eq!(joined(r#"{"merchant": 42}"#), (s("\"numeric\""), None, None), "a number's JSON text");
         // An event's own field of that name never stands in for the table.
         assert_eq!(joined(r#"{"merchant": "m9", "lookups.merchants.tier": "forged"}"#), (None, None, None));
+        // ... nor is it read at all (a number beyond f64 there is no reason to reject the event).
+        assert!(schema
+            .parse(r#"{"lookups.merchants.risk": 1e400}"#)
+            .unwrap()
+            .get(id("lookups.merchants.risk"))
+            .is_none());
         assert_eq!(joined(r#"{"merchant": null}"#), (None, None, None));
         let text = metrics.encode();
         for miss in ["{table=\"merchants\"} 2", "{table=\"stores\"} 3"] {

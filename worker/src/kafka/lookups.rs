@@ -9,7 +9,9 @@
 //!
 //! Until loaded the worker is not ready (`Health::lookups` says how far each table is) and
 //! takes no input partitions: no event is scored against a half-read table. An unreachable
-//! broker or a missing topic is retried every few seconds with the reason in readiness.
+//! broker or a missing topic is retried every few seconds with the reason in readiness. The
+//! partitions are those of the start: partitions added to a table topic later are read after
+//! the worker restarts.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,6 +84,9 @@ fn client_config(cfg: &PipelineConfig) -> Result<ClientConfig, Error> {
             .map_err(|message| Error::Config { setting: format!("source.properties.{k}"), message })?;
         c.set(k, value);
     }
+    // A table is read from its beginning: when its log start moves past the reader (retention,
+    // DeleteRecords), from the new start, never from the end.
+    c.set("auto.offset.reset", "earliest");
     Ok(c)
 }
 
@@ -210,8 +215,10 @@ fn read(
     let started = Instant::now();
     let mut rejected = vec![0u64; tables.tables.len()];
     let mut shown = Instant::now();
+    let mut checked = Instant::now() - Duration::from_secs(1);
     while !done() {
-        if !loaded.load(Ordering::Relaxed) {
+        if !loaded.load(Ordering::Relaxed) && checked.elapsed() >= Duration::from_millis(50) {
+            checked = Instant::now();
             if caught_up(&consumer, &mut ends) {
                 for (t, l) in tables.tables.iter().zip(&labels) {
                     metrics.lookup_loaded.get_or_create(l).set(1);
