@@ -198,15 +198,6 @@ impl<'a> Fields<'a> {
         }
         self.0[id] = field;
     }
-
-    /// Fields from (id, field) pairs (tests).
-    pub fn from_pairs(pairs: impl IntoIterator<Item = (FieldId, Field<'a>)>) -> Self {
-        let mut f = Self::default();
-        for (id, field) in pairs {
-            f.set(id, Some(field));
-        }
-        f
-    }
 }
 
 impl Val<'_> {
